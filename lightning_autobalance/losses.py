@@ -1,0 +1,538 @@
+"""The AutoBalance loss family and the fixed baseline losses.
+
+For logits ``f`` of a sample with label ``y`` (and group ``g``) the family is
+
+.. math::
+
+    z_k = \\Delta_{g,k} f_k + l_{g,k}, \\qquad
+    \\ell(f, y, g) = w_{g,y} \\, (-\\log \\mathrm{softmax}(z)_y)
+
+with a multiplicative adjustment ``delta`` (positive), an additive adjustment ``offset`` and a per-class
+weight ``weight`` (positive). Each is a table of shape ``(G, K)``: ``G`` groups by ``K`` classes; ``G = 1``
+is the plain per-class loss. Cross-entropy, logit adjustment (balanced softmax), CDT, VS, class-balanced
+and inverse-frequency weighting are points of the family (:func:`preset_tables`). LDAM (with deferred
+re-weighting) and focal loss lie outside it and are provided as plain baselines.
+
+Everything here is plain PyTorch: nothing knows about Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "PRESETS",
+    "AdjustedCrossEntropy",
+    "FocalLoss",
+    "LDAMLoss",
+    "LossTables",
+    "adjusted_cross_entropy",
+    "as_count_table",
+    "class_balanced_weights",
+    "focal_loss",
+    "ldam_loss",
+    "ldam_margins",
+    "load_loss_tables",
+    "preset_tables",
+    "resolve_preset",
+    "save_loss_tables",
+]
+
+Reduction = Literal["mean", "weighted_mean", "sum", "none"]
+_REDUCTIONS = ("mean", "weighted_mean", "sum", "none")
+LOSS_FILE_FORMAT = "lightning-autobalance/loss-v1"
+
+#: Canonical preset names and the aliases accepted for them.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "ce": ("cross_entropy", "cross-entropy"),
+    "la": ("logit_adjustment", "logit-adjustment", "balanced_softmax", "balanced-softmax"),
+    "cdt": (),
+    "vs": ("vs_loss",),
+    "class_balanced": ("cb", "class-balanced"),
+    "inverse_frequency": ("inv_freq", "inverse-frequency"),
+}
+
+
+class LossTables(NamedTuple):
+    """The three tables of the loss family, each of shape ``(G, K)``.
+
+    Attributes:
+        delta: multiplicative logit adjustment (positive).
+        offset: additive logit adjustment.
+        weight: per-class (per class and group) loss weight (positive).
+    """
+
+    delta: Tensor
+    offset: Tensor
+    weight: Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.delta.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.delta.shape[1]
+
+    def to(self, *args: Any, **kwargs: Any) -> LossTables:
+        """Moves or casts the three tables like :meth:`torch.Tensor.to`."""
+        return LossTables(*(t.to(*args, **kwargs) for t in self))
+
+
+def resolve_preset(name: str) -> str:
+    """Returns the canonical name of a preset given its name or an alias.
+
+    Raises:
+        ValueError: if ``name`` is not a known preset.
+    """
+    key = str(name).strip().lower()
+    for canonical, aliases in PRESETS.items():
+        if key == canonical or key in aliases:
+            return canonical
+    known = ", ".join(f"{c!r}" + (f" (aliases {', '.join(map(repr, a))})" if a else "") for c, a in PRESETS.items())
+    raise ValueError(f"Unknown loss preset {name!r}; expected one of {known}.")
+
+
+def as_count_table(class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, num_classes: int | None = None,
+                   num_groups: int | None = None) -> Tensor:
+    """Validates class counts and returns them as a float64 table of shape ``(G, K)``.
+
+    Args:
+        class_counts: ``K`` per-class counts, or a ``G x K`` table of per-(group, class) counts.
+        num_classes: the expected ``K``, if known.
+        num_groups: the expected ``G``; a 1-D ``class_counts`` is repeated for every group.
+
+    Raises:
+        ValueError: if a count is zero, negative or not finite, or the shape is not the expected one.
+    """
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.ndim not in (1, 2) or counts.numel() == 0:
+        raise ValueError(f"class_counts must be a non-empty list of K counts or a G x K table; got shape "
+                         f"{tuple(counts.shape)}.")
+    if not torch.isfinite(counts).all() or (counts <= 0).any():
+        bad = [round(v, 6) for v in counts.flatten().tolist() if not (math.isfinite(v) and v > 0)]
+        raise ValueError(f"class_counts must be positive numbers of samples (each class needs at least one); "
+                         f"got {bad} among them.")
+    if counts.ndim == 1:
+        counts = counts.unsqueeze(0)
+    if num_classes is not None and counts.shape[1] != num_classes:
+        raise ValueError(f"class_counts has {counts.shape[1]} classes, expected num_classes={num_classes}.")
+    if num_groups is not None:
+        if counts.shape[0] == 1 and num_groups > 1:
+            counts = counts.expand(num_groups, -1).clone()
+        elif counts.shape[0] != num_groups:
+            raise ValueError(f"class_counts has {counts.shape[0]} group rows, expected num_groups={num_groups}.")
+    return counts
+
+
+def class_balanced_weights(counts: Tensor, beta: float = 0.9999) -> Tensor:
+    """Class-balanced weights of Cui et al. (2019), normalised to sum to ``K`` in each row.
+
+    ``w_y`` is proportional to ``(1 - beta) / (1 - beta ** n_y)``, the inverse of the effective number of samples.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1); got {beta}.")
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    raw = (1.0 - beta) / (1.0 - torch.pow(torch.as_tensor(beta, dtype=torch.float64), counts))
+    return raw / raw.sum(dim=-1, keepdim=True) * counts.shape[-1]
+
+
+def preset_tables(
+    name: str,
+    class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+    num_groups: int | None = None,
+    *,
+    tau: float = 1.0,
+    gamma: float | None = None,
+    beta: float = 0.9999,
+    dtype: torch.dtype = torch.float32,
+) -> LossTables:
+    """Builds the ``(delta, offset, weight)`` tables of a named preset from the class counts.
+
+    ========================  ==========================================================================
+    preset                    setting (``n_y`` class count, ``pi_y = n_y / n``)
+    ========================  ==========================================================================
+    ``ce``                    ``delta = 1``, ``offset = 0``, ``weight = 1``
+    ``la``                    ``offset_y = tau * log(pi_y)`` (logit adjustment; balanced softmax at tau 1)
+    ``cdt``                   ``delta_y = (n_y / n_max) ** gamma`` (gamma 0.2 unless given)
+    ``vs``                    both: ``delta_y = (n_y / n_max) ** gamma``, ``offset_y = tau log pi_y``
+                              (gamma 0.3 unless given)
+    ``class_balanced``        ``weight_y ~ (1 - beta) / (1 - beta ** n_y)``, summing to ``K``
+    ``inverse_frequency``     ``weight_y ~ 1 / n_y``, summing to ``K``
+    ========================  ==========================================================================
+
+    With a ``G x K`` count table every group row is built from its own counts.
+
+    Args:
+        name: preset name or alias (see :data:`PRESETS`).
+        class_counts: ``K`` per-class training counts or a ``G x K`` table.
+        num_groups: number of group rows ``G`` (default: the rows of ``class_counts``, else 1).
+        tau: scale of the additive adjustment (``la``, ``vs``).
+        gamma: exponent of the multiplicative adjustment (``cdt``, ``vs``).
+        beta: class-balanced ``beta``.
+        dtype: dtype of the returned tables.
+
+    Example:
+        >>> tables = preset_tables("la", [100, 10, 1])
+        >>> tables.offset.shape
+        torch.Size([1, 3])
+    """
+    preset = resolve_preset(name)
+    counts = as_count_table(class_counts, num_groups=num_groups)
+    ones = torch.ones_like(counts)
+    delta, offset, weight = ones.clone(), torch.zeros_like(counts), ones.clone()
+    log_prior = torch.log(counts / counts.sum(dim=1, keepdim=True))
+    ratio = counts / counts.max(dim=1, keepdim=True).values
+    if preset == "la":
+        offset = tau * log_prior
+    elif preset == "cdt":
+        delta = ratio ** (0.2 if gamma is None else gamma)
+    elif preset == "vs":
+        delta = ratio ** (0.3 if gamma is None else gamma)
+        offset = tau * log_prior
+    elif preset == "class_balanced":
+        weight = class_balanced_weights(counts, beta)
+    elif preset == "inverse_frequency":
+        weight = (1.0 / counts) / (1.0 / counts).sum(dim=1, keepdim=True) * counts.shape[1]
+    return LossTables(delta.to(dtype), offset.to(dtype), weight.to(dtype))
+
+
+def check_loss_inputs(logits: Tensor, target: Tensor, group: Tensor | None = None, num_groups: int = 1) -> None:
+    """Validates logits, labels and group indices; raises ``ValueError`` naming what is wrong.
+
+    Checks that ``logits`` is ``(N, K)`` and finite, that ``target`` holds ``N`` labels in ``[0, K)`` and
+    ``group`` (when given) ``N`` indices in ``[0, num_groups)``. The value checks cost one host synchronisation.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, K); got {tuple(logits.shape)}.")
+    n, k = logits.shape
+    checks = [("target", target, k, "class")] + ([("group", group, num_groups, "group")] if group is not None else [])
+    for name, values, _, what in checks:
+        if values.ndim != 1 or values.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n},) to match the logits; got {tuple(values.shape)}.")
+        if values.dtype.is_floating_point or values.dtype == torch.bool or values.is_complex():
+            raise ValueError(f"{name} must hold integer {what} indices; got dtype {values.dtype}.")
+    ok = torch.isfinite(logits).all()
+    for _, values, high, _ in checks:
+        ok = ok & ((values >= 0) & (values < high)).all()
+    if bool(ok):
+        return
+    for name, values, high, what in checks:
+        bad = values[(values < 0) | (values >= high)]
+        if bad.numel():
+            raise ValueError(f"{name} must lie in [0, {high}) ({high} {what}s); got {bad.unique()[:5].tolist()}.")
+    raise ValueError("logits contain NaN or infinite values; expected finite logits (check the learning rate, "
+                     "the input data and mixed-precision overflow).")
+
+
+def _row(table: Tensor | None, group: Tensor | None, num_classes: int, name: str) -> Tensor | None:
+    """Picks the row of a (G, K) table that applies to each sample; (K,) or (1, K) tables broadcast."""
+    if table is None:
+        return None
+    if table.ndim == 1:
+        table = table.unsqueeze(0)
+    if table.ndim != 2 or table.shape[1] != num_classes:
+        raise ValueError(f"{name} must have shape (K,) or (G, K) with K={num_classes}; got {tuple(table.shape)}.")
+    if table.shape[0] == 1:
+        return table[0]
+    if group is None:
+        raise ValueError(f"{name} has {table.shape[0]} group rows, so a group index is needed for every sample.")
+    return table[group]
+
+
+def adjusted_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    delta: Tensor | None = None,
+    offset: Tensor | None = None,
+    weight: Tensor | None = None,
+    group: Tensor | None = None,
+    reduction: Reduction = "mean",
+    validate: bool = True,
+) -> Tensor:
+    """The loss family ``w_{g,y} * CE(delta_g * f + offset_g, y)``.
+
+    Args:
+        logits: raw logits ``f`` of shape ``(N, K)``; computed in float32 or wider whatever their dtype.
+        target: labels of shape ``(N,)`` in ``[0, K)``.
+        delta: multiplicative adjustment, ``(K,)`` or ``(G, K)``; ``None`` means 1.
+        offset: additive adjustment, ``(K,)`` or ``(G, K)``; ``None`` means 0.
+        weight: per-class weight, ``(K,)`` or ``(G, K)``; ``None`` means 1.
+        group: group index of each sample, ``(N,)`` in ``[0, G)``; needed when a table has ``G > 1`` rows.
+        reduction: ``"mean"`` (sum of weighted losses over ``N``, the class-balanced convention), ``"weighted_mean"``
+            (over the sum of the weights, as ``torch.nn.functional.cross_entropy`` does), ``"sum"`` or ``"none"``.
+        validate: check shapes, label ranges and finiteness first (one host synchronisation).
+
+    Returns:
+        The reduced loss, or the per-sample losses for ``reduction="none"``.
+
+    Example:
+        >>> logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+        >>> tables = preset_tables("la", [100, 10, 1])
+        >>> loss = adjusted_cross_entropy(logits, y, *tables)
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
+    num_groups = max((t.shape[0] for t in (delta, offset, weight) if t is not None and t.ndim == 2), default=1)
+    if validate:
+        check_loss_inputs(logits, target, group, num_groups)
+    k = logits.shape[-1]
+    table_dtypes = [t.dtype for t in (delta, offset, weight) if t is not None]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    for t in table_dtypes:
+        dtype = torch.promote_types(dtype, t)
+    z = logits.to(dtype)
+    d, l_, w = (_row(t, group, k, n) for t, n in ((delta, "delta"), (offset, "offset"), (weight, "weight")))
+    if d is not None:
+        z = z * d
+    if l_ is not None:
+        z = z + l_
+    nll = -torch.log_softmax(z, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    if w is not None:
+        w_y = w.gather(-1, target.unsqueeze(-1)).squeeze(-1) if w.ndim == 2 else w[target]
+        losses = w_y * nll
+    else:
+        w_y, losses = None, nll
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "weighted_mean" and w_y is not None:
+        return losses.sum() / w_y.sum()
+    return losses.sum() / max(losses.shape[0], 1)
+
+
+class AdjustedCrossEntropy(nn.Module):
+    """A fixed member of the loss family as a plain ``torch.nn.Module`` (no Lightning needed).
+
+    The tables are buffers: they move with ``.to(device)`` and are saved in the ``state_dict``, but are not
+    parameters, so no optimizer picks them up.
+
+    Args:
+        delta: multiplicative adjustment, ``(K,)`` or ``(G, K)``.
+        offset: additive adjustment, same shape.
+        weight: per-class weights, same shape.
+        reduction: see :func:`adjusted_cross_entropy`.
+        validate: check the inputs on every call.
+
+    Example:
+        >>> criterion = AdjustedCrossEntropy.from_preset("la", class_counts=[500, 50, 5])
+        >>> loss = criterion(torch.randn(8, 3), torch.randint(0, 3, (8,)))
+    """
+
+    def __init__(self, delta: Tensor, offset: Tensor, weight: Tensor, reduction: Reduction = "mean",
+                 validate: bool = True) -> None:
+        super().__init__()
+        tables = [torch.as_tensor(t, dtype=torch.float32) for t in (delta, offset, weight)]
+        tables = [t.unsqueeze(0) if t.ndim == 1 else t for t in tables]
+        if len({tuple(t.shape) for t in tables}) != 1 or tables[0].ndim != 2:
+            raise ValueError(f"delta, offset and weight must share one shape (K,) or (G, K); got "
+                             f"{[tuple(t.shape) for t in tables]}.")
+        if (tables[0] <= 0).any() or (tables[2] <= 0).any():
+            raise ValueError("delta and weight must be positive.")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
+        self.register_buffer("delta", tables[0])
+        self.register_buffer("offset", tables[1])
+        self.register_buffer("weight", tables[2])
+        self.reduction: Reduction = reduction
+        self.validate = validate
+
+    @classmethod
+    def from_preset(cls, name: str, class_counts: Sequence[int] | Tensor, reduction: Reduction = "mean",
+                    **preset_kwargs: Any) -> AdjustedCrossEntropy:
+        """Builds the loss of a named preset (see :func:`preset_tables`)."""
+        return cls(*preset_tables(name, class_counts, **preset_kwargs), reduction=reduction)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AdjustedCrossEntropy:
+        """Loads a loss exported by :func:`save_loss_tables` (YAML or JSON)."""
+        tables, info = load_loss_tables(path)
+        return cls(*tables, reduction=info.get("reduction", "mean"))
+
+    @property
+    def tables(self) -> LossTables:
+        return LossTables(self.delta, self.offset, self.weight)
+
+    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        return adjusted_cross_entropy(logits, target, self.delta, self.offset, self.weight, group=group,
+                                      reduction=self.reduction, validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return f"num_groups={self.delta.shape[0]}, num_classes={self.delta.shape[1]}, reduction={self.reduction!r}"
+
+
+def save_loss_tables(path: str | Path, tables: LossTables, **info: Any) -> Path:
+    """Writes loss tables to a small YAML (``.yaml``/``.yml``) or JSON file.
+
+    Args:
+        path: destination; the suffix picks the format.
+        tables: the ``(delta, offset, weight)`` tables.
+        **info: extra JSON-serialisable entries stored beside them (e.g. ``reduction``, ``preset``).
+    """
+    path = Path(path)
+    doc: dict[str, Any] = {
+        "format": LOSS_FILE_FORMAT,
+        "num_groups": tables.num_groups,
+        "num_classes": tables.num_classes,
+        **info,
+        "delta": tables.delta.detach().double().cpu().tolist(),
+        "offset": tables.offset.detach().double().cpu().tolist(),
+        "weight": tables.weight.detach().double().cpu().tolist(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    else:
+        path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def load_loss_tables(path: str | Path) -> tuple[LossTables, dict[str, Any]]:
+    """Reads a file written by :func:`save_loss_tables`.
+
+    Returns:
+        The tables (float32, ``(G, K)``) and the other entries of the file.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it is not a loss file or its tables are malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Loss file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+        else:
+            doc = json.loads(text)
+    except Exception as err:
+        raise ValueError(f"Loss file {str(path)!r} could not be parsed: {err}") from err
+    if not isinstance(doc, dict) or doc.get("format") != LOSS_FILE_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a lightning-autobalance loss file (expected format: "
+                         f"{LOSS_FILE_FORMAT!r}).")
+    try:
+        tables = LossTables(*(torch.tensor(doc[k], dtype=torch.float32) for k in ("delta", "offset", "weight")))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"Loss file {str(path)!r} has a missing or malformed table: {err}") from err
+    expected = (doc.get("num_groups"), doc.get("num_classes"))
+    for name, table in zip(("delta", "offset", "weight"), tables):
+        if table.ndim != 2 or tuple(table.shape) != expected:
+            raise ValueError(f"Loss file {str(path)!r}: {name} has shape {tuple(table.shape)}, expected "
+                             f"(num_groups, num_classes) = {expected}.")
+        if not torch.isfinite(table).all():
+            raise ValueError(f"Loss file {str(path)!r}: {name} holds non-finite values.")
+    if (tables.delta <= 0).any() or (tables.weight <= 0).any():
+        raise ValueError(f"Loss file {str(path)!r}: delta and weight must be positive.")
+    info = {k: v for k, v in doc.items() if k not in ("delta", "offset", "weight")}
+    return tables, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines outside the family
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ldam_margins(class_counts: Sequence[int] | Tensor, max_margin: float = 0.5) -> Tensor:
+    """LDAM margins ``m_y`` proportional to ``n_y ** (-1/4)``, the largest equal to ``max_margin``."""
+    counts = as_count_table(class_counts)[0]
+    margins = counts.pow(-0.25)
+    return (margins * (max_margin / margins.max())).float()
+
+
+def ldam_loss(logits: Tensor, target: Tensor, margins: Tensor, scale: float = 30.0, weight: Tensor | None = None,
+              validate: bool = True) -> Tensor:
+    """LDAM loss (Cao et al. 2019): cross-entropy of ``scale * (f - m_y e_y)``.
+
+    The margin is subtracted from the true logit only. With ``weight`` (deferred re-weighting), the mean is
+    taken over the weights of the batch, as in the reference implementation.
+    Meant for cosine logits (a normalised linear head), where ``scale`` sets the temperature.
+    """
+    if validate:
+        check_loss_inputs(logits, target)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    margin = margins.to(z).gather(0, target).unsqueeze(1)
+    z = z - margin * F.one_hot(target, z.shape[1]).to(z)
+    return F.cross_entropy(scale * z, target, weight=None if weight is None else weight.to(z))
+
+
+class LDAMLoss(nn.Module):
+    """LDAM with deferred re-weighting (DRW) as a module.
+
+    Args:
+        class_counts: per-class training counts.
+        max_margin: the largest margin (given to the rarest class).
+        scale: logit scale ``s``.
+        drw_epoch: epoch from which class-balanced weights are applied; ``None`` disables DRW.
+        beta: class-balanced ``beta`` of the DRW weights.
+
+    Call :meth:`set_epoch` at the start of every epoch (``ImbalancedClassifier`` does) to switch DRW on.
+
+    Example:
+        >>> criterion = LDAMLoss([500, 50, 5], drw_epoch=160)
+        >>> criterion.set_epoch(170)
+        >>> loss = criterion(torch.randn(8, 3).tanh(), torch.randint(0, 3, (8,)))
+    """
+
+    def __init__(self, class_counts: Sequence[int], max_margin: float = 0.5, scale: float = 30.0,
+                 drw_epoch: int | None = 160, beta: float = 0.9999) -> None:
+        super().__init__()
+        if max_margin <= 0 or scale <= 0:
+            raise ValueError(f"max_margin and scale must be positive; got {max_margin}, {scale}.")
+        self.register_buffer("margins", ldam_margins(class_counts, max_margin))
+        self.register_buffer("drw_weight", class_balanced_weights(as_count_table(class_counts)[0], beta).float())
+        self.scale = scale
+        self.drw_epoch = drw_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def reweighting(self) -> bool:
+        return self.drw_epoch is not None and self.epoch >= self.drw_epoch
+
+    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        weight = self.drw_weight if self.reweighting else None
+        return ldam_loss(logits, target, self.margins, self.scale, weight)
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 1.0, validate: bool = True) -> Tensor:
+    """Focal loss (Lin et al. 2017), softmax form: mean of ``-(1 - p_y) ** gamma * log p_y``."""
+    if gamma < 0:
+        raise ValueError(f"gamma must be non-negative; got {gamma}.")
+    if validate:
+        check_loss_inputs(logits, target)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logp_y = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+    return (-(1.0 - logp_y.exp()).pow(gamma) * logp_y).mean()
+
+
+class FocalLoss(nn.Module):
+    """Focal loss as a module; see :func:`focal_loss`.
+
+    Example:
+        >>> loss = FocalLoss(gamma=1.0)(torch.randn(8, 3), torch.randint(0, 3, (8,)))
+    """
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be non-negative; got {gamma}.")
+        self.gamma = gamma
+
+    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        return focal_loss(logits, target, self.gamma)

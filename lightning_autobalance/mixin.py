@@ -1,0 +1,230 @@
+"""``AutoBalanceMixin``: gives an existing LightningModule a learnable AutoBalance training loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_autobalance.losses import (
+    AdjustedCrossEntropy,
+    LossTables,
+    Reduction,
+    adjusted_cross_entropy,
+    load_loss_tables,
+    save_loss_tables,
+)
+from lightning_autobalance.parametrization import (
+    LossParametrization,
+    ParametrizationKind,
+    PerClass,
+    build_parametrization,
+)
+
+__all__ = ["AutoBalanceMixin", "unpack_batch"]
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
+    """Splits a batch into ``(inputs, target, group)``.
+
+    Understands ``(x, y)`` and ``(x, y, g)`` tuples or lists and mappings with keys ``x``/``input``/``inputs``,
+    ``y``/``target``/``label`` and optionally ``g``/``group``.
+
+    Raises:
+        ValueError: for any other layout, saying which layouts are understood.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    if isinstance(batch, Mapping):
+        def pick(*keys: str) -> Any:
+            return next((batch[k] for k in keys if k in batch), None)
+
+        x, y, g = pick("x", "input", "inputs"), pick("y", "target", "targets", "label"), pick("g", "group")
+        if x is not None and y is not None:
+            return x, y, g
+    kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise ValueError(f"Cannot unpack a batch of type {kind}: expected (x, y), (x, y, g) or a mapping with keys "
+                     "'x' and 'y' (and optionally 'g'). Override `autobalance_unpack(batch)` for other layouts.")
+
+
+class AutoBalanceMixin:
+    """Adds a learnable AutoBalance loss to a :class:`~pytorch_lightning.LightningModule`.
+
+    Put the mixin *before* ``LightningModule`` in the bases, call :meth:`configure_autobalance` in ``__init__``
+    and use :meth:`autobalance_loss` as the training loss. The loss parameters live in a submodule
+    (``self.autobalance``) as buffers: they are saved in the module's ``state_dict`` (so even a weights-only
+    checkpoint restores the learned loss) but are not ``nn.Parameter``\\ s, so the model's optimizer, including
+    LightningCLI's automatic one, never trains them. :class:`~lightning_autobalance.AutoBalanceCallback` updates
+    them.
+
+    For the callback, the mixin also says how to read a batch (:meth:`autobalance_unpack`) and how to get logits
+    from inputs (:meth:`autobalance_forward`); the defaults handle ``(x, y)``/``(x, y, g)`` batches and
+    ``self(x)``. Override them for other layouts.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> class Net(AutoBalanceMixin, pl.LightningModule):
+        ...     def __init__(self, class_counts):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(4, len(class_counts))
+        ...         self.configure_autobalance(class_counts, preset="la")
+        ...     def forward(self, x):
+        ...         return self.layer(x)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return self.autobalance_loss(self(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> net = Net([100, 10, 1])
+        >>> [name for name, _ in net.named_parameters()]
+        ['layer.weight', 'layer.bias']
+    """
+
+    autobalance_reduction: Reduction = "mean"
+
+    def configure_autobalance(
+        self,
+        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+        preset: str = "ce",
+        search: Sequence[str] | str = ("delta", "offset"),
+        parametrization: ParametrizationKind = "class",
+        group_size: int = 1,
+        num_groups: int | None = None,
+        reduction: Reduction = "mean",
+        preset_kwargs: Mapping[str, Any] | None = None,
+        loss_file: str | Path | None = None,
+        freeze: bool = False,
+        validate_inputs: bool = True,
+    ) -> LossParametrization:
+        """Declares the class counts and the loss family to search; call it once in ``__init__``.
+
+        Args:
+            class_counts: training samples per class (``K`` values), or a ``G x K`` table per (group, class).
+            preset: the starting loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``, ``"class_balanced"``,
+                ``"inverse_frequency"`` or an alias; see :func:`~lightning_autobalance.losses.preset_tables`).
+            search: which of ``"delta"``, ``"offset"``, ``"weight"`` the search may change.
+            parametrization: ``"class"`` (one value per class), ``"groups"`` (bins of ``group_size`` classes by
+                frequency) or ``"dataset"`` (the three scalars gamma, tau, omega).
+            group_size: classes per frequency bin for ``parametrization="groups"``.
+            num_groups: number of sensitive groups ``G`` (class x group tables); batches then carry groups.
+            reduction: ``"mean"`` or ``"weighted_mean"``
+                (see :func:`~lightning_autobalance.losses.adjusted_cross_entropy`).
+            preset_kwargs: preset settings (``tau``, ``gamma``, ``beta``).
+            loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
+            freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.
+            validate_inputs: check labels, groups and logits on every call (one host synchronisation per step).
+
+        Returns:
+            The parametrisation module, also available as ``self.autobalance``.
+        """
+        if reduction not in ("mean", "weighted_mean"):
+            raise ValueError(f"reduction must be 'mean' or 'weighted_mean' for a training loss; got {reduction!r}.")
+        if loss_file is not None:
+            tables, info = load_loss_tables(loss_file)
+            params: LossParametrization = PerClass.from_tables(tables, info.get("class_counts"))
+            reduction = info.get("reduction", reduction)
+        else:
+            params = build_parametrization(parametrization, class_counts, preset=preset, search=search,
+                                           num_groups=num_groups, group_size=group_size, preset_kwargs=preset_kwargs)
+        params.frozen = bool(freeze)
+        self.autobalance = params
+        self.autobalance_reduction = reduction
+        self.autobalance_validate = validate_inputs
+        self._autobalance_cache: tuple[Any, LossTables] | None = None
+        self._autobalance_recorded: Tensor | None = None
+        self._autobalance_record = False
+        return params
+
+    # -- the loss ----------------------------------------------------------------------------------------
+    def _require_autobalance(self) -> LossParametrization:
+        params = self.__dict__.get("_modules", {}).get("autobalance")
+        if not isinstance(params, LossParametrization):
+            raise RuntimeError(f"{type(self).__name__} uses AutoBalanceMixin but never called "
+                               "`self.configure_autobalance(class_counts=...)` in its __init__.")
+        return params
+
+    def autobalance_tables(self) -> LossTables:
+        """The current loss tables (detached; cached until the loss parameters change)."""
+        params = self._require_autobalance()
+        watched = [*params.alpha().values(), params.base_delta, params.base_offset, params.base_weight]
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in watched)
+        if self._autobalance_cache is None or self._autobalance_cache[0] != key:
+            with torch.no_grad():
+                self._autobalance_cache = (key, LossTables(*(t.detach() for t in params.tables())))
+        return self._autobalance_cache[1]
+
+    def autobalance_loss(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        """The AutoBalance training loss of a batch: ``w_{g,y} * CE(delta_g * logits + offset_g, y)``, averaged.
+
+        Args:
+            logits: raw model outputs ``(N, K)``.
+            target: labels ``(N,)`` in ``[0, K)``.
+            group: group indices ``(N,)`` in ``[0, G)`` when the loss has class x group tables.
+        """
+        if self._autobalance_record:
+            self._autobalance_recorded = logits.detach()
+        return adjusted_cross_entropy(logits, target, *self.autobalance_tables(), group=group,
+                                      reduction=self.autobalance_reduction, validate=self.autobalance_validate)
+
+    def autobalance_loss_from_tables(self, logits: Tensor, target: Tensor, group: Tensor | None,
+                                     tables: LossTables) -> Tensor:
+        """The training loss for given tables (differentiable in them); used by the hypergradient."""
+        return adjusted_cross_entropy(logits, target, *tables, group=group, reduction=self.autobalance_reduction,
+                                      validate=False)
+
+    # -- what the callback needs -------------------------------------------------------------------------
+    def autobalance_unpack(self, batch: Any) -> tuple[Any, Tensor, Tensor | None]:
+        """Splits a batch into ``(inputs, target, group)``; override for custom batch layouts."""
+        return unpack_batch(batch)
+
+    def autobalance_forward(self, inputs: Any) -> Tensor:
+        """Returns the logits for ``inputs``; by default ``self(inputs)``. Override if ``forward`` differs."""
+        return self(inputs)  # type: ignore[operator]
+
+    # -- freezing, export, import ------------------------------------------------------------------------
+    def freeze_loss(self) -> None:
+        """Freezes the loss parameters: the callback leaves them alone (e.g. for retraining)."""
+        self._require_autobalance().frozen = True
+
+    def unfreeze_loss(self) -> None:
+        self._require_autobalance().frozen = False
+
+    @property
+    def loss_frozen(self) -> bool:
+        return self._require_autobalance().frozen
+
+    def export_loss(self, path: str | Path) -> Path:
+        """Writes the loss to retrain with (YAML or JSON by suffix); frequency bins are interpolated to classes."""
+        params = self._require_autobalance()
+        with torch.no_grad():
+            tables = params.retraining_tables()
+        counts = params.class_counts
+        return save_loss_tables(path, tables, reduction=self.autobalance_reduction, parametrization=params.kind,
+                                preset=params.preset, search=list(params.search),
+                                class_counts=(counts[0] if counts.shape[0] == 1 else counts).round().long().tolist())
+
+    def load_loss(self, path: str | Path, freeze: bool = True) -> None:
+        """Replaces the loss by one exported with :meth:`export_loss`, frozen by default.
+
+        Raises:
+            ValueError: if the file's number of classes or groups differs from this module's.
+        """
+        params = self._require_autobalance()
+        tables, info = load_loss_tables(path)
+        if tables.delta.shape != params.base_delta.shape:
+            raise ValueError(f"Loss file {str(path)!r} holds tables of shape {tuple(tables.delta.shape)} "
+                             f"(groups, classes), but this module's loss has {tuple(params.base_delta.shape)}.")
+        new = PerClass.from_tables(tables, params.class_counts).to(params.base_delta.device)
+        new.frozen = freeze
+        self.autobalance = new
+        self.autobalance_reduction = info.get("reduction", self.autobalance_reduction)
+        self._autobalance_cache = None
+
+    def loss_module(self) -> AdjustedCrossEntropy:
+        """The current loss as a plain ``torch.nn.Module`` (usable without Lightning)."""
+        with torch.no_grad():
+            tables = self._require_autobalance().retraining_tables()
+        return AdjustedCrossEntropy(*(t.float().cpu() for t in tables), reduction=self.autobalance_reduction)
