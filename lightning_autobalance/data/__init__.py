@@ -1,0 +1,37 @@
+"""Long-tailed data: profiles, seeded selection and splits, and Lightning datamodules.
+
+Example:
+    >>> from lightning_autobalance.data import LongTailDigits, long_tail_counts
+    >>> sum(long_tail_counts(5000, 10, 100.0))
+    12406
+    >>> LongTailDigits(imbalance_ratio=10).num_classes
+    10
+"""
+
+from lightning_autobalance.data.base import LongTailDataModule
+from lightning_autobalance.data.cifar import LongTailCIFAR10, LongTailCIFAR100
+from lightning_autobalance.data.digits import LongTailDigits
+from lightning_autobalance.data.file_dataset import ImageFileDataset, decode_image
+from lightning_autobalance.data.folder import LongTailImageFolder
+from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
+from lightning_autobalance.data.profiles import (
+    head_medium_tail,
+    long_tail_counts,
+    select_long_tail,
+    split_per_class,
+)
+
+__all__ = [
+    "ImageFileDataset",
+    "InMemoryImageDataset",
+    "LongTailCIFAR10",
+    "LongTailCIFAR100",
+    "LongTailDataModule",
+    "LongTailDigits",
+    "LongTailImageFolder",
+    "decode_image",
+    "head_medium_tail",
+    "long_tail_counts",
+    "select_long_tail",
+    "split_per_class",
+]

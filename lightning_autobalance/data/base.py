@@ -1,0 +1,385 @@
+"""Common logic of the long-tailed datamodules: profile, seeded selection, search split."""
+
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+from lightning_autobalance.data import profiles
+from lightning_autobalance.data._checks import check_bool, check_choice, check_int, check_real
+
+__all__ = ["LongTailDataModule"]
+
+
+class LongTailDataModule(pl.LightningDataModule):
+    """Base of the long-tailed datamodules.
+
+    A subclass provides a *pool* (the full training set it starts from) through
+    :meth:`_load_pool`, which returns the pool's labels and class names cheaply (no image
+    decoding), and builds datasets from pool indices through :meth:`_build_dataset` and
+    :meth:`_build_test_dataset`. This base then
+
+    1. computes the long-tail counts (:func:`~lightning_autobalance.data.profiles.long_tail_counts`
+       with ``n_max`` = the largest pool class, unless the subclass says otherwise),
+    2. keeps a seeded choice of samples per class
+       (:func:`~lightning_autobalance.data.profiles.select_long_tail`),
+    3. with ``search_split=True``, splits the kept samples per class into a lower part (the
+       training set) and an upper part held out for the loss search
+       (:func:`~lightning_autobalance.data.profiles.split_per_class`), both seeded by ``seed``,
+    4. serves the dataloaders.
+
+    The counts (:attr:`class_counts`, :attr:`num_classes`, ...) are computed on first access
+    and cached, so they can be read right after construction (LightningCLI links them into
+    the model); any error about the data (a missing folder, a class with too few samples)
+    surfaces there, before training starts. All arguments are checked at construction.
+
+    Args:
+        imbalance_ratio: ``rho = n_max / n_min`` of the profile, finite and >= 1.
+        profile: ``"exponential"`` or ``"step"``.
+        upper_fraction: Fraction of each class held out as the upper part when
+            ``search_split`` is True, in (0, 1).
+        search_split: If True, the training dataloader serves only the lower part and
+            :meth:`upper_dataloader` the held-out upper part; if False, training uses the
+            whole long-tailed set.
+        batch_size: Batch size of the training, validation and test dataloaders.
+        upper_batch_size: Batch size of :meth:`upper_dataloader`; None means ``batch_size``.
+        num_workers: Dataloader worker processes (persistent when > 0).
+        seed: Seeds the choice of kept samples and the search split (and the order of the
+            upper dataloader).
+        val_source: What :meth:`val_dataloader` serves: ``"test"`` (the balanced test set),
+            ``"upper"`` (the held-out part, without augmentation; needs ``search_split``) or
+            ``"none"`` (no validation).
+        min_count: Smallest per-class count of the profile, >= 1.
+        step_fraction: Fraction of minority classes of the step profile, in [0, 1].
+        upper_augment: Whether the upper dataloader applies the training augmentation.
+
+    Raises:
+        ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"``
+            without ``search_split``).
+
+    Example:
+        >>> from lightning_autobalance.data import LongTailDigits
+        >>> dm = LongTailDigits(imbalance_ratio=10, search_split=True)
+        >>> dm.num_classes, len(dm.class_counts) == len(dm.upper_class_counts)
+        (10, True)
+    """
+
+    def __init__(
+        self,
+        imbalance_ratio: float = 100.0,
+        profile: Literal["exponential", "step"] = "exponential",
+        upper_fraction: float = 0.2,
+        search_split: bool = False,
+        batch_size: int = 128,
+        upper_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_source: Literal["test", "upper", "none"] = "test",
+        min_count: int = 1,
+        step_fraction: float = 0.5,
+        upper_augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, 1.0)
+        self.profile = check_choice("profile", profile, ("exponential", "step"))
+        self.upper_fraction = check_real("upper_fraction", upper_fraction, 0.0, 1.0, True, True)
+        self.search_split = check_bool("search_split", search_split)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.upper_batch_size = check_int("upper_batch_size", upper_batch_size, 1, allow_none=True)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.val_source = check_choice("val_source", val_source, ("test", "upper", "none"))
+        self.min_count = check_int("min_count", min_count, 1)
+        self.step_fraction = check_real("step_fraction", step_fraction, 0.0, 1.0)
+        self.upper_augment = check_bool("upper_augment", upper_augment)
+        if self.val_source == "upper" and not self.search_split:
+            raise ValueError("val_source='upper' needs search_split=True (there is no upper part otherwise)")
+        self.save_hyperparameters()
+
+        self._pool_targets: np.ndarray | None = None
+        self._class_names: list[str] | None = None
+        self._kept: np.ndarray | None = None
+        self._lower: np.ndarray | None = None
+        self._upper: np.ndarray | None = None
+        self._datasets: dict[str, Dataset[Any]] = {}
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _load_pool(self) -> tuple[np.ndarray, list[str]]:
+        """Labels of the training pool and the class names; cheap (no image decoding)."""
+        raise NotImplementedError
+
+    def _profile_counts(self, pool_counts: list[int]) -> list[int] | None:
+        """Per-class counts to keep from the pool, or None to keep the pool as it is.
+
+        The default applies the profile with ``n_max`` = the largest pool class.
+        """
+        return profiles.long_tail_counts(
+            max(pool_counts),
+            len(pool_counts),
+            self.imbalance_ratio,
+            self.profile,
+            self.step_fraction,
+            self.min_count,
+        )
+
+    def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
+        """Dataset of the pool samples ``indices``, with or without training augmentation."""
+        raise NotImplementedError
+
+    def _build_test_dataset(self) -> Dataset[Any]:
+        """The balanced test set."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the plan
+    def _ensure_plan(self) -> None:
+        """Compute (once) the pool labels, the kept samples and the search split."""
+        if self._kept is not None:
+            return
+        targets, names = self._load_pool()
+        targets = np.asarray(targets, dtype=np.int64)
+        num_classes = len(names)
+        if num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: the training data has no classes")
+        if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+            raise ValueError(
+                f"{type(self).__name__}: labels must lie in 0..{num_classes - 1}, "
+                f"found {int(targets.min())}..{int(targets.max())}"
+            )
+        pool_counts = np.bincount(targets, minlength=num_classes).tolist()
+        for c, n in enumerate(pool_counts):
+            if n == 0:
+                raise ValueError(f"class {c} ({names[c]!r}) has no training samples")
+        counts = self._profile_counts(pool_counts)
+        if counts is None:
+            kept = np.arange(targets.size, dtype=np.int64)
+        else:
+            kept = profiles.select_long_tail(targets, counts, self.seed, class_names=names)
+        if self.search_split:
+            lower_pos, upper_pos = profiles.split_per_class(
+                targets[kept], self.upper_fraction, self.seed, class_names=names
+            )
+            lower, upper = kept[lower_pos], kept[upper_pos]
+        else:
+            lower, upper = kept, None
+        self._pool_targets, self._class_names = targets, list(names)
+        self._lower, self._upper, self._kept = lower, upper, kept
+
+    def _counts_of(self, indices: np.ndarray) -> list[int]:
+        assert self._pool_targets is not None
+        return np.bincount(self._pool_targets[indices], minlength=self.num_classes).astype(int).tolist()
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names, in label order."""
+        self._ensure_plan()
+        assert self._class_names is not None
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        self._ensure_plan()
+        assert self._class_names is not None
+        return len(self._class_names)
+
+    @property
+    def long_tail_counts(self) -> list[int]:
+        """Per-class counts of the whole long-tailed training set (lower + upper parts)."""
+        self._ensure_plan()
+        assert self._kept is not None
+        return self._counts_of(self._kept)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Per-class counts of the training set in use: the lower part with ``search_split``,
+        else the whole long-tailed set."""
+        self._ensure_plan()
+        assert self._lower is not None
+        return self._counts_of(self._lower)
+
+    @property
+    def upper_class_counts(self) -> list[int] | None:
+        """Per-class counts of the held-out upper part, or None without ``search_split``."""
+        self._ensure_plan()
+        return None if self._upper is None else self._counts_of(self._upper)
+
+    @property
+    def long_tail_indices(self) -> np.ndarray:
+        """Pool indices of the whole long-tailed training set (sorted)."""
+        self._ensure_plan()
+        assert self._kept is not None
+        return self._kept.copy()
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        """Pool indices that the training dataloader serves (sorted)."""
+        self._ensure_plan()
+        assert self._lower is not None
+        return self._lower.copy()
+
+    @property
+    def upper_indices(self) -> np.ndarray | None:
+        """Pool indices of the upper part (sorted), or None without ``search_split``."""
+        self._ensure_plan()
+        return None if self._upper is None else self._upper.copy()
+
+    # ------------------------------------------------------------------ datasets
+    def _require_upper(self) -> np.ndarray:
+        if not self.search_split:
+            raise RuntimeError(
+                f"{type(self).__name__} has no upper split: construct it with search_split=True "
+                "to hold out part of the training set for the loss search"
+            )
+        self._ensure_plan()
+        assert self._upper is not None
+        return self._upper
+
+    def _cached_dataset(self, key: str) -> Dataset[Any]:
+        if key not in self._datasets:
+            if key == "train":
+                self._ensure_plan()
+                assert self._lower is not None
+                dataset = self._build_dataset(self._lower, augment=True)
+            elif key == "upper":
+                dataset = self._build_dataset(self._require_upper(), augment=self.upper_augment)
+            elif key == "upper_eval":
+                dataset = self._build_dataset(self._require_upper(), augment=False)
+            else:
+                dataset = self._build_test_dataset()
+            self._datasets[key] = dataset
+        return self._datasets[key]
+
+    @property
+    def train_dataset(self) -> Dataset[Any]:
+        """The training set in use (lower part or whole long-tailed set), augmented."""
+        return self._cached_dataset("train")
+
+    @property
+    def upper_dataset(self) -> Dataset[Any]:
+        """The held-out upper part (augmented when ``upper_augment``).
+
+        Raises:
+            RuntimeError: ``search_split`` is False.
+        """
+        return self._cached_dataset("upper")
+
+    @property
+    def test_dataset(self) -> Dataset[Any]:
+        """The balanced test set."""
+        return self._cached_dataset("test")
+
+    @property
+    def val_dataset(self) -> Dataset[Any] | None:
+        """The validation set chosen by ``val_source`` (None for ``"none"``)."""
+        if self.val_source == "none":
+            return None
+        return self._cached_dataset("test" if self.val_source == "test" else "upper_eval")
+
+    def setup(self, stage: str) -> None:
+        """Build the datasets a stage needs (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``)."""
+        self._ensure_plan()
+        if stage == "fit":
+            _ = self.train_dataset
+            if self.search_split:
+                _ = self.upper_dataset
+            _ = self.val_dataset
+        elif stage == "validate":
+            _ = self.val_dataset
+        elif stage in ("test", "predict"):
+            _ = self.test_dataset
+
+    # ------------------------------------------------------------------ dataloaders
+    def _loader(
+        self,
+        dataset: Dataset[Any],
+        batch_size: int,
+        shuffle: bool = False,
+        sampler: Sampler[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader[Any]:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        """Shuffled training batches ``(x, y)``, ``y`` an int64 tensor; no sample is dropped."""
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def upper_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> Sampler[int]:
+        """Sampler of the upper part.
+
+        With ``num_replicas > 1`` (given, or taken from an attached trainer whose
+        ``world_size > 1``) it is a ``DistributedSampler(shuffle=True, seed=seed,
+        drop_last=False)`` so each rank reads its own shard (the last shard is padded with
+        repeated samples when the size does not divide; call ``set_epoch`` to reshuffle each
+        epoch). Otherwise a ``RandomSampler`` with its own generator seeded by ``seed``, so
+        drawing upper batches never touches the global random state.
+
+        Args:
+            num_replicas: Number of ranks; None means from the attached trainer, if any.
+            rank: This process's global rank, needed with ``num_replicas``; None means from
+                the trainer.
+
+        Returns:
+            The sampler.
+
+        Raises:
+            RuntimeError: ``search_split`` is False.
+            ValueError: ``rank`` outside ``0..num_replicas - 1``.
+
+        Example:
+            >>> from lightning_autobalance.data import LongTailDigits
+            >>> dm = LongTailDigits(imbalance_ratio=10, search_split=True)
+            >>> a, b = list(dm.upper_sampler(2, 0)), list(dm.upper_sampler(2, 1))
+            >>> len(set(a) & set(b)) <= 1
+            True
+        """
+        dataset = self.upper_dataset
+        if num_replicas is None:
+            trainer = self.trainer
+            if trainer is not None and trainer.world_size > 1:
+                num_replicas, rank = trainer.world_size, trainer.global_rank
+        if num_replicas is not None:
+            num_replicas = check_int("num_replicas", num_replicas, 1)
+            if rank is None or not 0 <= rank < num_replicas:
+                raise ValueError(f"rank must be an integer in 0..{num_replicas - 1}, got {rank!r}")
+            if num_replicas > 1:
+                return DistributedSampler(
+                    dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+                )
+        generator = torch.Generator().manual_seed(self.seed)
+        return RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]
+
+    def upper_dataloader(self) -> DataLoader[Any]:
+        """Shuffled batches of the held-out upper part (see :meth:`upper_sampler`).
+
+        Under DDP (an attached trainer with ``world_size > 1``) each rank gets its own shard.
+
+        Raises:
+            RuntimeError: ``search_split`` is False.
+        """
+        sampler = self.upper_sampler()
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(
+            self.upper_dataset, self.upper_batch_size or self.batch_size, sampler=sampler, generator=generator
+        )
+
+    def val_dataloader(self) -> DataLoader[Any] | list[Any]:
+        """Validation batches per ``val_source``; an empty list for ``"none"``."""
+        dataset = self.val_dataset
+        if dataset is None:
+            return []
+        return self._loader(dataset, self.batch_size)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        """Batches of the balanced test set, in order."""
+        return self._loader(self.test_dataset, self.batch_size)

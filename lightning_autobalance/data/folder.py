@@ -1,0 +1,314 @@
+"""Long-tailed datamodule over image files: an ImageFolder tree or ImageNet-LT-style lists."""
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from lightning_autobalance.data import profiles, transforms
+from lightning_autobalance.data._checks import check_bool, check_int
+from lightning_autobalance.data.base import LongTailDataModule
+from lightning_autobalance.data.file_dataset import ImageFileDataset, decode_image
+from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
+
+__all__ = ["LongTailImageFolder"]
+
+_CIFAR_SIZE = (32, 32)
+
+
+class LongTailImageFolder(LongTailDataModule):
+    """Long-tailed training data read from image files.
+
+    Two layouts:
+
+    * **Folder tree** (``train_list=None``): ``root/train/<class>/<image>`` and
+      ``root/test/<class>/<image>`` as ``torchvision.datasets.ImageFolder`` reads them:
+      classes are the sorted subfolder names, and within a class the files are in
+      ImageFolder's order (sorted by path, so by file name in a flat folder). The training
+      set is long-tailed with the profile and ``n_max`` (default: the largest class), using
+      the same seeded per-class choice of positions as :class:`LongTailCIFAR10`; on the
+      CIFAR-10 JPEG copy (files numbered in the release's order) it gives the same 12,406
+      images as CIFAR-10-LT from the binary release.
+    * **List files** (ImageNet-LT style): ``train_list`` and ``test_list`` name text files
+      of ``<relative/path> <label>`` lines, paths relative to ``root``; blank lines and lines
+      starting with ``#`` are skipped. A list file is looked up as given, then relative to
+      ``root``. Labels run from 0 to the largest training label. Class names are the image's
+      parent folder (when each class has one folder of its own), else the label. The
+      ImageNet-LT lists are long-tailed already: set ``already_long_tailed=True``.
+
+    With ``already_long_tailed=True`` the training data's own counts are used as they are.
+
+    Transforms: with ``image_size=None`` images are decoded at 32x32 (resized when they
+    differ) and get CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip,
+    CIFAR-10 mean/std); with an integer, ``RandomResizedCrop(image_size)`` and flip for
+    training, ``Resize(int(image_size * 256 / 224))`` and ``CenterCrop(image_size)`` for
+    evaluation, ImageNet mean/std.
+
+    Images are decoded lazily with PIL, item by item; ``cache_in_memory=True`` decodes each
+    used image once (when the datasets are built) into ``uint8`` tensors and keeps them.
+
+    Args:
+        root: Dataset root folder.
+        train_list: Training list file (list mode), or None for the folder tree.
+        test_list: Test list file (list mode only).
+        n_max: Count of class 0 in the profile; None means the largest training class.
+        already_long_tailed: Keep the training data's own counts.
+        image_size: None for 32x32 CIFAR-style data, else the side of the ImageNet-style crop.
+        cache_in_memory: Decode once and keep the images in memory.
+        imbalance_ratio: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        profile: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        upper_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        search_split: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        upper_batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        num_workers: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        seed: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        val_source: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        min_count: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+
+    Raises:
+        ValueError: At construction, a bad argument. When the counts are first computed:
+            a folder without class subfolders, a class folder without images, a malformed
+            list line or a label out of range (naming the file and line), a class with
+            fewer images than the profile asks for.
+        FileNotFoundError: (idem) a missing folder, list file or listed image.
+        RuntimeError: An image that cannot be decoded (naming the file), when it is read.
+
+    Example:
+        >>> dm = LongTailImageFolder("~/.cache/lightning-autobalance/cifar10-jpeg")  # doctest: +SKIP
+        >>> sum(dm.class_counts)  # doctest: +SKIP
+        12406
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_list: str | None = None,
+        test_list: str | None = None,
+        n_max: int | None = None,
+        already_long_tailed: bool = False,
+        image_size: int | None = None,
+        cache_in_memory: bool = False,
+        imbalance_ratio: float = 100.0,
+        profile: Literal["exponential", "step"] = "exponential",
+        upper_fraction: float = 0.2,
+        search_split: bool = False,
+        batch_size: int = 128,
+        upper_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_source: Literal["test", "upper", "none"] = "test",
+        min_count: int = 1,
+        step_fraction: float = 0.5,
+        upper_augment: bool = True,
+    ) -> None:
+        super().__init__(
+            imbalance_ratio=imbalance_ratio,
+            profile=profile,
+            upper_fraction=upper_fraction,
+            search_split=search_split,
+            batch_size=batch_size,
+            upper_batch_size=upper_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            val_source=val_source,
+            min_count=min_count,
+            step_fraction=step_fraction,
+            upper_augment=upper_augment,
+        )
+        if not isinstance(root, str | os.PathLike) or not str(root):
+            raise ValueError(f"root must be a non-empty folder path, got {root!r}")
+        for name, value in (("train_list", train_list), ("test_list", test_list)):
+            if value is not None and (not isinstance(value, str | os.PathLike) or not str(value)):
+                raise ValueError(f"{name} must be a file path or None, got {value!r}")
+        if test_list is not None and train_list is None:
+            raise ValueError("test_list needs train_list (list mode); the folder tree reads root/test instead")
+        self.root = os.path.expanduser(str(root))
+        self.train_list = None if train_list is None else os.path.expanduser(str(train_list))
+        self.test_list = None if test_list is None else os.path.expanduser(str(test_list))
+        self.n_max = check_int("n_max", n_max, 1, allow_none=True)
+        self.already_long_tailed = check_bool("already_long_tailed", already_long_tailed)
+        if self.already_long_tailed and self.n_max is not None:
+            raise ValueError("n_max must be None with already_long_tailed=True (the data's own counts are used)")
+        self.image_size = check_int("image_size", image_size, 1, allow_none=True)
+        self.cache_in_memory = check_bool("cache_in_memory", cache_in_memory)
+        if self.train_list is not None and self.test_list is None and self.val_source == "test":
+            raise ValueError(
+                "val_source='test' needs test_list in list mode; give test_list or choose val_source 'upper' or 'none'"
+            )
+        self._train_paths: list[str] = []
+        self._names: list[str] = []
+        self._test_files: tuple[list[str], np.ndarray] | None = None
+        self._cache: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ reading the layout
+    @property
+    def list_mode(self) -> bool:
+        """Whether the data come from list files rather than a folder tree."""
+        return self.train_list is not None
+
+    def _scan_tree(self, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+        """Image paths, labels and class names of ``root/<split>/<class>/...``."""
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder root '{self.root}' does not exist")
+        base = os.path.join(self.root, split)
+        if not os.path.isdir(base):
+            raise FileNotFoundError(
+                f"folder '{base}' not found: LongTailImageFolder expects root/{split}/<class>/<image> "
+                "(ImageFolder layout), or list files given as train_list/test_list"
+            )
+        classes = sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
+        if not classes:
+            raise ValueError(f"folder '{base}' has no class subfolders (expected {base}/<class>/<image>)")
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(classes):
+            folder = os.path.join(base, name)
+            files = [
+                os.path.join(dirpath, fname)
+                for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True))
+                for fname in sorted(fnames)
+                if fname.lower().endswith(IMG_EXTENSIONS)
+            ]
+            if not files:
+                raise ValueError(f"class folder '{folder}' has no image files (extensions {', '.join(IMG_EXTENSIONS)})")
+            paths += files
+            labels += [label] * len(files)
+        return paths, np.asarray(labels, dtype=np.int64), classes
+
+    def _resolve_list(self, list_file: str, name: str) -> str:
+        if os.path.isfile(list_file):
+            return list_file
+        under_root = os.path.join(self.root, list_file)
+        if not os.path.isabs(list_file) and os.path.isfile(under_root):
+            return under_root
+        raise FileNotFoundError(f"{name} file '{list_file}' not found (also looked for '{under_root}')")
+
+    def _read_list(self, list_file: str, name: str, num_classes: int | None) -> tuple[list[str], np.ndarray]:
+        """Paths and labels of a ``<relative/path> <label>`` list file; checks every line."""
+        path = self._resolve_list(list_file, name)
+        paths: list[str] = []
+        labels: list[int] = []
+        with open(path, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, start=1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.rsplit(maxsplit=1)
+                try:
+                    if len(parts) != 2:
+                        raise ValueError
+                    label = int(parts[1])
+                except ValueError:
+                    raise ValueError(
+                        f"{name} '{path}', line {number}: expected '<relative/path> <integer label>', got {line!r}"
+                    ) from None
+                if label < 0 or (num_classes is not None and label >= num_classes):
+                    expected = "a label >= 0" if num_classes is None else f"a label in 0..{num_classes - 1}"
+                    raise ValueError(f"{name} '{path}', line {number}: expected {expected}, got {label}")
+                image = os.path.join(self.root, parts[0])
+                if not os.path.isfile(image):
+                    raise FileNotFoundError(f"{name} '{path}', line {number}: image file '{image}' not found")
+                paths.append(image)
+                labels.append(label)
+        if not paths:
+            raise ValueError(f"{name} '{path}' lists no images")
+        return paths, np.asarray(labels, dtype=np.int64)
+
+    @staticmethod
+    def _list_class_names(paths: list[str], labels: np.ndarray, num_classes: int) -> list[str]:
+        """Parent folder of each class's images when it is one folder per class, else the label."""
+        folders: dict[int, set[str]] = {}
+        for path, label in zip(paths, labels.tolist()):
+            folders.setdefault(label, set()).add(os.path.basename(os.path.dirname(path)))
+        names = [next(iter(folders[c])) if len(folders.get(c, ())) == 1 else "" for c in range(num_classes)]
+        if "" in names or len(set(names)) != num_classes:
+            return [str(c) for c in range(num_classes)]
+        return names
+
+    def _load_pool(self) -> tuple[np.ndarray, list[str]]:
+        if self.train_list is not None:
+            paths, labels = self._read_list(self.train_list, "train_list", None)
+            num_classes = int(labels.max()) + 1
+            names = self._list_class_names(paths, labels, num_classes)
+        else:
+            paths, labels, names = self._scan_tree("train")
+        self._train_paths, self._names = paths, names
+        if self.val_source == "test":  # validation reads the test set: find its errors now
+            self._test_split()
+        return labels, names
+
+    def _test_split(self) -> tuple[list[str], np.ndarray]:
+        if self._test_files is None:
+            if self.test_list is not None:
+                self._test_files = self._read_list(self.test_list, "test_list", len(self._names))
+            elif self.train_list is not None:
+                raise RuntimeError("no test data: LongTailImageFolder in list mode needs test_list for testing")
+            else:
+                paths, labels, classes = self._scan_tree("test")
+                if classes != self._names:
+                    raise ValueError(
+                        f"the class folders of '{os.path.join(self.root, 'test')}' ({classes}) differ from "
+                        f"those of '{os.path.join(self.root, 'train')}' ({self._names})"
+                    )
+                self._test_files = (paths, labels)
+        return self._test_files
+
+    def _profile_counts(self, pool_counts: list[int]) -> list[int] | None:
+        if self.already_long_tailed:
+            return None
+        n_max = self.n_max if self.n_max is not None else max(pool_counts)
+        counts = profiles.long_tail_counts(
+            n_max, len(pool_counts), self.imbalance_ratio, self.profile, self.step_fraction, self.min_count
+        )
+        for c, (have, want) in enumerate(zip(pool_counts, counts)):
+            if have < want:
+                raise ValueError(
+                    f"class {c} ({self._names[c]!r}) has {have} training images but the profile asks for "
+                    f"{want} (n_max={n_max}, imbalance_ratio={self.imbalance_ratio:g}); lower n_max, or set "
+                    "already_long_tailed=True to use the data's own counts"
+                )
+        return counts
+
+    # ------------------------------------------------------------------ datasets
+    def _transform(self, train: bool) -> Any:
+        if self.image_size is None:
+            return transforms.cifar_transform(transforms.CIFAR10_MEAN, transforms.CIFAR10_STD, train=train)
+        return transforms.imagenet_transform(self.image_size, train=train)
+
+    @property
+    def _decode_size(self) -> tuple[int, int] | None:
+        return _CIFAR_SIZE if self.image_size is None else None
+
+    def _decoded(self, paths: list[str]) -> torch.Tensor | list[torch.Tensor]:
+        images = [decode_image(path, self._decode_size) for path in paths]
+        if self.image_size is None:
+            return torch.stack(images) if images else torch.empty(0, 3, *_CIFAR_SIZE, dtype=torch.uint8)
+        return images
+
+    def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
+        self._ensure_plan()
+        assert self._pool_targets is not None
+        targets = self._pool_targets[indices]
+        if not self.cache_in_memory:
+            paths = [self._train_paths[i] for i in indices.tolist()]
+            return ImageFileDataset(paths, targets, self._transform(augment), self._decode_size)
+        for i in indices.tolist():
+            if i not in self._cache:
+                self._cache[i] = decode_image(self._train_paths[i], self._decode_size)
+        images: torch.Tensor | list[torch.Tensor] = [self._cache[i] for i in indices.tolist()]
+        if self.image_size is None:
+            images = torch.stack(images) if images else torch.empty(0, 3, *_CIFAR_SIZE, dtype=torch.uint8)
+        return InMemoryImageDataset(images, targets, self._transform(augment))
+
+    def _build_test_dataset(self) -> Dataset[Any]:
+        self._ensure_plan()
+        paths, labels = self._test_split()
+        if self.cache_in_memory:
+            return InMemoryImageDataset(self._decoded(paths), labels, self._transform(False))
+        return ImageFileDataset(paths, labels, self._transform(False), self._decode_size)
