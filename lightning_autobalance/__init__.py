@@ -1,3 +1,50 @@
-"""lightning-autobalance: learn the training loss for imbalanced data with PyTorch Lightning."""
+"""lightning-autobalance: learn the training loss for imbalanced data with PyTorch Lightning.
+
+The public names:
+
+* :class:`AutoBalanceMixin`: gives a LightningModule a learnable loss;
+* :class:`AutoBalanceCallback`: searches it while the Trainer fits the model;
+* :class:`AdjustedCrossEntropy`: the loss family as a plain ``torch.nn.Module``;
+* :func:`hypergradient`: the functional core, independent of Lightning.
+"""
+
+from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.hypergradient import Batch, hypergradient
+from lightning_autobalance.losses import (
+    AdjustedCrossEntropy,
+    FocalLoss,
+    LDAMLoss,
+    LossTables,
+    adjusted_cross_entropy,
+    preset_tables,
+)
+from lightning_autobalance.mixin import AutoBalanceMixin
+from lightning_autobalance.objectives import BalancedCrossEntropy
+from lightning_autobalance.parametrization import (
+    DatasetDependent,
+    FrequencyGroups,
+    LossParametrization,
+    PerClass,
+    build_parametrization,
+)
 
 __version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AdjustedCrossEntropy",
+    "AutoBalanceCallback",
+    "AutoBalanceMixin",
+    "BalancedCrossEntropy",
+    "Batch",
+    "DatasetDependent",
+    "FocalLoss",
+    "FrequencyGroups",
+    "LDAMLoss",
+    "LossParametrization",
+    "LossTables",
+    "PerClass",
+    "adjusted_cross_entropy",
+    "build_parametrization",
+    "hypergradient",
+    "preset_tables",
+]

@@ -291,8 +291,12 @@ def mixed_term(logits: Tensor, tangent: Tensor, target: Tensor, group: Tensor | 
 
 
 def upper_gradient(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batch], objective: Objective,
-                   reduce: Reduce | None = None) -> tuple[Tree, Tensor]:
-    """``v = grad_theta L_upper`` averaged over the batches (and ``reduce``), with the objective's value."""
+                   reduce: Reduce | None = None, loss_scale: float = 1.0) -> tuple[Tree, Tensor]:
+    """``v = grad_theta L_upper`` averaged over the batches (and ``reduce``), with the objective's value.
+
+    ``loss_scale`` multiplies the objective before the backward pass and divides the gradient after it (the
+    gradient scaler's factor under float16 autocast, against underflow).
+    """
     total: Tree | None = None
     value = torch.zeros((), dtype=torch.float64, device=fmodel.device)
     for batch in batches:
@@ -301,13 +305,13 @@ def upper_gradient(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batc
             out = objective(fmodel(leaf, batch.inputs), batch.target, batch.group)
             if out.ndim != 0:
                 raise ValueError(f"The upper objective must return a scalar; got shape {tuple(out.shape)}.")
-            grads = torch.autograd.grad(out, list(leaf.values()), allow_unused=True)
+            grads = torch.autograd.grad(out * loss_scale, list(leaf.values()), allow_unused=True)
         g = {k: torch.zeros_like(v) if gi is None else gi.detach() for (k, v), gi in zip(leaf.items(), grads)}
         total = g if total is None else _axpy(1.0, g, total)
         value = value + out.detach().double()
     assert total is not None
     n = float(len(batches))
-    total = _reduce_tree(_scale(1.0 / n, total), reduce)
+    total = _reduce_tree(_scale(1.0 / (n * loss_scale), total), reduce)
     value = value / n
     if reduce is not None:
         value = reduce(value.reshape(1)).reshape(())
@@ -323,23 +327,23 @@ def _train_loss_of_params(fmodel: FunctionalModel, batch: Batch, tables: LossTab
 
 
 def train_gradient(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batch], tables: LossTables,
-                   train_loss: TrainLoss, reduce: Reduce | None = None) -> Tree:
+                   train_loss: TrainLoss, reduce: Reduce | None = None, loss_scale: float = 1.0) -> Tree:
     """``grad_theta L_train`` at fixed tables, averaged over the batches (and ``reduce``)."""
     total: Tree | None = None
     for batch in batches:
         leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad(), _rng(batch.rng_state, fmodel.device):
             out = _train_loss_of_params(fmodel, batch, tables, train_loss)(leaf)
-            grads = torch.autograd.grad(out, list(leaf.values()), allow_unused=True)
+            grads = torch.autograd.grad(out * loss_scale, list(leaf.values()), allow_unused=True)
         g = {k: torch.zeros_like(v) if gi is None else gi for (k, v), gi in zip(leaf.items(), grads)}
         total = g if total is None else _axpy(1.0, g, total)
     assert total is not None
-    return _reduce_tree(_scale(1.0 / len(batches), total), reduce)
+    return _reduce_tree(_scale(1.0 / (len(batches) * loss_scale), total), reduce)
 
 
 def curvature_product(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batch], tables: LossTables,
                       train_loss: TrainLoss, vector: Tree, curvature: Curvature = "gauss_newton",
-                      reduce: Reduce | None = None) -> Tree:
+                      reduce: Reduce | None = None, loss_scale: float = 1.0) -> Tree:
     """``H vector`` for the training loss at fixed tables, averaged over the batches (and ``reduce``).
 
     ``"hessian"``: the exact Hessian-vector product (forward-over-reverse). ``"gauss_newton"``:
@@ -363,7 +367,8 @@ def curvature_product(fmodel: FunctionalModel, params: Tree, batches: Sequence[B
                                                 create_graph=True)
                     (r,) = torch.autograd.grad((gz * u.to(z.dtype)).sum(), z)
                 _, vjp_fn = torch.func.vjp(f, params)
-                (hv,) = vjp_fn(r.to(logits.dtype))
+                (hv,) = vjp_fn((r * loss_scale).to(logits.dtype))
+                hv = _scale(1.0 / loss_scale, hv) if loss_scale != 1.0 else hv
             else:
                 raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
         hv = {k: t.detach() for k, t in hv.items()}
@@ -444,6 +449,7 @@ def hypergradient(
     weight_decay: float = 0.0,
     reduce: Reduce | None = None,
     forward: Callable[[nn.Module, Any], Tensor] | None = None,
+    loss_scale: float = 1.0,
 ) -> HypergradientResult:
     """The gradient of the upper objective with respect to the loss parameters ``alpha``.
 
@@ -466,6 +472,8 @@ def hypergradient(
             optimizer's weight decay): it adds ``mu I`` to the curvature and ``mu theta`` to the training gradient.
         reduce: averages a tensor over processes (identical call order on every process); ``None`` for one.
         forward: ``forward(module, inputs) -> logits`` when ``model`` is a module and not ``module(inputs)``.
+        loss_scale: factor applied to losses before backward passes through the network and removed after (the
+            gradient scaler's scale under float16 autocast).
 
     Returns:
         A :class:`HypergradientResult`.
@@ -499,18 +507,18 @@ def hypergradient(
         tables = LossTables(*(t.detach() for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
 
     def matvec(vec: Tree) -> Tree:
-        hv = curvature_product(fmodel, params, train_batches, tables, train_loss, vec, curvature, reduce)
+        hv = curvature_product(fmodel, params, train_batches, tables, train_loss, vec, curvature, reduce, loss_scale)
         shift = weight_decay + (damping if method == "neumann" else 0.0)
         return _axpy(shift, vec, hv) if shift else hv
 
     if method == "unroll":
-        g = train_gradient(fmodel, params, train_batches, tables, train_loss, reduce)
+        g = train_gradient(fmodel, params, train_batches, tables, train_loss, reduce, loss_scale)
         if weight_decay:
             g = _axpy(weight_decay, params, g)
-        v, value = upper_gradient(fmodel, _axpy(-eta, g, params), upper_batches, objective, reduce)
+        v, value = upper_gradient(fmodel, _axpy(-eta, g, params), upper_batches, objective, reduce, loss_scale)
         p = _scale(eta, v)
     else:
-        v, value = upper_gradient(fmodel, params, upper_batches, objective, reduce)
+        v, value = upper_gradient(fmodel, params, upper_batches, objective, reduce, loss_scale)
         if method == "neumann":
             p = neumann_series(matvec, v, eta, terms)
         else:

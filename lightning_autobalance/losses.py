@@ -228,7 +228,8 @@ def check_loss_inputs(logits: Tensor, target: Tensor, group: Tensor | None = Non
     for name, values, high, what in checks:
         bad = values[(values < 0) | (values >= high)]
         if bad.numel():
-            raise ValueError(f"{name} must lie in [0, {high}) ({high} {what}s); got {bad.unique()[:5].tolist()}.")
+            raise ValueError(f"{name} must lie in [0, {high}) ({high} {what}{'es' if what == 'class' else 's'}); "
+                             f"got {bad.unique()[:5].tolist()}.")
     raise ValueError("logits contain NaN or infinite values; expected finite logits (check the learning rate, "
                      "the input data and mixed-precision overflow).")
 
@@ -237,10 +238,11 @@ def _row(table: Tensor | None, group: Tensor | None, num_classes: int, name: str
     """Picks the row of a (G, K) table that applies to each sample; (K,) or (1, K) tables broadcast."""
     if table is None:
         return None
+    shape = tuple(table.shape)
     if table.ndim == 1:
         table = table.unsqueeze(0)
     if table.ndim != 2 or table.shape[1] != num_classes:
-        raise ValueError(f"{name} must have shape (K,) or (G, K) with K={num_classes}; got {tuple(table.shape)}.")
+        raise ValueError(f"{name} must have shape (K,) or (G, K) with K={num_classes}; got {shape}.")
     if table.shape[0] == 1:
         return table[0]
     if group is None:
@@ -282,8 +284,8 @@ def adjusted_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
     num_groups = max((t.shape[0] for t in (delta, offset, weight) if t is not None and t.ndim == 2), default=1)
-    if validate:
-        check_loss_inputs(logits, target, group, num_groups)
+    if validate:  # a per-class loss (one row) ignores group indices
+        check_loss_inputs(logits, target, group if num_groups > 1 else None, num_groups)
     k = logits.shape[-1]
     table_dtypes = [t.dtype for t in (delta, offset, weight) if t is not None]
     dtype = torch.promote_types(logits.dtype, torch.float32)

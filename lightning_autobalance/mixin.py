@@ -84,6 +84,7 @@ class AutoBalanceMixin:
     """
 
     autobalance_reduction: Reduction = "mean"
+    _autobalance_record: bool = False  # class default: autobalance_loss must reach the RuntimeError below
 
     def configure_autobalance(
         self,
@@ -124,6 +125,10 @@ class AutoBalanceMixin:
             raise ValueError(f"reduction must be 'mean' or 'weighted_mean' for a training loss; got {reduction!r}.")
         if loss_file is not None:
             tables, info = load_loss_tables(loss_file)
+            k = torch.as_tensor(class_counts).shape[-1]
+            if tables.num_classes != k:
+                raise ValueError(f"Loss file {str(loss_file)!r} has {tables.num_classes} classes but class_counts has "
+                                 f"{k}.")
             params: LossParametrization = PerClass.from_tables(tables, info.get("class_counts"))
             reduction = info.get("reduction", reduction)
         else:
@@ -224,7 +229,10 @@ class AutoBalanceMixin:
         self._autobalance_cache = None
 
     def loss_module(self) -> AdjustedCrossEntropy:
-        """The current loss as a plain ``torch.nn.Module`` (usable without Lightning)."""
+        """The loss to retrain with as a plain ``torch.nn.Module`` (usable without Lightning).
+
+        These are the tables :meth:`export_loss` writes: for frequency bins, the bin values interpolated to classes.
+        """
         with torch.no_grad():
             tables = self._require_autobalance().retraining_tables()
         return AdjustedCrossEntropy(*(t.float().cpu() for t in tables), reduction=self.autobalance_reduction)

@@ -26,8 +26,16 @@ from lightning_autobalance.hypergradient import (
 from lightning_autobalance.losses import adjusted_cross_entropy
 from lightning_autobalance.parametrization import PerClass
 
-torch.set_default_dtype(torch.float64)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Every tensor of these tests is float64; the global default is restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def train_loss(f, t, g, tables):
@@ -322,6 +330,7 @@ def test_difference_product_with_cached_logits_and_dropout_matches_jvp():
     f1, u1 = logits_product(fm, params, Batch(x, None, logits=cached, rng_state=state), p, mode="difference")
     f2, u2 = logits_product(fm, params, Batch(x, None, rng_state=state), p, mode="jvp")
     torch.testing.assert_close(f2, cached)
+    assert f1 is cached  # the cached logits are reused, not recomputed
     torch.testing.assert_close(u1, u2, rtol=1e-6, atol=1e-8)
     assert torch.equal(torch.get_rng_state(), after)  # the surrounding random state is left as it was
 

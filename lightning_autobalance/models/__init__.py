@@ -19,6 +19,7 @@ from functools import partial
 from torch import nn
 
 from lightning_autobalance.models.basic_block import BasicBlockA
+from lightning_autobalance.models.normed_linear import NormedLinear
 from lightning_autobalance.models.resnet32 import ResNet32
 from lightning_autobalance.models.resnet_cifar import ResNetCIFAR
 from lightning_autobalance.models.small import DigitsNet
@@ -28,6 +29,7 @@ __all__ = [
     "NETWORK_NAMES",
     "BasicBlockA",
     "DigitsNet",
+    "NormedLinear",
     "ResNet32",
     "ResNetCIFAR",
     "TorchvisionResNet",

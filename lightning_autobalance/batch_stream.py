@@ -1,0 +1,145 @@
+"""``BatchStream``: an endless, seeded, resumable and sharded stream of batches from a DataLoader.
+
+The callback draws its upper batches (and any extra training batches) from such a stream. The order of samples
+is a function of ``(seed, epoch)`` alone and the stream remembers how far it got, so that a run resumed from a
+checkpoint sees exactly the batches an uninterrupted run would have seen. Under several processes every rank
+reads its own shard (the same split as :class:`torch.utils.data.DistributedSampler`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+__all__ = ["BatchStream", "ShardSampler"]
+
+
+class ShardSampler(Sampler[int]):
+    """Indices of one rank's shard for one epoch, shuffled by ``(seed, epoch)``, starting at ``start``.
+
+    Pads to equal shard lengths like ``DistributedSampler`` (``drop_last=False``), so every rank has the same
+    number of samples and therefore the same batch sizes.
+    """
+
+    def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        if length < 1:
+            raise ValueError("ShardSampler needs a non-empty dataset.")
+        self.length, self.seed, self.rank, self.world_size, self.shuffle = length, seed, rank, world_size, shuffle
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def shard_size(self) -> int:
+        return math.ceil(self.length / self.world_size)
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=gen).tolist()
+        else:
+            order = list(range(self.length))
+        total = self.shard_size * self.world_size
+        order += order[: total - len(order)] if total > len(order) else []
+        while len(order) < total:  # tiny datasets with more ranks than samples
+            order += order[: total - len(order)]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(self.shard_size - self.start, 0)
+
+
+class BatchStream:
+    """Endless batches from a DataLoader, reshuffled every pass, seeded, resumable and sharded.
+
+    The DataLoader is re-created with a :class:`ShardSampler` (keeping its batch size, workers, collate function
+    and the rest). Loaders that cannot be re-created (an ``IterableDataset``, a custom batch sampler) are read as
+    they are, with a warning that resuming then cannot reproduce the same batches.
+
+    Args:
+        dataloader: the source loader.
+        seed: seeds the order of every pass.
+        rank: this process's rank.
+        world_size: number of processes.
+        shuffle: shuffle within each pass.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=4)
+        >>> stream = BatchStream(loader, seed=0)
+        >>> [len(stream.next()[0]) for _ in range(4)]
+        [4, 4, 2, 4]
+    """
+
+    def __init__(self, dataloader: DataLoader, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        self.source = dataloader
+        self.epoch = 0
+        self.position = 0
+        self._iterator: Iterator[Any] | None = None
+        self.sampler: ShardSampler | None = None
+        self.loader: Any = dataloader
+        dataset = getattr(dataloader, "dataset", None)
+        custom_batches = getattr(dataloader, "batch_size", None) is None
+        if dataset is None or isinstance(dataset, IterableDataset) or custom_batches or not isinstance(dataset, Sized):
+            warnings.warn("This dataloader cannot be re-sampled (iterable dataset or custom batch sampler): it is read "
+                          "as it is, so resuming will not reproduce the same batches and it is not sharded.",
+                          stacklevel=2)
+        else:
+            from lightning_fabric.utilities.data import _update_dataloader
+
+            self.sampler = ShardSampler(len(dataset), seed, rank, world_size, shuffle)
+            self.loader = _update_dataloader(dataloader, self.sampler)
+        if self.batches_per_pass() == 0:
+            raise ValueError("The dataloader yields no batches (an empty dataset, or drop_last with fewer samples than "
+                             "one batch); the search needs at least one batch of upper data on every process.")
+
+    def batches_per_pass(self) -> int:
+        if self.sampler is None:
+            try:
+                return len(self.loader)
+            except TypeError:
+                return 1
+        n = self.sampler.shard_size
+        bs = self.loader.batch_size
+        return n // bs if self.loader.drop_last else math.ceil(n / bs)
+
+    def _open(self) -> None:
+        if self.sampler is not None:
+            self.sampler.epoch = self.epoch
+            self.sampler.start = self.position * self.loader.batch_size
+        self._iterator = iter(self.loader)
+        if self.sampler is None:
+            for _ in range(self.position):
+                next(self._iterator, None)
+
+    def next(self) -> Any:
+        """The next batch; starts a new, reshuffled pass when one ends."""
+        for _ in range(2):
+            if self._iterator is None:
+                self._open()
+            assert self._iterator is not None
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                self.position = 0
+                continue
+            self.position += 1
+            return batch
+        raise RuntimeError("The dataloader yielded no batch in a whole pass.")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iterator = None

@@ -1,0 +1,525 @@
+r"""
+AutoBalance
+^^^^^^^^^^^
+
+Learn the training loss while the model trains: every ``every_n_steps`` optimizer steps, take the hypergradient of
+an objective measured on held-out ("upper") data with respect to the loss parameters of an
+:class:`~lightning_autobalance.AutoBalanceMixin` module and update them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_autobalance.batch_stream import BatchStream
+from lightning_autobalance.hypergradient import (
+    CURVATURES,
+    METHODS,
+    Batch,
+    Curvature,
+    FunctionalModel,
+    Method,
+    ProductMode,
+    hypergradient,
+)
+from lightning_autobalance.mixin import AutoBalanceMixin
+from lightning_autobalance.objectives import Objective, build_objective
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AutoBalanceCallback"]
+
+OptimizerCallable = Callable[[Iterable], Optimizer]
+SchedulerCallable = Callable[[Optimizer], Any]
+UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
+_UNSUPPORTED = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+def _default_hyper_optimizer(lr: float, momentum: float) -> OptimizerCallable:
+    def make(params: Iterable) -> Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    return make
+
+
+@contextlib.contextmanager
+def _preserve_random_state(device: torch.device) -> Iterator[None]:
+    """Restores torch (CPU and the current CUDA device), Python and NumPy random states after the block."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+class AutoBalanceCallback(Callback):
+    r"""Searches the loss parameters of an :class:`~lightning_autobalance.AutoBalanceMixin` module by bilevel
+    optimisation while the Trainer fits the model.
+
+    Every ``every_n_steps`` optimizer steps (not micro-batches: under gradient accumulation it acts once per step)
+    it computes the gradient of the upper objective with respect to the loss parameters (see
+    :func:`~lightning_autobalance.hypergradient.hypergradient`) and takes one step of its own optimizer on them.
+    With no arguments it uses the cheapest estimate that works well: the first Neumann term (the one-step
+    hypergradient at the current weights) on the current training batch, whose logits the training step already
+    computed, and one upper batch, with the logits product taken as a difference of logits. That costs about one
+    extra forward and backward pass every ``every_n_steps`` steps.
+
+    The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
+    in the precision plugin's forward context (autocast), from and back to the training loop's random state; the
+    loss-parameter arithmetic stays in float32 or wider. A non-finite hypergradient skips that step with a
+    warning. Under DDP every linear piece is averaged over processes so that the loss parameters stay identical
+    on every rank.
+
+    Args:
+        every_n_steps: take a hyper step every this many optimizer steps (``k >= 1``).
+        start_epoch: first epoch with hyper steps. ``None``: see ``warmup_fraction``.
+        start_step: first optimizer step with hyper steps (overrides ``start_epoch``).
+        stop_epoch: no hyper steps from this epoch on (``None``: until the end).
+        stop_step: no hyper steps from this optimizer step on.
+        warmup_fraction: when neither ``start_epoch`` nor ``start_step`` is given, the fraction of the run's
+            optimizer steps (``trainer.estimated_stepping_batches``) to train before the first hyper step.
+        method: ``"neumann"``, ``"cg"`` or ``"unroll"``.
+        eta: Neumann step / virtual SGD step (``> 0``).
+        terms: Neumann terms beyond the first (``>= 0``; the paper uses 5 with ``eta=1``).
+        damping: added to the curvature (``>= 0``).
+        cg_iterations: conjugate-gradient iterations (``>= 1``).
+        curvature: ``"gauss_newton"`` (positive semi-definite, stable) or ``"hessian"``.
+        product: how the logits product ``J p`` is taken: ``"auto"``, ``"jvp"`` or ``"difference"``.
+        weight_decay: L2 coefficient of the training objective used in the curvature (``>= 0``).
+        train_batches: training batches per hyper step; the current batch is the first, the others are drawn
+            from the training data (the paper uses 10).
+        upper_batches: upper batches per hyper step (the paper uses 10).
+        hyper_lr: learning rate of the default hyper-optimizer, SGD with momentum.
+        hyper_momentum: momentum of the default hyper-optimizer.
+        hyper_optimizer: a callable ``params -> torch.optim.Optimizer`` replacing the default (from a LightningCLI
+            YAML: ``class_path: torch.optim.Adam`` with ``init_args``).
+        hyper_scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step.
+        max_norm: clip the hypergradient to this norm (``None``: no clipping).
+        objective: the upper objective: a name (``"balanced_ce"``) or a callable
+            ``objective(logits, target, group) -> scalar``.
+        upper_source: where upper batches come from: ``"datamodule"`` (its ``upper_dataloader()`` hook, or the
+            LightningModule's), ``"dataloader"`` (``upper_dataloader`` below), ``"val"`` (the validation
+            dataloader, with a warning: the loss is then tuned on the data that is used to judge it) or
+            ``"auto"`` (the first of these that exists).
+        upper_dataloader: an explicit upper dataloader.
+        upper_class_counts: class counts of the upper data (default: from the datamodule, the dataset's
+            ``targets``, or by reading the labels once).
+        log_max_classes: log every loss parameter per class up to this many classes, else summaries.
+        seed: seeds the order of upper (and extra training) batches.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from lightning_autobalance import AutoBalanceCallback
+
+        trainer = Trainer(max_epochs=30, callbacks=[AutoBalanceCallback()])
+        trainer.fit(model, datamodule=dm)  # model: an AutoBalanceMixin LightningModule
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        start_epoch: int | None = None,
+        start_step: int | None = None,
+        stop_epoch: int | None = None,
+        stop_step: int | None = None,
+        warmup_fraction: float = 0.2,
+        method: Method = "neumann",
+        eta: float = 1.0,
+        terms: int = 0,
+        damping: float = 0.0,
+        cg_iterations: int = 5,
+        curvature: Curvature = "gauss_newton",
+        product: ProductMode = "auto",
+        weight_decay: float = 0.0,
+        train_batches: int = 1,
+        upper_batches: int = 1,
+        hyper_lr: float = 0.05,
+        hyper_momentum: float = 0.9,
+        hyper_optimizer: OptimizerCallable | None = None,
+        hyper_scheduler: SchedulerCallable | None = None,
+        max_norm: float | None = None,
+        objective: str | Objective = "balanced_ce",
+        upper_source: UpperSource = "auto",
+        upper_dataloader: DataLoader | None = None,
+        upper_class_counts: list[int] | None = None,
+        log_max_classes: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        checks = [
+            (every_n_steps >= 1, f"every_n_steps must be at least 1; got {every_n_steps}."),
+            (eta > 0, f"eta must be positive; got {eta}."),
+            (terms >= 0, f"terms (Neumann terms beyond the first) must be >= 0; got {terms}."),
+            (damping >= 0, f"damping must be >= 0; got {damping}."),
+            (weight_decay >= 0, f"weight_decay must be >= 0; got {weight_decay}."),
+            (cg_iterations >= 1, f"cg_iterations must be at least 1; got {cg_iterations}."),
+            (train_batches >= 1 and upper_batches >= 1,
+             f"train_batches and upper_batches must be at least 1; got {train_batches}, {upper_batches}."),
+            (0.0 <= warmup_fraction < 1.0, f"warmup_fraction must lie in [0, 1); got {warmup_fraction}."),
+            (hyper_lr > 0, f"hyper_lr must be positive; got {hyper_lr}."),
+            (0.0 <= hyper_momentum < 1.0, f"hyper_momentum must lie in [0, 1); got {hyper_momentum}."),
+            (max_norm is None or max_norm > 0, f"max_norm must be positive or None; got {max_norm}."),
+            (method in METHODS, f"method must be one of {METHODS}; got {method!r}."),
+            (curvature in CURVATURES, f"curvature must be one of {CURVATURES}; got {curvature!r}."),
+            (product in ("auto", "jvp", "difference"),
+             f"product must be 'auto', 'jvp' or 'difference'; got {product!r}."),
+            (upper_source in ("auto", "datamodule", "dataloader", "val"),
+             f"upper_source must be 'auto', 'datamodule', 'dataloader' or 'val'; got {upper_source!r}."),
+            (upper_source != "dataloader" or upper_dataloader is not None,
+             "upper_source='dataloader' needs an upper_dataloader."),
+            (log_max_classes >= 0, f"log_max_classes must be >= 0; got {log_max_classes}."),
+        ]
+        for start, stop, name in ((start_epoch, stop_epoch, "epoch"), (start_step, stop_step, "step")):
+            checks.append((start is None or start >= 0, f"start_{name} must be >= 0; got {start}."))
+            checks.append((stop is None or start is None or stop > start,
+                           f"stop_{name} ({stop}) must come after start_{name} ({start})."))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if not (isinstance(objective, str) or callable(objective)):
+            raise ValueError(f"objective must be a name or a callable; got {type(objective).__name__}.")
+        self.every_n_steps = every_n_steps
+        self.start_epoch, self.start_step = start_epoch, start_step
+        self.stop_epoch, self.stop_step = stop_epoch, stop_step
+        self.warmup_fraction = warmup_fraction
+        self.method, self.eta, self.terms, self.damping = method, eta, terms, damping
+        self.cg_iterations, self.curvature, self.product = cg_iterations, curvature, product
+        self.weight_decay = weight_decay
+        self.train_batches, self.upper_batches = train_batches, upper_batches
+        self.hyper_lr, self.hyper_momentum = hyper_lr, hyper_momentum
+        self._hyper_optimizer_fn = hyper_optimizer or _default_hyper_optimizer(hyper_lr, hyper_momentum)
+        self._hyper_scheduler_fn = hyper_scheduler
+        self.max_norm = max_norm
+        self.objective = objective
+        self.upper_source = upper_source
+        self.upper_dataloader = upper_dataloader
+        self.upper_class_counts = upper_class_counts
+        self.log_max_classes = log_max_classes
+        self.seed = seed
+
+        self.hyper_steps = 0
+        self.skipped_steps = 0
+        self.last_objective: float | None = None
+        self.optimizer: Optimizer | None = None
+        self.scheduler: Any = None
+        self._objective_fn: Objective | None = None
+        self._upper: BatchStream | None = None
+        self._train: BatchStream | None = None
+        self._auto_start_step = 0
+        self._pending: dict[str, Any] | None = None
+        self._batch: Any = None
+        self._batch_rng: tuple[Tensor, Tensor | None] | None = None
+        self._warned_frozen = False
+        self._train_state: dict[str, int] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, method=self.method)
+
+    # ------------------------------------------------------------------------------------------------------
+    # setup: every check before any training time is spent
+    # ------------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, AutoBalanceMixin):
+            raise TypeError(f"AutoBalanceCallback needs a LightningModule that inherits AutoBalanceMixin; "
+                            f"{type(pl_module).__name__} does not. Add the mixin and call configure_autobalance().")
+        params = pl_module._require_autobalance()
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in _UNSUPPORTED):
+            raise RuntimeError(f"AutoBalanceCallback does not support the sharded strategy {strategy}: the "
+                               "hypergradient needs the whole model on every process. Use strategy='ddp' (or "
+                               "'ddp_spawn') or a single device.")
+        if params.num_free() == 0:
+            rank_zero_warn("The AutoBalance loss has nothing to search (search=() or a loaded loss): the callback "
+                           "will do nothing.")
+        loader = self._resolve_upper_loader(trainer, pl_module)
+        self._upper = BatchStream(loader, seed=self.seed, rank=trainer.global_rank, world_size=trainer.world_size)
+        counts = self._upper_counts(trainer, pl_module, loader)
+        num_classes = params.num_classes
+        if counts is not None and len(counts) != num_classes:
+            raise ValueError(f"The upper data has {len(counts)} classes, the loss has {num_classes}.")
+        obj = build_objective(self.objective, counts if counts is not None else params.class_counts.sum(0).tolist())
+        if getattr(obj, "requires_all_classes", False) and counts is not None and min(counts) == 0:
+            missing = [c for c, n in enumerate(counts) if n == 0]
+            raise ValueError(f"The upper data has no sample of classes {missing}, which the objective {obj!r} "
+                             "needs: give every class at least one upper sample (e.g. a per-class split).")
+        self._objective_fn = obj
+        self._check_ranks_agree(trainer, self._upper.batches_per_pass())
+
+    def _resolve_upper_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        source = self.upper_source
+        if self.upper_dataloader is not None and source in ("auto", "dataloader"):
+            return self.upper_dataloader
+        if source in ("auto", "datamodule"):
+            for owner in (trainer.datamodule, pl_module):
+                hook = getattr(owner, "upper_dataloader", None)
+                if callable(hook):
+                    return hook()
+            if source == "datamodule":
+                raise RuntimeError("upper_source='datamodule' but neither the datamodule nor the LightningModule "
+                                   "has an upper_dataloader() method.")
+        val = None
+        for owner in (trainer.datamodule, pl_module):
+            hook = getattr(owner, "val_dataloader", None)
+            if callable(hook):
+                with contextlib.suppress(NotImplementedError, pl.utilities.exceptions.MisconfigurationException):
+                    val = hook()
+                if isinstance(val, (list, tuple)):
+                    val = val[0] if val else None
+                if val is not None:
+                    break
+        if val is None:
+            raise RuntimeError("AutoBalanceCallback found no upper data: give the datamodule (or the LightningModule) "
+                               "an upper_dataloader() method, pass upper_dataloader=..., or provide a validation "
+                               "dataloader.")
+        rank_zero_warn("AutoBalanceCallback is using the validation dataloader as upper data: the loss will be "
+                       "tuned on the data used to judge it. Prefer a held-out split (upper_dataloader).")
+        return val
+
+    def _upper_counts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> list[int] | None:
+        if self.upper_class_counts is not None:
+            return list(self.upper_class_counts)
+        dm_counts = getattr(trainer.datamodule, "upper_class_counts", None)
+        if dm_counts is not None and loader is not self.upper_dataloader:
+            return [int(c) for c in dm_counts]
+        num_classes = pl_module._require_autobalance().num_classes
+        dataset = getattr(loader, "dataset", None)
+        targets = getattr(dataset, "targets", None)
+        if targets is not None:
+            labels = torch.as_tensor(targets).long().flatten()
+        else:
+            parts = []
+            for batch in loader:
+                parts.append(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]).long().cpu())
+            labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
+        return torch.bincount(labels, minlength=num_classes).tolist()
+
+    def _check_ranks_agree(self, trainer: pl.Trainer, batches: int) -> None:
+        if trainer.world_size <= 1:
+            return
+        sizes = trainer.strategy.all_gather(torch.tensor([batches], device=trainer.strategy.root_device)).flatten()
+        if int(sizes.min()) == 0 or int(sizes.min()) != int(sizes.max()):
+            raise RuntimeError(f"Every process needs the same number of upper batches (at least one); got "
+                               f"{sizes.tolist()} across ranks.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        alpha = list(params.alpha().values())
+        self.optimizer = self._hyper_optimizer_fn(alpha) if alpha else None
+        self.scheduler = self._hyper_scheduler_fn(self.optimizer) if (self._hyper_scheduler_fn and alpha) else None
+        if self.start_step is None and self.start_epoch is None:
+            total = trainer.estimated_stepping_batches
+            self._auto_start_step = int(self.warmup_fraction * total) if math.isfinite(total) else 0
+        if self._pending is not None:
+            self._apply_state(self._pending)
+            self._pending = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # schedule
+    # ------------------------------------------------------------------------------------------------------
+    def _active(self, trainer: pl.Trainer) -> bool:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if self.start_step is not None:
+            started = step >= self.start_step
+        elif self.start_epoch is not None:
+            started = epoch >= self.start_epoch
+        else:
+            started = step >= self._auto_start_step
+        stopped = (self.stop_step is not None and step >= self.stop_step) or (
+            self.stop_epoch is not None and epoch >= self.stop_epoch)
+        return started and not stopped
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (trainer.global_step + 1) % self.every_n_steps == 0 and self._active(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        due = self.optimizer is not None and self._due(trainer)
+        pl_module._autobalance_record = due  # type: ignore[attr-defined]
+        pl_module._autobalance_recorded = None  # type: ignore[attr-defined]
+        self._batch = batch if due else None
+        self._batch_rng = _rng_state(pl_module.device) if due else None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Optimizer) -> None:
+        if self._batch is None or self.optimizer is None:
+            return
+        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        if params.frozen:
+            if not self._warned_frozen:
+                rank_zero_info("AutoBalance: the loss is frozen, so no hyper steps are taken.")
+                self._warned_frozen = True
+        else:
+            self._hyper_step(trainer, pl_module)
+        self._batch = None
+        pl_module._autobalance_record = False  # type: ignore[attr-defined]
+        pl_module._autobalance_recorded = None  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------------------------------------------
+    # the hyper step
+    # ------------------------------------------------------------------------------------------------------
+    def _as_batch(self, pl_module: Any, batch: Any, logits: Tensor | None = None,
+                  rng: tuple[Tensor, Tensor | None] | None = None) -> Batch:
+        inputs, target, group = pl_module.autobalance_unpack(batch)
+        if logits is not None and (logits.ndim != 2 or logits.shape[0] != target.shape[0]):
+            logits = None
+        return Batch(inputs, target, group, logits, rng)
+
+    def _train_stream(self, trainer: pl.Trainer) -> BatchStream:
+        """Extra training batches, from a stream over the training data opened at first use."""
+        if self._train is None:
+            loader = trainer.train_dataloader
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0]
+            elif isinstance(loader, dict):
+                loader = next(iter(loader.values()))
+            self._train = BatchStream(loader, seed=self.seed + 1, rank=trainer.global_rank,
+                                      world_size=trainer.world_size)
+            if self._train_state is not None:
+                self._train.load_state_dict(self._train_state)
+        return self._train
+
+    def _reduce(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        if trainer.world_size <= 1:
+            return None
+
+        def reduce(t: Tensor) -> Tensor:
+            return trainer.strategy.reduce(t, reduce_op="mean")
+
+        return reduce
+
+    def _check_batch_sizes(self, trainer: pl.Trainer, train: list[Batch], upper: list[Batch]) -> None:
+        sizes = torch.tensor([sum(b.target.shape[0] for b in train), sum(b.target.shape[0] for b in upper)],
+                             device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(sizes).reshape(-1, 2)
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"AutoBalance under DDP needs the same batch sizes on every process (for the "
+                               f"averaged hypergradient to be that of the union of their batches); got (train, upper) "
+                               f"{gathered.tolist()} across ranks. Use drop_last=True or equal shards.")
+
+    def _hyper_step(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        assert self._upper is not None and self._objective_fn is not None and self.optimizer is not None
+        params = pl_module.autobalance
+        device = pl_module.device
+        loss_scale = 1.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            loss_scale = float(scaler.get_scale())
+        with _preserve_random_state(device), trainer.precision_plugin.forward_context(), torch.enable_grad():
+            train = [self._as_batch(pl_module, self._batch, pl_module._autobalance_recorded, self._batch_rng)]
+            for _ in range(self.train_batches - 1):
+                extra = trainer.strategy.batch_to_device(self._train_stream(trainer).next())
+                train.append(self._as_batch(pl_module, extra))
+            upper = [self._as_batch(pl_module, trainer.strategy.batch_to_device(self._upper.next()))
+                     for _ in range(self.upper_batches)]
+            if trainer.world_size > 1:
+                self._check_batch_sizes(trainer, train, upper)
+            fmodel = FunctionalModel(pl_module, lambda m, x: m.autobalance_forward(x))
+            result = hypergradient(
+                fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables, self._objective_fn,
+                train, upper, method=self.method, eta=self.eta, terms=self.terms, damping=self.damping,
+                cg_iterations=self.cg_iterations, curvature=self.curvature, product=self.product,
+                weight_decay=self.weight_decay, reduce=self._reduce(trainer), loss_scale=loss_scale)
+        metrics: dict[str, float] = {"autobalance/objective": float(result.objective)}
+        if not result.finite:
+            self.skipped_steps += 1
+            rank_zero_warn(f"AutoBalance: non-finite hypergradient at step {trainer.global_step}; hyper step skipped "
+                           f"({self.skipped_steps} so far). The loss parameters are unchanged.")
+        else:
+            grads = result.grad
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+            if self.max_norm is not None and float(norm) > self.max_norm:
+                grads = {k: g * (self.max_norm / float(norm)) for k, g in grads.items()}
+            for name, tensor in params.alpha().items():
+                tensor.grad = grads[name].to(tensor)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.hyper_steps += 1
+            metrics["autobalance/hypergrad_norm"] = float(norm)
+        self.last_objective = metrics["autobalance/objective"]
+        metrics["autobalance/skipped"] = float(self.skipped_steps)
+        pl_module.log("hyper_obj", self.last_objective, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self._log_parameters(trainer, params, metrics)
+
+    def _log_parameters(self, trainer: pl.Trainer, params: Any, metrics: dict[str, float]) -> None:
+        if not trainer.loggers or trainer.global_rank != 0:
+            return
+        with torch.no_grad():
+            tables = params.tables()
+        k, g = params.num_classes, params.num_groups
+        width = len(str(k - 1))
+        for name, table in zip(("delta", "offset", "weight"), tables):
+            if name not in params.search:
+                continue
+            values = table.detach().double().cpu()
+            if k * g <= self.log_max_classes:
+                for gi in range(g):
+                    prefix = f"autobalance/{name}/" + (f"g{gi}_" if g > 1 else "")
+                    metrics.update({f"{prefix}{c:0{width}d}": float(values[gi, c]) for c in range(k)})
+            else:
+                metrics.update({f"autobalance/{name}/min": float(values.min()),
+                                f"autobalance/{name}/max": float(values.max()),
+                                f"autobalance/{name}/mean": float(values.mean())})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpointing
+    # ------------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "hyper_steps": self.hyper_steps,
+            "skipped_steps": self.skipped_steps,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "upper_stream": self._upper.state_dict() if self._upper is not None else None,
+            "train_stream": self._train.state_dict() if self._train is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before on_fit_start, where the optimizer is built: apply it there.
+        self._pending = dict(state_dict)
+        self.hyper_steps = int(state_dict.get("hyper_steps", 0))
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state.get("optimizer") is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("upper_stream") is not None and self._upper is not None:
+            self._upper.load_state_dict(state["upper_stream"])
+        self._train_state = state.get("train_stream")

@@ -1,0 +1,245 @@
+"""``ImbalancedClassifier``: a ready LightningModule for long-tailed classification with an AutoBalance loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+from typing_extensions import override
+
+from lightning_autobalance.data.profiles import head_medium_tail
+from lightning_autobalance.losses import FocalLoss, LDAMLoss, Reduction
+from lightning_autobalance.mixin import AutoBalanceMixin
+from lightning_autobalance.models import NormedLinear, build_network
+from lightning_autobalance.parametrization import ParametrizationKind
+
+__all__ = ["ImbalancedClassifier"]
+
+LossName = Literal["autobalance", "ldam", "focal"]
+
+
+class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
+    """A classifier trained with an AutoBalance loss (or the LDAM-DRW / focal baselines), with long-tail metrics.
+
+    The optimiser and schedule default to the paper's: SGD with momentum, a linear warm-up, then step decay or
+    cosine annealing, stepped every optimizer step. Validation and test log the balanced error (``1 -`` the
+    macro-averaged recall, i.e. torchmetrics' ``MulticlassAccuracy(average="macro")``), the error on head,
+    medium and tail classes, and (up to ``log_max_classes`` classes) the error of every class. At test time the
+    raw logits are used: the loss adjustment shapes training only.
+
+    Args:
+        network: a callable ``num_classes -> nn.Module`` (from a LightningCLI YAML: ``class_path`` of a network
+            with its ``init_args``) or a name known to :func:`~lightning_autobalance.models.build_network`.
+        num_classes: number of classes (linked from the datamodule by the CLI).
+        class_counts: training samples per class (linked from the datamodule by the CLI).
+        loss: ``"autobalance"`` (the searchable family), ``"ldam"`` (LDAM with deferred re-weighting, on a cosine
+            head) or ``"focal"``.
+        preset: starting point of the AutoBalance loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``,
+            ``"class_balanced"``, ``"inverse_frequency"``).
+        search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
+            may change.
+        parametrization: ``"class"``, ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.parametrization`).
+        group_size: classes per frequency bin for ``parametrization="groups"``.
+        num_groups: sensitive groups (class x group tables).
+        preset_kwargs: ``tau``, ``gamma``, ``beta`` of the preset.
+        reduction: ``"mean"`` or ``"weighted_mean"``.
+        loss_file: start from (and by default freeze) a loss exported by a search.
+        freeze_loss: freeze the loss parameters.
+        ldam_max_margin: the largest LDAM margin.
+        ldam_scale: the LDAM logit scale.
+        drw_epoch: epoch from which LDAM uses class-balanced weights (``None``: never).
+        focal_gamma: focal-loss exponent.
+        optimizer: a callable ``params -> Optimizer`` replacing the default SGD.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        nesterov: Nesterov momentum.
+        lr_schedule: ``"step"``, ``"cosine"`` or ``"constant"`` after the warm-up.
+        warmup_epochs: epochs of linear warm-up (may be fractional).
+        milestones: epochs at which ``"step"`` multiplies the learning rate by ``lr_decay``.
+        lr_decay: the step factor.
+        channels_last: use the ``channels_last`` memory format for image inputs (faster convolutions on CPU).
+        log_max_classes: log the error of every class up to this many classes.
+
+    Example:
+        >>> model = ImbalancedClassifier("digits_net", num_classes=10, class_counts=[100] * 5 + [10] * 5, preset="la")
+        >>> model(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        network: Callable[[int], nn.Module] | str = "resnet32",
+        num_classes: int = 10,
+        class_counts: list[int] | None = None,
+        loss: LossName = "autobalance",
+        preset: str = "ce",
+        search: Sequence[str] = ("delta", "offset"),
+        parametrization: ParametrizationKind = "class",
+        group_size: int = 1,
+        num_groups: int | None = None,
+        preset_kwargs: dict[str, float] | None = None,
+        reduction: Reduction = "mean",
+        loss_file: str | None = None,
+        freeze_loss: bool = False,
+        ldam_max_margin: float = 0.5,
+        ldam_scale: float = 30.0,
+        drw_epoch: int | None = 160,
+        focal_gamma: float = 1.0,
+        optimizer: Callable[[Iterable], Optimizer] | None = None,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 2e-4,
+        nesterov: bool = False,
+        lr_schedule: Literal["step", "cosine", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        milestones: Sequence[int] = (160, 180),
+        lr_decay: float = 0.1,
+        channels_last: bool = False,
+        log_max_classes: int = 100,
+    ) -> None:
+        super().__init__()
+        if class_counts is None:
+            raise ValueError("ImbalancedClassifier needs class_counts (samples per class); from the CLI they are "
+                             "linked from the datamodule's class_counts.")
+        if len(class_counts) != num_classes:
+            raise ValueError(f"class_counts has {len(class_counts)} entries but num_classes is {num_classes}.")
+        if loss not in ("autobalance", "ldam", "focal"):
+            raise ValueError(f"loss must be 'autobalance', 'ldam' or 'focal'; got {loss!r}.")
+        if lr <= 0 or weight_decay < 0 or warmup_epochs < 0 or not 0 < lr_decay <= 1:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0 and 0 < lr_decay <= 1; got {lr}, "
+                             f"{weight_decay}, {warmup_epochs}, {lr_decay}.")
+        if lr_schedule not in ("step", "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'step', 'cosine' or 'constant'; got {lr_schedule!r}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.network = build_network(network, num_classes) if isinstance(network, str) else network(num_classes)
+        self.loss_name = loss
+        self.optimizer_fn = optimizer
+        searched = search if loss == "autobalance" else ()
+        self.configure_autobalance(class_counts, preset=preset if loss == "autobalance" else "ce", search=searched,
+                                   parametrization=parametrization, group_size=group_size, num_groups=num_groups,
+                                   reduction=reduction, preset_kwargs=preset_kwargs, loss_file=loss_file,
+                                   freeze=freeze_loss or loss_file is not None)
+        self.criterion: nn.Module | None = None
+        if loss == "ldam":
+            head = getattr(self.network, "head", None)
+            if not isinstance(head, nn.Linear):
+                raise ValueError("loss='ldam' needs a network with a linear `head` attribute to replace by a cosine "
+                                 "head (NormedLinear).")
+            self.network.head = NormedLinear(head.in_features, head.out_features)
+            self.criterion = LDAMLoss(class_counts, ldam_max_margin, ldam_scale, drw_epoch)
+        elif loss == "focal":
+            self.criterion = FocalLoss(focal_gamma)
+        if channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.class_counts = list(class_counts)
+        self.shot_groups = head_medium_tail(class_counts)
+        metric_args = {"num_classes": num_classes}
+        self.val_accuracy = MulticlassAccuracy(average="macro", **metric_args)
+        self.val_recall = MulticlassRecall(average="none", **metric_args)
+        self.test_accuracy = MulticlassAccuracy(average="macro", **metric_args)
+        self.test_recall = MulticlassRecall(average="none", **metric_args)
+        self.test_report: dict[str, Any] = {}
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.network(x)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, g = self.autobalance_unpack(batch)
+        logits = self(x)
+        if self.criterion is not None:
+            loss = self.criterion(logits, y)
+        else:
+            loss = self.autobalance_loss(logits, y, g)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if isinstance(self.criterion, LDAMLoss):
+            self.criterion.set_epoch(self.current_epoch)
+
+    def _eval_step(self, batch: Any, accuracy: MulticlassAccuracy, recall: MulticlassRecall) -> None:
+        x, y, _ = self.autobalance_unpack(batch)
+        preds = self(x).argmax(dim=-1)
+        accuracy.update(preds, y)
+        recall.update(preds, y)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_accuracy, self.val_recall)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_accuracy, self.test_recall)
+
+    def _report(self, accuracy: MulticlassAccuracy, recall: MulticlassRecall) -> dict[str, Any]:
+        per_class = (1.0 - recall.compute().double()).cpu()
+        report: dict[str, Any] = {"balanced_error": float(1.0 - accuracy.compute()),
+                                  "per_class_error": per_class.tolist()}
+        for name in ("head", "medium", "tail"):
+            members = [c for c, s in enumerate(self.shot_groups) if s == name]
+            report[f"{name}_error"] = float(per_class[members].mean()) if members else float("nan")
+        report["worst_class_error"] = float(per_class.max())
+        accuracy.reset()
+        recall.reset()
+        return report
+
+    def _log_report(self, stage: str, report: dict[str, Any]) -> None:
+        metrics = {f"{stage}/{k}": v for k, v in report.items() if k != "per_class_error" and not math.isnan(v)}
+        per_class = report["per_class_error"]
+        if len(per_class) <= self.hparams.log_max_classes:
+            width = len(str(len(per_class) - 1))
+            metrics.update({f"{stage}/class_error/{c:0{width}d}": e for c, e in enumerate(per_class)})
+        self.log_dict(metrics, prog_bar=False)
+        self.log(f"{stage}_bal_err", report["balanced_error"], prog_bar=True, logger=False)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_report("val", self._report(self.val_accuracy, self.val_recall))
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.test_report = self._report(self.test_accuracy, self.test_recall)
+        self._log_report("test", self.test_report)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_fn is not None:
+            optimizer = self.optimizer_fn(params)
+        else:
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                                        nesterov=hp.nesterov)
+        trainer = self._trainer
+        total = trainer.estimated_stepping_batches if trainer is not None else math.inf
+        epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs not in (None, -1) else None
+        if not math.isfinite(total) or not epochs:
+            return optimizer
+        steps_per_epoch = max(total / epochs, 1.0)
+        warmup, schedule, milestones, decay = hp.warmup_epochs, hp.lr_schedule, sorted(hp.milestones), hp.lr_decay
+
+        def factor(step: int) -> float:
+            epoch = step / steps_per_epoch
+            if warmup > 0 and epoch < warmup:
+                return (epoch + 1.0 / steps_per_epoch) / warmup
+            if schedule == "cosine":
+                progress = min((epoch - warmup) / max(epochs - warmup, 1e-8), 1.0)
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            if schedule == "step":
+                return decay ** sum(epoch >= m for m in milestones)
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
