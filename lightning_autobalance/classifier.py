@@ -75,7 +75,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
     def __init__(
         self,
-        network: Callable[[int], nn.Module] | str = "resnet32",
+        network: str | Callable[[int], nn.Module] = "resnet32",
         num_classes: int = 10,
         class_counts: list[int] | None = None,
         loss: LossName = "autobalance",
@@ -117,7 +117,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                              f"{weight_decay}, {warmup_epochs}, {lr_decay}.")
         if lr_schedule not in ("step", "cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'step', 'cosine' or 'constant'; got {lr_schedule!r}.")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters()
         self.network = build_network(network, num_classes) if isinstance(network, str) else network(num_classes)
         self.loss_name = loss
         self.optimizer_fn = optimizer

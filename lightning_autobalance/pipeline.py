@@ -1,0 +1,336 @@
+"""The whole method from one call: search the loss, export it, retrain with it, test, compare with baselines.
+
+Stages (each in its own folder of ``output_dir``, each resumable from its last checkpoint, each skipped when its
+``result.json`` already exists):
+
+1. ``search``: fit on the lower part of the per-class split with :class:`~lightning_autobalance.AutoBalanceCallback`
+   drawing upper batches from the held-out part; the found loss is written to ``found_loss.yaml``;
+2. ``autobalance``: retrain from scratch on the whole training set with that loss frozen, then test;
+3. one stage per baseline (``ce``, ``la``, ``cdt``, ``vs``, ``class_balanced``, ``inverse_frequency``,
+   ``ldam_drw``, ``focal``): train on the whole training set with that fixed loss, then test.
+
+Finally ``results.json`` (balanced, per-class, head/medium/tail and worst-class errors, the found loss, wall times),
+``loss.png`` (the learned parameters against class frequency) and a table on the console.
+
+Models and datamodules are re-created from their saved hyperparameters with a few overrides, so the model class
+must take ``class_counts``, ``num_classes``, ``loss``, ``preset``, ``search``, ``loss_file`` and ``freeze_loss``
+(as :class:`~lightning_autobalance.ImbalancedClassifier` does) and the datamodule ``search_split``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.losses import load_loss_tables, preset_tables
+
+__all__ = ["BASELINES", "AutoBalanceTrainer", "run_pipeline"]
+
+#: Baseline name -> model overrides (a fixed loss, no search).
+BASELINES: dict[str, dict[str, Any]] = {
+    "ce": {"loss": "autobalance", "preset": "ce"},
+    "la": {"loss": "autobalance", "preset": "la"},
+    "cdt": {"loss": "autobalance", "preset": "cdt"},
+    "vs": {"loss": "autobalance", "preset": "vs"},
+    "class_balanced": {"loss": "autobalance", "preset": "class_balanced"},
+    "inverse_frequency": {"loss": "autobalance", "preset": "inverse_frequency"},
+    "ldam_drw": {"loss": "ldam"},
+    "focal": {"loss": "focal"},
+}
+_DROPPED_CALLBACKS = ("SaveConfigCallback", "ModelCheckpoint")
+
+
+def _clone(template: Any, **overrides: Any) -> Any:
+    hparams = getattr(template, "hparams", None)
+    if not hparams:
+        raise ValueError(f"The pipeline re-creates {type(template).__name__} for every stage from its saved "
+                         "hyperparameters: call self.save_hyperparameters() in its __init__.")
+    # LightningCLI adds private entries (``_class_path``, ``_instantiator``) to the hyperparameters.
+    kwargs = {k: v for k, v in dict(hparams).items() if not k.startswith("_")}
+    return type(template)(**{**kwargs, **overrides})
+
+
+def _stage_trainer(trainer_kwargs: dict[str, Any], stage_dir: Path, max_epochs: int | None,
+                   search: bool) -> pl.Trainer:
+    kwargs = dict(trainer_kwargs)
+    callbacks = kwargs.pop("callbacks", None) or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    kept = []
+    for cb in callbacks:
+        if type(cb).__name__ in _DROPPED_CALLBACKS or (isinstance(cb, AutoBalanceCallback) and not search):
+            continue
+        kept.append(copy.deepcopy(cb))
+    if search and not any(isinstance(cb, AutoBalanceCallback) for cb in kept):
+        kept.append(AutoBalanceCallback())
+    kept.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0))
+    kwargs["callbacks"] = kept
+    kwargs["enable_checkpointing"] = True
+    kwargs["default_root_dir"] = str(stage_dir)
+    if kwargs.get("logger", True) is not False:
+        kwargs["logger"] = [CSVLogger(str(stage_dir), name="", version="logs"),
+                            TensorBoardLogger(str(stage_dir), name="", version="logs")]
+    if max_epochs is not None:
+        kwargs["max_epochs"] = max_epochs
+    return pl.Trainer(**kwargs)
+
+
+def _fit_and_test(name: str, model: pl.LightningModule, datamodule: pl.LightningDataModule, trainer: pl.Trainer,
+                  stage_dir: Path, resume: bool, test: bool = True) -> dict[str, Any]:
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    ckpt = str(last) if resume and last.is_file() else None
+    if ckpt:
+        rank_zero_info(f"[{name}] resuming from {ckpt}")
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    fit_time = time.perf_counter() - start
+    result: dict[str, Any] = {"method": name, "fit_time_s": fit_time}
+    if test:
+        metrics = trainer.test(model, datamodule=datamodule, verbose=False)
+        report = dict(getattr(model, "test_report", {}) or {})
+        if not report and metrics:
+            report = {k.split("/", 1)[-1]: v for k, v in metrics[0].items() if k.startswith("test/")}
+        result.update(report)
+    return result
+
+
+def _warm_up(model: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_kwargs: dict[str, Any]) -> None:
+    """One throw-away training step, so that one-off start-up costs (lazy imports) stay out of the stage timings.
+
+    Skipped for multi-process strategies, where stages must run in step on every process.
+    """
+    strategy = str(trainer_kwargs.get("strategy", "auto"))
+    if "ddp" in strategy or trainer_kwargs.get("num_nodes", 1) != 1 or trainer_kwargs.get("devices", 1) not in (1, "1"):
+        return
+    keep = {k: trainer_kwargs[k] for k in ("accelerator", "precision") if k in trainer_kwargs}
+    trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         devices=1, **keep)
+    trainer.fit(_clone(model, search=()), datamodule=_clone(datamodule, search_split=False))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def run_pipeline(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    trainer_kwargs: dict[str, Any] | None = None,
+    output_dir: str | Path = "runs/autobalance",
+    search: bool = True,
+    baselines: Sequence[str] = ("ce", "la"),
+    search_epochs: int | None = None,
+    retrain_epochs: int | None = None,
+    resume: bool = True,
+    plot: bool = True,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Runs the search-then-retrain method and the baselines; returns (and writes) the results.
+
+    Args:
+        model: a template module (e.g. :class:`~lightning_autobalance.ImbalancedClassifier`); each stage trains a
+            fresh copy built from its hyperparameters.
+        datamodule: a template long-tailed datamodule (``search_split`` is set per stage).
+        trainer_kwargs: ``pl.Trainer`` arguments shared by all stages. An
+            :class:`~lightning_autobalance.AutoBalanceCallback` among the callbacks configures the search (a default
+            one is added otherwise) and is removed from the other stages.
+        output_dir: where stages, ``found_loss.yaml``, ``results.json`` and ``loss.png`` go.
+        search: run the search and the retraining (``False``: baselines only).
+        baselines: names from :data:`BASELINES`.
+        search_epochs: epochs of the search (default: the trainer's ``max_epochs``).
+        retrain_epochs: epochs of retraining and of the baselines (default: the trainer's ``max_epochs``).
+        resume: continue unfinished stages from their last checkpoint and skip finished ones.
+        plot: write ``loss.png``.
+        seed: every stage starts from this seed (same initial weights for every method); default: the seed in
+            force when the pipeline starts (``torch.initial_seed()``, i.e. ``seed_everything``'s).
+
+    Returns:
+        The content of ``results.json``.
+    """
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"Unknown baselines {unknown}; expected names from {sorted(BASELINES)}.")
+    if not search and not baselines:
+        raise ValueError("Nothing to run: search=False and no baselines.")
+    for key in ("search_split",):
+        if key not in dict(getattr(datamodule, "hparams", {}) or {}):
+            raise ValueError(f"The pipeline needs a datamodule with a `{key}` argument (a LongTailDataModule); "
+                             f"{type(datamodule).__name__} has none in its hyperparameters.")
+    out = Path(output_dir)
+    kwargs = dict(trainer_kwargs or {})
+    seed = int(torch.initial_seed() % 2**31) if seed is None else int(seed)
+    _warm_up(model, datamodule, kwargs)
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"output_dir": str(out), "seed": seed, "model": type(model).__name__,
+                               "datamodule": type(datamodule).__name__}
+    full = _clone(datamodule, search_split=False)
+    counts = {"class_counts": full.class_counts, "num_classes": full.num_classes}
+    summary["class_counts"] = full.class_counts
+
+    def stage(name: str, make: Any, search_stage: bool = False, test: bool = True) -> dict[str, Any]:
+        stage_dir = out / name
+        done = stage_dir / "result.json"
+        if resume and done.is_file():
+            rank_zero_info(f"[{name}] already done ({done}); skipped")
+            return json.loads(done.read_text())
+        pl.seed_everything(seed, workers=True, verbose=False)
+        model_, dm_ = make()
+        epochs = search_epochs if search_stage else retrain_epochs
+        trainer = _stage_trainer(kwargs, stage_dir, epochs, search=search_stage)
+        result = _fit_and_test(name, model_, dm_, trainer, stage_dir, resume, test=test)
+        if search_stage:
+            found = out / "found_loss.yaml"
+            if trainer.is_global_zero:
+                model_.export_loss(found)
+            cb = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
+            result.update({"found_loss": str(found), "hyper_steps": cb.hyper_steps, "skipped_steps": cb.skipped_steps})
+        if trainer.is_global_zero:
+            _write_json(done, result)
+        trainer.strategy.barrier("autobalance-stage")
+        return result
+
+    if search:
+        split = _clone(datamodule, search_split=True)
+        search_result = stage("search", lambda: (_clone(model, class_counts=split.class_counts,
+                                                        num_classes=split.num_classes, loss="autobalance"), split),
+                              search_stage=True, test=False)
+        summary["search"] = search_result
+        found = search_result["found_loss"]
+        row = stage("autobalance", lambda: (_clone(model, **counts, loss="autobalance", loss_file=found,
+                                                   freeze_loss=True), _clone(datamodule, search_split=False)))
+        row["method"] = "autobalance"
+        row["search_time_s"] = search_result["fit_time_s"]
+        tables, _ = load_loss_tables(found)
+        summary["found_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
+        rows.append(row)
+    for name in baselines:
+        rows.append(stage(name, lambda name=name: (_clone(model, **counts, **BASELINES[name], search=(),
+                                                          loss_file=None, freeze_loss=False),
+                                                   _clone(datamodule, search_split=False))))
+    summary["rows"] = rows
+    _finish(out, summary, plot)
+    return summary
+
+
+@rank_zero_only
+def _finish(out: Path, summary: dict[str, Any], plot: bool) -> None:
+    _write_json(out / "results.json", summary)
+    if plot and "found_loss" in summary:
+        plot_loss(summary, out / "loss.png")
+    print_table(summary["rows"])
+    rank_zero_info(f"results: {out / 'results.json'}")
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    """Prints the comparison table (balanced, head/medium/tail and worst-class error in %, wall time)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Balanced test error (%), lower is better")
+    for col in ("method", "balanced", "head", "medium", "tail", "worst class", "time (s)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    best = min((r.get("balanced_error", float("inf")) for r in rows), default=float("inf"))
+
+    def pct(r: dict[str, Any], key: str) -> str:
+        v = r.get(key)
+        return "-" if v is None or v != v else f"{100 * v:.2f}"
+
+    for r in rows:
+        t = r.get("fit_time_s", 0.0) + r.get("search_time_s", 0.0)
+        mark = " *" if r.get("balanced_error") == best else ""
+        table.add_row(r["method"] + mark, pct(r, "balanced_error"), pct(r, "head_error"), pct(r, "medium_error"),
+                      pct(r, "tail_error"), pct(r, "worst_class_error"), f"{t:.0f}")
+    Console().print(table)
+
+
+def plot_loss(summary: dict[str, Any], path: Path) -> None:
+    """Plots the found ``delta``, ``offset`` and ``weight`` against class frequency, with logit adjustment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(summary["class_counts"], dtype=torch.float64)
+    found = {k: torch.tensor(v)[0] for k, v in summary["found_loss"].items()}
+    la = preset_tables("la", counts)
+    order = torch.argsort(counts, descending=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    offset = found["offset"] - found["offset"].mean()
+    ref = la.offset[0] - la.offset[0].mean()
+    for ax, (name, values, reference) in zip(axes, (("delta", found["delta"], None), ("offset (centred)", offset, ref),
+                                                    ("weight", found["weight"], None))):
+        ax.plot(counts[order], values[order], "o-", label="found")
+        if reference is not None:
+            ax.plot(counts[order], reference[order], "x--", label="logit adjustment (tau=1)")
+            ax.legend()
+        ax.set_xscale("log")
+        ax.set_xlabel("training samples of the class")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Loss found by AutoBalance against class frequency")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class AutoBalanceTrainer(pl.Trainer):
+    """A ``pytorch_lightning.Trainer`` with one more entry point, :meth:`pipeline` (and the CLI subcommand).
+
+    It remembers its constructor arguments so the pipeline can build one trainer per stage from them.
+
+    Example::
+
+        trainer = AutoBalanceTrainer(max_epochs=30, callbacks=[AutoBalanceCallback()])
+        trainer.pipeline(ImbalancedClassifier("digits_net", 10, dm.class_counts), LongTailDigits())
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise TypeError("AutoBalanceTrainer takes keyword arguments only.")
+        self.init_kwargs = dict(kwargs)
+        super().__init__(**kwargs)
+
+    def pipeline(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        output_dir: str = "runs/autobalance",
+        search: bool = True,
+        baselines: list[str] | None = None,
+        search_epochs: int | None = None,
+        retrain_epochs: int | None = None,
+        resume: bool = True,
+        plot: bool = True,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """Search the loss, retrain with it, train the baselines, test all and write results.json.
+
+        Args:
+            model: the model template.
+            datamodule: the long-tailed datamodule template.
+            output_dir: folder of the run.
+            search: run the AutoBalance search and retraining.
+            baselines: baseline names (default ``["ce", "la"]``), see ``lightning_autobalance.pipeline.BASELINES``.
+            search_epochs: epochs of the search (default: ``max_epochs``).
+            retrain_epochs: epochs of retraining and baselines (default: ``max_epochs``).
+            resume: resume unfinished stages and skip finished ones.
+            plot: write loss.png.
+            seed: seed of every stage (default: the one set by ``seed_everything``).
+        """
+        if datamodule is None:
+            raise ValueError("pipeline needs a datamodule (a LongTailDataModule).")
+        return run_pipeline(model, datamodule, self.init_kwargs, output_dir, search,
+                            ["ce", "la"] if baselines is None else baselines, search_epochs, retrain_epochs, resume,
+                            plot, seed)
