@@ -50,9 +50,9 @@ UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
 _UNSUPPORTED = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
-def _default_hyper_optimizer(lr: float, momentum: float) -> OptimizerCallable:
+def _default_hyper_optimizer(lr: float) -> OptimizerCallable:
     def make(params: Iterable) -> Optimizer:
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.Adam(params, lr=lr)
 
     return make
 
@@ -109,10 +109,11 @@ class AutoBalanceCallback(Callback):
         train_batches: training batches per hyper step; the current batch is the first, the others are drawn
             from the training data (the paper uses 10).
         upper_batches: upper batches per hyper step (the paper uses 10).
-        hyper_lr: learning rate of the default hyper-optimizer, SGD with momentum.
-        hyper_momentum: momentum of the default hyper-optimizer.
+        hyper_lr: learning rate of the default hyper-optimizer, Adam. Adam rather than SGD with momentum: the size
+            of the hypergradient shrinks by more than an order of magnitude as the training set is fitted, so no
+            single SGD learning rate suits a whole run (``docs/tuning.md``).
         hyper_optimizer: a callable ``params -> torch.optim.Optimizer`` replacing the default (from a LightningCLI
-            YAML: ``class_path: torch.optim.Adam`` with ``init_args``).
+            YAML: ``class_path: torch.optim.SGD`` with ``init_args: {lr: 0.01, momentum: 0.9}``).
         hyper_scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step.
         max_norm: clip the hypergradient to this norm (``None``: no clipping).
         objective: the upper objective: a name (``"balanced_ce"``) or a callable
@@ -154,8 +155,7 @@ class AutoBalanceCallback(Callback):
         weight_decay: float = 0.0,
         train_batches: int = 1,
         upper_batches: int = 1,
-        hyper_lr: float = 0.05,
-        hyper_momentum: float = 0.9,
+        hyper_lr: float = 0.01,
         hyper_optimizer: OptimizerCallable | None = None,
         hyper_scheduler: SchedulerCallable | None = None,
         max_norm: float | None = None,
@@ -178,7 +178,6 @@ class AutoBalanceCallback(Callback):
              f"train_batches and upper_batches must be at least 1; got {train_batches}, {upper_batches}."),
             (0.0 <= warmup_fraction < 1.0, f"warmup_fraction must lie in [0, 1); got {warmup_fraction}."),
             (hyper_lr > 0, f"hyper_lr must be positive; got {hyper_lr}."),
-            (0.0 <= hyper_momentum < 1.0, f"hyper_momentum must lie in [0, 1); got {hyper_momentum}."),
             (max_norm is None or max_norm > 0, f"max_norm must be positive or None; got {max_norm}."),
             (method in METHODS, f"method must be one of {METHODS}; got {method!r}."),
             (curvature in CURVATURES, f"curvature must be one of {CURVATURES}; got {curvature!r}."),
@@ -207,8 +206,8 @@ class AutoBalanceCallback(Callback):
         self.cg_iterations, self.curvature, self.product = cg_iterations, curvature, product
         self.weight_decay = weight_decay
         self.train_batches, self.upper_batches = train_batches, upper_batches
-        self.hyper_lr, self.hyper_momentum = hyper_lr, hyper_momentum
-        self._hyper_optimizer_fn = hyper_optimizer or _default_hyper_optimizer(hyper_lr, hyper_momentum)
+        self.hyper_lr = hyper_lr
+        self._hyper_optimizer_fn = hyper_optimizer or _default_hyper_optimizer(hyper_lr)
         self._hyper_scheduler_fn = hyper_scheduler
         self.max_norm = max_norm
         self.objective = objective
@@ -262,12 +261,14 @@ class AutoBalanceCallback(Callback):
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
             raise ValueError(f"The upper data has {len(counts)} classes, the loss has {num_classes}.")
-        obj = build_objective(self.objective, counts if counts is not None else params.class_counts.sum(0).tolist())
-        if getattr(obj, "requires_all_classes", False) and counts is not None and min(counts) == 0:
+        needs_all = isinstance(self.objective, str) or getattr(self.objective, "requires_all_classes", False)
+        if counts is not None and min(counts) == 0 and needs_all:
             missing = [c for c, n in enumerate(counts) if n == 0]
-            raise ValueError(f"The upper data has no sample of classes {missing}, which the objective {obj!r} "
-                             "needs: give every class at least one upper sample (e.g. a per-class split).")
-        self._objective_fn = obj
+            raise ValueError(f"The upper data has no sample of classes {missing}, which the objective "
+                             f"{self.objective!r} needs: give every class at least one upper sample (e.g. a per-class "
+                             "split).")
+        self._objective_fn = build_objective(self.objective,
+                                             counts if counts is not None else params.class_counts.sum(0).tolist())
         self._check_ranks_agree(trainer, self._upper.batches_per_pass())
 
     def _resolve_upper_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -282,16 +283,14 @@ class AutoBalanceCallback(Callback):
             if source == "datamodule":
                 raise RuntimeError("upper_source='datamodule' but neither the datamodule nor the LightningModule "
                                    "has an upper_dataloader() method.")
+        # The validation data as the Trainer resolves it: fit(val_dataloaders=...), the datamodule's or the module's.
         val = None
-        for owner in (trainer.datamodule, pl_module):
-            hook = getattr(owner, "val_dataloader", None)
-            if callable(hook):
-                with contextlib.suppress(NotImplementedError, pl.utilities.exceptions.MisconfigurationException):
-                    val = hook()
-                if isinstance(val, (list, tuple)):
-                    val = val[0] if val else None
-                if val is not None:
-                    break
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        if source.is_defined():
+            with contextlib.suppress(NotImplementedError, pl.utilities.exceptions.MisconfigurationException):
+                val = source.dataloader()
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
         if val is None:
             raise RuntimeError("AutoBalanceCallback found no upper data: give the datamodule (or the LightningModule) "
                                "an upper_dataloader() method, pass upper_dataloader=..., or provide a validation "
@@ -313,8 +312,9 @@ class AutoBalanceCallback(Callback):
             labels = torch.as_tensor(targets).long().flatten()
         else:
             parts = []
-            for batch in loader:
-                parts.append(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]).long().cpu())
+            with _preserve_random_state(torch.device("cpu")):  # iterating a loader draws from the global RNG
+                for batch in loader:
+                    parts.append(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]).long().cpu())
             labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
@@ -505,7 +505,7 @@ class AutoBalanceCallback(Callback):
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "upper_stream": self._upper.state_dict() if self._upper is not None else None,
-            "train_stream": self._train.state_dict() if self._train is not None else None,
+            "train_stream": self._train.state_dict() if self._train is not None else self._train_state,
         }
 
     @override

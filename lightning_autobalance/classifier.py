@@ -43,7 +43,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         preset: starting point of the AutoBalance loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``,
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
-            may change.
+            may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``).
         parametrization: ``"class"``, ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.parametrization`).
         group_size: classes per frequency bin for ``parametrization="groups"``.
         num_groups: sensitive groups (class x group tables).
@@ -79,8 +79,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         num_classes: int = 10,
         class_counts: list[int] | None = None,
         loss: LossName = "autobalance",
-        preset: str = "ce",
-        search: Sequence[str] = ("delta", "offset"),
+        preset: str = "la",
+        search: Sequence[str] = ("offset",),
         parametrization: ParametrizationKind = "class",
         group_size: int = 1,
         num_groups: int | None = None,

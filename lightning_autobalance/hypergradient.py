@@ -213,7 +213,7 @@ def _difference_step(params: Tree, direction: Tree, central: bool) -> float:
     rel = eps ** (1.0 / 3.0) if central else math.sqrt(eps)
     pn, dn = float(_norm(params)), float(_norm(direction))
     if dn == 0.0 or not math.isfinite(dn):
-        return 0.0
+        return 0.0 if dn == 0.0 else math.nan  # a non-finite direction must give a non-finite product (step skipped)
     return rel * max(pn, 1.0) / dn
 
 

@@ -24,7 +24,7 @@ from lightning_autobalance.parametrization import (
     build_parametrization,
 )
 
-__all__ = ["AutoBalanceMixin", "unpack_batch"]
+__all__ = ["AutoBalanceMixin", "loss_from_file", "unpack_batch"]
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
@@ -48,6 +48,43 @@ def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
     kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     raise ValueError(f"Cannot unpack a batch of type {kind}: expected (x, y), (x, y, g) or a mapping with keys "
                      "'x' and 'y' (and optionally 'g'). Override `autobalance_unpack(batch)` for other layouts.")
+
+
+def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[str, Any]]:
+    """A fixed loss (a :class:`PerClass` with nothing searched) from a file written by ``export_loss``.
+
+    When the file records its parametrisation and free values (files from :meth:`AutoBalanceMixin.export_loss`),
+    the parametrisation is rebuilt on ``class_counts`` and the free values copied in: the searched deviation from
+    the preset is kept while the preset itself follows the counts the model is now trained on. (A loss searched on
+    an 80% split and exported as absolute tables would carry that split's rounding of the tail counts, e.g. a tail
+    class of 1 sample out of 2, into retraining on the whole set.) Other files give their tables as they are.
+
+    Raises:
+        ValueError: if the file's number of classes differs from ``class_counts``.
+    """
+    tables, info = load_loss_tables(path)
+    k = torch.as_tensor(class_counts).shape[-1]
+    if tables.num_classes != k:
+        raise ValueError(f"Loss file {str(path)!r} has {tables.num_classes} classes but class_counts has {k}.")
+    alpha = info.get("alpha")
+    if isinstance(alpha, dict) and "parametrization" in info:
+        rebuilt = build_parametrization(info["parametrization"], class_counts, preset=info.get("preset", "ce"),
+                                        search=info.get("search", ()), num_groups=tables.num_groups,
+                                        group_size=int(info.get("group_size", 1)),
+                                        preset_kwargs=info.get("preset_kwargs"))
+        free = rebuilt.alpha()
+        if set(free) != set(alpha):
+            raise ValueError(f"Loss file {str(path)!r}: free values {sorted(alpha)} do not match its "
+                             f"parametrisation's {sorted(free)}.")
+        with torch.no_grad():
+            for name, value in alpha.items():
+                value = torch.as_tensor(value, dtype=free[name].dtype)
+                if value.shape != free[name].shape:
+                    raise ValueError(f"Loss file {str(path)!r}: {name} has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(free[name].shape)}.")
+                free[name].copy_(value)
+            tables = rebuilt.retraining_tables()
+    return PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts), info
 
 
 class AutoBalanceMixin:
@@ -89,8 +126,8 @@ class AutoBalanceMixin:
     def configure_autobalance(
         self,
         class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-        preset: str = "ce",
-        search: Sequence[str] | str = ("delta", "offset"),
+        preset: str = "la",
+        search: Sequence[str] | str = ("offset",),
         parametrization: ParametrizationKind = "class",
         group_size: int = 1,
         num_groups: int | None = None,
@@ -106,7 +143,10 @@ class AutoBalanceMixin:
             class_counts: training samples per class (``K`` values), or a ``G x K`` table per (group, class).
             preset: the starting loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``, ``"class_balanced"``,
                 ``"inverse_frequency"`` or an alias; see :func:`~lightning_autobalance.losses.preset_tables`).
-            search: which of ``"delta"``, ``"offset"``, ``"weight"`` the search may change.
+            search: which of ``"delta"``, ``"offset"``, ``"weight"`` the search may change. The default, the offsets
+                from a logit-adjustment start, is the setting that never did worse than logit adjustment in our
+                tuning (``docs/tuning.md``); the multiplicative ``delta`` has a hypergradient about the size of the
+                logits times that of the offsets and is best searched on its own learning rate.
             parametrization: ``"class"`` (one value per class), ``"groups"`` (bins of ``group_size`` classes by
                 frequency) or ``"dataset"`` (the three scalars gamma, tau, omega).
             group_size: classes per frequency bin for ``parametrization="groups"``.
@@ -124,12 +164,7 @@ class AutoBalanceMixin:
         if reduction not in ("mean", "weighted_mean"):
             raise ValueError(f"reduction must be 'mean' or 'weighted_mean' for a training loss; got {reduction!r}.")
         if loss_file is not None:
-            tables, info = load_loss_tables(loss_file)
-            k = torch.as_tensor(class_counts).shape[-1]
-            if tables.num_classes != k:
-                raise ValueError(f"Loss file {str(loss_file)!r} has {tables.num_classes} classes but class_counts has "
-                                 f"{k}.")
-            params: LossParametrization = PerClass.from_tables(tables, info.get("class_counts"))
+            params, info = loss_from_file(loss_file, class_counts)
             reduction = info.get("reduction", reduction)
         else:
             params = build_parametrization(parametrization, class_counts, preset=preset, search=search,
@@ -202,27 +237,38 @@ class AutoBalanceMixin:
         return self._require_autobalance().frozen
 
     def export_loss(self, path: str | Path) -> Path:
-        """Writes the loss to retrain with (YAML or JSON by suffix); frequency bins are interpolated to classes."""
+        """Writes the found loss (YAML or JSON by suffix).
+
+        The file holds the tables to retrain with (frequency bins interpolated to classes) and also the
+        parametrisation and its free values, so that retraining on other class counts (the whole training set
+        instead of the search split) rebuilds the preset on those counts and adds the searched deviation to it
+        (see :func:`loss_from_file`).
+        """
         params = self._require_autobalance()
         with torch.no_grad():
             tables = params.retraining_tables()
         counts = params.class_counts
+        alpha = {k: v.detach().double().cpu().tolist() for k, v in params.alpha().items()}
         return save_loss_tables(path, tables, reduction=self.autobalance_reduction, parametrization=params.kind,
-                                preset=params.preset, search=list(params.search),
-                                class_counts=(counts[0] if counts.shape[0] == 1 else counts).round().long().tolist())
+                                preset=params.preset, preset_kwargs=dict(params.preset_kwargs),
+                                search=list(params.search), group_size=getattr(params, "group_size", 1),
+                                class_counts=(counts[0] if counts.shape[0] == 1 else counts).round().long().tolist(),
+                                alpha=alpha)
 
     def load_loss(self, path: str | Path, freeze: bool = True) -> None:
         """Replaces the loss by one exported with :meth:`export_loss`, frozen by default.
+
+        The preset is rebuilt on this module's class counts (see :func:`loss_from_file`).
 
         Raises:
             ValueError: if the file's number of classes or groups differs from this module's.
         """
         params = self._require_autobalance()
-        tables, info = load_loss_tables(path)
-        if tables.delta.shape != params.base_delta.shape:
-            raise ValueError(f"Loss file {str(path)!r} holds tables of shape {tuple(tables.delta.shape)} "
+        new, info = loss_from_file(path, params.class_counts)
+        if new.base_delta.shape != params.base_delta.shape:
+            raise ValueError(f"Loss file {str(path)!r} holds tables of shape {tuple(new.base_delta.shape)} "
                              f"(groups, classes), but this module's loss has {tuple(params.base_delta.shape)}.")
-        new = PerClass.from_tables(tables, params.class_counts).to(params.base_delta.device)
+        new = new.to(params.base_delta.device)
         new.frozen = freeze
         self.autobalance = new
         self.autobalance_reduction = info.get("reduction", self.autobalance_reduction)

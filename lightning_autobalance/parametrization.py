@@ -197,7 +197,7 @@ class PerClass(LossParametrization):
             offset = offset + b - b.mean(dim=1, keepdim=True)
         if "weight" in alpha:
             c = self._expand(alpha["weight"], interpolate)
-            raw = weight * torch.exp(c - c.mean())
+            raw = weight * torch.exp(c - c.max())  # max, not mean: the rescaling cancels it and exp cannot overflow
             weight = raw * (weight.sum() / raw.sum())
         return LossTables(delta, offset, weight)
 

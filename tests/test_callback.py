@@ -1,0 +1,715 @@
+"""``AutoBalanceCallback`` inside real ``pytorch_lightning.Trainer`` fits on CPU.
+
+Tiny synthetic data: three overlapping Gaussian blobs on a circle (so the training set is not fitted perfectly and
+the imbalance shows in the balanced error), a long-tailed training set and balanced upper / validation sets; a small
+MLP, optionally with BatchNorm and Dropout. Every fit takes well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import SingleDeviceStrategy
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
+    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
+    pytest.mark.filterwarnings("ignore:.*Checkpoint directory .* exists and is not empty.*"),
+    pytest.mark.filterwarnings("ignore:.*`torch.jit.script` is deprecated.*:FutureWarning"),
+]
+
+COUNTS = [300, 60, 12]  # long-tailed training set: head, middle, tail
+K = len(COUNTS)
+D = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: one thread is as fast, kinder to a shared machine, and keeps runs bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data, model, trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _blobs(counts, seed: int, sep: float = 1.6):
+    """Unit-variance Gaussian blobs centred on a circle of radius ``sep`` (neighbouring classes overlap)."""
+    gen = torch.Generator().manual_seed(seed)
+    angle = torch.arange(K) * 2 * math.pi / K
+    centres = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1) * sep
+    y = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    return centres[y] + torch.randn(len(y), D, generator=gen), y
+
+
+def _train_loader(seed: int = 0, counts=COUNTS, batch_size: int = 32) -> DataLoader:
+    x, y = _blobs(counts, seed * 10 + 1)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _upper_loader(seed: int = 0, per_class: int = 30, batch_size: int = 45, counts=None) -> DataLoader:
+    x, y = _blobs(counts or [per_class] * K, seed * 10 + 2)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class Net(AutoBalanceMixin, pl.LightningModule):
+    def __init__(self, counts=COUNTS, *, bn: bool = False, dropout: float = 0.0, hidden: int = 32, lr: float = 0.1,
+                 **autobalance):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(D, hidden)]
+        if bn:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(nn.ReLU())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, len(counts))]
+        self.net = nn.Sequential(*layers)
+        self.configure_autobalance(counts, **autobalance)
+        self.lr = lr
+        self.steps_run = 0  # training_step calls: 0 proves a setup error came before any training
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        x, y = batch
+        return self.autobalance_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class PlainNet(pl.LightningModule):
+    """A LightningModule without the mixin."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(D, K)
+        self.steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        x, y = batch
+        return F.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(callbacks=(), **kwargs) -> pl.Trainer:
+    options = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+               "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    options.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+def _alpha(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.autobalance.alpha().items()}
+
+
+def _other_buffers(model) -> dict[str, torch.Tensor]:
+    """The module's buffers other than the loss parameters (BatchNorm statistics)."""
+    return {n: b.detach().clone() for n, b in model.named_buffers() if not n.startswith("autobalance.")}
+
+
+def _balanced_error(model, x, y) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = model(x).argmax(dim=1)
+    return float(torch.stack([(pred[y == c] != c).float().mean() for c in range(K)]).mean())
+
+
+class HyperStepSpy(Callback):
+    """Put one before and one after the AutoBalanceCallback: records the state around every optimizer step."""
+
+    def __init__(self, autobalance: AutoBalanceCallback):
+        self.ab = autobalance
+        self.records: list[dict] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.records.append({
+            "step": trainer.global_step,
+            "hyper": self.ab.hyper_steps,
+            "skipped": self.ab.skipped_steps,
+            "alpha": _alpha(pl_module),
+            "buffers": _other_buffers(pl_module),
+            "torch_rng": torch.get_rng_state(),
+            "py_rng": random.getstate(),
+            "np_rng": np.random.get_state(),
+        })
+
+
+def _same_np_state(a, b) -> bool:
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1-2. the search moves the loss in logit adjustment's direction and lowers the balanced error
+# ---------------------------------------------------------------------------------------------------------------
+
+# Defaults otherwise (one-step Neumann, eta 1), with SGD momentum 0.9 as the hyper-optimizer. Measured on this
+# toy: the library defaults (every_n_steps=10, warmup 20%) make only 10 hyper steps in 120 and move the loss too
+# little to show; with momentum 0.9, lr >= 0.1 sometimes collapses a weight search onto one class (weights 3, 0, 0).
+def sgd(lr: float, momentum: float = 0.9):
+    """A hyper-optimizer callable: SGD with momentum (the tests were tuned with it; the default is Adam)."""
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+SEARCH = {"every_n_steps": 1, "start_step": 0, "hyper_optimizer": sgd(0.05)}
+EPOCHS = 10  # 12 steps per epoch: 120 optimizer and 120 hyper steps
+
+
+@functools.cache
+def _search_run(seed: int, search: str | None) -> tuple[float, dict[str, torch.Tensor], int]:
+    """Fits from preset "ce" searching ``search`` (``None``: plain cross-entropy, no callback).
+
+    Returns the balanced validation error, the loss tables and the number of hyper steps.
+    """
+    pl.seed_everything(seed, verbose=False)
+    model = Net(preset="ce", search=search or ())
+    callbacks = [AutoBalanceCallback(upper_dataloader=_upper_loader(seed), **SEARCH)] if search else []
+    trainer = _trainer(callbacks, max_epochs=EPOCHS)
+    trainer.fit(model, _train_loader(seed))
+    x_val, y_val = _blobs([500] * K, seed=999)
+    tables = model.autobalance.tables()
+    return (_balanced_error(model, x_val, y_val), {"offset": tables.offset[0].detach().clone(),
+                                                     "weight": tables.weight[0].detach().clone()},
+            callbacks[0].hyper_steps if callbacks else 0)
+
+
+def test_search_moves_offsets_in_logit_adjustment_direction():
+    _, tables, hyper_steps = _search_run(0, "offset")
+    assert hyper_steps == 12 * EPOCHS
+    offset = tables["offset"]
+    # logit adjustment: l_y = log pi_y (up to a constant); the tail must end lowest, the head highest
+    assert offset[2] < offset[1] < offset[0], offset
+    assert offset[0] - offset[2] > 1.0, offset  # log(300 / 12) = 3.2 for logit adjustment
+    # the order is that of log pi; the weights were not searched and stay at 1
+    torch.testing.assert_close(tables["weight"], torch.ones(K))
+
+
+def test_search_moves_weights_towards_the_tail():
+    _, tables, hyper_steps = _search_run(0, "weight")
+    assert hyper_steps == 12 * EPOCHS
+    weight = tables["weight"]
+    assert weight[2] > weight[1] > weight[0], weight
+    assert weight[2] > 1.5 and weight[0] < 0.5, weight  # from 1, 1, 1 (the total 3 is kept)
+    torch.testing.assert_close(weight.sum(), torch.tensor(3.0))
+    torch.testing.assert_close(tables["offset"], torch.zeros(K))
+
+
+@pytest.mark.parametrize("search", ["offset", "weight"])
+def test_search_improves_balanced_error_over_cross_entropy(search):
+    # Measured (10 seeds, these settings): plain CE 0.20-0.30, searched offsets 0.15-0.23, weights 0.15-0.18;
+    # the gain was positive on every seed, at least 0.036 and 0.077 on average. Three seeds here.
+    gains = []
+    for seed in (0, 1, 2):
+        ce_error, _, _ = _search_run(seed, None)
+        error, _, _ = _search_run(seed, search)
+        gains.append(ce_error - error)
+    assert min(gains) > 0.02, gains
+    assert sum(gains) / len(gains) > 0.04, gains
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. resume from a checkpoint reproduces an uninterrupted fit exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles by (seed, epoch) only, so the order of a resumed epoch is that of the uninterrupted run."""
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(torch.randperm(self.length, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _resume_setup():
+    x, y = _blobs(COUNTS, seed=11)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, sampler=EpochSeededSampler(len(y), seed=3))
+    callback = AutoBalanceCallback(
+        every_n_steps=2, start_step=3, train_batches=2, upper_batches=1, hyper_optimizer=sgd(0.05),
+        hyper_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7),
+        upper_dataloader=_upper_loader(seed=1, batch_size=16))  # 6 upper batches per pass: positions matter
+    torch.manual_seed(5)
+    model = Net(bn=True, preset="ce", search=("delta", "offset", "weight"))
+    return model, callback, train
+
+
+class StateAtTrainStart(Callback):
+    def __init__(self, autobalance: AutoBalanceCallback):
+        self.ab = autobalance
+        self.state = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = copy.deepcopy(self.ab.state_dict())  # the optimizer's state_dict holds live tensors
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["hyper_steps"] == b["hyper_steps"] and a["skipped_steps"] == b["skipped_steps"]
+    assert a["upper_stream"] == b["upper_stream"]
+    assert a["train_stream"] == b["train_stream"]
+    assert a["scheduler"] == b["scheduler"]
+    sa, sb = a["optimizer"], b["optimizer"]
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+    for key in sa["state"]:
+        assert torch.equal(sa["state"][key]["momentum_buffer"], sb["state"][key]["momentum_buffer"])
+
+
+def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_fit(tmp_path):
+    epochs = 4  # 12 steps per epoch
+    model, callback, train = _resume_setup()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1,
+                              save_last=True)
+    trainer = _trainer([callback, ckpt_cb], max_epochs=epochs, enable_checkpointing=True)
+    trainer.fit(model, train)
+    assert trainer.global_step == 12 * epochs
+    assert callback.hyper_steps == 23 and callback._train is not None  # at steps 3, 5, ..., 47
+    final_alpha, final_state = _alpha(model), callback.state_dict()
+    final_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    final_buffers = _other_buffers(model)
+    assert (tmp_path / "last.ckpt").exists()
+
+    # the checkpoint after the second epoch carries the callback's state
+    path = tmp_path / "epoch=1.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    saved = ckpt["callbacks"][callback.state_key]
+    assert saved["hyper_steps"] == 11  # steps 3, 5, ..., 23
+    assert saved["optimizer"]["state"]  # momentum buffers
+    assert saved["upper_stream"] == {"epoch": 1, "position": 5}  # 11 batches of 6-batch passes
+    assert saved["train_stream"]["position"] > 0
+
+    resumed_model, resumed_cb, train = _resume_setup()
+    spy = StateAtTrainStart(resumed_cb)
+    resumed = _trainer([resumed_cb, spy], max_epochs=epochs)
+    resumed.fit(resumed_model, train, ckpt_path=path)
+    # the state round-trips: what the resumed callback holds before its first step is what was saved
+    _assert_same_state(spy.state, saved)
+    assert resumed.global_step == 12 * epochs
+    _assert_same_state(resumed_cb.state_dict(), final_state)
+    for name, value in final_alpha.items():
+        assert torch.equal(resumed_model.autobalance.alpha()[name], value), name
+    for name, value in final_params.items():
+        assert torch.equal(dict(resumed_model.named_parameters())[name], value), name
+    for name, value in final_buffers.items():
+        assert torch.equal(_other_buffers(resumed_model)[name], value), name
+
+    # and the callback state is what makes it so: resuming without it ends elsewhere
+    del ckpt["callbacks"][callback.state_key]
+    stripped = tmp_path / "stripped.ckpt"
+    torch.save(ckpt, stripped)
+    model3, cb3, train = _resume_setup()
+    _trainer([cb3], max_epochs=epochs).fit(model3, train, ckpt_path=stripped)
+    assert any(not torch.equal(model3.autobalance.alpha()[k], v) for k, v in final_alpha.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. gradient accumulation: one hyper step per every_n_steps optimizer steps, not micro-batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    torch.manual_seed(0)
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, upper_dataloader=_upper_loader())
+    steps_at: list[int] = []
+    original = callback._hyper_step
+
+    def recording(trainer, pl_module):
+        steps_at.append(trainer.global_step)
+        original(trainer, pl_module)
+
+    callback._hyper_step = recording
+    x, y = _blobs([60, 40, 20], seed=4)
+    train = DataLoader(TensorDataset(x, y), batch_size=6)  # 20 micro-batches per epoch
+    trainer = _trainer([callback], max_epochs=2, accumulate_grad_batches=3)
+    trainer.fit(model, train)
+    assert model.steps_run == 40  # micro-batches
+    assert trainer.global_step == 14  # 6 full accumulations and the epoch's remainder, twice
+    assert callback.hyper_steps == trainer.global_step // 2 == 7
+    assert steps_at == [1, 3, 5, 7, 9, 11, 13]
+    assert not torch.equal(model.autobalance.alpha()["offset"], torch.zeros(1, K))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. hyper steps leave BatchNorm statistics and the training loop's random state alone
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NoisyDataset(Dataset):
+    """Reads Python's and NumPy's global random state on every item (an augmentation would), adding no noise."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        jitter = 0.0 * (random.random() + float(np.random.rand()))
+        return self.x[i] + jitter, self.y[i]
+
+
+def _rng_run(with_callback: bool):
+    pl.seed_everything(0, verbose=False)
+    model = Net(bn=True, dropout=0.3, preset="ce", search=("offset", "weight"))
+    x, y = _blobs(COUNTS, seed=21)
+    # shuffled with the global RNG: a hyper step that drew from it would change later epochs' order
+    train = DataLoader(NoisyDataset(x, y), batch_size=48, shuffle=True)
+    xu, yu = _blobs([20] * K, seed=22)
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, train_batches=2, upper_batches=1,
+                                   upper_dataloader=DataLoader(NoisyDataset(xu, yu), batch_size=25))
+    before, after = HyperStepSpy(callback), HyperStepSpy(callback)
+    seen: list[tuple] = []
+
+    class BatchSpy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((batch[0].clone(), torch.get_rng_state(), random.getstate(), np.random.get_state()))
+
+    callbacks = [before, callback, after, BatchSpy()] if with_callback else [BatchSpy()]
+    trainer = _trainer(callbacks, max_epochs=2)
+    trainer.fit(model, train)
+    return model, callback, before, after, seen
+
+
+def test_hyper_step_leaves_batchnorm_buffers_and_random_state_untouched():
+    _, callback, before, after, _ = _rng_run(with_callback=True)
+    assert callback.hyper_steps == len(before.records) == len(after.records) == 16  # 8 steps per epoch
+    moved = 0
+    for b, a in zip(before.records, after.records):
+        assert a["hyper"] == b["hyper"] + 1  # a hyper step ran between the two spies
+        moved += any(not torch.equal(a["alpha"][k], b["alpha"][k]) for k in b["alpha"])
+        for name, value in b["buffers"].items():
+            assert torch.equal(a["buffers"][name], value), (b["step"], name)
+        assert torch.equal(a["torch_rng"], b["torch_rng"]), b["step"]
+        assert a["py_rng"] == b["py_rng"], b["step"]
+        assert _same_np_state(a["np_rng"], b["np_rng"]), b["step"]
+    assert moved == len(before.records)
+    # the buffers are live: training itself moves them between steps
+    first, last = before.records[0]["buffers"], after.records[-1]["buffers"]
+    assert not torch.equal(first["net.1.running_mean"], last["net.1.running_mean"])
+    assert int(last["net.1.num_batches_tracked"]) == 16
+
+
+def test_training_sees_the_same_batches_and_random_state_with_and_without_the_callback():
+    *_, with_cb = _rng_run(with_callback=True)
+    *_, without = _rng_run(with_callback=False)
+    assert len(with_cb) == len(without) == 16
+    for i, (a, b) in enumerate(zip(with_cb, without)):
+        assert torch.equal(a[0], b[0]), i  # same shuffled batch
+        assert torch.equal(a[1], b[1]), i  # same dropout masks to come
+        assert a[2] == b[2] and _same_np_state(a[3], b[3]), i
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. a non-finite hypergradient skips the step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NaNAt:
+    """Balanced CE that returns NaN on the given calls (1-based)."""
+
+    def __init__(self, calls):
+        self.calls, self.n = set(calls), 0
+        self.inner = BalancedCrossEntropy([30] * K)
+
+    def __call__(self, logits, target, group=None):
+        self.n += 1
+        out = self.inner(logits, target, group)
+        return out * float("nan") if self.n in self.calls else out
+
+
+@pytest.mark.parametrize("product", ["auto", "jvp"])
+def test_non_finite_hypergradient_is_skipped(product):
+    torch.manual_seed(0)
+    model = Net(preset="ce", search=("offset", "weight"))
+    objective = NaNAt(range(1, 100))
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=objective, product=product,
+                                   upper_dataloader=_upper_loader())
+    start = _alpha(model)
+    with pytest.warns(UserWarning, match="non-finite hypergradient"):
+        _trainer([callback], max_steps=4).fit(model, _train_loader())
+    assert objective.n == 4
+    assert callback.skipped_steps == 4 and callback.hyper_steps == 0
+    for name, value in start.items():
+        assert torch.equal(model.autobalance.alpha()[name], value)
+    assert math.isnan(callback.last_objective)
+
+
+@pytest.mark.parametrize("product", ["auto", "jvp"])
+def test_skipped_step_does_not_move_the_loss_even_with_momentum(product):
+    torch.manual_seed(0)
+    model = Net(preset="ce", search=("offset", "weight"))
+    objective = NaNAt([4])
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=objective, product=product,
+                                   hyper_optimizer=sgd(0.05), upper_dataloader=_upper_loader())
+    before, after = HyperStepSpy(callback), HyperStepSpy(callback)
+    with pytest.warns(UserWarning, match="non-finite hypergradient at step 3"):
+        _trainer([before, callback, after], max_steps=6).fit(model, _train_loader())
+    assert callback.skipped_steps == 1 and callback.hyper_steps == 5
+    for b, a in zip(before.records, after.records):
+        changed = [not torch.equal(a["alpha"][k], b["alpha"][k]) for k in b["alpha"]]
+        assert all(changed) if b["step"] != 3 else not any(changed), b["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. logging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_parameters_are_logged(tmp_path):
+    torch.manual_seed(0)
+    model = Net(preset="ce", search=("offset", "weight"))
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader())
+    trainer = _trainer([callback], max_steps=5, logger=CSVLogger(tmp_path, name="run"))
+    trainer.fit(model, _train_loader())
+    assert "hyper_obj" in trainer.progress_bar_metrics
+    assert trainer.progress_bar_metrics["hyper_obj"] == pytest.approx(callback.last_objective)
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = rows[0].keys()
+    for name in ("offset", "weight"):
+        for c in range(K):
+            assert f"autobalance/{name}/{c}" in keys
+    assert "autobalance/delta/0" not in keys  # not searched
+    assert {"autobalance/objective", "autobalance/hypergrad_norm", "autobalance/skipped"} <= keys
+    logged = [r for r in rows if r["autobalance/offset/0"]]
+    assert [int(r["step"]) for r in logged] == [0, 1, 2, 3, 4]
+    tables = model.autobalance.tables()
+    for c in range(K):  # the last hyper step came with the last optimizer step: the final values
+        assert float(logged[-1][f"autobalance/offset/{c}"]) == pytest.approx(float(tables.offset[0, c]), abs=1e-6)
+        assert float(logged[-1][f"autobalance/weight/{c}"]) == pytest.approx(float(tables.weight[0, c]), rel=1e-6)
+
+
+def test_many_classes_are_logged_as_summaries(tmp_path):
+    torch.manual_seed(0)
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader(),
+                                   log_max_classes=2)
+    trainer = _trainer([callback], max_steps=2, logger=CSVLogger(tmp_path, name="run"))
+    trainer.fit(model, _train_loader())
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        keys = next(csv.DictReader(f)).keys()
+    assert {"autobalance/offset/min", "autobalance/offset/max", "autobalance/offset/mean"} <= keys
+    assert "autobalance/offset/0" not in keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. bad input: clear errors before any training step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"every_n_steps": 0}, "every_n_steps must be at least 1"),
+    ({"eta": 0.0}, "eta must be positive"),
+    ({"eta": -1.0}, "eta must be positive"),
+    ({"terms": -1}, "terms .* must be >= 0"),
+    ({"train_batches": 0}, "train_batches and upper_batches must be at least 1"),
+    ({"upper_source": "dataloader"}, "needs an upper_dataloader"),
+    ({"method": "newton"}, "method must be one of"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoBalanceCallback(**kwargs)
+
+
+def _fails_before_training(model, callback, exc, match, trainer=None, **fit_kwargs):
+    trainer = trainer or _trainer([callback], max_steps=3)
+    with pytest.raises(exc, match=match):
+        trainer.fit(model, fit_kwargs.pop("train", _train_loader()), **fit_kwargs)
+    assert trainer.global_step == 0
+    assert model.steps_run == 0
+
+
+def test_no_upper_data_fails_at_setup():
+    _fails_before_training(Net(), AutoBalanceCallback(), RuntimeError, "found no upper data")
+
+
+def test_missing_datamodule_upper_hook_fails_at_setup():
+    callback = AutoBalanceCallback(upper_source="datamodule", upper_dataloader=_upper_loader())
+    _fails_before_training(Net(), callback, RuntimeError, "upper_source='datamodule' but neither")
+
+
+def test_module_without_mixin_fails_at_setup():
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    _fails_before_training(PlainNet(), callback, TypeError, "inherits AutoBalanceMixin")
+
+
+def test_upper_data_missing_a_class_fails_at_setup():
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader(counts=[30, 30, 0]))
+    _fails_before_training(Net(), callback, ValueError, r"upper data has no sample of classes \[2\]")
+
+
+def test_upper_labels_out_of_range_fail_at_setup():
+    x, y = _blobs([10] * K, seed=3)
+    callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y + 1), batch_size=8))
+    _fails_before_training(Net(), callback, ValueError, r"labels outside \[0, 3\)")
+
+
+def test_upper_data_missing_a_class_is_fine_for_a_custom_objective():
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader(counts=[30, 30, 0]),
+                                   objective=lambda f, t, g: F.cross_entropy(f, t))
+    model = Net(search="offset")
+    _trainer([callback], max_steps=2).fit(model, _train_loader())
+    assert callback.hyper_steps == 2
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy"])
+def test_sharded_strategy_is_refused_at_setup(name):
+    fake = type(name, (SingleDeviceStrategy,), {})(device=torch.device("cpu"))
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    trainer = _trainer([callback], max_steps=3, strategy=fake)
+    _fails_before_training(Net(), callback, RuntimeError, f"does not support the sharded strategy {name}",
+                           trainer=trainer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. upper data sources
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NetWithVal(Net):
+    def val_dataloader(self):
+        return _upper_loader(seed=5)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_validation_dataloader_fallback_warns():
+    model = NetWithVal(search="offset")
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0)
+    with pytest.warns(UserWarning, match="validation dataloader"):
+        _trainer([callback], max_steps=3).fit(model, _train_loader())
+    assert callback.hyper_steps == 3
+
+
+class NetWithValStep(Net):
+    validation_step = NetWithVal.validation_step
+
+
+def test_validation_dataloader_passed_to_fit_is_used():
+    model = NetWithValStep(search="offset")
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer([callback], max_steps=3).fit(model, _train_loader(), val_dataloaders=_upper_loader(seed=5))
+    assert any("validation dataloader" in str(w.message) for w in caught)
+    assert callback.hyper_steps == 3
+
+
+class DataModule(pl.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.upper_calls = 0
+
+    def train_dataloader(self):
+        return _train_loader()
+
+    def val_dataloader(self):
+        raise AssertionError("the upper_dataloader hook comes first")
+
+    def upper_dataloader(self):
+        self.upper_calls += 1
+        return _upper_loader()
+
+
+@pytest.mark.filterwarnings("ignore:.*You passed in a `val_dataloader` but have no `validation_step`.*")
+def test_datamodule_upper_dataloader_is_used_before_validation_data():
+    model = Net(search="offset")
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0)
+    dm = DataModule()
+    _trainer([callback], max_steps=2, limit_val_batches=0).fit(model, datamodule=dm)
+    assert dm.upper_calls == 1 and callback.hyper_steps == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10-11. several batches per hyper step; the three methods
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_several_train_and_upper_batches_per_hyper_step():
+    torch.manual_seed(0)
+    model = Net(bn=True, dropout=0.2, search=("delta", "offset"))
+    start = _alpha(model)
+    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, train_batches=3, upper_batches=2,
+                                   upper_dataloader=_upper_loader(batch_size=20))  # 5 batches per pass
+    _trainer([callback], max_steps=8).fit(model, _train_loader())
+    assert callback.hyper_steps == 4 and callback.skipped_steps == 0
+    for name, value in start.items():
+        assert not torch.equal(model.autobalance.alpha()[name], value), name
+    state = callback.state_dict()
+    # 2 extra training batches and 2 upper batches per hyper step were drawn
+    assert state["train_stream"]["epoch"] * 12 + state["train_stream"]["position"] == 4 * 2
+    assert state["upper_stream"]["epoch"] * 5 + state["upper_stream"]["position"] == 4 * 2
+
+
+@pytest.mark.parametrize(("method", "extra"), [
+    ("unroll", {}),
+    ("cg", {"cg_iterations": 2, "damping": 0.1}),
+    ("neumann", {"eta": 0.5}),
+    ("neumann", {"eta": 0.5, "product": "jvp", "curvature": "hessian"}),
+])
+def test_methods_run_inside_a_fit(method, extra):
+    torch.manual_seed(0)
+    model = Net(bn=True, dropout=0.2, search=("delta", "offset", "weight"))
+    start = _alpha(model)
+    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, method=method, terms=2,
+                                   upper_dataloader=_upper_loader(), **extra)
+    _trainer([callback], max_steps=6).fit(model, _train_loader())
+    assert callback.hyper_steps == 3 and callback.skipped_steps == 0
+    assert math.isfinite(callback.last_objective)
+    for name, value in start.items():
+        now = model.autobalance.alpha()[name]
+        assert bool(torch.isfinite(now).all()) and not torch.equal(now, value), name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_difference_product_agrees_with_jvp_under_dropout(dropout):
+    """The default (difference of logits, reusing the training step's logits) must replay the step's dropout masks."""
+    found = {}
+    for product in ("difference", "jvp"):
+        torch.manual_seed(0)
+        model = Net(bn=True, dropout=dropout, search=("delta", "offset", "weight"))
+        callback = AutoBalanceCallback(every_n_steps=1, start_step=0, product=product, hyper_optimizer=sgd(0.05, 0.0),
+                                       upper_dataloader=_upper_loader())
+        _trainer([callback], max_steps=3).fit(model, _train_loader())
+        found[product] = _alpha(model)
+    for name, value in found["jvp"].items():
+        assert value.abs().max() > 1e-3, name
+        torch.testing.assert_close(found["difference"][name], value, rtol=1e-2, atol=1e-4)
