@@ -1,0 +1,235 @@
+"""Speed and memory of a hyper step, in units of one plain training step, measured in one process.
+
+Prints (and with --out writes as markdown):
+
+1. the cost of one hyper step per method (ResNet-32, CIFAR-shaped batch 128 by default), as a median ratio to a
+   plain training step (forward, backward, SGD) timed in the same process, interleaved;
+2. the authors' protocol (Neumann, eta 1, J 5, 10 training and 10 upper batches) as a configuration;
+3. the wall time of a search epoch relative to a plain epoch, both through ``pytorch_lightning.Trainer`` with
+   and without :class:`~lightning_autobalance.AutoBalanceCallback` at its defaults;
+4. on CUDA, the peak memory of a hyper step relative to a plain step;
+5. how the default hyper step's cost grows with the number of classes and the network's depth.
+
+Usage::
+
+    python benchmarks/speed.py                         # everything, CPU, about 10 minutes on 2 cores
+    python benchmarks/speed.py --quick                 # fewer repeats
+    python benchmarks/speed.py --device cuda --out docs/speed_gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
+from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.models import ResNetCIFAR
+from lightning_autobalance.objectives import BalancedCrossEntropy
+
+METHODS: dict[str, dict[str, Any]] = {
+    "default (neumann J=0, logits difference, 1+1 batches)": {},
+    "neumann J=0, jvp": {"product": "jvp"},
+    "unroll (exact one step, jvp)": {"method": "unroll", "eta": 0.1, "product": "jvp"},
+    "neumann J=5, eta 0.1, Gauss-Newton": {"terms": 5, "eta": 0.1},
+    "neumann J=5, eta 0.1, Hessian": {"terms": 5, "eta": 0.1, "curvature": "hessian"},
+    "cg 5 iterations, Gauss-Newton, damping 1": {"method": "cg", "cg_iterations": 5, "damping": 1.0},
+}
+AUTHORS = {"terms": 5, "eta": 1.0, "curvature": "hessian", "train_batches": 10, "upper_batches": 10}
+
+
+class Net(AutoBalanceMixin, pl.LightningModule):
+    def __init__(self, num_classes: int = 10, depth: int = 32, channels_last: bool = True, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = ResNetCIFAR(num_classes, depth=depth)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        counts = [max(int(500 * 100 ** (-c / max(num_classes - 1, 1))), 5) for c in range(num_classes)]
+        self.configure_autobalance(counts, preset="la", validate_inputs=False)
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.autobalance_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=2e-4)
+
+
+def batch(n: int, k: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, k, (n,), generator=g).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def step_costs(model: Net, device: torch.device, k: int, bs: int, repeats: int,
+               configs: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float | None]]:
+    """Median ratio (hyper step / plain step) and, on CUDA, the peak-memory ratio for each configuration."""
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    params = model.autobalance
+    objective = BalancedCrossEntropy(params.class_counts[0].tolist())
+    batches = [batch(bs, k, device, s) for s in range(20)]
+    state: dict[str, Any] = {}
+
+    def plain() -> None:
+        x, y = batches[0]
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        state["logits"] = logits.detach()
+        model.autobalance_loss(logits, y).backward()
+        opt.step()
+
+    def hyper(cfg: dict[str, Any]) -> Callable[[], None]:
+        cfg = dict(cfg)
+        n_train, n_upper = cfg.pop("train_batches", 1), cfg.pop("upper_batches", 1)
+
+        def run() -> None:
+            fm = FunctionalModel(model, lambda m, x: m.autobalance_forward(x))
+            x, y = batches[0]
+            train = [Batch(x, y, logits=state["logits"])] + [Batch(*batches[1 + i]) for i in range(n_train - 1)]
+            upper = [Batch(*batches[10 + i % 10]) for i in range(n_upper)]
+            hypergradient(fm, params.alpha(), params.tables, model.autobalance_loss_from_tables, objective, train,
+                          upper, **cfg)
+
+        return run
+
+    for _ in range(3):  # warm-up
+        plain()
+    results: dict[str, tuple[float, float | None]] = {}
+    for name, cfg in configs.items():
+        run = hyper(cfg)
+        run()
+        ratios = []
+        reps = max(1, repeats // (10 if cfg.get("train_batches", 1) > 1 else 1))
+        for _ in range(reps):
+            t_plain = timed(plain, device)
+            t_hyper = timed(run, device)
+            ratios.append(t_hyper / t_plain)
+        mem = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            plain()
+            sync(device)
+            plain_peak = torch.cuda.max_memory_allocated(device) - base
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            run()
+            sync(device)
+            mem = (torch.cuda.max_memory_allocated(device) - base) / max(plain_peak, 1)
+        results[name] = (statistics.median(ratios), mem)
+    return results
+
+
+def epoch_overhead(device: torch.device, steps: int, repeats: int, every: int | None) -> float:
+    """Median wall time of a search "epoch" (``steps`` optimizer steps) over a plain one, via Trainer."""
+    n = 128 * steps
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    upper = TensorDataset(torch.randn(1024, 3, 32, 32, generator=g), torch.randint(0, 10, (1024,), generator=g))
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+
+    def fit(with_callback: bool) -> float:
+        pl.seed_everything(0, verbose=False)
+        model = Net()
+        cbs = []
+        if with_callback:
+            kwargs = {"warmup_fraction": 0.0, "upper_dataloader": DataLoader(upper, batch_size=128, shuffle=True)}
+            if every is not None:
+                kwargs["every_n_steps"] = every
+            cbs.append(AutoBalanceCallback(**kwargs))
+        trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=cbs)
+        loader = DataLoader(data, batch_size=128, shuffle=True)
+        t = time.perf_counter()
+        trainer.fit(model, loader)
+        return time.perf_counter() - t
+
+    fit(True)  # warm-up (lazy imports, allocator)
+    ratios = []
+    for _ in range(repeats):
+        plain = fit(False)
+        search = fit(True)
+        ratios.append(search / plain)
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--epoch-steps", type=int, default=60, help="optimizer steps of the timed epoch")
+    parser.add_argument("--epoch-repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the scaling table")
+    parser.add_argument("--out", default=None, help="write the tables to this markdown file")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.epoch_repeats, args.epoch_steps = 3, 1, 40
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+             f"ResNet-32, batch {args.batch_size}, channels_last", ""]
+
+    def emit(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    emit("| hyper step | cost (plain steps) | peak memory (plain steps) |")
+    emit("|---|---|---|")
+    configs = {**METHODS, "authors' protocol (neumann J=5, eta 1, Hessian, 10+10 batches)": AUTHORS}
+    costs = step_costs(Net(), device, 10, args.batch_size, args.repeats, configs)
+    for label, (ratio, mem) in costs.items():
+        emit(f"| {label} | {ratio:.2f} | {'n/a (CPU)' if mem is None else f'{mem:.2f}'} |")
+    emit()
+    cb = AutoBalanceCallback()
+    ratio = epoch_overhead(device, args.epoch_steps, args.epoch_repeats, None)
+    emit(f"search epoch / plain epoch at the callback's defaults (every_n_steps={cb.every_n_steps}, "
+         f"{args.epoch_steps} steps, median of {args.epoch_repeats}): {ratio:.3f}")
+    authors_epoch = 1.0 + costs[next(k for k in costs if k.startswith("authors"))][0] / 20.0
+    emit(f"authors' protocol every 20 steps, estimated from its step cost: {authors_epoch:.2f} plain epochs")
+    if not args.quick:
+        emit()
+        emit("| classes K | depth | default hyper step (plain steps) |")
+        emit("|---|---|---|")
+        for k, depth in ((10, 32), (100, 32), (1000, 32), (10, 56), (10, 110)):
+            r = step_costs(Net(k, depth), device, k, args.batch_size, max(3, args.repeats // 2),
+                           {"default": {}})["default"][0]
+            emit(f"| {k} | {depth} | {r:.2f} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
