@@ -10,6 +10,7 @@ an objective measured on held-out ("upper") data with respect to the loss parame
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -51,10 +52,7 @@ _UNSUPPORTED = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
 def _default_hyper_optimizer(lr: float) -> OptimizerCallable:
-    def make(params: Iterable) -> Optimizer:
-        return torch.optim.Adam(params, lr=lr)
-
-    return make
+    return functools.partial(torch.optim.Adam, lr=lr)  # a partial, not a closure: ddp_spawn pickles callbacks
 
 
 @contextlib.contextmanager
@@ -256,7 +254,15 @@ class AutoBalanceCallback(Callback):
             rank_zero_warn("The AutoBalance loss has nothing to search (search=() or a loaded loss): the callback "
                            "will do nothing.")
         loader = self._resolve_upper_loader(trainer, pl_module)
-        self._upper = BatchStream(loader, seed=self.seed, rank=trainer.global_rank, world_size=trainer.world_size)
+        # Every process must learn about a process without upper data, or the others would wait for it forever.
+        try:
+            self._upper = BatchStream(loader, seed=self.seed, rank=trainer.global_rank, world_size=trainer.world_size)
+            batches, error = self._upper.batches_per_pass(), None
+        except ValueError as err:
+            batches, error = 0, err
+        self._check_ranks_agree(trainer, batches)
+        if error is not None:
+            raise error
         counts = self._upper_counts(trainer, pl_module, loader)
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
@@ -269,7 +275,6 @@ class AutoBalanceCallback(Callback):
                              "split).")
         self._objective_fn = build_objective(self.objective,
                                              counts if counts is not None else params.class_counts.sum(0).tolist())
-        self._check_ranks_agree(trainer, self._upper.batches_per_pass())
 
     def _resolve_upper_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         source = self.upper_source
@@ -312,8 +317,12 @@ class AutoBalanceCallback(Callback):
             labels = torch.as_tensor(targets).long().flatten()
         else:
             parts = []
-            with _preserve_random_state(torch.device("cpu")):  # iterating a loader draws from the global RNG
-                for batch in loader:
+            # Read the whole dataset (not one process's shard) in order; a loader draws from the global RNG.
+            reader = loader
+            if dataset is not None:
+                reader = DataLoader(dataset, batch_size=256, collate_fn=getattr(loader, "collate_fn", None))
+            with _preserve_random_state(torch.device("cpu")):
+                for batch in reader:
                     parts.append(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]).long().cpu())
             labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -325,8 +334,8 @@ class AutoBalanceCallback(Callback):
             return
         sizes = trainer.strategy.all_gather(torch.tensor([batches], device=trainer.strategy.root_device)).flatten()
         if int(sizes.min()) == 0 or int(sizes.min()) != int(sizes.max()):
-            raise RuntimeError(f"Every process needs the same number of upper batches (at least one); got "
-                               f"{sizes.tolist()} across ranks.")
+            raise RuntimeError(f"Every process needs upper data, and the same number of upper batches; got "
+                               f"{sizes.tolist()} batches per pass across ranks.")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

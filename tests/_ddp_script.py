@@ -1,0 +1,200 @@
+"""Multi-process checks run by tests/test_ddp.py in a subprocess (2 CPU processes, gloo).
+
+Usage: python tests/_ddp_script.py MODE OUT_JSON [options]
+
+Modes:
+  hypergrad            hypergradient of 2 ranks (torch.distributed, each on its half) vs one process on the union
+  fit                  Trainer(strategy=..., devices=2) with AutoBalanceCallback; loss parameters of every rank
+  resume               fit to --epochs with checkpoints (--ckpt-dir), or resume from --resume to --epochs
+  bad_batch            ranks with different upper batch sizes: must raise on every rank, not hang
+  no_upper             one rank without upper data: must raise on every rank, not hang
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
+from lightning_autobalance.batch_stream import ShardSampler
+from lightning_autobalance.hypergradient import Batch, hypergradient
+from lightning_autobalance.losses import adjusted_cross_entropy
+from lightning_autobalance.parametrization import PerClass
+
+warnings.filterwarnings("ignore")
+COUNTS = [60, 24, 8]
+
+
+def blobs(counts, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    centres = torch.tensor([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
+    x = centres[y] + torch.randn(len(y), 2, generator=g)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm].to(dtype), y[perm]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    param = PerClass(COUNTS, preset="la", search=("delta", "offset", "weight")).double()
+    with torch.no_grad():
+        for t in param.alpha().values():
+            t.normal_(0, 0.2)
+    x, y = blobs([16, 16, 16], seed=1, dtype=torch.float64)
+    xu, yu = blobs([8, 8, 8], seed=2, dtype=torch.float64)
+    half, halfu = len(y) // world, len(yu) // world
+    mine = Batch(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+    mine_u = Batch(xu[rank * halfu:(rank + 1) * halfu], yu[rank * halfu:(rank + 1) * halfu])
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+
+    def train_loss(f, t, g, tables):
+        return adjusted_cross_entropy(f, t, *tables, group=g, validate=False)
+
+    def objective(f, t, g):
+        return (w[t] * F.cross_entropy(f, t, reduction="none")).mean()
+
+    def reduce(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / world
+
+    methods = {
+        "neumann0_difference": {"product": "difference"},
+        "neumann0_jvp": {"product": "jvp"},
+        "neumann3_gauss_newton": {"terms": 3, "eta": 0.3, "product": "jvp"},
+        "neumann2_hessian": {"terms": 2, "eta": 0.3, "curvature": "hessian", "product": "jvp"},
+        "cg_gauss_newton": {"method": "cg", "cg_iterations": 4, "damping": 0.1, "product": "jvp"},
+        "unroll": {"method": "unroll", "eta": 0.5, "product": "jvp"},
+        "unroll_difference": {"method": "unroll", "eta": 0.5, "product": "difference"},
+    }
+    report = {}
+    for name, cfg in methods.items():
+        multi = hypergradient(net, param.alpha(), param.tables, train_loss, objective, [mine], [mine_u],
+                              reduce=reduce, **cfg)
+        single = hypergradient(net, param.alpha(), param.tables, train_loss, objective, [Batch(x, y)],
+                               [Batch(xu, yu)], **cfg)
+        a = torch.cat([v.flatten() for v in multi.grad.values()])
+        b = torch.cat([v.flatten() for v in single.grad.values()])
+        gathered = [torch.zeros_like(a) for _ in range(world)]
+        dist.all_gather(gathered, a)
+        report[name] = {"rel_diff": float((a - b).norm() / b.norm()), "norm": float(b.norm()),
+                        "ranks_identical": all(torch.equal(gathered[0], t) for t in gathered),
+                        "objective_diff": float(abs(multi.objective - single.objective))}
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(report, fh)
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class Net(AutoBalanceMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.configure_autobalance(COUNTS, preset="ce", search=("offset", "weight"))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.autobalance_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class RankReport(Callback):
+    """Gathers the loss parameters of every rank at the end of the fit; rank 0 writes them."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([t.flatten() for t in pl_module.autobalance.alpha().values()])
+        every = trainer.strategy.all_gather(flat).reshape(trainer.world_size, -1)
+        ab = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
+        if trainer.is_global_zero:
+            with open(self.out, "w") as fh:
+                json.dump({"alpha": every.tolist(), "hyper_steps": ab.hyper_steps, "world_size": trainer.world_size,
+                           "global_step": trainer.global_step}, fh)
+
+
+class UpperPerRank(Dataset):
+    """Upper data whose size depends on the rank (to make a rank without upper data)."""
+
+    def __init__(self, empty_on_rank: int) -> None:
+        self.x, self.y = blobs([10, 10, 10], seed=3)
+        self.empty = int(os.environ.get("LOCAL_RANK", "0")) == empty_on_rank
+
+    def __len__(self):
+        return 0 if self.empty else len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def train_loader():
+    x, y = blobs(COUNTS, seed=4)
+    # an order that depends on the epoch only, so that resumed and uninterrupted runs see the same batches
+    return DataLoader(TensorDataset(x, y), batch_size=12, sampler=ShardSampler(len(y), seed=7))
+
+
+def make_trainer(args, callbacks, devices=None):
+    return pl.Trainer(accelerator="cpu", devices=devices or args.devices, strategy=args.strategy,
+                      max_epochs=args.epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                      callbacks=callbacks, num_sanity_val_steps=0, use_distributed_sampler=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode")
+    parser.add_argument("out")
+    parser.add_argument("--strategy", default="ddp_spawn")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--ckpt-dir", default=None)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--port", type=int, default=29517)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    if args.mode == "hypergrad":
+        mp.spawn(_hypergrad_worker, args=(2, args.port, args.out), nprocs=2, join=True)
+        return
+
+    pl.seed_everything(0, verbose=False)
+    xu, yu = blobs([10, 10, 10], seed=3)
+    upper = DataLoader(TensorDataset(xu, yu), batch_size=6)
+    common = {"every_n_steps": 1, "start_step": 0, "train_batches": 2, "hyper_lr": 0.05}
+    if args.mode == "bad_batch":
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        upper = DataLoader(TensorDataset(xu, yu), batch_size=6 if rank == 0 else 5)
+    if args.mode == "no_upper":
+        upper = DataLoader(UpperPerRank(empty_on_rank=1), batch_size=6)
+    callbacks = [AutoBalanceCallback(upper_dataloader=upper, **common), RankReport(args.out)]
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, save_last=True))
+    trainer = make_trainer(args, callbacks)
+    trainer.fit(Net(), train_loader(), ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
