@@ -222,16 +222,17 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
     """Returns ``(f, u)``: the logits of a batch and the product ``u = J direction`` of their Jacobian.
 
     ``mode="jvp"`` uses forward-mode differentiation (exact, about 1.3 training steps for a CNN);
-    ``mode="difference"`` a difference of logits along ``direction`` (one extra forward pass when
-    ``batch.logits`` is given, else a central difference of two), with a step scaled to the norms of the
-    parameters and of the direction. ``"auto"`` picks the difference unless a reduced-precision autocast is
-    active (then differences are too coarse and ``jvp`` is used).
+    ``mode="difference"`` a difference of logits along ``direction``: one extra forward pass when
+    ``batch.logits`` (the logits at ``theta``) is given, else a central difference of two, whose mean also gives
+    the logits (to second order in the step). The step is scaled to the norms of the parameters and the direction.
+    ``"auto"`` is the difference; under a float16/bfloat16 autocast, where a difference of rounded logits would be
+    noise, it is a central difference with the two forward passes in float32 (autocast off).
     """
     device = fmodel.device
+    low = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in (
+        torch.float16, torch.bfloat16)
     if mode == "auto":
-        low = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in (
-            torch.float16, torch.bfloat16)
-        mode = "jvp" if low else "difference"
+        mode = "difference"
     if mode == "jvp":
         def f(p: Tree) -> Tensor:
             return fmodel(p, batch.inputs)
@@ -241,24 +242,23 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
         return logits.detach(), u.detach()
     if mode != "difference":
         raise ValueError(f"mode must be 'auto', 'jvp' or 'difference'; got {mode!r}.")
-    central = batch.logits is None
-    h = _difference_step(params, direction, central)
-    with torch.no_grad():
+    cached = None if low else batch.logits
+    h = _difference_step(params, direction, central=cached is None)
+    wide = _wide(params[fmodel.names[0]].dtype)
+    with torch.no_grad(), _no_autocast(device) if low else contextlib.nullcontext():
         if h == 0.0:
-            logits = batch.logits
+            logits = cached
             if logits is None:
                 with _rng(batch.rng_state, device):
                     logits = fmodel(params, batch.inputs)
             return logits, torch.zeros_like(logits)
         with _rng(batch.rng_state, device):
-            plus = fmodel(_axpy(h, direction, params), batch.inputs).to(_wide(params[fmodel.names[0]].dtype))
-        if central:
+            plus = fmodel(_axpy(h, direction, params), batch.inputs).to(wide)
+        if cached is None:
             with _rng(batch.rng_state, device):
-                minus = fmodel(_axpy(-h, direction, params), batch.inputs).to(plus.dtype)
-            with _rng(batch.rng_state, device):
-                logits = fmodel(params, batch.inputs)
-            return logits, (plus - minus) / (2.0 * h)
-        return batch.logits, (plus - batch.logits.to(plus.dtype)) / h  # type: ignore[union-attr]
+                minus = fmodel(_axpy(-h, direction, params), batch.inputs).to(wide)
+            return (plus + minus) / 2.0, (plus - minus) / (2.0 * h)
+        return cached, (plus - cached.to(wide)) / h
 
 
 # ---------------------------------------------------------------------------------------------------------
