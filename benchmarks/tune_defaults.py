@@ -126,9 +126,10 @@ def make_network(cos_scale: float | None) -> Callable[[int], nn.Module] | str:
 # Configs
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Library defaults of AutoBalanceCallback at the time of writing (spelled out so the table is self-contained).
+#: Library defaults of AutoBalanceCallback when this tuning started (spelled out so the table is self-contained;
+#: ``sgd`` is the learning rate of SGD with momentum 0.9 as the hyper-optimizer).
 CURRENT = dict(method="neumann", terms=0, eta=1.0, every_n_steps=10, train_batches=1, upper_batches=1,
-               hyper_lr=0.05, hyper_momentum=0.9, warmup_fraction=0.2, max_norm=None)
+               sgd=0.05, warmup_fraction=0.2, max_norm=None)
 
 
 def cfg(base: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
@@ -157,6 +158,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "noop": cfg(S, start_step=10**9),
     # the recommendation (docs/tuning.md): LA start, per-class offsets, Adam 0.01, the rest as the current defaults
     "recommended": cfg(S, search="offset", adam=0.01),
+    # the library's defaults as they are now, nothing overridden (LA start and offsets are the model's defaults)
+    "library_defaults": dict(library=True, preset="la", search="offset"),
     # the low-dimensional option: tau only (dataset parametrisation), Adam 0.1 annealed to 0 over the search
     "recommended_dataset": cfg(S, param="dataset", search="offset", adam=0.1, hyper_cosine=True),
     # sanity: from cross-entropy, searching offsets only, the search should move towards LA
@@ -165,14 +168,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # the current defaults, LA start, delta+offset
     "default": cfg(S),
     # hyper learning rate (SGD momentum 0.9)
-    "sgd_lr0.005": cfg(S, hyper_lr=0.005),
-    "sgd_lr0.02": cfg(S, hyper_lr=0.02),
-    "sgd_lr0.2": cfg(S, hyper_lr=0.2),
-    "sgd_lr0.05_clip1": cfg(S, hyper_lr=0.05, max_norm=1.0),
-    "sgd_lr0.2_clip1": cfg(S, hyper_lr=0.2, max_norm=1.0),
-    "sgd_lr0.005_offset": cfg(S, hyper_lr=0.005, search="offset"),
-    "sgd_lr0.05_offset": cfg(S, hyper_lr=0.05, search="offset"),
-    "sgd_lr0.5_offset": cfg(S, hyper_lr=0.5, search="offset"),
+    "sgd_lr0.005": cfg(S, sgd=0.005),
+    "sgd_lr0.02": cfg(S, sgd=0.02),
+    "sgd_lr0.2": cfg(S, sgd=0.2),
+    "sgd_lr0.05_clip1": cfg(S, sgd=0.05, max_norm=1.0),
+    "sgd_lr0.2_clip1": cfg(S, sgd=0.2, max_norm=1.0),
+    "sgd_lr0.005_offset": cfg(S, sgd=0.005, search="offset"),
+    "sgd_lr0.05_offset": cfg(S, sgd=0.05, search="offset"),
+    "sgd_lr0.5_offset": cfg(S, sgd=0.5, search="offset"),
     # Adam
     "adam_0.003": cfg(S, adam=0.003),
     "adam_0.01": cfg(S, adam=0.01),
@@ -209,16 +212,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "cos_ce_adam_0.01_offset": cfg(S, preset="ce", adam=0.01, search="offset", cos=16.0),
 }
 
-MODEL_KEYS = ("preset", "search", "param", "cos", "augment", "adam", "baseline", "tau", "gamma", "group_size",
-              "hyper_cosine")
+MODEL_KEYS = ("preset", "search", "param", "cos", "augment", "adam", "sgd", "baseline", "tau", "gamma", "group_size",
+              "hyper_cosine", "library")
 
 
 def callback_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(CURRENT)
-    kw.update({k: v for k, v in config.items() if k not in MODEL_KEYS})
+    if config.get("library"):
+        return {k: v for k, v in config.items() if k not in MODEL_KEYS}
+    merged = {**CURRENT, **config}
+    kw = {k: v for k, v in merged.items() if k not in MODEL_KEYS}
     if config.get("adam") is not None:
         lr = float(config["adam"])
         kw["hyper_optimizer"] = lambda params: torch.optim.Adam(params, lr=lr)
+    else:
+        lr = float(merged["sgd"])
+        kw["hyper_optimizer"] = lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
     return kw
 
 

@@ -4,11 +4,14 @@ The public names:
 
 * :class:`AutoBalanceMixin`: gives a LightningModule a learnable loss;
 * :class:`AutoBalanceCallback`: searches it while the Trainer fits the model;
+* :class:`ImbalancedClassifier`: a ready LightningModule for long-tailed classification;
+* :func:`run_pipeline` (``lightning_autobalance.pipeline``): search, retrain, compare, from Python or the CLI;
 * :class:`AdjustedCrossEntropy`: the loss family as a plain ``torch.nn.Module``;
 * :func:`hypergradient`: the functional core, independent of Lightning.
 """
 
 from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.classifier import ImbalancedClassifier
 from lightning_autobalance.hypergradient import Batch, hypergradient
 from lightning_autobalance.losses import (
     AdjustedCrossEntropy,
@@ -39,6 +42,7 @@ __all__ = [
     "DatasetDependent",
     "FocalLoss",
     "FrequencyGroups",
+    "ImbalancedClassifier",
     "LDAMLoss",
     "LossParametrization",
     "LossTables",

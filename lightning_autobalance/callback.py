@@ -137,7 +137,7 @@ class AutoBalanceCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: int = 20,
         start_epoch: int | None = None,
         start_step: int | None = None,
         stop_epoch: int | None = None,
@@ -153,7 +153,7 @@ class AutoBalanceCallback(Callback):
         weight_decay: float = 0.0,
         train_batches: int = 1,
         upper_batches: int = 1,
-        hyper_lr: float = 0.01,
+        hyper_lr: float = 0.02,
         hyper_optimizer: OptimizerCallable | None = None,
         hyper_scheduler: SchedulerCallable | None = None,
         max_norm: float | None = None,

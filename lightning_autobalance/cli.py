@@ -4,12 +4,14 @@
 Example::
 
     lightning-autobalance pipeline --config examples/digits_lt.yaml
-    lightning-autobalance fit --config examples/cifar10_lt.yaml --trainer.max_epochs 5
+    lightning-autobalance fit --config examples/cifar10_lt.yaml --data.init_args.search_split true
+
+One config file serves every subcommand: ``fit``, ``validate`` and ``test`` accept and ignore the pipeline's own keys
+(``output_dir``, ``baselines``, ...).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +44,39 @@ class AutoBalanceCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "pipeline": {"model", "datamodule"}}
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand != "pipeline" and callable(getattr(klass, "pipeline", None)):
+            # Accept (and ignore) the pipeline's own keys (output_dir, baselines, ...) in the other subcommands, so
+            # that one config file serves `pipeline`, `fit`, `validate` and `test`. They are not recorded as this
+            # subcommand's method arguments, so they are not passed to `trainer.fit` and the like.
+            parser.add_method_arguments(klass, "pipeline", skip=set(self.subcommands()["pipeline"]))
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_counts", "model.class_counts", apply_on="instantiate")
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        if subcommand == "pipeline":
+            given = [key for key in ("optimizer", "lr_scheduler") if self.config["pipeline"].get(key) is not None]
+            if given:
+                # The pipeline re-creates the model for every stage from its hyperparameters, so an optimizer
+                # patched onto this instance would be silently dropped.
+                raise ValueError(f"`pipeline` does not take {' or '.join('--' + k for k in given)}: it builds a "
+                                 "new model for every stage from the `model` arguments. Set the optimizer there "
+                                 "(model.lr, model.momentum, model.weight_decay, model.lr_schedule, or "
+                                 "model.optimizer with a class_path such as torch.optim.AdamW).")
+            return
+        super()._add_configure_optimizers_method_to_model(subcommand)
+
     def before_pipeline(self) -> None:
-        """Saves the resolved configuration beside the results."""
+        """Saves the resolved configuration beside the results, in a form that ``pipeline --config`` reads back."""
         out = Path(self.config["pipeline"].get("output_dir", "runs/autobalance"))
         if self.trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, out / "config.yaml", overwrite=True, skip_check=True)
+            self._parser("pipeline").save(self.config["pipeline"], out / "config.yaml", overwrite=True,
+                                          skip_none=False, skip_check=True)
 
 
 def _has_omegaconf() -> bool:
@@ -64,7 +89,7 @@ def _has_omegaconf() -> bool:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-autobalance`` console script."""
-    AutoBalanceCLI(args=args if args is not None else sys.argv[1:])
+    AutoBalanceCLI(args=args)
 
 
 if __name__ == "__main__":  # pragma: no cover

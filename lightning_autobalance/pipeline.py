@@ -20,17 +20,21 @@ must take ``class_counts``, ``num_classes``, ``loss``, ``preset``, ``search``, `
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_autobalance.callback import AutoBalanceCallback
 from lightning_autobalance.losses import load_loss_tables, preset_tables
@@ -56,9 +60,65 @@ def _clone(template: Any, **overrides: Any) -> Any:
     if not hparams:
         raise ValueError(f"The pipeline re-creates {type(template).__name__} for every stage from its saved "
                          "hyperparameters: call self.save_hyperparameters() in its __init__.")
-    # LightningCLI adds private entries (``_class_path``, ``_instantiator``) to the hyperparameters.
-    kwargs = {k: v for k, v in dict(hparams).items() if not k.startswith("_")}
+    config = dict(hparams)
+    instantiator = config.pop("_instantiator", None)
+    if isinstance(instantiator, str):
+        # Made by LightningCLI: the hyperparameters are its configuration, where a callable argument (e.g.
+        # ``model.optimizer``, a ``network`` class) is still a ``class_path`` dict. Instantiate it as
+        # ``load_from_checkpoint`` does, and keep that plain configuration as the new object's hyperparameters (so
+        # its checkpoints load with ``weights_only=True`` and it can be cloned in turn).
+        module_name, _, fn_name = instantiator.rpartition(".")
+        instantiate = getattr(importlib.import_module(module_name), fn_name)
+        config = {**config, **overrides}
+        with _given_hyperparameters_context(hparams=config, instantiator=instantiator):
+            return instantiate(type(template), config)
+    # Other private entries (``_class_path``) are LightningCLI's too.
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     return type(template)(**{**kwargs, **overrides})
+
+
+class _RandomState(pl.Callback):
+    """Keeps the random state (torch, CUDA, NumPy, Python) in the stage's checkpoints and restores it on resume.
+
+    Lightning does not checkpoint it, so a stage resumed from ``last.ckpt`` would shuffle its data differently from an
+    uninterrupted run: with it, a resumed stage continues exactly as if it had not stopped (data order, augmentation).
+    """
+
+    @property
+    def state_key(self) -> str:
+        return "autobalance-pipeline-random-state"
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain types and tensors only, so that ``torch.load(weights_only=True)`` reads the checkpoint.
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                                 "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                           int(has_gauss), float(gauss)],
+                                 "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state_dict and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+@rank_zero_only
+def _keep_previous_metrics(log_dir: Path) -> None:
+    """Moves the ``metrics.csv`` of an interrupted attempt aside (``metrics.1.csv``, ...): ``CSVLogger`` would delete it
+    when the resumed stage logs."""
+    previous = log_dir / "metrics.csv"
+    if previous.is_file():
+        k = 1
+        while (log_dir / f"metrics.{k}.csv").exists():
+            k += 1
+        previous.rename(log_dir / f"metrics.{k}.csv")
 
 
 def _stage_trainer(trainer_kwargs: dict[str, Any], stage_dir: Path, max_epochs: int | None,
@@ -73,11 +133,16 @@ def _stage_trainer(trainer_kwargs: dict[str, Any], stage_dir: Path, max_epochs: 
         kept.append(copy.deepcopy(cb))
     if search and not any(isinstance(cb, AutoBalanceCallback) for cb in kept):
         kept.append(AutoBalanceCallback())
-    kept.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0))
+    # One file, ``last.ckpt``, rewritten at every epoch end. (``save_last=True, save_top_k=0`` would write it only
+    # when training ends: since Lightning 2.x ``last`` follows a top-k save, so nothing would be left to resume from.)
+    kept.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last", save_top_k=1,
+                                enable_version_counter=False))
+    kept.append(_RandomState())
     kwargs["callbacks"] = kept
     kwargs["enable_checkpointing"] = True
     kwargs["default_root_dir"] = str(stage_dir)
     if kwargs.get("logger", True) is not False:
+        _keep_previous_metrics(stage_dir / "logs")
         kwargs["logger"] = [CSVLogger(str(stage_dir), name="", version="logs"),
                             TensorBoardLogger(str(stage_dir), name="", version="logs")]
     if max_epochs is not None:
@@ -195,6 +260,10 @@ def run_pipeline(
                 model_.export_loss(found)
             cb = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
             result.update({"found_loss": str(found), "hyper_steps": cb.hyper_steps, "skipped_steps": cb.skipped_steps})
+            if cb.hyper_steps == 0:
+                rank_zero_warn(f"The search took no hyper step in {trainer.current_epoch} epochs, so the found loss is "
+                               "the starting preset: check the AutoBalanceCallback's start_epoch / start_step against "
+                               "search_epochs.")
         if trainer.is_global_zero:
             _write_json(done, result)
         trainer.strategy.barrier("autobalance-stage")

@@ -194,6 +194,10 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, save_last=True))
     trainer = make_trainer(args, callbacks)
     trainer.fit(Net(), train_loader(), ckpt_path=args.resume)
+    if dist.is_available() and dist.is_initialized():
+        # an explicit teardown: leaving gloo to the interpreter's exit sometimes aborts the process (SIGABRT)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""Tests of the ``lightning-autobalance`` command (``fit``, ``validate``, ``test``, the example configs, bad input)
+and of ``examples/add_to_existing_module.py``. Tiny settings: Digits-LT, 1 or 2 epochs, in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lightning_autobalance import AutoBalanceCallback
+from lightning_autobalance.cli import AutoBalanceCLI, main
+from lightning_autobalance.losses import preset_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DIGITS = str(EXAMPLES / "digits_lt.yaml")
+BASELINES = ("ce", "la", "cdt", "vs", "class_balanced", "ldam_drw", "focal")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _cli_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest's own arguments are not the CLI's (and LightningCLI warns when both are given)."""
+    monkeypatch.setattr("sys.argv", ["lightning-autobalance"])
+
+
+def _print_config(capsys: pytest.CaptureFixture, *args: str) -> dict[str, Any]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _exit_code_and_stderr(capsys: pytest.CaptureFixture, args: list[str]) -> tuple[int | str | None, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+# ====================================================================== fit, validate, test
+def test_fit_validate_test_on_digits(tmp_path: Path) -> None:
+    common = ["--config", DIGITS, *QUIET, "--trainer.default_root_dir", str(tmp_path),
+              "--data.init_args.search_split", "true"]
+    fit = AutoBalanceCLI(args=["fit", *common, "--trainer.max_epochs", "2",
+                               "--trainer.callbacks.init_args.every_n_steps", "2",
+                               "--trainer.callbacks.init_args.start_step", "0"])
+    callback = next(c for c in fit.trainer.callbacks if isinstance(c, AutoBalanceCallback))
+    assert callback.hyper_steps > 0
+    assert fit.model.class_counts == fit.datamodule.class_counts  # linked from the datamodule (the lower split)
+    start = preset_tables("la", fit.model.class_counts)
+    assert not start.offset.allclose(fit.model.autobalance_tables().offset)  # the loss was searched
+    fit_error = float(fit.trainer.callback_metrics["val/balanced_error"])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
+    assert Path(ckpt).is_file()
+    assert (Path(fit.trainer.log_dir) / "config.yaml").is_file()
+
+    validate = AutoBalanceCLI(args=["validate", *common, "--ckpt_path", ckpt])
+    val_error = float(validate.trainer.callback_metrics["val/balanced_error"])
+    assert 0.0 <= val_error <= 1.0
+    assert val_error == pytest.approx(fit_error)  # the checkpoint holds the final weights
+
+    test = AutoBalanceCLI(args=["test", *common, "--ckpt_path", ckpt])
+    metrics = test.trainer.callback_metrics
+    assert float(metrics["test/balanced_error"]) == pytest.approx(val_error)  # validation reads the test set
+    assert {"test/head_error", "test/medium_error", "test/tail_error", "test/class_error/9"} <= set(metrics)
+    assert len(test.model.test_report["per_class_error"]) == 10
+    # The learned loss travels in the checkpoint's state_dict.
+    assert test.model.autobalance_tables().offset.allclose(fit.model.autobalance_tables().offset)
+
+
+def test_plain_fit_without_config(tmp_path: Path) -> None:
+    cli = AutoBalanceCLI(args=["fit", "--model.network", "digits_net", "--model.preset", "la",
+                               "--data", "LongTailDigits", "--data.init_args.imbalance_ratio", "10",
+                               "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+                               "--trainer.default_root_dir", str(tmp_path), *QUIET])
+    assert cli.model.hparams.num_classes == 10
+    assert cli.model.class_counts == cli.datamodule.class_counts
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/balanced_error"]) <= 1.0
+
+
+# ====================================================================== the example configs
+EXAMPLE_CONFIGS = {
+    "digits_lt": {"data": "LongTailDigits", "network": "digits_net"},
+    "cifar10_lt": {"data": "LongTailCIFAR10", "network": "resnet32", "parametrization": "class"},
+    "cifar100_lt": {"data": "LongTailCIFAR100", "network": "resnet32", "parametrization": "groups",
+                    "group_size": 10},
+    "imagenet_lt": {"data": "LongTailImageFolder", "network": "resnet50", "parametrization": "groups",
+                    "group_size": 20},
+    "cifar10_lt_jpeg": {"data": "LongTailImageFolder", "network": "resnet32"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_CONFIGS))
+def test_example_config_parses(name: str, capsys: pytest.CaptureFixture) -> None:
+    path = EXAMPLES / f"{name}.yaml"
+    assert f"lightning-autobalance pipeline --config examples/{name}.yaml" in path.read_text()  # header comment
+    expected = EXAMPLE_CONFIGS[name]
+    config = _print_config(capsys, "pipeline", "--config", str(path))
+    assert config["data"]["class_path"].endswith("." + expected["data"])
+    assert config["model"]["network"] == expected["network"]
+    for key in ("parametrization", "group_size"):
+        if key in expected:
+            assert config["model"][key] == expected[key]
+    if name != "digits_lt":  # the paper's settings
+        init = config["data"]["init_args"]
+        assert init["imbalance_ratio"] == 100 and init["batch_size"] == (256 if name == "imagenet_lt" else 128)
+        callback = config["trainer"]["callbacks"][0]
+        assert callback["class_path"] == "lightning_autobalance.AutoBalanceCallback"
+    if name.startswith("cifar"):
+        model = config["model"]
+        assert (model["lr"], model["momentum"], model["weight_decay"]) == (0.1, 0.9, 1e-4)
+        assert (model["lr_schedule"], model["warmup_epochs"], model["milestones"]) == ("step", 5, [160, 180])
+        assert (config["search_epochs"], config["retrain_epochs"]) == (300, 200)
+        assert config["trainer"]["callbacks"][0]["init_args"]["start_epoch"] == 120
+    if name in ("cifar10_lt", "cifar100_lt"):
+        assert config["data"]["init_args"]["root"] == "data" and config["data"]["init_args"]["download"] is False
+    if name == "imagenet_lt":
+        init = config["data"]["init_args"]
+        assert init["already_long_tailed"] is True and init["image_size"] == 224 and init["train_list"]
+        assert config["trainer"]["max_epochs"] == 90
+    # The same file serves `fit` (the pipeline's own keys are accepted there and ignored).
+    fit = _print_config(capsys, "fit", "--config", str(path))
+    assert fit["model"] == config["model"]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_overlay_parses(name: str, capsys: pytest.CaptureFixture) -> None:
+    path = EXAMPLES / "baselines" / f"{name}.yaml"
+    text = path.read_text()
+    assert f"--config examples/digits_lt.yaml --config examples/baselines/{name}.yaml" in text
+    config = _print_config(capsys, "pipeline", "--config", DIGITS, "--config", str(path))
+    assert config["baselines"] == [name] and config["search"] is False
+    assert config["output_dir"] == f"runs/digits_lt_{name}"
+    # Everything else comes from digits_lt.yaml.
+    assert config["model"]["network"] == "digits_net" and config["trainer"]["max_epochs"] == 40
+    assert config["data"]["class_path"] == "lightning_autobalance.data.LongTailDigits"
+    assert config["model"]["drw_epoch"] == (30 if name == "ldam_drw" else 160)
+
+
+def test_baseline_overlay_runs(tmp_path: Path) -> None:
+    out = tmp_path / "ldam"
+    main(["pipeline", "--config", DIGITS, "--config", str(EXAMPLES / "baselines" / "ldam_drw.yaml"), *QUIET,
+          "--trainer.max_epochs", "2", "--model.drw_epoch", "1", "--output_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["ldam_drw"]
+    assert "search" not in results and not (out / "search").exists()
+    assert 0.0 <= results["rows"][0]["balanced_error"] <= 1.0
+
+
+# ====================================================================== the Python example
+def test_add_to_existing_module_example_runs() -> None:
+    path = EXAMPLES / "add_to_existing_module.py"
+    marked = [line for line in path.read_text().splitlines() if "# AutoBalance" in line]
+    assert 4 <= len(marked) <= 8  # a few changed lines, each marked
+    for needle in ("AutoBalanceMixin, pl.LightningModule", "self.configure_autobalance(", "self.autobalance_loss(",
+                   "AutoBalanceCallback(upper_dataloader="):
+        assert any(needle in line for line in marked), needle
+    spec = importlib.util.spec_from_file_location("add_to_existing_module", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    metrics = module.main(["--epochs", "2"])
+    assert 0.0 <= float(metrics["test_balanced_error"]) <= 1.0
+
+
+# ====================================================================== bad input
+def test_unknown_key_on_the_command_line(capsys: pytest.CaptureFixture) -> None:
+    code, err = _exit_code_and_stderr(capsys, ["fit", "--config", DIGITS, "--model.no_such_key", "1"])
+    assert code not in (0, None)
+    assert "no_such_key" in err
+
+
+def test_unknown_key_in_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  no_such_key: 1\n")
+    code, err = _exit_code_and_stderr(capsys, ["pipeline", "--config", DIGITS, "--config", str(bad)])
+    assert code not in (0, None)
+    assert "no_such_key" in err
+
+
+def test_unknown_key_exit_status_of_the_console_script() -> None:
+    script = Path(sys.executable).with_name("lightning-autobalance")
+    if not script.is_file():
+        pytest.skip("the lightning-autobalance console script is not installed beside this Python")
+    proc = subprocess.run([str(script), "fit", "--config", DIGITS, "--trainer.no_such_key", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no_such_key" in proc.stderr
+
+
+def test_imbalance_ratio_below_one_fails_before_training(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"imbalance_ratio must be .* got 0\.5"):
+        main(["pipeline", "--config", DIGITS, "--data.init_args.imbalance_ratio", "0.5", "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_unknown_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=re.escape("Unknown baselines ['nope']") + ".*ldam_drw"):
+        main(["pipeline", "--config", DIGITS, "--baselines", "[ce, nope]", "--output_dir", str(out)])
+    assert not any(p.is_dir() for p in out.glob("*"))  # no stage started
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("cifar10_lt", r"CIFAR-10 data folder '.*missing/cifar-10-batches-py' not found: pass download=True"),
+    ("cifar100_lt", r"CIFAR-100 data folder '.*missing/cifar-100-python' not found"),
+    ("cifar10_lt_jpeg", r"image folder root '.*missing' does not exist"),
+])
+def test_missing_dataset_folder(config: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=message):
+        main(["fit", "--config", str(EXAMPLES / f"{config}.yaml"), "--data.init_args.root", str(tmp_path / "missing"),
+              "--trainer.accelerator", "cpu"])
+
+
+def test_pipeline_refuses_the_automatic_optimizer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="`pipeline` does not take --optimizer"):
+        main(["pipeline", "--config", DIGITS, "--optimizer", "Adam", "--output_dir", str(tmp_path / "run")])
