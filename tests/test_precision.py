@@ -131,7 +131,8 @@ def test_cuda_fit_with_each_precision(precision):
     model, callback = fit(precision, "gpu")
     assert callback.hyper_steps + callback.skipped_steps == 6 and callback.hyper_steps >= 5
     for t in model.autobalance.alpha().values():
-        assert t.dtype == torch.float32 and t.is_cuda and torch.isfinite(t).all()
+        # float32 whatever the precision (Lightning moves the module back to the CPU when the fit ends)
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
 
 
 @pytest.mark.gpu
