@@ -454,12 +454,16 @@ def plot_per_class(rows: dict[str, dict[int, Any]], counts: dict[int, list[int]]
     order = np.argsort(-c, kind="stable")
     x = np.arange(len(c))
     fig, ax = plt.subplots(figsize=(max(7.5, 0.35 * len(c)), 4.5))
+    colours = iter([plt.get_cmap("tab10")(i) for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)] * 3)  # no red: AutoBalance's
     for m, per_seed in rows.items():
         ok = [r["per_class_error"] for r in _ok(per_seed).values() if r.get("per_class_error")]
         if not ok:
             continue
         err = 100 * np.mean(ok, axis=0)
-        style = {"lw": 2.5, "color": "tab:red", "zorder": 5} if m == AUTOBALANCE else {"lw": 1.0, "alpha": 0.8}
+        if m == AUTOBALANCE:  # wide and underneath, so a baseline with the same errors stays visible on top
+            style = {"lw": 5.0, "color": "tab:red", "alpha": 0.45, "zorder": 1}
+        else:
+            style = {"lw": 1.2, "color": next(colours), "zorder": 2}
         ax.plot(x, err[order], "o-", ms=3, label=labels.get(m, m), **style)
     ax.set_xticks(x)
     ax.set_xticklabels([f"{int(k)}\n({c[k]:.0f})" for k in order], fontsize=7)
@@ -531,7 +535,8 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
         n["grid_all"] = n["grid_la"] + n["grid_vs"]
         labels.update({k: v.format(n=n[k]) for k, v in GRID_LABELS.items()})
     title = args.title or name
-    cmd = shlex.join(["python", "benchmarks/quality.py", *args.argv])
+    # --report-only rewrites the report of runs made by the same command without it
+    cmd = shlex.join(["python", "benchmarks/quality.py", *(a for a in args.argv if a != "--report-only")])
     md = [f"# Quality: {title}", "", "Command (from the repository root):", "", "```", cmd, "```", "",
           f"Config: `{args.config}`; seeds {', '.join(map(str, seeds))}; runs in `{runs}`. One seed's pipeline "
           f"(seed {seeds[0]}):", "", "```", commands.get(seeds[0], {}).get("all", ""), "```", ""]
