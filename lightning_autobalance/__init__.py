@@ -16,13 +16,19 @@ from lightning_autobalance.hypergradient import Batch, hypergradient
 from lightning_autobalance.losses import (
     AdjustedCrossEntropy,
     FocalLoss,
+    GroupDROLoss,
     LDAMLoss,
     LossTables,
     adjusted_cross_entropy,
     preset_tables,
 )
 from lightning_autobalance.mixin import AutoBalanceMixin
-from lightning_autobalance.objectives import BalancedCrossEntropy
+from lightning_autobalance.objectives import (
+    BalancedCrossEntropy,
+    BlendedObjective,
+    EqualOpportunityGap,
+    WorstGroupLoss,
+)
 from lightning_autobalance.parametrization import (
     DatasetDependent,
     FrequencyGroups,
@@ -39,14 +45,18 @@ __all__ = [
     "AutoBalanceMixin",
     "BalancedCrossEntropy",
     "Batch",
+    "BlendedObjective",
     "DatasetDependent",
+    "EqualOpportunityGap",
     "FocalLoss",
     "FrequencyGroups",
+    "GroupDROLoss",
     "ImbalancedClassifier",
     "LDAMLoss",
     "LossParametrization",
     "LossTables",
     "PerClass",
+    "WorstGroupLoss",
     "adjusted_cross_entropy",
     "build_parametrization",
     "hypergradient",

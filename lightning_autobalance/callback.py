@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -39,7 +39,7 @@ from lightning_autobalance.hypergradient import (
     hypergradient,
 )
 from lightning_autobalance.mixin import AutoBalanceMixin
-from lightning_autobalance.objectives import Objective, build_objective
+from lightning_autobalance.objectives import Objective, build_objective, check_objective, resolve_objective
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,35 @@ def _preserve_random_state(device: torch.device) -> Iterator[None]:
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _objective_name(objective: Any) -> str | None:
+    if not isinstance(objective, str):
+        return None
+    try:
+        return resolve_objective(objective)
+    except ValueError:
+        return None
+
+
+class _ScalarObjective:
+    """Calls the upper objective and checks that it returns a scalar tensor, with a message that names it."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.requires_all_classes = getattr(objective, "requires_all_classes", False)
+
+    def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None) -> Tensor:
+        out = self.objective(logits, target, group)
+        if not isinstance(out, Tensor) or out.ndim != 0:
+            what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+            raise ValueError(f"AutoBalanceCallback: the upper objective {self.objective!r} returned {what}; it must "
+                             "return a scalar (0-dimensional) tensor that depends on the logits, e.g. the mean of "
+                             "per-sample losses (`.mean()`).")
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.objective)
 
 
 class AutoBalanceCallback(Callback):
@@ -114,8 +143,14 @@ class AutoBalanceCallback(Callback):
             YAML: ``class_path: torch.optim.SGD`` with ``init_args: {lr: 0.01, momentum: 0.9}``).
         hyper_scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step.
         max_norm: clip the hypergradient to this norm (``None``: no clipping).
-        objective: the upper objective: a name (``"balanced_ce"``) or a callable
-            ``objective(logits, target, group) -> scalar``.
+        objective: the upper objective: a name from :data:`~lightning_autobalance.objectives.OBJECTIVES`
+            (``"balanced_ce"``, ``"worst_class"``, ``"worst_group"``, ``"deo"``, ``"blend"``) or a callable
+            ``objective(logits, target, group) -> scalar``. Named objectives are built at setup from the counts of
+            the upper data: per class, or per (group, class) cell when the upper batches carry groups.
+        objective_kwargs: settings of a named objective (e.g. ``{"lam": 0.5, "fairness": "deo"}`` for ``"blend"``,
+            ``{"temperature": 0.1}`` for ``"worst_group"``); checked at construction. Nonlinear objectives (all but
+            ``"balanced_ce"``) are evaluated per process under DDP and their gradients averaged: an approximation of
+            the objective on the union of the batches (see :mod:`lightning_autobalance.objectives`).
         upper_source: where upper batches come from: ``"datamodule"`` (its ``upper_dataloader()`` hook, or the
             LightningModule's), ``"dataloader"`` (``upper_dataloader`` below), ``"val"`` (the validation
             dataloader, with a warning: the loss is then tuned on the data that is used to judge it) or
@@ -158,6 +193,7 @@ class AutoBalanceCallback(Callback):
         hyper_scheduler: SchedulerCallable | None = None,
         max_norm: float | None = None,
         objective: str | Objective = "balanced_ce",
+        objective_kwargs: dict[str, Any] | None = None,
         upper_source: UpperSource = "auto",
         upper_dataloader: DataLoader | None = None,
         upper_class_counts: list[int] | None = None,
@@ -196,6 +232,9 @@ class AutoBalanceCallback(Callback):
                 raise ValueError(message)
         if not (isinstance(objective, str) or callable(objective)):
             raise ValueError(f"objective must be a name or a callable; got {type(objective).__name__}.")
+        if objective_kwargs is not None and not isinstance(objective_kwargs, Mapping):
+            raise ValueError(f"objective_kwargs must be a mapping of settings; got {type(objective_kwargs).__name__}.")
+        check_objective(objective, **dict(objective_kwargs or {}))  # an unknown name or bad settings fail here
         self.every_n_steps = every_n_steps
         self.start_epoch, self.start_step = start_epoch, start_step
         self.stop_epoch, self.stop_step = stop_epoch, stop_step
@@ -209,6 +248,7 @@ class AutoBalanceCallback(Callback):
         self._hyper_scheduler_fn = hyper_scheduler
         self.max_norm = max_norm
         self.objective = objective
+        self.objective_kwargs = dict(objective_kwargs or {})
         self.upper_source = upper_source
         self.upper_dataloader = upper_dataloader
         self.upper_class_counts = upper_class_counts
@@ -263,7 +303,7 @@ class AutoBalanceCallback(Callback):
         self._check_ranks_agree(trainer, batches)
         if error is not None:
             raise error
-        counts = self._upper_counts(trainer, pl_module, loader)
+        counts, cells = self._upper_counts(trainer, pl_module, loader)
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
             raise ValueError(f"The upper data has {len(counts)} classes, the loss has {num_classes}.")
@@ -273,8 +313,18 @@ class AutoBalanceCallback(Callback):
             raise ValueError(f"The upper data has no sample of classes {missing}, which the objective "
                              f"{self.objective!r} needs: give every class at least one upper sample (e.g. a per-class "
                              "split).")
-        self._objective_fn = build_objective(self.objective,
-                                             counts if counts is not None else params.class_counts.sum(0).tolist())
+        if cells is not None and params.num_groups > 1 and len(cells) != params.num_groups:
+            raise ValueError(f"The upper data has {len(cells)} groups, the loss has num_groups={params.num_groups}.")
+        table: Any = cells if cells is not None else counts
+        try:
+            objective = build_objective(self.objective, table if table is not None else
+                                        params.class_counts.sum(0).tolist(), **self.objective_kwargs)
+        except ValueError as err:
+            groups = "" if cells is not None or not isinstance(self.objective, str) else (
+                " (the upper batches carry no groups: group objectives need (x, y, g) batches)")
+            raise ValueError(f"AutoBalanceCallback: the upper objective {self.objective!r} does not fit the upper "
+                             f"data{groups}: {err}") from err
+        self._objective_fn = _ScalarObjective(objective)
 
     def _resolve_upper_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         source = self.upper_source
@@ -304,30 +354,71 @@ class AutoBalanceCallback(Callback):
                        "tuned on the data used to judge it. Prefer a held-out split (upper_dataloader).")
         return val
 
-    def _upper_counts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> list[int] | None:
+    def _upper_counts(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                      loader: Any) -> tuple[list[int] | None, list[list[int]] | None]:
+        """Class counts of the upper data and, when its batches carry groups, its ``G x K`` (group, class) counts.
+
+        From ``upper_class_counts``, the datamodule's ``upper_class_counts`` / ``upper_group_counts``, the dataset's
+        ``targets`` / ``groups`` attributes, or by reading the labels (and groups) once.
+        """
+        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        datamodule = trainer.datamodule
+        from_datamodule = loader is not self.upper_dataloader
+        num_groups = params.num_groups if params.num_groups > 1 else self.objective_kwargs.get("num_groups")
+        if num_groups is None and from_datamodule:
+            num_groups = getattr(datamodule, "num_groups", None)
+        counts: list[int] | None = None
+        cells: list[list[int]] | None = None
         if self.upper_class_counts is not None:
-            return list(self.upper_class_counts)
-        dm_counts = getattr(trainer.datamodule, "upper_class_counts", None)
-        if dm_counts is not None and loader is not self.upper_dataloader:
-            return [int(c) for c in dm_counts]
-        num_classes = pl_module._require_autobalance().num_classes
+            counts = [int(c) for c in self.upper_class_counts]
+        elif from_datamodule and getattr(datamodule, "upper_class_counts", None) is not None:
+            counts = [int(c) for c in datamodule.upper_class_counts]
+        if from_datamodule and getattr(datamodule, "upper_group_counts", None) is not None:
+            cells = [[int(c) for c in row] for row in datamodule.upper_group_counts]
+        named = _objective_name(self.objective)
+        wants_cells = params.num_groups > 1 or (named is not None and named != "balanced_ce") or (
+            self.objective_kwargs.get("over") == "cell")
+        if counts is None or (cells is None and wants_cells):
+            read_counts, cells = self._read_groups(pl_module, loader, params.num_classes, num_groups)
+            counts = read_counts if counts is None else counts
+        return counts, cells
+
+    def _read_groups(self, pl_module: pl.LightningModule, loader: Any, num_classes: int,
+                     num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
+        """Reads the labels (and groups) of the upper data: from the dataset's ``targets`` and ``groups`` attributes,
+        or by reading the whole dataset once."""
         dataset = getattr(loader, "dataset", None)
         targets = getattr(dataset, "targets", None)
+        group_ids = getattr(dataset, "groups", None)
         if targets is not None:
             labels = torch.as_tensor(targets).long().flatten()
+            groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
         else:
-            parts = []
+            parts, group_parts = [], []
             # Read the whole dataset (not one process's shard) in order; a loader draws from the global RNG.
             reader = loader
             if dataset is not None:
                 reader = DataLoader(dataset, batch_size=256, collate_fn=getattr(loader, "collate_fn", None))
             with _preserve_random_state(torch.device("cpu")):
                 for batch in reader:
-                    parts.append(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]).long().cpu())
+                    _, y, g = pl_module.autobalance_unpack(batch)  # type: ignore[attr-defined]
+                    parts.append(torch.as_tensor(y).long().cpu())
+                    if g is not None:
+                        group_parts.append(torch.as_tensor(g).long().cpu())
             labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
-        return torch.bincount(labels, minlength=num_classes).tolist()
+        counts = torch.bincount(labels, minlength=num_classes).tolist()
+        if groups is None or groups.numel() != labels.numel():
+            return counts, None
+        if groups.numel() and groups.min() < 0:
+            raise ValueError("The upper data has negative group indices.")
+        g = int(num_groups) if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
+        if groups.numel() and groups.max() >= g:
+            raise ValueError(f"The upper data has group indices outside [0, {g}) ({g} groups).")
+        cells = torch.bincount(groups * num_classes + labels, minlength=g * num_classes).view(g, num_classes)
+        return counts, cells.tolist()
 
     def _check_ranks_agree(self, trainer: pl.Trainer, batches: int) -> None:
         if trainer.world_size <= 1:

@@ -32,6 +32,7 @@ __all__ = [
     "PRESETS",
     "AdjustedCrossEntropy",
     "FocalLoss",
+    "GroupDROLoss",
     "LDAMLoss",
     "LossTables",
     "adjusted_cross_entropy",
@@ -44,6 +45,7 @@ __all__ = [
     "preset_tables",
     "resolve_preset",
     "save_loss_tables",
+    "unit_mean_losses",
 ]
 
 Reduction = Literal["mean", "weighted_mean", "sum", "none"]
@@ -58,6 +60,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "vs": ("vs_loss",),
     "class_balanced": ("cb", "class-balanced"),
     "inverse_frequency": ("inv_freq", "inverse-frequency"),
+    "group_balanced": ("gb", "group-balanced", "cell_balanced"),
 }
 
 
@@ -167,9 +170,13 @@ def preset_tables(
                               (gamma 0.3 unless given)
     ``class_balanced``        ``weight_y ~ (1 - beta) / (1 - beta ** n_y)``, summing to ``K``
     ``inverse_frequency``     ``weight_y ~ 1 / n_y``, summing to ``K``
+    ``group_balanced``        ``weight_{g,y} = N / (G K n_{g,y})`` over the whole ``G x K`` table (each
+                              (class, group) cell gets the same total weight, the mean weight per sample
+                              is 1); with one group, ``N / (K n_y)``
     ========================  ==========================================================================
 
-    With a ``G x K`` count table every group row is built from its own counts.
+    With a ``G x K`` count table every group row is built from its own counts (except ``group_balanced``,
+    normalised over the whole table).
 
     Args:
         name: preset name or alias (see :data:`PRESETS`).
@@ -202,6 +209,8 @@ def preset_tables(
         weight = class_balanced_weights(counts, beta)
     elif preset == "inverse_frequency":
         weight = (1.0 / counts) / (1.0 / counts).sum(dim=1, keepdim=True) * counts.shape[1]
+    elif preset == "group_balanced":
+        weight = counts.sum() / (counts.numel() * counts)
     return LossTables(delta.to(dtype), offset.to(dtype), weight.to(dtype))
 
 
@@ -538,3 +547,84 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
         return focal_loss(logits, target, self.gamma)
+
+
+def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int) -> tuple[Tensor, Tensor]:
+    """Mean of ``losses`` within each unit (class, group or (class, group) cell) and which units occur.
+
+    Args:
+        losses: per-sample losses ``(N,)``.
+        index: unit of every sample ``(N,)`` in ``[0, num_units)``.
+        num_units: number of units.
+
+    Returns:
+        ``(means, present)``: ``means[j]`` is the mean over the samples of unit ``j`` (0 where it has none) and
+        ``present[j]`` whether it has any. Differentiable in ``losses``.
+
+    Example:
+        >>> unit_mean_losses(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]), 3)
+        (tensor([2., 0., 5.]), tensor([ True, False,  True]))
+    """
+    sums = torch.zeros(num_units, dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
+    counts = torch.bincount(index, minlength=num_units).to(losses.dtype)
+    return sums / counts.clamp_min(1.0), counts > 0
+
+
+class GroupDROLoss(nn.Module):
+    """Online group DRO (Sagawa et al., ICLR 2020), the classic algorithm, as a training loss.
+
+    Keeps a distribution ``q`` over the units (``(label, group)`` cells by default, as in the paper's groups; or
+    groups, or classes). At every training call (module in training mode, gradients enabled) it first moves
+    ``q_j <- q_j * exp(step_size * L_j)`` with ``L_j`` the mean cross-entropy of unit ``j`` in the batch (0, so no
+    change, for a unit absent from the batch) and renormalises; the loss is then ``sum_j q_j L_j`` (absent units
+    contribute 0), as the authors' code does. Evaluation calls do not move ``q``. No generalisation adjustment
+    (``C / sqrt(n_g)``) is applied. ``q`` is a buffer (checkpointed); under DDP each process updates its own ``q``
+    from its own batches (not synchronised).
+
+    Args:
+        num_classes: ``K``.
+        num_groups: ``G``.
+        step_size: ``eta_q`` of the exponentiated-gradient step on ``q`` (the paper uses 0.01).
+        over: ``"cell"``, ``"group"`` or ``"class"``.
+
+    Example:
+        >>> criterion = GroupDROLoss(num_classes=2, num_groups=2)
+        >>> loss = criterion(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1]))
+        >>> criterion.q.shape
+        torch.Size([4])
+    """
+
+    def __init__(self, num_classes: int, num_groups: int, step_size: float = 0.01,
+                 over: Literal["cell", "group", "class"] = "cell") -> None:
+        super().__init__()
+        if num_classes < 1 or num_groups < 1:
+            raise ValueError(f"num_classes and num_groups must be positive; got {num_classes}, {num_groups}.")
+        if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"step_size must be a positive number; got {step_size!r}.")
+        if over not in ("cell", "group", "class"):
+            raise ValueError(f"over must be 'cell', 'group' or 'class'; got {over!r}.")
+        self.num_classes, self.num_groups, self.step_size, self.over = num_classes, num_groups, float(step_size), over
+        units = {"cell": num_classes * num_groups, "group": num_groups, "class": num_classes}[over]
+        self.register_buffer("q", torch.full((units,), 1.0 / units))
+
+    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        if group is None and self.over != "class":
+            raise ValueError("Group DRO needs the group of every training sample: batches must be (x, y, g).")
+        check_loss_inputs(logits, target, group if self.over != "class" else None, self.num_groups)
+        losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
+                                 reduction="none")
+        if self.over == "class":
+            index = target
+        else:
+            assert group is not None
+            index = group if self.over == "group" else group * self.num_classes + target
+        means, _ = unit_mean_losses(losses, index, self.q.numel())
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                q = self.q.double() * torch.exp(self.step_size * means.detach().double())
+                self.q.copy_(q / q.sum())
+        return (self.q.to(means) * means).sum()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, num_groups={self.num_groups}, step_size={self.step_size}, " \
+               f"over={self.over!r}"

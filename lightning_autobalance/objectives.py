@@ -1,47 +1,194 @@
 """Upper (validation-side) objectives that the loss search minimises.
 
-An objective is any callable ``objective(logits, target, group) -> scalar tensor``. The default is the balanced
-cross-entropy of DESIGN.md section 4: cross-entropy weighted by the inverse class frequency of the upper data, so
-that its expectation is the mean over classes of the per-class cross-entropy. Its weights are fixed from counts
-(not re-estimated per batch), so the objective is a plain mean over samples: averaging it over processes is the
-same as computing it on the union of their batches.
+An objective is any callable ``objective(logits, target, group) -> scalar tensor``. Named objectives
+(:data:`OBJECTIVES`, built by :func:`build_objective` from the counts of the upper data):
+
+==================  ================================================================================================
+name                objective
+==================  ================================================================================================
+``balanced_ce``     cross-entropy weighted by the inverse class (or, ``over="cell"``, (class, group) cell) frequency
+                    of the upper data: the default, DESIGN.md section 4
+``worst_class``     a smooth maximum over classes of the per-class mean cross-entropy (:class:`WorstGroupLoss`)
+``worst_group``     the same over groups: ``over="cell"`` ((label, group) cells, the default), ``"group"`` or
+                    ``"class"``
+``deo``             difference of equal opportunity: the gap between groups of the per-(label, group) mean
+                    cross-entropy, averaged over labels (:class:`EqualOpportunityGap`)
+``blend``           ``(1 - lam) * accuracy + lam * fairness`` of two of the others (:class:`BlendedObjective`)
+==================  ================================================================================================
+
+Each class has a functional form beside it (``balanced_cross_entropy``, ``worst_group_loss``,
+``equal_opportunity_gap``, ``blended_objective``), in the style of ``torchmetrics.functional``. Everything is
+differentiable in the logits and computed in float32 or wider.
+
+**Per-unit means over a batch.** The worst-group and equal-opportunity objectives take the mean cross-entropy of
+every class, group or (label, group) cell *present in the batch*. A unit absent from the batch is masked: it is
+left out of the smooth maximum, and a label with fewer than two groups in the batch is left out of the gap; a batch
+with no label in two groups gives a gap of 0 (with a warning). With ``missing="raise"`` an absent unit raises
+instead. Units absent from the whole upper data are refused when the objective is built
+(from the upper counts, at the callback's setup): give every required class, group or cell at least one upper
+sample (the group datamodules split per (class, group) cell for that reason).
+
+**Multiple processes.** ``balanced_ce`` is a plain mean over samples with weights fixed from counts, so the mean
+of its gradients over processes is its gradient on the union of their batches: the DDP hypergradient is exact.
+The other objectives are nonlinear in per-unit batch means (a log-sum-exp, a maximum, a gap): under DDP every
+process evaluates them on its own upper batch and the callback averages the resulting gradients, which is an
+approximation of the objective on the union of the batches (it is exact only for the linear ``balanced_ce``).
 
 Plain PyTorch; nothing of Lightning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import inspect
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_autobalance.losses import as_count_table
+from lightning_autobalance.losses import as_count_table, check_loss_inputs, unit_mean_losses
 
-__all__ = ["OBJECTIVES", "BalancedCrossEntropy", "balanced_cross_entropy", "build_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "BalancedCrossEntropy",
+    "BlendedObjective",
+    "EqualOpportunityGap",
+    "WorstGroupLoss",
+    "balanced_cross_entropy",
+    "blended_objective",
+    "build_objective",
+    "check_objective",
+    "equal_opportunity_gap",
+    "resolve_objective",
+    "unit_mean_losses",
+    "worst_group_loss",
+]
 
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+Over = Literal["class", "group", "cell"]
+Missing = Literal["mask", "raise"]
+_OVER = ("class", "group", "cell")
+_MISSING = ("mask", "raise")
 
 
-def balanced_cross_entropy(logits: Tensor, target: Tensor, class_weight: Tensor) -> Tensor:
+# ---------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _wide(logits: Tensor) -> Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _count_table(counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, num_groups: int | None = None) -> Tensor:
+    """Counts of the upper data as a float64 ``(G, K)`` table; zeros allowed (absent cells are checked later)."""
+    table = torch.as_tensor(counts, dtype=torch.float64)
+    if table.ndim == 1:
+        table = table.unsqueeze(0)
+    if table.ndim != 2 or table.numel() == 0:
+        raise ValueError(f"class_counts must be K counts or a G x K table of (group, class) counts; got shape "
+                         f"{tuple(table.shape)}.")
+    if not torch.isfinite(table).all() or (table < 0).any():
+        raise ValueError("class_counts must be non-negative numbers of samples.")
+    if num_groups is not None and table.shape[0] != num_groups:
+        if table.shape[0] != 1:
+            raise ValueError(f"class_counts has {table.shape[0]} group rows, expected num_groups={num_groups}.")
+        # Only class counts are known: every group is assumed present (the datamodule or the callback checks
+        # the cells when it knows them).
+        table = table.expand(num_groups, -1).clone()
+    return table
+
+
+def _units(over: str, num_classes: int, num_groups: int) -> int:
+    return {"class": num_classes, "group": num_groups, "cell": num_groups * num_classes}[over]
+
+
+def _unit_name(over: str, j: int, num_classes: int) -> str:
+    if over == "class":
+        return f"class {j}"
+    if over == "group":
+        return f"group {j}"
+    return f"(label {j % num_classes}, group {j // num_classes})"
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
+    return str(value)
+
+
+def _check_num_groups(num_groups: Any) -> int | None:
+    if num_groups is None:
+        return None
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer or None; got {num_groups!r}.")
+    return num_groups
+
+
+def _check_batch(logits: Tensor, target: Tensor, group: Tensor | None, num_groups: int | None, needs_group: bool,
+                 what: str) -> int:
+    """Validates a batch (shapes, label and group ranges); returns the number of groups."""
+    if needs_group and group is None:
+        raise ValueError(f"{what} needs the group of every sample: batches must be (x, y, g).")
+    if group is not None and num_groups is None:
+        raise ValueError(f"{what} needs num_groups to check the group indices.")
+    g = num_groups or 1
+    check_loss_inputs(logits, target, group if needs_group else None, g)
+    return g
+
+
+def _unit_index(over: str, target: Tensor, group: Tensor | None, num_classes: int) -> Tensor:
+    if over == "class":
+        return target
+    assert group is not None
+    return group if over == "group" else group * num_classes + target
+
+
+def _missing_error(what: str, names: list[str], batch: bool) -> ValueError:
+    where = "this upper batch" if batch else "the upper data"
+    fix = ("use larger upper batches (upper_batch_size) or missing='mask'" if batch else
+           "give every one at least one upper sample (e.g. a split per (class, group) cell)")
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return ValueError(f"{what}: {where} has no sample of {shown}; {fix}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Balanced cross-entropy (the default)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def balanced_cross_entropy(logits: Tensor, target: Tensor, class_weight: Tensor,
+                           group: Tensor | None = None) -> Tensor:
     """``mean_i class_weight[y_i] * CE(logits_i, y_i)``, computed in float32 or wider.
 
     With ``class_weight[y] = N / (K n_y)`` from the counts ``n_y`` of the upper data, the expectation is the
-    class-averaged cross-entropy.
+    class-averaged cross-entropy. ``class_weight`` may also be a ``(G, K)`` table (sample ``(y, g)`` uses
+    ``class_weight[g, y]``; then ``group`` is needed): with ``N / (G K n_{g,y})`` the expectation is the
+    cross-entropy averaged over (class, group) cells.
     """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    ce = F.cross_entropy(z, target, reduction="none")
-    return (class_weight.to(ce)[target] * ce).mean()
+    ce = F.cross_entropy(_wide(logits), target, reduction="none")
+    weight = class_weight.to(ce)
+    if weight.ndim == 2:
+        if group is None:
+            raise ValueError("A (G, K) table of weights needs the group of every sample.")
+        return (weight[group, target] * ce).mean()
+    return (weight[target] * ce).mean()
 
 
 class BalancedCrossEntropy:
-    """Balanced cross-entropy with weights fixed from class counts (the default upper objective).
+    """Balanced cross-entropy with weights fixed from the counts of the upper data (the default upper objective).
 
     Args:
         class_counts: samples per class of the upper data (or of the training data when the upper split has the
-            same profile).
+            same profile), or a ``G x K`` table of samples per (group, class).
+        over: ``"class"``: weights ``N / (K n_y)`` (the mean over classes of the per-class cross-entropy);
+            ``"cell"``: weights ``N / (G K n_{g,y})`` (the mean over (class, group) cells), which needs the count
+            table and batches with groups.
+        num_groups: the number of groups ``G`` for ``over="cell"`` (default: the rows of ``class_counts``).
 
     Example:
         >>> objective = BalancedCrossEntropy([90, 9, 1])
@@ -49,35 +196,492 @@ class BalancedCrossEntropy:
     """
 
     requires_all_classes = True
+    uses_groups = False
 
-    def __init__(self, class_counts: Sequence[int] | Tensor) -> None:
-        counts = as_count_table(class_counts).sum(dim=0)
+    def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, over: Over = "class",
+                 num_groups: int | None = None) -> None:
+        self.check_settings(over=over, num_groups=num_groups)
+        self.over = over
+        table = _count_table(class_counts, num_groups if over == "cell" else None)
+        counts = as_count_table(table.sum(dim=0))[0]
         self.class_counts = counts
-        self.class_weight = (counts.sum() / (counts.numel() * counts)).float()
+        self.num_groups = table.shape[0]
+        self.uses_groups = over == "cell"
+        if over == "cell":
+            missing = [f"(label {k}, group {g})" for g, k in (table == 0).nonzero().tolist()]
+            if missing:
+                raise _missing_error("balanced_ce over (class, group) cells", missing, batch=False)
+            self.class_weight = table.sum() / (table.numel() * table)
+        else:
+            self.class_weight = counts.sum() / (counts.numel() * counts)
+        # float64 here; cast to the (float32 or wider) dtype of the loss when used
+
+    @staticmethod
+    def check_settings(over: Any = "class", num_groups: Any = None) -> None:
+        """Checks the settings alone (no counts needed); raises ``ValueError``."""
+        _check_choice("over", over, ("class", "cell"))
+        _check_num_groups(num_groups)
 
     def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
-        return balanced_cross_entropy(logits, target, self.class_weight.to(logits.device))
+        if self.over == "cell" and group is None:
+            raise ValueError("balanced_ce over (class, group) cells needs the group of every sample: batches must be "
+                             "(x, y, g).")
+        return balanced_cross_entropy(logits, target, self.class_weight.to(logits.device),
+                                      group if self.over == "cell" else None)
 
     def __repr__(self) -> str:
-        return f"BalancedCrossEntropy(num_classes={self.class_counts.numel()})"
+        cells = f", over='cell', num_groups={self.num_groups}" if self.over == "cell" else ""
+        return f"BalancedCrossEntropy(num_classes={self.class_counts.numel()}{cells})"
 
 
-#: Objectives selectable by name; each entry builds the objective from the upper class counts.
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "balanced_ce": BalancedCrossEntropy,
-}
+# ---------------------------------------------------------------------------------------------------------
+# Smooth worst class / worst group
+# ---------------------------------------------------------------------------------------------------------
 
 
-def build_objective(objective: str | Objective, class_counts: Sequence[int] | Tensor, **kwargs: Any) -> Objective:
-    """Returns a callable objective: a name from :data:`OBJECTIVES` built from the counts, or a callable as is.
+def _soft_max(values: Tensor, mode: str, temperature: float, fraction: float) -> Tensor:
+    """``T log mean exp(v / T)`` (``"lse"``), the CVaR at ``fraction`` (``"cvar"``) or the maximum (``"max"``)."""
+    m = values.numel()
+    if mode == "lse":
+        return temperature * (torch.logsumexp(values / temperature, dim=0) - math.log(m))
+    if mode == "max":
+        return values.max()
+    # CVaR: the mean of the largest fraction of the m values, the boundary value counted fractionally.
+    ordered = torch.sort(values, descending=True).values
+    mass = fraction * m
+    weights = torch.clamp(mass - torch.arange(m, dtype=values.dtype, device=values.device), 0.0, 1.0)
+    return (weights * ordered).sum() / mass
+
+
+def worst_group_loss(
+    logits: Tensor,
+    target: Tensor,
+    group: Tensor | None = None,
+    num_groups: int | None = None,
+    over: Over = "cell",
+    mode: Literal["lse", "cvar", "max"] = "lse",
+    temperature: float = 0.1,
+    fraction: float = 0.2,
+    missing: Missing = "mask",
+    validate: bool = True,
+) -> Tensor:
+    """A smooth maximum over classes, groups or (label, group) cells of their mean cross-entropy in the batch.
+
+    With ``L_j`` the mean cross-entropy of the samples of unit ``j`` in the batch, over the ``m`` units present:
+
+    * ``mode="lse"``: ``T * log( (1/m) sum_j exp(L_j / T) )``, which lies between the mean of the ``L_j``
+      (``T -> inf``) and their maximum (``T -> 0``);
+    * ``mode="cvar"``: the mean of the largest ``fraction`` of the ``L_j`` (conditional value at risk; the unit on
+      the boundary counts fractionally; ``fraction=1`` is the mean);
+    * ``mode="max"``: the maximum itself.
+
+    Args:
+        logits: ``(N, K)``.
+        target: labels ``(N,)``.
+        group: group of every sample ``(N,)`` in ``[0, num_groups)`` (needed unless ``over="class"``).
+        num_groups: the number of groups ``G``.
+        over: ``"class"``, ``"group"`` or ``"cell"`` (a (label, group) pair, the groups of group DRO).
+        mode: ``"lse"``, ``"cvar"`` or ``"max"``.
+        temperature: ``T > 0`` of ``"lse"``.
+        fraction: CVaR level in ``(0, 1]``.
+        missing: a unit absent from the batch is left out (``"mask"``) or raises (``"raise"``).
+        validate: check shapes and index ranges (one host synchronisation).
+
+    Example:
+        >>> logits, y, g = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 1] * 4)
+        >>> worst_group_loss(logits, y, g, num_groups=2).ndim
+        0
+    """
+    WorstGroupLoss.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
+                                  num_groups=num_groups)
+    k = logits.shape[-1]
+    if validate:
+        g = _check_batch(logits, target, group, num_groups, over != "class", f"worst-{over} objective")
+    else:
+        g = num_groups or 1
+    units = _units(over, k, g)
+    losses = F.cross_entropy(_wide(logits), target, reduction="none")
+    means, present = unit_mean_losses(losses, _unit_index(over, target, group, k), units)
+    if missing == "raise" and not bool(present.all()):
+        names = [_unit_name(over, j, k) for j in (~present).nonzero().flatten().tolist()]
+        raise _missing_error(f"worst-{over} objective", names, batch=True)
+    return _soft_max(means[present], mode, temperature, fraction)
+
+
+class WorstGroupLoss:
+    """A smooth worst-class, worst-group or worst-cell objective (see :func:`worst_group_loss`).
+
+    Args:
+        class_counts: ``K`` class counts or a ``G x K`` table of (group, class) counts of the upper data. Every unit
+            the objective ranges over must have at least one upper sample (checked here, before training).
+        over: ``"class"``, ``"group"`` or ``"cell"`` ((label, group) pairs, as in group DRO).
+        mode: ``"lse"`` (log-sum-exp with a temperature), ``"cvar"`` or ``"max"``.
+        temperature: ``T > 0`` of the log-sum-exp: small is close to the maximum, large to the mean.
+        fraction: CVaR level in ``(0, 1]``.
+        missing: ``"mask"`` (units absent from a batch are left out) or ``"raise"``.
+        num_groups: ``G`` (default: the rows of ``class_counts``).
+
+    Example:
+        >>> objective = WorstGroupLoss([[20, 2], [2, 20]], over="cell", temperature=0.5)
+        >>> objective(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])).ndim
+        0
+    """
+
+    requires_all_classes = True
+
+    def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, over: Over = "cell",
+                 mode: Literal["lse", "cvar", "max"] = "lse", temperature: float = 0.1, fraction: float = 0.2,
+                 missing: Missing = "mask", num_groups: int | None = None) -> None:
+        self.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
+                            num_groups=num_groups)
+        table = _count_table(class_counts, num_groups)
+        self.class_counts = table.sum(dim=0)
+        self.num_classes = table.shape[1]
+        self.num_groups = table.shape[0]
+        self.over, self.mode, self.temperature, self.fraction, self.missing = over, mode, temperature, fraction, missing
+        self.uses_groups = over != "class"
+        if over != "class" and self.num_groups < 2:
+            raise ValueError(f"The worst-{over} objective needs groups: num_groups >= 2 (a G x K table of upper "
+                             f"counts); got {self.num_groups} group.")
+        per_unit = {"class": table.sum(dim=0), "group": table.sum(dim=1), "cell": table.flatten()}[over]
+        missing_units = [_unit_name(over, j, self.num_classes) for j in (per_unit == 0).nonzero().flatten().tolist()]
+        if missing_units:
+            raise _missing_error(f"The worst-{over} objective", missing_units, batch=False)
+
+    @staticmethod
+    def check_settings(over: Any = "cell", mode: Any = "lse", temperature: Any = 0.1, fraction: Any = 0.2,
+                       missing: Any = "mask", num_groups: Any = None) -> None:
+        """Checks the settings alone (no counts needed); raises ``ValueError``."""
+        _check_choice("over", over, _OVER)
+        _check_choice("mode", mode, ("lse", "cvar", "max"))
+        _check_choice("missing", missing, _MISSING)
+        _check_num_groups(num_groups)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+                or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a positive finite number; got {temperature!r}.")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction (the CVaR level) must lie in (0, 1]; got {fraction!r}.")
+
+    def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        return worst_group_loss(logits, target, group, self.num_groups, self.over, self.mode, self.temperature,
+                                self.fraction, self.missing)
+
+    def __repr__(self) -> str:
+        setting = f"temperature={self.temperature}" if self.mode == "lse" else f"fraction={self.fraction}"
+        return f"WorstGroupLoss(over={self.over!r}, mode={self.mode!r}, {setting}, num_groups={self.num_groups})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Difference of equal opportunity
+# ---------------------------------------------------------------------------------------------------------
+
+
+def equal_opportunity_gap(
+    logits: Tensor,
+    target: Tensor,
+    group: Tensor,
+    num_groups: int,
+    gap: Literal["abs", "square"] = "abs",
+    pairs: Literal["max", "mean"] = "max",
+    labels: Sequence[int] | None = None,
+    missing: Missing = "mask",
+    validate: bool = True,
+) -> Tensor:
+    """A differentiable surrogate of the difference of equal opportunity (DEO) between groups.
+
+    With ``L(y, g)`` the mean cross-entropy of the samples of label ``y`` and group ``g`` in the batch (a
+    surrogate of the error rate ``1 - TPR`` of label ``y`` in group ``g``), the gap of label ``y`` is, over the
+    groups present with that label:
+
+    * ``pairs="max"``: ``max_g L(y, g) - min_g L(y, g)``, the largest pairwise gap (for two groups
+      ``|L(y, 0) - L(y, 1)|``);
+    * ``pairs="mean"``: the mean over pairs ``g < h`` of ``|L(y, g) - L(y, h)|`` (equal to ``"max"`` for two
+      groups);
+
+    squared with ``gap="square"`` (smooth at zero). The objective is the mean of the gaps over the labels in
+    ``labels`` (default: every label) that have samples of at least two groups in the batch. For a binary task,
+    ``labels=[1]`` is the classic equal-opportunity gap (true-positive rates); every label (the default) also
+    counts the gap of the negative label (false-positive rates), as equalised odds does.
+
+    When no requested label has two groups in the batch, the gap is 0 (attached to the logits) and a warning says
+    so.
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: for bad settings or indices, or (with ``missing="raise"``) when a requested (label, group) cell
+            is absent from the batch.
+
+    Example:
+        >>> logits, y, g = torch.randn(8, 2), torch.tensor([0, 1] * 4), torch.tensor([0, 0, 1, 1] * 2)
+        >>> equal_opportunity_gap(logits, y, g, num_groups=2) >= 0
+        tensor(True)
     """
-    if callable(objective):
-        return objective
-    key = str(objective).strip().lower()
+    EqualOpportunityGap.check_settings(gap=gap, pairs=pairs, missing=missing, num_groups=num_groups, labels=labels)
+    k = logits.shape[-1]
+    if validate:
+        _check_batch(logits, target, group, num_groups, True, "The equal-opportunity objective")
+        if labels is not None and any(not 0 <= y < k for y in labels):
+            raise ValueError(f"labels must lie in [0, {k}); got {list(labels)}.")
+    losses = F.cross_entropy(_wide(logits), target, reduction="none")
+    means, present = unit_mean_losses(losses, group * k + target, num_groups * k)
+    means, present = means.view(num_groups, k), present.view(num_groups, k)
+    wanted = list(range(k)) if labels is None else list(dict.fromkeys(int(y) for y in labels))
+    if missing == "raise":
+        absent = [f"(label {y}, group {g_})" for g_ in range(num_groups) for y in wanted if not bool(present[g_, y])]
+        if absent:
+            raise _missing_error("The equal-opportunity objective", absent, batch=True)
+    present_host = present.cpu()
+    gaps = []
+    for y in wanted:
+        rows = present_host[:, y].nonzero().flatten().tolist()
+        if len(rows) < 2:
+            continue
+        values = means[rows, y]
+        if pairs == "max":
+            diffs = (values.max() - values.min()).reshape(1)
+        else:
+            left, right = zip(*itertools.combinations(range(len(rows)), 2))
+            diffs = (values[list(left)] - values[list(right)]).abs()
+        gaps.append((diffs.square() if gap == "square" else diffs).mean())
+    if not gaps:
+        warnings.warn("The equal-opportunity objective: no label in this upper batch has samples of two groups, so no "
+                      "gap can be measured and the batch contributes 0; use larger upper batches (upper_batch_size) "
+                      "or missing='raise'.", stacklevel=2)
+        return (means * 0.0).sum()  # zero, but attached to the logits
+    return torch.stack(gaps).mean()
+
+
+class EqualOpportunityGap:
+    """The difference-of-equal-opportunity surrogate as an objective (see :func:`equal_opportunity_gap`).
+
+    Args:
+        class_counts: a ``G x K`` table of (group, class) counts of the upper data, ``G >= 2``. Every (label, group)
+            cell of the requested labels needs at least one upper sample (checked here, before training).
+        gap: ``"abs"`` or ``"square"``.
+        pairs: for more than two groups, the largest (``"max"``) or the mean (``"mean"``) pairwise gap.
+        labels: the labels whose gaps are averaged (default: all).
+        missing: ``"mask"`` (a label with fewer than two groups in the batch is left out) or ``"raise"``.
+        num_groups: ``G`` (default: the rows of ``class_counts``).
+
+    Example:
+        >>> objective = EqualOpportunityGap([[20, 2], [2, 20]])
+        >>> objective(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])).ndim
+        0
+    """
+
+    requires_all_classes = True
+    uses_groups = True
+
+    def __init__(self, class_counts: Sequence[Sequence[int]] | Tensor, gap: Literal["abs", "square"] = "abs",
+                 pairs: Literal["max", "mean"] = "max", labels: Sequence[int] | None = None, missing: Missing = "mask",
+                 num_groups: int | None = None) -> None:
+        self.check_settings(gap=gap, pairs=pairs, missing=missing, num_groups=num_groups, labels=labels)
+        table = _count_table(class_counts, num_groups)
+        self.class_counts = table.sum(dim=0)
+        self.num_groups, self.num_classes = table.shape
+        if self.num_groups < 2:
+            raise ValueError("The equal-opportunity objective compares groups: it needs num_groups >= 2 (a G x K table "
+                             f"of upper counts); got {self.num_groups} group.")
+        k = self.num_classes
+        self.labels = None if labels is None else [int(y) for y in labels]
+        if self.labels is not None and any(not 0 <= y < k for y in self.labels):
+            raise ValueError(f"labels must lie in [0, {k}); got {self.labels}.")
+        wanted = range(k) if self.labels is None else self.labels
+        absent = [f"(label {y}, group {g})" for g in range(self.num_groups) for y in wanted if table[g, y] == 0]
+        if absent:
+            raise _missing_error("The equal-opportunity objective", absent, batch=False)
+        self.gap, self.pairs, self.missing = gap, pairs, missing
+
+    @staticmethod
+    def check_settings(gap: Any = "abs", pairs: Any = "max", missing: Any = "mask", num_groups: Any = None,
+                       labels: Any = None) -> None:
+        """Checks the settings alone (no counts needed); raises ``ValueError``."""
+        _check_choice("gap", gap, ("abs", "square"))
+        _check_choice("pairs", pairs, ("max", "mean"))
+        _check_choice("missing", missing, _MISSING)
+        _check_num_groups(num_groups)
+        if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or not labels
+                                   or any(isinstance(y, bool) or not isinstance(y, int) for y in labels)):
+            raise ValueError(f"labels must be a non-empty list of class indices or None; got {labels!r}.")
+
+    def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        if group is None:
+            raise ValueError("The equal-opportunity objective needs the group of every sample: batches must be "
+                             "(x, y, g).")
+        return equal_opportunity_gap(logits, target, group, self.num_groups, self.gap, self.pairs, self.labels,
+                                     self.missing)
+
+    def __repr__(self) -> str:
+        return (f"EqualOpportunityGap(gap={self.gap!r}, pairs={self.pairs!r}, labels={self.labels}, "
+                f"num_groups={self.num_groups})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blend of an accuracy and a fairness objective
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_lam(lam: Any) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam (the weight of the fairness objective) must lie in [0, 1]; got {lam!r}.")
+    return float(lam)
+
+
+def blended_objective(accuracy: Tensor, fairness: Tensor, lam: float) -> Tensor:
+    """``(1 - lam) * accuracy + lam * fairness`` for two objective values, ``lam`` in ``[0, 1]``."""
+    lam = _check_lam(lam)
+    return (1.0 - lam) * accuracy + lam * fairness
+
+
+class BlendedObjective:
+    """``(1 - lam) * accuracy_objective + lam * fairness_objective``.
+
+    Args:
+        class_counts: the upper counts, handed to both parts (a ``G x K`` table for group objectives).
+        lam: the weight of the fairness objective, in ``[0, 1]``.
+        accuracy: a name from :data:`OBJECTIVES` or a callable (default ``"balanced_ce"``).
+        fairness: a name or a callable (default ``"deo"``).
+        accuracy_kwargs: settings of a named accuracy objective.
+        fairness_kwargs: settings of a named fairness objective.
+        num_groups: ``G``, handed to named parts that take it.
+
+    Example:
+        >>> objective = BlendedObjective([[20, 2], [2, 20]], lam=0.5, fairness="worst_group")
+        >>> objective(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])).ndim
+        0
+    """
+
+    def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, lam: float = 0.5,
+                 accuracy: str | Objective = "balanced_ce", fairness: str | Objective = "deo",
+                 accuracy_kwargs: Mapping[str, Any] | None = None, fairness_kwargs: Mapping[str, Any] | None = None,
+                 num_groups: int | None = None) -> None:
+        self.check_settings(lam=lam, accuracy=accuracy, fairness=fairness, accuracy_kwargs=accuracy_kwargs,
+                            fairness_kwargs=fairness_kwargs, num_groups=num_groups)
+        self.lam = float(lam)
+        common = {} if num_groups is None else {"num_groups": num_groups}
+        self.accuracy = build_objective(accuracy, class_counts, **_with_groups(accuracy, common, accuracy_kwargs))
+        self.fairness = build_objective(fairness, class_counts, **_with_groups(fairness, common, fairness_kwargs))
+        self.requires_all_classes = any(getattr(o, "requires_all_classes", False)
+                                        for o in (self.accuracy, self.fairness))
+        self.uses_groups = any(getattr(o, "uses_groups", False) for o in (self.accuracy, self.fairness))
+
+    @staticmethod
+    def check_settings(lam: Any = 0.5, accuracy: Any = "balanced_ce", fairness: Any = "deo",
+                       accuracy_kwargs: Any = None, fairness_kwargs: Any = None, num_groups: Any = None) -> None:
+        """Checks ``lam`` and both parts' names and settings (no counts needed); raises ``ValueError``."""
+        _check_lam(lam)
+        _check_num_groups(num_groups)
+        for (name, part), kwargs in zip((("accuracy", accuracy), ("fairness", fairness)),
+                                        (accuracy_kwargs, fairness_kwargs)):
+            if isinstance(part, str) and resolve_objective(part) == "blend":
+                raise ValueError(f"The {name} part of a blend cannot itself be a blend.")
+            if kwargs is not None and not isinstance(kwargs, Mapping):
+                raise ValueError(f"{name}_kwargs must be a mapping of settings; got {type(kwargs).__name__}.")
+            if callable(part) and not isinstance(part, str):
+                if kwargs:
+                    raise ValueError(f"{name}_kwargs are only for a named {name} objective, not a callable.")
+                continue
+            check_objective(part, **(dict(kwargs or {})))
+
+    def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        parts = []
+        for weight, objective in ((1.0 - self.lam, self.accuracy), (self.lam, self.fairness)):
+            if weight > 0:  # a part with weight 0 is not evaluated (it may need groups the batch lacks)
+                parts.append(weight * objective(logits, target, group))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    def __repr__(self) -> str:
+        return f"BlendedObjective(lam={self.lam}, accuracy={self.accuracy!r}, fairness={self.fairness!r})"
+
+
+def _with_groups(part: Any, common: dict[str, Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(kwargs or {})
+    if isinstance(part, str) and "num_groups" in inspect.signature(OBJECTIVES[resolve_objective(part)]).parameters:
+        out = {**common, **out}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _worst_class(class_counts: Any, **kwargs: Any) -> WorstGroupLoss:
+    if kwargs.get("over", "class") != "class":
+        raise ValueError("'worst_class' ranges over classes; use 'worst_group' with over='group' or 'cell'.")
+    kwargs.pop("over", None)
+    return WorstGroupLoss(class_counts, over="class", **kwargs)
+
+
+def _worst_class_settings(**kwargs: Any) -> None:
+    if kwargs.get("over", "class") != "class":
+        raise ValueError("'worst_class' ranges over classes; use 'worst_group' with over='group' or 'cell'.")
+    WorstGroupLoss.check_settings(**{**kwargs, "over": "class"})
+
+
+_worst_class.check_settings = _worst_class_settings  # type: ignore[attr-defined]
+_worst_class.__signature__ = inspect.signature(WorstGroupLoss)  # type: ignore[attr-defined]
+
+#: Objectives selectable by name; each entry builds the objective from the upper counts (``K`` class counts or a
+#: ``G x K`` table of (group, class) counts) and its settings.
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "balanced_ce": BalancedCrossEntropy,
+    "worst_class": _worst_class,
+    "worst_group": WorstGroupLoss,
+    "deo": EqualOpportunityGap,
+    "blend": BlendedObjective,
+}
+_ALIASES = {"balanced_cross_entropy": "balanced_ce", "equal_opportunity": "deo", "eo_gap": "deo",
+            "blended": "blend"}
+
+
+def resolve_objective(name: str) -> str:
+    """The canonical name of a named objective (aliases: ``balanced_cross_entropy``, ``equal_opportunity``,
+    ``eo_gap``, ``blended``); raises ``ValueError`` for an unknown name."""
+    key = str(name).strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
     if key not in OBJECTIVES:
-        raise ValueError(f"Unknown upper objective {objective!r}; expected one of {sorted(OBJECTIVES)} or a callable "
+        raise ValueError(f"Unknown upper objective {name!r}; expected one of {sorted(OBJECTIVES)} or a callable "
                          "objective(logits, target, group) -> scalar.")
-    return OBJECTIVES[key](class_counts, **kwargs)
+    return key
+
+
+def check_objective(objective: str | Objective, **kwargs: Any) -> None:
+    """Checks a named objective and its settings without any counts (e.g. when a callback is constructed).
+
+    Raises:
+        ValueError: for an unknown name, an argument the objective does not take, or a bad setting (``lam`` outside
+            ``[0, 1]``, a temperature ``<= 0``, ...).
+    """
+    if callable(objective) and not isinstance(objective, str):
+        if kwargs:
+            raise ValueError("objective_kwargs are only for a named objective; a callable objective takes none.")
+        return
+    key = resolve_objective(objective)
+    builder = OBJECTIVES[key]
+    parameters = dict(inspect.signature(builder).parameters)
+    parameters.pop("class_counts", None)
+    unknown = [k for k in kwargs if k not in parameters]
+    if unknown:
+        raise ValueError(f"The objective {key!r} takes no argument {unknown}; its settings are {sorted(parameters)}.")
+    checker = getattr(builder, "check_settings", None)
+    if checker is not None:
+        checker(**kwargs)
+
+
+def build_objective(objective: str | Objective, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+                    **kwargs: Any) -> Objective:
+    """Returns a callable objective: a name from :data:`OBJECTIVES` built from the counts, or a callable as is.
+
+    Args:
+        objective: a name (``"balanced_ce"``, ``"worst_class"``, ``"worst_group"``, ``"deo"``, ``"blend"``) or a
+            callable ``objective(logits, target, group) -> scalar``.
+        class_counts: the upper data's ``K`` class counts or ``G x K`` (group, class) counts.
+        **kwargs: the named objective's settings.
+
+    Raises:
+        ValueError: for an unknown name, bad settings, or units the objective needs that the counts lack.
+    """
+    check_objective(objective, **kwargs)
+    if callable(objective) and not isinstance(objective, str):
+        return objective
+    return OBJECTIVES[resolve_objective(objective)](class_counts, **kwargs)

@@ -324,8 +324,8 @@ class DatasetDependent(LossParametrization):
     _SCALARS = {"delta": "gamma", "offset": "tau", "weight": "omega"}
 
     def __init__(self, class_counts: Sequence[int] | Tensor, preset: str = "ce", **kwargs: Any) -> None:
-        if resolve_preset(preset) == "class_balanced":
-            raise ValueError("preset 'class_balanced' is not in the dataset-dependent family "
+        if resolve_preset(preset) in ("class_balanced", "group_balanced"):
+            raise ValueError(f"preset {resolve_preset(preset)!r} is not in the dataset-dependent family "
                              "(weights pi**-omega); start from 'inverse_frequency' or 'ce', or use PerClass.")
         super().__init__(class_counts, preset=preset, **kwargs)
 

@@ -110,6 +110,13 @@ def ref_inverse_frequency(f, y):
     return (w[y] * F.cross_entropy(f, y, reduction="none")).mean()
 
 
+def ref_group_balanced(f, y):
+    # one group: every class gets the same total weight, N / (K n_y) per sample
+    n = _n()
+    w = n.sum() / (len(COUNTS) * n)
+    return (w[y] * F.cross_entropy(f, y, reduction="none")).mean()
+
+
 PRESET_CASES = [
     ("ce", {}, ref_ce),
     ("cross_entropy", {}, ref_ce),
@@ -127,6 +134,7 @@ PRESET_CASES = [
     ("class-balanced", {"beta": 0.999}, lambda f, y: ref_class_balanced(f, y, beta=0.999)),
     ("inverse_frequency", {}, ref_inverse_frequency),
     ("inv_freq", {}, ref_inverse_frequency),
+    ("group_balanced", {}, ref_group_balanced),
 ]
 
 
