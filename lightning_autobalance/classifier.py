@@ -14,18 +14,20 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from typing_extensions import override
 
 from lightning_autobalance.data.profiles import head_medium_tail
-from lightning_autobalance.losses import FocalLoss, LDAMLoss, Reduction
+from lightning_autobalance.losses import FocalLoss, GroupDROLoss, LDAMLoss, Reduction
+from lightning_autobalance.metrics import GroupErrors
 from lightning_autobalance.mixin import AutoBalanceMixin
 from lightning_autobalance.models import NormedLinear, build_network
 from lightning_autobalance.parametrization import ParametrizationKind
 
 __all__ = ["ImbalancedClassifier"]
 
-LossName = Literal["autobalance", "ldam", "focal"]
+LossName = Literal["autobalance", "ldam", "focal", "group_dro"]
 
 
 class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
-    """A classifier trained with an AutoBalance loss (or the LDAM-DRW / focal baselines), with long-tail metrics.
+    """A classifier trained with an AutoBalance loss (or the LDAM-DRW / focal / group DRO baselines), with long-tail
+    and group metrics.
 
     The optimiser and schedule default to the paper's: SGD with momentum, a linear warm-up, then step decay or
     cosine annealing, stepped every optimizer step. Validation and test log the balanced error (``1 -`` the
@@ -33,20 +35,29 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
     medium and tail classes, and (up to ``log_max_classes`` classes) the error of every class. At test time the
     raw logits are used: the loss adjustment shapes training only.
 
+    With groups (``num_groups >= 2``, batches ``(x, y, g)``) the loss tables are ``G x K`` (from ``group_counts``
+    when given, so presets see the counts of every (group, class) cell) and validation and test also log the group
+    metrics of :mod:`lightning_autobalance.metrics`: the error of every (label, group) cell and of every group, the
+    worst-group error (the largest cell error), the average error and the equal-opportunity gap (``eo_gap``). For
+    ``(x, y)`` batches nothing changes.
+
     Args:
         network: a callable ``num_classes -> nn.Module`` (from a LightningCLI YAML: ``class_path`` of a network
             with its ``init_args``) or a name known to :func:`~lightning_autobalance.models.build_network`.
         num_classes: number of classes (linked from the datamodule by the CLI).
         class_counts: training samples per class (linked from the datamodule by the CLI).
         loss: ``"autobalance"`` (the searchable family), ``"ldam"`` (LDAM with deferred re-weighting, on a cosine
-            head) or ``"focal"``.
+            head), ``"focal"`` or ``"group_dro"`` (online group DRO over (label, group) cells,
+            :class:`~lightning_autobalance.losses.GroupDROLoss`; needs groups).
         preset: starting point of the AutoBalance loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``,
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
             may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``).
         parametrization: ``"class"``, ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.parametrization`).
         group_size: classes per frequency bin for ``parametrization="groups"``.
-        num_groups: sensitive groups (class x group tables).
+        num_groups: sensitive groups (class x group tables; linked from a group datamodule by the CLI).
+        group_counts: training samples per (group, class) cell, ``G x K`` (linked from a group datamodule): the
+            presets are then built per cell (e.g. ``"group_balanced"`` weights, ``"la"`` offsets ``log p(y | g)``).
         preset_kwargs: ``tau``, ``gamma``, ``beta`` of the preset.
         reduction: ``"mean"`` or ``"weighted_mean"``.
         loss_file: start from (and by default freeze) a loss exported by a search.
@@ -55,6 +66,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         ldam_scale: the LDAM logit scale.
         drw_epoch: epoch from which LDAM uses class-balanced weights (``None``: never).
         focal_gamma: focal-loss exponent.
+        dro_step_size: step size of the group weights of ``loss="group_dro"``.
         optimizer: a callable ``params -> Optimizer`` replacing the default SGD.
         lr: SGD learning rate.
         momentum: SGD momentum.
@@ -84,6 +96,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         parametrization: ParametrizationKind = "class",
         group_size: int = 1,
         num_groups: int | None = None,
+        group_counts: list[list[int]] | None = None,
         preset_kwargs: dict[str, float] | None = None,
         reduction: Reduction = "mean",
         loss_file: str | None = None,
@@ -92,6 +105,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         ldam_scale: float = 30.0,
         drw_epoch: int | None = 160,
         focal_gamma: float = 1.0,
+        dro_step_size: float = 0.01,
         optimizer: Callable[[Iterable], Optimizer] | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -110,8 +124,23 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                              "linked from the datamodule's class_counts.")
         if len(class_counts) != num_classes:
             raise ValueError(f"class_counts has {len(class_counts)} entries but num_classes is {num_classes}.")
-        if loss not in ("autobalance", "ldam", "focal"):
-            raise ValueError(f"loss must be 'autobalance', 'ldam' or 'focal'; got {loss!r}.")
+        if loss not in ("autobalance", "ldam", "focal", "group_dro"):
+            raise ValueError(f"loss must be 'autobalance', 'ldam', 'focal' or 'group_dro'; got {loss!r}.")
+        loss_counts: Any = class_counts
+        if group_counts is not None:
+            table = torch.as_tensor(group_counts)
+            if table.ndim != 2 or table.shape[1] != num_classes:
+                raise ValueError(f"group_counts must be a G x K table with K={num_classes}; got shape "
+                                 f"{tuple(table.shape)}.")
+            if num_groups is not None and table.shape[0] != num_groups:
+                raise ValueError(f"group_counts has {table.shape[0]} rows but num_groups is {num_groups}.")
+            if table.sum(dim=0).tolist() != [int(c) for c in class_counts]:
+                raise ValueError(f"group_counts (summed over groups: {table.sum(dim=0).tolist()}) do not match "
+                                 f"class_counts {list(class_counts)}.")
+            num_groups = table.shape[0]
+            loss_counts = group_counts
+        if loss == "group_dro" and not num_groups:
+            raise ValueError("loss='group_dro' needs groups: give num_groups (and batches (x, y, g)).")
         if lr <= 0 or weight_decay < 0 or warmup_epochs < 0 or not 0 < lr_decay <= 1:
             raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0 and 0 < lr_decay <= 1; got {lr}, "
                              f"{weight_decay}, {warmup_epochs}, {lr_decay}.")
@@ -122,7 +151,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         self.loss_name = loss
         self.optimizer_fn = optimizer
         searched = search if loss == "autobalance" else ()
-        self.configure_autobalance(class_counts, preset=preset if loss == "autobalance" else "ce", search=searched,
+        self.configure_autobalance(loss_counts, preset=preset if loss == "autobalance" else "ce", search=searched,
                                    parametrization=parametrization, group_size=group_size, num_groups=num_groups,
                                    reduction=reduction, preset_kwargs=preset_kwargs, loss_file=loss_file,
                                    freeze=freeze_loss or loss_file is not None)
@@ -136,6 +165,9 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             self.criterion = LDAMLoss(class_counts, ldam_max_margin, ldam_scale, drw_epoch)
         elif loss == "focal":
             self.criterion = FocalLoss(focal_gamma)
+        elif loss == "group_dro":
+            assert num_groups is not None
+            self.criterion = GroupDROLoss(num_classes, num_groups, dro_step_size)
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.class_counts = list(class_counts)
@@ -145,6 +177,9 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         self.val_recall = MulticlassRecall(average="none", **metric_args)
         self.test_accuracy = MulticlassAccuracy(average="macro", **metric_args)
         self.test_recall = MulticlassRecall(average="none", **metric_args)
+        self.num_groups = int(num_groups or 1)
+        self.val_groups = GroupErrors(num_classes, self.num_groups) if self.num_groups > 1 else None
+        self.test_groups = GroupErrors(num_classes, self.num_groups) if self.num_groups > 1 else None
         self.test_report: dict[str, Any] = {}
 
     @override
@@ -158,7 +193,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         x, y, g = self.autobalance_unpack(batch)
         logits = self(x)
         if self.criterion is not None:
-            loss = self.criterion(logits, y)
+            loss = self.criterion(logits, y, g)
         else:
             loss = self.autobalance_loss(logits, y, g)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -169,21 +204,25 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         if isinstance(self.criterion, LDAMLoss):
             self.criterion.set_epoch(self.current_epoch)
 
-    def _eval_step(self, batch: Any, accuracy: MulticlassAccuracy, recall: MulticlassRecall) -> None:
-        x, y, _ = self.autobalance_unpack(batch)
+    def _eval_step(self, batch: Any, accuracy: MulticlassAccuracy, recall: MulticlassRecall,
+                   groups: GroupErrors | None) -> None:
+        x, y, g = self.autobalance_unpack(batch)
         preds = self(x).argmax(dim=-1)
         accuracy.update(preds, y)
         recall.update(preds, y)
+        if groups is not None and g is not None:
+            groups.update(preds, y, g)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_accuracy, self.val_recall)
+        self._eval_step(batch, self.val_accuracy, self.val_recall, self.val_groups)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_accuracy, self.test_recall)
+        self._eval_step(batch, self.test_accuracy, self.test_recall, self.test_groups)
 
-    def _report(self, accuracy: MulticlassAccuracy, recall: MulticlassRecall) -> dict[str, Any]:
+    def _report(self, accuracy: MulticlassAccuracy, recall: MulticlassRecall,
+                groups: GroupErrors | None = None) -> dict[str, Any]:
         per_class = (1.0 - recall.compute().double()).cpu()
         report: dict[str, Any] = {"balanced_error": float(1.0 - accuracy.compute()),
                                   "per_class_error": per_class.tolist()}
@@ -193,24 +232,35 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         report["worst_class_error"] = float(per_class.max())
         accuracy.reset()
         recall.reset()
+        if groups is not None and groups.update_called:  # only when the batches carried groups
+            report.update(groups.compute())
+        if groups is not None:
+            groups.reset()
         return report
 
     def _log_report(self, stage: str, report: dict[str, Any]) -> None:
-        metrics = {f"{stage}/{k}": v for k, v in report.items() if k != "per_class_error" and not math.isnan(v)}
+        metrics = {f"{stage}/{k}": v for k, v in report.items() if isinstance(v, float) and not math.isnan(v)}
         per_class = report["per_class_error"]
+        width = len(str(len(per_class) - 1))
         if len(per_class) <= self.hparams.log_max_classes:
-            width = len(str(len(per_class) - 1))
             metrics.update({f"{stage}/class_error/{c:0{width}d}": e for c, e in enumerate(per_class)})
+        if "cell_error" in report:
+            metrics.update({f"{stage}/group_error/g{g}": e for g, e in enumerate(report["group_error"])
+                            if not math.isnan(e)})
+            if len(per_class) * self.num_groups <= self.hparams.log_max_classes:
+                metrics.update({f"{stage}/cell_error/g{g}_{c:0{width}d}": e
+                                for g, row in enumerate(report["cell_error"]) for c, e in enumerate(row)
+                                if not math.isnan(e)})
         self.log_dict(metrics, prog_bar=False)
         self.log(f"{stage}_bal_err", report["balanced_error"], prog_bar=True, logger=False)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._log_report("val", self._report(self.val_accuracy, self.val_recall))
+        self._log_report("val", self._report(self.val_accuracy, self.val_recall, self.val_groups))
 
     @override
     def on_test_epoch_end(self) -> None:
-        self.test_report = self._report(self.test_accuracy, self.test_recall)
+        self.test_report = self._report(self.test_accuracy, self.test_recall, self.test_groups)
         self._log_report("test", self.test_report)
 
     @override

@@ -27,7 +27,8 @@ __all__ = ["AutoBalanceCLI", "main"]
 class AutoBalanceCLI(LightningCLI):
     """LightningCLI for :class:`~lightning_autobalance.ImbalancedClassifier` and the long-tailed datamodules.
 
-    The datamodule's ``num_classes`` and ``class_counts`` are linked into the model, and the ``pipeline``
+    The datamodule's ``num_classes`` and ``class_counts`` (and, for a group datamodule, ``num_groups`` and
+    ``group_counts``) are linked into the model, and the ``pipeline``
     subcommand runs :meth:`~lightning_autobalance.pipeline.AutoBalanceTrainer.pipeline`.
     """
 
@@ -56,6 +57,10 @@ class AutoBalanceCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_counts", "model.class_counts", apply_on="instantiate")
+        # Group datamodules (ColoredDigits) also have num_groups and group_counts; for the others these links are
+        # skipped (jsonargparse ignores a link whose source attribute the datamodule lacks).
+        parser.link_arguments("data.num_groups", "model.num_groups", apply_on="instantiate")
+        parser.link_arguments("data.group_counts", "model.group_counts", apply_on="instantiate")
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         if subcommand == "pipeline":

@@ -7,9 +7,16 @@ Stages (each in its own folder of ``output_dir``, each resumable from its last c
    drawing upper batches from the held-out part; the found loss is written to ``found_loss.yaml``;
 2. ``autobalance``: retrain from scratch on the whole training set with that loss frozen, then test;
 3. one stage per baseline (``ce``, ``la``, ``cdt``, ``vs``, ``class_balanced``, ``inverse_frequency``,
-   ``ldam_drw``, ``focal``): train on the whole training set with that fixed loss, then test.
+   ``ldam_drw``, ``focal``; with groups also ``group_balanced`` and ``group_dro``): train on the whole training
+   set with that fixed loss, then test.
 
-Finally ``results.json`` (balanced, per-class, head/medium/tail and worst-class errors, the found loss, wall times),
+With a datamodule that has groups (``group_counts``, e.g. :class:`~lightning_autobalance.data.ColoredDigits`) and a
+model that takes ``group_counts`` (:class:`~lightning_autobalance.ImbalancedClassifier`), every stage's model gets the
+``G x K`` counts of its training set: the searched loss has class x group tables, the presets are built per
+(group, class) cell, and the group metrics land in ``results.json``.
+
+Finally ``results.json`` (balanced, per-class, head/medium/tail and worst-class errors; with groups also the
+worst-group error, the per-cell and per-group errors and the equal-opportunity gap; the found loss, wall times),
 ``loss.png`` (the learned parameters against class frequency) and a table on the console.
 
 Models and datamodules are re-created from their saved hyperparameters with a few overrides, so the model class
@@ -51,7 +58,12 @@ BASELINES: dict[str, dict[str, Any]] = {
     "inverse_frequency": {"loss": "autobalance", "preset": "inverse_frequency"},
     "ldam_drw": {"loss": "ldam"},
     "focal": {"loss": "focal"},
+    # Group baselines (need a datamodule with groups, e.g. ColoredDigits, and a model taking group_counts):
+    # per (class, group) cell weights N / (G K n_{g,y}); online group DRO over (label, group) cells.
+    "group_balanced": {"loss": "autobalance", "preset": "group_balanced"},
+    "group_dro": {"loss": "group_dro"},
 }
+_GROUP_BASELINES = ("group_balanced", "group_dro")
 _DROPPED_CALLBACKS = ("SaveConfigCallback", "ModelCheckpoint")
 
 
@@ -169,6 +181,17 @@ def _fit_and_test(name: str, model: pl.LightningModule, datamodule: pl.Lightning
     return result
 
 
+def _counts(model: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """The counts a stage's model is built with: classes, and (group, class) cells when both sides know groups."""
+    counts = {"class_counts": datamodule.class_counts, "num_classes": datamodule.num_classes}
+    if "group_counts" in dict(getattr(model, "hparams", {}) or {}):
+        cells = getattr(datamodule, "group_counts", None)
+        counts["group_counts"] = cells
+        if cells is not None:
+            counts["num_groups"] = len(cells)
+    return counts
+
+
 def _warm_up(model: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_kwargs: dict[str, Any]) -> None:
     """One throw-away training step, so that one-off start-up costs (lazy imports) stay out of the stage timings.
 
@@ -235,13 +258,19 @@ def run_pipeline(
     out = Path(output_dir)
     kwargs = dict(trainer_kwargs or {})
     seed = int(torch.initial_seed() % 2**31) if seed is None else int(seed)
+    full = _clone(datamodule, search_split=False)
+    counts = _counts(model, full)
+    if counts.get("group_counts") is None and any(b in _GROUP_BASELINES for b in baselines):
+        raise ValueError(f"The baselines {[b for b in baselines if b in _GROUP_BASELINES]} need groups: a datamodule "
+                         "with group_counts (e.g. ColoredDigits) and a model that takes group_counts "
+                         "(ImbalancedClassifier).")
     _warm_up(model, datamodule, kwargs)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"output_dir": str(out), "seed": seed, "model": type(model).__name__,
                                "datamodule": type(datamodule).__name__}
-    full = _clone(datamodule, search_split=False)
-    counts = {"class_counts": full.class_counts, "num_classes": full.num_classes}
     summary["class_counts"] = full.class_counts
+    if counts.get("group_counts") is not None:
+        summary["group_counts"] = counts["group_counts"]
 
     def stage(name: str, make: Any, search_stage: bool = False, test: bool = True) -> dict[str, Any]:
         stage_dir = out / name
@@ -271,8 +300,7 @@ def run_pipeline(
 
     if search:
         split = _clone(datamodule, search_split=True)
-        search_result = stage("search", lambda: (_clone(model, class_counts=split.class_counts,
-                                                        num_classes=split.num_classes, loss="autobalance"), split),
+        search_result = stage("search", lambda: (_clone(model, **_counts(model, split), loss="autobalance"), split),
                               search_stage=True, test=False)
         summary["search"] = search_result
         found = search_result["found_loss"]
@@ -307,7 +335,10 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="Balanced test error (%), lower is better")
-    for col in ("method", "balanced", "head", "medium", "tail", "worst class", "time (s)"):
+    groups = any("worst_group_error" in r for r in rows)
+    columns = ["method", "balanced", "head", "medium", "tail", "worst class"]
+    columns += ["worst group", "EO gap"] if groups else []
+    for col in (*columns, "time (s)"):
         table.add_column(col, justify="left" if col == "method" else "right")
     best = min((r.get("balanced_error", float("inf")) for r in rows), default=float("inf"))
 
@@ -318,8 +349,10 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
         t = r.get("fit_time_s", 0.0) + r.get("search_time_s", 0.0)
         mark = " *" if r.get("balanced_error") == best else ""
-        table.add_row(r["method"] + mark, pct(r, "balanced_error"), pct(r, "head_error"), pct(r, "medium_error"),
-                      pct(r, "tail_error"), pct(r, "worst_class_error"), f"{t:.0f}")
+        cells = [pct(r, "balanced_error"), pct(r, "head_error"), pct(r, "medium_error"), pct(r, "tail_error"),
+                 pct(r, "worst_class_error")]
+        cells += [pct(r, "worst_group_error"), pct(r, "eo_gap")] if groups else []
+        table.add_row(r["method"] + mark, *cells, f"{t:.0f}")
     Console().print(table)
 
 

@@ -10,6 +10,7 @@ Example:
 
 from lightning_autobalance.data.base import LongTailDataModule
 from lightning_autobalance.data.cifar import LongTailCIFAR10, LongTailCIFAR100
+from lightning_autobalance.data.colored_digits import ColoredDigits
 from lightning_autobalance.data.digits import LongTailDigits
 from lightning_autobalance.data.file_dataset import ImageFileDataset, decode_image
 from lightning_autobalance.data.folder import LongTailImageFolder
@@ -20,8 +21,10 @@ from lightning_autobalance.data.profiles import (
     select_long_tail,
     split_per_class,
 )
+from lightning_autobalance.data.tinted_dataset import TintedImageDataset
 
 __all__ = [
+    "ColoredDigits",
     "ImageFileDataset",
     "InMemoryImageDataset",
     "LongTailCIFAR10",
@@ -29,6 +32,7 @@ __all__ = [
     "LongTailDataModule",
     "LongTailDigits",
     "LongTailImageFolder",
+    "TintedImageDataset",
     "decode_image",
     "head_medium_tail",
     "long_tail_counts",
