@@ -469,7 +469,7 @@ def plot_per_class(rows: dict[str, dict[int, Any]], counts: dict[int, list[int]]
     ax.set_xticklabels([f"{int(k)}\n({c[k]:.0f})" for k in order], fontsize=7)
     ax.set_xlabel("class (training images), most frequent first")
     ax.set_ylabel("test error of the class % (mean over seeds)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -563,8 +563,8 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
         md += [f"AutoBalance hyper steps per search: {', '.join(map(str, hs))} (seeds {', '.join(map(str, ab))}).",
                ""]
     bal_png, pc_png = f"{name}_balanced_error.png", f"{name}_per_class.png"
-    plot_balanced({**rows, **grid_rows}, labels, docs / bal_png, f"{title}: balanced test error")
-    plot_per_class(rows, counts, labels, docs / pc_png, f"{title}: per-class test error vs class frequency")
+    plot_balanced({**rows, **grid_rows}, labels, docs / bal_png, f"{title}\nbalanced test error")
+    plot_per_class(rows, counts, labels, docs / pc_png, f"{title}\nper-class test error vs class frequency")
     md += [f"![balanced error per method]({bal_png})", "", f"![per-class error vs class frequency]({pc_png})", ""]
     if counts:
         md += [f"Training class counts (seed {next(iter(counts))}): {next(iter(counts.values()))}.", ""]
