@@ -396,7 +396,7 @@ def table(rows: dict[str, dict[int, Any]], seeds: Sequence[int], labels: dict[st
             "medium error %"]
     if reference:
         head.append(f"minus {labels.get(reference, reference).split(' (')[0]}, paired (pp)")
-    head.append("wall time s (per seed)")
+    head.append("fit wall time s (per seed)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = _ok(rows.get(reference, {})) if reference else {}
     for m, per_seed in rows.items():
@@ -548,7 +548,7 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
            "same initial weights), mean ± SE over seeds (positive: AutoBalance is better). Wall time: training "
            "(fit) seconds per seed, AutoBalance = search + retraining; measured on a shared machine, so indicative "
            "only.", ""]
-    md += table(rows, seeds, labels, AUTOBALANCE)
+    md += table(rows, seeds, labels, AUTOBALANCE if AUTOBALANCE in methods else None)
     md.append("")
     fails = [(m, s, r["failure"]) for m, per in {**rows, **grid_rows}.items() for s, r in per.items()
              if "failure" in r]
