@@ -538,7 +538,7 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
     # --report-only rewrites the report of runs made by the same command without it
     cmd = shlex.join(["python", "benchmarks/quality.py", *(a for a in args.argv if a != "--report-only")])
     md = [f"# Quality: {title}", "", "Command (from the repository root):", "", "```", cmd, "```", "",
-          f"Config: `{args.config}`; seeds {', '.join(map(str, seeds))}; runs in `{runs}`. One seed's pipeline "
+          f"Config: `{args.config}`; seeds {', '.join(map(str, seeds))}; runs in `{_rel(runs)}`. One seed's pipeline "
           f"(seed {seeds[0]}):", "", "```", commands.get(seeds[0], {}).get("all", ""), "```", ""]
     if extra:
         md += [f"Overrides added by the benchmark to every pipeline command: `{shlex.join(extra)}`.", ""]
