@@ -3,8 +3,9 @@
 For every seed ``s`` it runs the pipeline of the config (``lightning-autobalance pipeline``) with
 ``--seed_everything s --data.init_args.seed s`` into its own folder ``<runs-dir>/<name>/seed_<s>``: AutoBalance
 (search on the 80/20 per-class split, then retraining on the whole training set with the found loss) and every
-baseline, all with the config's settings. AutoBalance uses whatever the config says, which for the shipped configs
-is the library's defaults (``AutoBalanceCallback()`` with no arguments, LA start, per-class offsets searched).
+class-imbalance baseline (``--methods`` picks others, e.g. the group baselines), all with the config's settings.
+AutoBalance uses whatever the config says, which for the shipped configs is the library's defaults
+(``AutoBalanceCallback()`` with no arguments, LA start, per-class offsets searched).
 
 * Finished stages are reused on rerun (the pipeline skips a stage whose ``result.json`` exists).
 * One process per seed runs all methods; when it fails, each unfinished method is rerun alone, and a method that
@@ -51,6 +52,8 @@ from lightning_autobalance.pipeline import BASELINES
 ROOT = Path(__file__).resolve().parent.parent
 AUTOBALANCE = "autobalance"
 METHODS = [AUTOBALANCE, *BASELINES]
+#: The default: AutoBalance and the class-imbalance baselines (the group baselines need group labels).
+DEFAULT_METHODS = [AUTOBALANCE, "ce", "la", "cdt", "vs", "class_balanced", "inverse_frequency", "ldam_drw", "focal"]
 LABELS = {
     AUTOBALANCE: "AutoBalance (search + retrain)",
     "ce": "cross-entropy",
@@ -294,7 +297,7 @@ def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, di
             if rc != 0:
                 print(f"[seed {seed}] retraining {best['point']} FAILED (exit {rc}); see {retrain_dir}", flush=True)
         chosen[family] = {"point": best["point"], "command": _show(args),
-                          "result": str(retrain_dir / family / "result.json")}
+                          "result": _rel(retrain_dir / family / "result.json")}
     if "la" in chosen and "vs" in chosen:
         best = _choose([r for r in results if r["point"] in (chosen["la"]["point"], chosen["vs"]["point"])])
         chosen["all"] = chosen["la" if best["preset"] == "la" else "vs"]
@@ -354,7 +357,9 @@ def collect_grid(runs: Path, seeds: Sequence[int]) -> tuple[dict[str, dict[int, 
         points = {p["point"]: p for p in summary["points"]}
         for family, key in (("la", "grid_la"), ("vs", "grid_vs"), ("all", "grid_all")):
             ch = summary["chosen"].get(family)
-            res = _load(Path(ch["result"])) if ch else None
+            # found from the runs folder, so that a copied or moved runs folder still reads back
+            res = (_load(runs / f"seed_{s}" / "grid_retrain" / ch["point"] / points[ch["point"]]["preset"]
+                         / "result.json") if ch else None)
             if res is None or "balanced_error" not in res:
                 if ch:
                     rows[key][s] = {"failure": {"error": f"retraining of {ch['point']} did not finish"}}
@@ -663,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="a lightning-autobalance pipeline YAML")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     parser.add_argument("--name", help="name of the runs folder and the docs files (default: the config's stem)")
     parser.add_argument("--title", help="title of the markdown")
     parser.add_argument("--runs-dir", default="runs/quality")
