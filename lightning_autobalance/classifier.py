@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
@@ -198,6 +199,15 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             loss = self.autobalance_loss(logits, y, g)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    @override
+    def on_fit_start(self) -> None:
+        drw_epoch = self.criterion.drw_epoch if isinstance(self.criterion, LDAMLoss) else None
+        max_epochs = self.trainer.max_epochs
+        if drw_epoch is not None and max_epochs is not None and 0 <= max_epochs <= drw_epoch:
+            rank_zero_warn(f"LDAM's deferred re-weighting starts at epoch drw_epoch={drw_epoch}, but the Trainer stops "
+                           f"after max_epochs={max_epochs}: this fit is plain LDAM without DRW. Set "
+                           f"`drw_epoch` below max_epochs (the paper uses 80% of the epochs: 160 of 200).")
 
     @override
     def on_train_epoch_start(self) -> None:

@@ -357,29 +357,44 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 
 
 def plot_loss(summary: dict[str, Any], path: Path) -> None:
-    """Plots the found ``delta``, ``offset`` and ``weight`` against class frequency, with logit adjustment."""
+    """Plots the found ``delta``, ``offset`` and ``weight`` against class frequency, with logit adjustment.
+
+    With groups, every row of the class x group tables is drawn against its own (group, class) cell counts, and
+    the logit-adjustment reference is the one of those cells (offsets ``log p(y | g)``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = torch.tensor(summary["class_counts"], dtype=torch.float64)
-    found = {k: torch.tensor(v)[0] for k, v in summary["found_loss"].items()}
-    la = preset_tables("la", counts)
-    order = torch.argsort(counts, descending=True)
+    found = {k: torch.tensor(v, dtype=torch.float64) for k, v in summary["found_loss"].items()}
+    rows = found["offset"].shape[0]
+    cells = summary.get("group_counts")
+    if rows > 1 and cells is not None and len(cells) == rows:
+        counts = torch.tensor(cells, dtype=torch.float64)
+    else:
+        counts = torch.tensor(summary["class_counts"], dtype=torch.float64).expand(rows, -1)
+    la = preset_tables("la", counts.clamp(min=1), dtype=torch.float64)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    offset = found["offset"] - found["offset"].mean()
-    ref = la.offset[0] - la.offset[0].mean()
-    for ax, (name, values, reference) in zip(axes, (("delta", found["delta"], None), ("offset (centred)", offset, ref),
-                                                    ("weight", found["weight"], None))):
-        ax.plot(counts[order], values[order], "o-", label="found")
-        if reference is not None:
-            ax.plot(counts[order], reference[order], "x--", label="logit adjustment (tau=1)")
-            ax.legend()
+    for g in range(rows):
+        order = torch.argsort(counts[g], descending=True)
+        x = counts[g][order].clamp(min=0.5)
+        suffix = f", group {g}" if rows > 1 else ""
+        offset = found["offset"][g] - found["offset"][g].mean()
+        ref = la.offset[g] - la.offset[g].mean()
+        panels = (("delta", found["delta"][g], None), ("offset (centred)", offset, ref),
+                  ("weight", found["weight"][g], None))
+        for ax, (name, values, reference) in zip(axes, panels):
+            (line,) = ax.plot(x, values[order], "o-", label="found" + suffix)
+            if reference is not None:
+                ax.plot(x, reference[order], "x--", color=line.get_color(),
+                        label="logit adjustment (tau=1)" + suffix)
+            ax.set_title(name)
+    for ax in axes:
         ax.set_xscale("log")
-        ax.set_xlabel("training samples of the class")
-        ax.set_title(name)
+        ax.set_xlabel("training samples of the " + ("(group, class) cell" if rows > 1 else "class"))
         ax.grid(alpha=0.3)
+    axes[1].legend(fontsize="small")
     fig.suptitle("Loss found by AutoBalance against class frequency")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

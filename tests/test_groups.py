@@ -359,3 +359,30 @@ def test_group_baselines_need_groups(tmp_path):
     model = ImbalancedClassifier("digits_net", dm.num_classes, dm.class_counts)
     with pytest.raises(ValueError, match=r"baselines \['group_dro'\] need groups"):
         run_pipeline(model, dm, {"max_epochs": 1}, tmp_path, search=False, baselines=["ce", "group_dro"])
+
+
+def test_loss_plot_draws_every_group_row_against_its_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.figure
+
+    from lightning_autobalance.pipeline import plot_loss
+
+    cells = [[100, 6, 50], [5, 90, 40]]
+    tables = preset_tables("la", cells)
+    summary = {"class_counts": [105, 96, 90], "group_counts": cells,
+               "found_loss": {k: v.tolist() for k, v in tables._asdict().items()}}
+    figures: list[matplotlib.figure.Figure] = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    plot_loss(summary, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    offset_axis = figures[0].axes[1]
+    lines = {line.get_label(): line for line in offset_axis.get_lines()}
+    assert set(lines) == {f"{kind}, group {g}" for g in (0, 1) for kind in ("found", "logit adjustment (tau=1)")}
+    for g, row in enumerate(cells):
+        found = lines[f"found, group {g}"]
+        assert list(found.get_xdata()) == sorted(row, reverse=True)
+        # The search's start is group logit adjustment, so the found curve lies on the reference one.
+        np.testing.assert_allclose(found.get_ydata(), lines[f"logit adjustment (tau=1), group {g}"].get_ydata())
+        expected = np.log(np.array(sorted(row, reverse=True)) / sum(row))
+        np.testing.assert_allclose(found.get_ydata(), expected - expected.mean(), rtol=1e-6)

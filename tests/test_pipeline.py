@@ -207,3 +207,23 @@ def test_fake_cifar10_folder_through_the_cli(tmp_path: Path, one_thread: None) -
     for row in results["rows"]:
         assert 0.0 <= row["balanced_error"] <= 1.0 and len(row["per_class_error"]) == 10
     assert (out / "loss.png").is_file() and (out / "found_loss.yaml").is_file()
+
+
+# ====================================================================== LDAM-DRW's schedule
+@pytest.mark.parametrize(("drw_epoch", "warns"), [(160, True), (2, True), (1, False), (None, False)])
+def test_ldam_warns_when_drw_never_starts(drw_epoch: int | None, warns: bool, recwarn: pytest.WarningsRecorder) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_autobalance import ImbalancedClassifier
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(12, 64), torch.arange(12) % 3)
+    model = ImbalancedClassifier("digits_net", 3, [4, 4, 4], loss="ldam", drw_epoch=drw_epoch)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(model, DataLoader(data, batch_size=6))
+    messages = [str(w.message) for w in recwarn if "deferred re-weighting" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert f"drw_epoch={drw_epoch}" in messages[0] and "max_epochs=2" in messages[0]
+    assert model.criterion.reweighting == (drw_epoch is not None and drw_epoch <= 1)
