@@ -39,7 +39,13 @@ from lightning_autobalance.hypergradient import (
     hypergradient,
 )
 from lightning_autobalance.mixin import AutoBalanceMixin
-from lightning_autobalance.objectives import Objective, build_objective, check_objective, resolve_objective
+from lightning_autobalance.objectives import (
+    Objective,
+    across_processes,
+    build_objective,
+    check_objective,
+    resolve_objective,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +154,10 @@ class AutoBalanceCallback(Callback):
             ``objective(logits, target, group) -> scalar``. Named objectives are built at setup from the counts of
             the upper data: per class, or per (group, class) cell when the upper batches carry groups.
         objective_kwargs: settings of a named objective (e.g. ``{"lam": 0.5, "fairness": "deo"}`` for ``"blend"``,
-            ``{"temperature": 0.1}`` for ``"worst_group"``); checked at construction. Nonlinear objectives (all but
-            ``"balanced_ce"``) are evaluated per process under DDP and their gradients averaged: an approximation of
-            the objective on the union of the batches (see :mod:`lightning_autobalance.objectives`).
+            ``{"temperature": 0.1}`` for ``"worst_group"``); checked at construction. Under DDP every named
+            objective is that of the union of the processes' upper batches (the per-unit ones sum their statistics
+            over processes, see :func:`~lightning_autobalance.objectives.across_processes`); a callable is
+            evaluated per process and its gradients averaged.
         upper_source: where upper batches come from: ``"datamodule"`` (its ``upper_dataloader()`` hook, or the
             LightningModule's), ``"dataloader"`` (``upper_dataloader`` below), ``"val"`` (the validation
             dataloader, with a warning: the loss is then tuned on the data that is used to judge it) or
@@ -544,11 +551,17 @@ class AutoBalanceCallback(Callback):
             if trainer.world_size > 1:
                 self._check_batch_sizes(trainer, train, upper)
             fmodel = FunctionalModel(pl_module, lambda m, x: m.autobalance_forward(x))
-            result = hypergradient(
-                fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables, self._objective_fn,
-                train, upper, method=self.method, eta=self.eta, terms=self.terms, damping=self.damping,
-                cg_iterations=self.cg_iterations, curvature=self.curvature, product=self.product,
-                weight_decay=self.weight_decay, reduce=self._reduce(trainer), loss_scale=loss_scale)
+            processes = contextlib.nullcontext()
+            if trainer.world_size > 1:
+                processes = across_processes(lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+                                             trainer.world_size)
+            with processes:
+                result = hypergradient(
+                    fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables,
+                    self._objective_fn, train, upper, method=self.method, eta=self.eta, terms=self.terms,
+                    damping=self.damping, cg_iterations=self.cg_iterations, curvature=self.curvature,
+                    product=self.product, weight_decay=self.weight_decay, reduce=self._reduce(trainer),
+                    loss_scale=loss_scale)
         metrics: dict[str, float] = {"autobalance/objective": float(result.objective)}
         if not result.finite:
             self.skipped_steps += 1

@@ -29,21 +29,26 @@ instead. Units absent from the whole upper data are refused when the objective i
 sample (the group datamodules split per (class, group) cell for that reason).
 
 **Multiple processes.** ``balanced_ce`` is a plain mean over samples with weights fixed from counts, so the mean
-of its gradients over processes is its gradient on the union of their batches: the DDP hypergradient is exact.
-The other objectives are nonlinear in per-unit batch means (a log-sum-exp, a maximum, a gap): under DDP every
-process evaluates them on its own upper batch and the callback averages the resulting gradients, which is an
-approximation of the objective on the union of the batches (it is exact only for the linear ``balanced_ce``).
+of its gradients over processes is its gradient on the union of their batches. The other objectives are nonlinear
+in per-unit means (a log-sum-exp, a maximum, a gap), so averaging what every process computes on its own batch
+would only approximate them. Inside :func:`across_processes` (the callback enters it under DDP) they sum the
+per-unit loss sums and counts over processes first (one collective call per evaluation): every process gets the
+objective of the union of the batches, and a gradient that, averaged over processes, is its exact gradient there.
+A unit counts as present when any process has it. A user's own callable objective is evaluated per process and
+its gradients averaged, which is exact for a mean over samples.
 
 Plain PyTorch; nothing of Lightning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import torch
@@ -58,6 +63,7 @@ __all__ = [
     "BlendedObjective",
     "EqualOpportunityGap",
     "WorstGroupLoss",
+    "across_processes",
     "balanced_cross_entropy",
     "blended_objective",
     "build_objective",
@@ -101,6 +107,56 @@ def _count_table(counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, num_g
         # the cells when it knows them).
         table = table.expand(num_groups, -1).clone()
     return table
+
+
+_PROCESSES: ContextVar[tuple[Callable[[Tensor], Tensor], int] | None] = ContextVar("autobalance_processes",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def across_processes(all_reduce_sum: Callable[[Tensor], Tensor], world_size: int) -> Iterator[None]:
+    """Makes the per-unit objectives exact over several processes while the context is active.
+
+    Inside it, ``worst_group_loss`` / ``worst_class``, ``equal_opportunity_gap`` (and blends of them) sum their
+    per-unit loss sums and sample counts over the processes with ``all_reduce_sum`` before taking means. The value
+    is then that of the union of all processes' batches on every process, and the gradient is scaled so that its
+    mean over the processes (what the hypergradient's ``reduce`` takes) is the exact gradient on the union. Every
+    process must evaluate the objective the same number of times (collective calls in the same order).
+
+    Args:
+        all_reduce_sum: sums a tensor over the processes and returns the result (e.g. a wrapper of
+            ``torch.distributed.all_reduce`` or ``trainer.strategy.reduce(t, reduce_op="sum")``); it is given
+            detached tensors only.
+        world_size: the number of processes.
+
+    Example:
+        >>> with across_processes(lambda t: t, world_size=1):  # one process: the identity
+        ...     worst_group_loss(torch.zeros(2, 2), torch.tensor([0, 1]), over="class")
+        tensor(0.6931)
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer; got {world_size!r}.")
+    token = _PROCESSES.set((all_reduce_sum, world_size))
+    try:
+        yield
+    finally:
+        _PROCESSES.reset(token)
+
+
+def _unit_means(losses: Tensor, index: Tensor, num_units: int) -> tuple[Tensor, Tensor]:
+    """``unit_mean_losses`` of this batch, or of the union of all processes' batches inside ``across_processes``."""
+    processes = _PROCESSES.get()
+    if processes is None:
+        return unit_mean_losses(losses, index, num_units)
+    all_reduce_sum, world_size = processes
+    sums = torch.zeros(num_units, dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
+    counts = torch.bincount(index, minlength=num_units).to(losses.dtype)
+    total = all_reduce_sum(torch.stack([sums.detach(), counts]))
+    # Value: the sums over all processes; gradient: world_size times this process's own (averaged over processes
+    # by the caller, that is the gradient of the sums over all processes).
+    scaled = world_size * sums
+    sums = scaled + (total[0] - scaled).detach()
+    return sums / total[1].clamp_min(1.0), total[1] > 0
 
 
 def _units(over: str, num_classes: int, num_groups: int) -> int:
@@ -301,7 +357,7 @@ def worst_group_loss(
         g = num_groups or 1
     units = _units(over, k, g)
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = unit_mean_losses(losses, _unit_index(over, target, group, k), units)
+    means, present = _unit_means(losses, _unit_index(over, target, group, k), units)
     if missing == "raise" and not bool(present.all()):
         names = [_unit_name(over, j, k) for j in (~present).nonzero().flatten().tolist()]
         raise _missing_error(f"worst-{over} objective", names, batch=True)
@@ -422,7 +478,7 @@ def equal_opportunity_gap(
         if labels is not None and any(not 0 <= y < k for y in labels):
             raise ValueError(f"labels must lie in [0, {k}); got {list(labels)}.")
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = unit_mean_losses(losses, group * k + target, num_groups * k)
+    means, present = _unit_means(losses, group * k + target, num_groups * k)
     means, present = means.view(num_groups, k), present.view(num_groups, k)
     wanted = list(range(k)) if labels is None else list(dict.fromkeys(int(y) for y in labels))
     if missing == "raise":

@@ -3,7 +3,8 @@
 Usage: python tests/_ddp_script.py MODE OUT_JSON [options]
 
 Modes:
-  hypergrad            hypergradient of 2 ranks (torch.distributed, each on its half) vs one process on the union
+  hypergrad            hypergradient of 2 ranks (torch.distributed, each on its half) vs one process on the union,
+                       for every method and for the per-unit objectives (inside across_processes)
   fit                  Trainer(strategy=..., devices=2) with AutoBalanceCallback; loss parameters of every rank
   resume               fit to --epochs with checkpoints (--ckpt-dir), or resume from --resume to --epochs
   bad_batch            ranks with different upper batch sizes: must raise on every rank, not hang
@@ -31,6 +32,7 @@ from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
 from lightning_autobalance.batch_stream import ShardSampler
 from lightning_autobalance.hypergradient import Batch, hypergradient
 from lightning_autobalance.losses import adjusted_cross_entropy
+from lightning_autobalance.objectives import across_processes, build_objective
 from lightning_autobalance.parametrization import PerClass
 
 warnings.filterwarnings("ignore")
@@ -96,6 +98,39 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
         report[name] = {"rel_diff": float((a - b).norm() / b.norm()), "norm": float(b.norm()),
                         "ranks_identical": all(torch.equal(gathered[0], t) for t in gathered),
                         "objective_diff": float(abs(multi.objective - single.objective))}
+    # The nonlinear (per-unit) objectives, exact across processes inside across_processes. Upper data with two
+    # groups; groups and counts chosen so that every (label, group) cell occurs in the union.
+    gu = torch.arange(len(yu)) % 2
+    cells = torch.zeros(2, 3, dtype=torch.long).index_put_((gu, yu), torch.ones(len(yu), dtype=torch.long),
+                                                           accumulate=True)
+    mine_g = Batch(mine_u.inputs, mine_u.target, gu[rank * halfu:(rank + 1) * halfu])
+
+    def all_reduce_sum(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    settings = {
+        "worst_class_lse": ("worst_class", {}),
+        "worst_cell_cvar": ("worst_group", {"mode": "cvar", "fraction": 0.3}),
+        "deo": ("deo", {}),
+        "blend": ("blend", {"lam": 0.5, "accuracy": "worst_group", "fairness": "deo"}),
+    }
+    for name, (objective_name, kwargs) in settings.items():
+        upper_objective = build_objective(objective_name, cells.tolist(), **kwargs)
+        with across_processes(all_reduce_sum, world):
+            multi = hypergradient(net, param.alpha(), param.tables, train_loss, upper_objective, [mine], [mine_g],
+                                  reduce=reduce, product="jvp")
+        single = hypergradient(net, param.alpha(), param.tables, train_loss, upper_objective, [Batch(x, y)],
+                               [Batch(xu, yu, gu)], product="jvp")
+        a = torch.cat([v.flatten() for v in multi.grad.values()])
+        b = torch.cat([v.flatten() for v in single.grad.values()])
+        gathered = [torch.zeros_like(a) for _ in range(world)]
+        dist.all_gather(gathered, a)
+        report["objective_" + name] = {
+            "rel_diff": float((a - b).norm() / b.norm()), "norm": float(b.norm()),
+            "ranks_identical": all(torch.equal(gathered[0], t) for t in gathered),
+            "objective_diff": float(abs(multi.objective - single.objective))}
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(report, fh)
@@ -173,6 +208,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--port", type=int, default=29517)
+    parser.add_argument("--objective", default="balanced_ce")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -183,7 +219,7 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     xu, yu = blobs([10, 10, 10], seed=3)
     upper = DataLoader(TensorDataset(xu, yu), batch_size=6)
-    common = {"every_n_steps": 1, "start_step": 0, "train_batches": 2, "hyper_lr": 0.05}
+    common = {"every_n_steps": 1, "start_step": 0, "train_batches": 2, "hyper_lr": 0.05, "objective": args.objective}
     if args.mode == "bad_batch":
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         upper = DataLoader(TensorDataset(xu, yu), batch_size=6 if rank == 0 else 5)

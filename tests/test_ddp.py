@@ -29,7 +29,7 @@ def run(mode: str, out: Path, *args: str, expect_ok: bool = True, timeout: int =
 
 def test_two_rank_hypergradient_equals_one_process_on_the_union(tmp_path):
     report = run("hypergrad", tmp_path / "hg.json")
-    assert len(report) == 7
+    assert len(report) == 11 and sum(name.startswith("objective_") for name in report) == 4
     for method, r in report.items():
         assert r["norm"] > 1e-3, method  # a non-trivial hypergradient
         assert r["rel_diff"] < 1e-12, (method, r)  # float64: equal up to rounding
@@ -37,9 +37,11 @@ def test_two_rank_hypergradient_equals_one_process_on_the_union(tmp_path):
         assert r["ranks_identical"], method
 
 
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
-def test_loss_parameters_identical_on_every_rank(tmp_path, strategy):
-    report = run("fit", tmp_path / "fit.json", "--strategy", strategy)
+@pytest.mark.parametrize(("strategy", "objective"), [("ddp_spawn", "balanced_ce"), ("ddp", "balanced_ce"),
+                                                    ("ddp", "worst_class")])
+def test_loss_parameters_identical_on_every_rank(tmp_path, strategy, objective):
+    # worst_class: the callback's across_processes path (a sum over processes inside the objective)
+    report = run("fit", tmp_path / "fit.json", "--strategy", strategy, "--objective", objective)
     assert report["world_size"] == 2 and report["hyper_steps"] == report["global_step"] == 12
     rank0, rank1 = report["alpha"]
     assert rank0 == rank1  # bit-identical (JSON floats round-trip exactly)

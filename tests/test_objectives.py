@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lightning_autobalance.objectives import (
     BlendedObjective,
     EqualOpportunityGap,
     WorstGroupLoss,
+    across_processes,
     balanced_cross_entropy,
     blended_objective,
     build_objective,
@@ -343,3 +345,65 @@ def test_low_precision_logits_give_float32_objectives():
     for name in OBJECTIVES:
         value = build_objective(name, [[8] * K] * G)(logits.to(torch.bfloat16), y, g)
         assert value.dtype == torch.float32, name
+
+
+# ====================================================================== several processes
+ACROSS = [
+    ("worst_class", {}),
+    ("worst_group", {"mode": "cvar", "fraction": 0.4}),
+    ("worst_group", {"over": "group", "mode": "max"}),
+    ("deo", {"gap": "square"}),
+    ("blend", {"lam": 0.3, "accuracy": "worst_group", "fairness": "deo"}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), ACROSS)
+def test_across_processes_gives_the_objective_of_the_union(name: str, kwargs: dict) -> None:
+    """Two simulated processes (halves of one batch, some cells absent from a half) inside across_processes:
+    each gets the value on the union, and the mean of their gradients is the gradient on the union (float64)."""
+    torch.manual_seed(0)
+    k, world = 3, 2
+    target = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 2, 1, 0, 1])
+    group = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1])
+    logits = torch.randn(len(target), k, dtype=torch.float64)
+    cells = torch.zeros(2, k, dtype=torch.long).index_put_((group, target), torch.ones_like(target), accumulate=True)
+    objective = build_objective(name, cells.tolist(), **kwargs)
+    union = logits.clone().requires_grad_(True)
+    exact = objective(union, target, group)
+    (exact_grad,) = torch.autograd.grad(exact, union)
+    halves = [slice(0, 5), slice(5, None)]  # the first half has no sample of group 1
+    # What each process would send to the all-reduce, recorded with one process (the identity reduction).
+    sent: list[list[torch.Tensor]] = []
+    for h in halves:
+        calls: list[torch.Tensor] = []
+        with across_processes(lambda t, calls=calls: calls.append(t.clone()) or t, world_size=1), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            objective(logits[h], target[h], group[h])
+        sent.append(calls)
+    grad = torch.zeros_like(logits)
+    naive = []
+    for rank, h in enumerate(halves):
+        received = iter(sent[1 - rank])
+        part = logits[h].clone().requires_grad_(True)
+        with across_processes(lambda t, received=received: t + next(received), world_size=world):
+            value = objective(part, target[h], group[h])
+        torch.testing.assert_close(value, exact.detach(), rtol=1e-12, atol=1e-12)
+        (grad[h],) = torch.autograd.grad(value, part)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first half alone has no equal-opportunity gap to measure
+            naive.append(float(objective(logits[h], target[h], group[h])))
+    torch.testing.assert_close(grad / world, exact_grad, rtol=1e-10, atol=1e-12)
+    # Without the context, the mean of the per-process values is not the union's value (the test has teeth).
+    assert abs(sum(naive) / world - float(exact)) > 1e-3
+
+
+def test_across_processes_checks_world_size_and_restores() -> None:
+    with pytest.raises(ValueError, match="world_size must be a positive integer; got 0"), \
+            across_processes(lambda t: t, world_size=0):
+        pass
+    logits, target = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = worst_group_loss(logits, target, over="class")
+    with across_processes(lambda t: 2 * t, world_size=2):  # as if a second process had the same batch
+        torch.testing.assert_close(worst_group_loss(logits, target, over="class"), before)
+    torch.testing.assert_close(worst_group_loss(logits, target, over="class"), before)
