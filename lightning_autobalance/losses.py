@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -578,8 +579,12 @@ class GroupDROLoss(nn.Module):
     ``q_j <- q_j * exp(step_size * L_j)`` with ``L_j`` the mean cross-entropy of unit ``j`` in the batch (0, so no
     change, for a unit absent from the batch) and renormalises; the loss is then ``sum_j q_j L_j`` (absent units
     contribute 0), as the authors' code does. Evaluation calls do not move ``q``. No generalisation adjustment
-    (``C / sqrt(n_g)``) is applied. ``q`` is a buffer (checkpointed); under DDP each process updates its own ``q``
-    from its own batches (not synchronised).
+    (``C / sqrt(n_g)``) is applied. ``q`` is a buffer (checkpointed).
+
+    Under ``torch.distributed`` with several processes (DDP), a training call sums the per-unit loss sums and counts
+    over the processes (one ``all_reduce``, so every process must make the same training calls): ``q`` moves by the
+    unit losses of the union of the batches and stays identical on every process, and the loss's gradient is
+    scaled so that DDP's average over processes is the gradient of ``sum_j q_j L_j`` on the union.
 
     Args:
         num_classes: ``K``.
@@ -618,11 +623,22 @@ class GroupDROLoss(nn.Module):
         else:
             assert group is not None
             index = group if self.over == "group" else group * self.num_classes + target
-        means, _ = unit_mean_losses(losses, index, self.q.numel())
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                q = self.q.double() * torch.exp(self.step_size * means.detach().double())
-                self.q.copy_(q / q.sum())
+        if not (self.training and torch.is_grad_enabled()):
+            means, _ = unit_mean_losses(losses, index, self.q.numel())
+            return (self.q.to(means) * means).sum()
+        sums = torch.zeros(self.q.numel(), dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
+        counts = torch.bincount(index, minlength=self.q.numel()).to(losses.dtype)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            total = torch.stack([sums.detach(), counts])
+            dist.all_reduce(total)
+            # value: the sums over all processes; gradient: world x this process's (DDP averages the gradients)
+            scaled = world * sums
+            sums, counts = scaled + (total[0] - scaled).detach(), total[1]
+        means = sums / counts.clamp_min(1.0)
+        with torch.no_grad():
+            q = self.q.double() * torch.exp(self.step_size * means.detach().double())
+            self.q.copy_(q / q.sum())
         return (self.q.to(means) * means).sum()
 
     def extra_repr(self) -> str:

@@ -4,7 +4,8 @@ Usage: python tests/_ddp_script.py MODE OUT_JSON [options]
 
 Modes:
   hypergrad            hypergradient of 2 ranks (torch.distributed, each on its half) vs one process on the union,
-                       for every method and for the per-unit objectives (inside across_processes)
+                       for every method and for the per-unit objectives (inside across_processes); group
+                       DRO's q and averaged gradient against one process on the union
   fit                  Trainer(strategy=..., devices=2) with AutoBalanceCallback; loss parameters of every rank
   resume               fit to --epochs with checkpoints (--ckpt-dir), or resume from --resume to --epochs
   bad_batch            ranks with different upper batch sizes: must raise on every rank, not hang
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
 from lightning_autobalance.batch_stream import ShardSampler
 from lightning_autobalance.hypergradient import Batch, hypergradient
-from lightning_autobalance.losses import adjusted_cross_entropy
+from lightning_autobalance.losses import GroupDROLoss, adjusted_cross_entropy, unit_mean_losses
 from lightning_autobalance.objectives import across_processes, build_objective
 from lightning_autobalance.parametrization import PerClass
 
@@ -131,6 +132,28 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
             "rel_diff": float((a - b).norm() / b.norm()), "norm": float(b.norm()),
             "ranks_identical": all(torch.equal(gathered[0], t) for t in gathered),
             "objective_diff": float(abs(multi.objective - single.objective))}
+    # Group DRO as a training loss: q and DDP's averaged gradient of two processes equal one process on the union.
+    criterion, q_ref = GroupDROLoss(3, 2, step_size=0.5), torch.full((6,), 1.0 / 6)
+    q_diff, grad_diff = 0.0, 0.0
+    for _ in range(3):
+        params = list(net.parameters())
+        grads = torch.autograd.grad(criterion(net(mine_g.inputs), mine_g.target, mine_g.group), params)
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat = flat / world
+        means, _ = unit_mean_losses(F.cross_entropy(net(xu), yu, reduction="none"), gu * 3 + yu, 6)
+        q = q_ref.double() * torch.exp(0.5 * means.detach().double())
+        q_ref = (q / q.sum()).float()
+        ref = torch.cat([g.flatten() for g in torch.autograd.grad((q_ref.to(means) * means).sum(), params)])
+        q_diff = max(q_diff, float((criterion.q - q_ref).abs().max()))
+        grad_diff = max(grad_diff, float((flat - ref).norm() / ref.norm()))
+        with torch.no_grad():
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p -= 0.5 * g.view_as(p)
+    gathered_q = [torch.zeros_like(criterion.q) for _ in range(world)]
+    dist.all_gather(gathered_q, criterion.q)
+    report["group_dro"] = {"q_diff": q_diff, "grad_rel_diff": grad_diff, "q_moved": float((q_ref - 1 / 6).abs().max()),
+                           "q_identical": all(torch.equal(gathered_q[0], t) for t in gathered_q)}
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(report, fh)

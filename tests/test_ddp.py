@@ -29,6 +29,9 @@ def run(mode: str, out: Path, *args: str, expect_ok: bool = True, timeout: int =
 
 def test_two_rank_hypergradient_equals_one_process_on_the_union(tmp_path):
     report = run("hypergrad", tmp_path / "hg.json")
+    dro = report.pop("group_dro")
+    assert dro["q_moved"] > 1e-3 and dro["q_identical"], dro
+    assert dro["q_diff"] < 1e-6 and dro["grad_rel_diff"] < 1e-6, dro  # q is float32
     assert len(report) == 11 and sum(name.startswith("objective_") for name in report) == 4
     for method, r in report.items():
         assert r["norm"] > 1e-3, method  # a non-trivial hypergradient
