@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -550,13 +550,22 @@ class FocalLoss(nn.Module):
         return focal_loss(logits, target, self.gamma)
 
 
-def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int) -> tuple[Tensor, Tensor]:
+def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int,
+                     all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+                     world_size: int = 1) -> tuple[Tensor, Tensor]:
     """Mean of ``losses`` within each unit (class, group or (class, group) cell) and which units occur.
+
+    With ``all_reduce_sum`` (a sum over ``world_size`` processes, called once on detached statistics), the means and
+    the presence are those of the union of all processes' samples, and the gradient of the means is scaled by
+    ``world_size`` so that its average over the processes (what DDP and the hypergradient's ``reduce`` take) is the
+    gradient of the means of the union.
 
     Args:
         losses: per-sample losses ``(N,)``.
         index: unit of every sample ``(N,)`` in ``[0, num_units)``.
         num_units: number of units.
+        all_reduce_sum: sums a tensor over the processes and returns the result; ``None`` for this process only.
+        world_size: the number of processes that ``all_reduce_sum`` sums over.
 
     Returns:
         ``(means, present)``: ``means[j]`` is the mean over the samples of unit ``j`` (0 where it has none) and
@@ -568,7 +577,16 @@ def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int) -> tuple[Ten
     """
     sums = torch.zeros(num_units, dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
     counts = torch.bincount(index, minlength=num_units).to(losses.dtype)
+    if all_reduce_sum is not None:
+        total = all_reduce_sum(torch.stack([sums.detach(), counts]))
+        scaled = world_size * sums  # value: the sums of all processes; gradient: world_size x this process's
+        sums, counts = scaled + (total[0] - scaled).detach(), total[1]
     return sums / counts.clamp_min(1.0), counts > 0
+
+
+def _distributed_sum(t: Tensor) -> Tensor:
+    dist.all_reduce(t)
+    return t
 
 
 class GroupDROLoss(nn.Module):
@@ -623,22 +641,13 @@ class GroupDROLoss(nn.Module):
         else:
             assert group is not None
             index = group if self.over == "group" else group * self.num_classes + target
-        if not (self.training and torch.is_grad_enabled()):
-            means, _ = unit_mean_losses(losses, index, self.q.numel())
-            return (self.q.to(means) * means).sum()
-        sums = torch.zeros(self.q.numel(), dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
-        counts = torch.bincount(index, minlength=self.q.numel()).to(losses.dtype)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world > 1:
-            total = torch.stack([sums.detach(), counts])
-            dist.all_reduce(total)
-            # value: the sums over all processes; gradient: world x this process's (DDP averages the gradients)
-            scaled = world * sums
-            sums, counts = scaled + (total[0] - scaled).detach(), total[1]
-        means = sums / counts.clamp_min(1.0)
-        with torch.no_grad():
-            q = self.q.double() * torch.exp(self.step_size * means.detach().double())
-            self.q.copy_(q / q.sum())
+        training = self.training and torch.is_grad_enabled()
+        world = dist.get_world_size() if training and dist.is_available() and dist.is_initialized() else 1
+        means, _ = unit_mean_losses(losses, index, self.q.numel(), _distributed_sum if world > 1 else None, world)
+        if training:
+            with torch.no_grad():
+                q = self.q.double() * torch.exp(self.step_size * means.detach().double())
+                self.q.copy_(q / q.sum())
         return (self.q.to(means) * means).sum()
 
     def extra_repr(self) -> str:

@@ -145,18 +145,8 @@ def across_processes(all_reduce_sum: Callable[[Tensor], Tensor], world_size: int
 
 def _unit_means(losses: Tensor, index: Tensor, num_units: int) -> tuple[Tensor, Tensor]:
     """``unit_mean_losses`` of this batch, or of the union of all processes' batches inside ``across_processes``."""
-    processes = _PROCESSES.get()
-    if processes is None:
-        return unit_mean_losses(losses, index, num_units)
-    all_reduce_sum, world_size = processes
-    sums = torch.zeros(num_units, dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
-    counts = torch.bincount(index, minlength=num_units).to(losses.dtype)
-    total = all_reduce_sum(torch.stack([sums.detach(), counts]))
-    # Value: the sums over all processes; gradient: world_size times this process's own (averaged over processes
-    # by the caller, that is the gradient of the sums over all processes).
-    scaled = world_size * sums
-    sums = scaled + (total[0] - scaled).detach()
-    return sums / total[1].clamp_min(1.0), total[1] > 0
+    all_reduce_sum, world_size = _PROCESSES.get() or (None, 1)
+    return unit_mean_losses(losses, index, num_units, all_reduce_sum, world_size)
 
 
 def _units(over: str, num_classes: int, num_groups: int) -> int:
