@@ -72,10 +72,13 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
     def objective(f, t, g):
         return (w[t] * F.cross_entropy(f, t, reduction="none")).mean()
 
-    def reduce(t):
+    def all_reduce_sum(t):
         t = t.clone()
         dist.all_reduce(t)
-        return t / world
+        return t
+
+    def reduce(t):
+        return all_reduce_sum(t) / world
 
     methods = {
         "neumann0_difference": {"product": "difference"},
@@ -105,12 +108,6 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
     cells = torch.zeros(2, 3, dtype=torch.long).index_put_((gu, yu), torch.ones(len(yu), dtype=torch.long),
                                                            accumulate=True)
     mine_g = Batch(mine_u.inputs, mine_u.target, gu[rank * halfu:(rank + 1) * halfu])
-
-    def all_reduce_sum(t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
     settings = {
         "worst_class_lse": ("worst_class", {}),
         "worst_cell_cvar": ("worst_group", {"mode": "cvar", "fraction": 0.3}),

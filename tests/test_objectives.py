@@ -404,6 +404,9 @@ def test_across_processes_checks_world_size_and_restores() -> None:
         pass
     logits, target = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     before = worst_group_loss(logits, target, over="class")
-    with across_processes(lambda t: 2 * t, world_size=2):  # as if a second process had the same batch
+    calls: list[torch.Tensor] = []
+    with across_processes(lambda t: calls.append(t) or 2 * t, world_size=2):  # a second process, same batch
         torch.testing.assert_close(worst_group_loss(logits, target, over="class"), before)
+    assert len(calls) == 1
     torch.testing.assert_close(worst_group_loss(logits, target, over="class"), before)
+    assert len(calls) == 1  # the context is gone: no more reductions
