@@ -32,6 +32,7 @@ from lightning_autobalance.objectives import (
 from lightning_autobalance.parametrization import (
     DatasetDependent,
     FrequencyGroups,
+    Hierarchical,
     LossParametrization,
     PerClass,
     build_parametrization,
@@ -51,6 +52,7 @@ __all__ = [
     "FocalLoss",
     "FrequencyGroups",
     "GroupDROLoss",
+    "Hierarchical",
     "ImbalancedClassifier",
     "LDAMLoss",
     "LossParametrization",

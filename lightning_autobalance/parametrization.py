@@ -7,7 +7,11 @@ A parametrisation maps a few free tensors (``alpha``) to the ``(delta, offset, w
 * :class:`FrequencyGroups`: classes sorted by count share one value per bin of ``group_size`` classes (any
   size; the last bin may be smaller); for retraining the bin values are interpolated back to ``K`` classes;
 * :class:`DatasetDependent`: only three scalars, ``delta_y = (n_y/n_max)**gamma``, ``offset_y = tau log pi_y``,
-  ``weight_y ~ pi_y ** -omega``.
+  ``weight_y ~ pi_y ** -omega``;
+* :class:`Hierarchical` (the default): those shared scalars *plus* one residual per class. The shared part moves
+  every class at once on the pooled signal of all of them; the residuals let a class depart from it where its
+  own upper data says so, and the search pulls them back towards zero in proportion to how little upper data a
+  class has (see :meth:`LossParametrization.free_value_counts`).
 
 The free tensors are *buffers*, not parameters: a model optimizer built from ``module.parameters()`` never
 sees them, yet they are saved in ``state_dict``. They are kept in float32 or wider even when the module is cast
@@ -32,6 +36,7 @@ __all__ = [
     "SEARCHABLE",
     "DatasetDependent",
     "FrequencyGroups",
+    "Hierarchical",
     "LossParametrization",
     "PerClass",
     "build_parametrization",
@@ -39,7 +44,7 @@ __all__ = [
 ]
 
 SEARCHABLE = ("delta", "offset", "weight")
-ParametrizationKind = Literal["class", "groups", "dataset"]
+ParametrizationKind = Literal["hierarchical", "class", "groups", "dataset"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -127,6 +132,23 @@ class LossParametrization(nn.Module):
     def num_free(self) -> int:
         return sum(t.numel() for t in self.alpha().values())
 
+    def free_value_counts(self, counts: Tensor) -> dict[str, Tensor]:
+        """How many samples of a ``(G, K)`` count table inform each per-class free value (the search's shrinkage
+        pulls a value towards its start in inverse proportion to this number).
+
+        Only free tensors made of per-class (or per-bin) values appear; shared scalars are left out.
+        """
+        return {}
+
+    def _count_rows(self, counts: Tensor | Sequence[Any]) -> Tensor:
+        """``K`` counts or a ``(G, K)`` table (zeros allowed) as a ``(G, K)`` float table on this module's device."""
+        table = torch.as_tensor(counts, dtype=self.class_counts.dtype).to(self.class_counts.device)
+        table = table.reshape(-1, table.shape[-1]) if table.ndim else table.reshape(1, 1)
+        if table.shape[-1] != self.num_classes or table.shape[0] not in (1, self.num_groups):
+            raise ValueError(f"counts must have shape (K,) or (G, K) with K={self.num_classes}, "
+                             f"G={self.num_groups}; got {tuple(torch.as_tensor(counts).shape)}.")
+        return table.expand(self.num_groups, -1).clone()
+
     def reset(self) -> None:
         """Returns the free tensors to the preset start."""
         with torch.no_grad():
@@ -186,6 +208,13 @@ class PerClass(LossParametrization):
 
     def _expand(self, value: Tensor, interpolate: bool = False) -> Tensor:
         return value
+
+    def _column_counts(self, counts: Tensor) -> Tensor:
+        return counts
+
+    def free_value_counts(self, counts: Tensor) -> dict[str, Tensor]:
+        per_column = self._column_counts(self._count_rows(counts))
+        return {name: per_column for name in self.search}
 
     def _tables(self, alpha: Mapping[str, Tensor], interpolate: bool) -> LossTables:
         delta, offset, weight = self._base()
@@ -286,6 +315,9 @@ class FrequencyGroups(PerClass):
         matrix = self.expand_interpolate if interpolate else self.expand_constant
         return value @ matrix.to(value).T
 
+    def _column_counts(self, counts: Tensor) -> Tensor:
+        return counts @ self.expand_constant.to(counts)
+
     def retraining_tables(self) -> LossTables:
         return self._tables(self.alpha(), interpolate=True)
 
@@ -367,6 +399,67 @@ class DatasetDependent(LossParametrization):
         return LossTables(delta, offset, weight)
 
 
+class Hierarchical(LossParametrization):
+    """Shared dataset-level scalars plus a residual per class: the library's default parametrisation.
+
+    For every searched table, a scalar moves all classes together along the direction of the dataset-dependent
+    family and a per-class residual adds what is specific to a class::
+
+        offset = base_offset + tau * log pi + (b - rowmean(b))
+        delta  = base_delta * exp(gamma * (log(n / n_max) - mean) + a - mean(a))
+        weight = base_weight * pi ** -omega * exp(c), rescaled to the preset's total
+
+    ``tau``, ``gamma``, ``omega`` start at zero and are *increments* on the preset (from ``preset="ce"``,
+    ``tau = 1`` is logit adjustment; from ``preset="la"``, ``tau = -1`` is cross-entropy). The scalars use the
+    pooled signal of all classes, so they move reliably even when tail classes have one or two held-out images;
+    the residuals ``a, b, c`` (free tensors named ``delta``, ``offset``, ``weight`` as in :class:`PerClass`) are the
+    values a search should shrink towards zero where a class has little upper data
+    (:meth:`free_value_counts`). Retraining on other counts rebuilds ``log pi`` on those counts.
+
+    Example:
+        >>> p = Hierarchical([500, 50, 5], preset="ce", search="offset")
+        >>> sorted(p.alpha())
+        ['offset', 'tau']
+        >>> with torch.no_grad():
+        ...     _ = p.alpha()["tau"].fill_(1.0)
+        >>> la = PerClass([500, 50, 5], preset="la").tables().offset
+        >>> bool(torch.allclose(p.tables().offset - p.tables().offset.mean(), la - la.mean()))
+        True
+    """
+
+    kind = "hierarchical"
+    _SCALARS = {"delta": "gamma", "offset": "tau", "weight": "omega"}
+
+    def _free_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in self.search:
+            shapes[self._SCALARS[name]] = ()
+            shapes[name] = (self.num_groups, self.num_classes)
+        return shapes
+
+    def free_value_counts(self, counts: Tensor) -> dict[str, Tensor]:
+        table = self._count_rows(counts)
+        return {name: table for name in self.search}
+
+    def tables(self, alpha: Mapping[str, Tensor] | None = None) -> LossTables:
+        alpha = self.alpha() if alpha is None else alpha
+        delta, offset, weight = self._base()
+        counts = self.class_counts.to(delta.dtype)
+        log_prior = torch.log(counts / counts.sum(dim=1, keepdim=True))
+        if "offset" in alpha:
+            b = alpha["offset"]
+            offset = offset + alpha["tau"] * log_prior + b - b.mean(dim=1, keepdim=True)
+        if "delta" in alpha:
+            log_ratio = torch.log(counts / counts.max(dim=1, keepdim=True).values)
+            a = alpha["gamma"] * (log_ratio - log_ratio.mean()) + alpha["delta"]
+            delta = delta * torch.exp(a - a.mean())
+        if "weight" in alpha:
+            c = -alpha["omega"] * log_prior + alpha["weight"]
+            raw = weight * torch.exp(c - c.max())
+            weight = raw * (weight.sum() / raw.sum())
+        return LossTables(delta, offset, weight)
+
+
 def build_parametrization(
     kind: ParametrizationKind,
     class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
@@ -376,18 +469,21 @@ def build_parametrization(
     group_size: int = 1,
     preset_kwargs: Mapping[str, Any] | None = None,
 ) -> LossParametrization:
-    """Makes a parametrisation by name: ``"class"``, ``"groups"`` (bins of ``group_size``) or ``"dataset"``.
+    """Makes a parametrisation by name: ``"hierarchical"`` (shared scalars plus per-class residuals), ``"class"``,
+    ``"groups"`` (bins of ``group_size``) or ``"dataset"``.
 
     Example:
         >>> build_parametrization("groups", list(range(100, 0, -1)), preset="la", group_size=10).num_free()
         20
     """
     common = {"preset": preset, "search": search, "num_groups": num_groups, "preset_kwargs": preset_kwargs}
+    if kind == "hierarchical":
+        return Hierarchical(class_counts, **common)
     if kind == "class":
         return PerClass(class_counts, **common)
     if kind == "groups":
         return FrequencyGroups(class_counts, group_size=group_size, **common)
     if kind == "dataset":
         return DatasetDependent(class_counts, **common)
-    raise ValueError(f"Unknown parametrization {kind!r}; expected 'class', 'groups' or 'dataset'.")
+    raise ValueError(f"Unknown parametrization {kind!r}; expected 'hierarchical', 'class', 'groups' or 'dataset'.")
 

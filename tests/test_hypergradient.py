@@ -24,7 +24,7 @@ from lightning_autobalance.hypergradient import (
     neumann_series,
 )
 from lightning_autobalance.losses import adjusted_cross_entropy
-from lightning_autobalance.parametrization import PerClass
+from lightning_autobalance.parametrization import Hierarchical, PerClass
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -381,3 +381,31 @@ def test_bad_settings_raise():
     with pytest.raises(ValueError, match="scalar"):
         hypergradient(net, param.alpha(), param.tables, train_loss, lambda f, t, g: f.sum(0), [Batch(x, y)],
                       [Batch(x, y)])
+
+
+@pytest.mark.parametrize("product", ["jvp", "difference"])
+def test_unroll_through_the_hierarchical_parametrisation_matches_finite_differences(product):
+    """Shared scalars and residuals together: the chain rule through Hierarchical.tables, in float64."""
+    torch.manual_seed(0)
+    x, y = make_data()
+    xu, yu = make_data(seed=1)
+    param = Hierarchical([30, 20, 10], preset="la", search=("delta", "offset", "weight")).double()
+    with torch.no_grad():
+        for t in param.alpha().values():
+            t.normal_(0, 0.2)
+    net, eta = TanhNet().double(), 0.3
+    objective = balanced_ce([30, 20, 10])
+    alpha = {k: v.clone() for k, v in param.alpha().items()}
+
+    def upper_after_step(a):
+        params = {k: v.detach().requires_grad_() for k, v in net.named_parameters()}
+        g = torch.autograd.grad(loss_at(net, params, x, y, param.tables(a)), list(params.values()))
+        stepped = {k: p - eta * gi for (k, p), gi in zip(params.items(), g)}
+        return objective(functional_call(net, stepped, (xu,)), yu, None).item()
+
+    expected = alpha_fd(upper_after_step, alpha)
+    res = hypergradient(net, alpha, param.tables, train_loss, objective, [Batch(x, y)], [Batch(xu, yu)],
+                        method="unroll", eta=eta, product=product)
+    assert sorted(res.grad) == ["delta", "gamma", "offset", "omega", "tau", "weight"]
+    assert all(float(expected[k].abs().max()) > 1e-6 for k in ("tau", "gamma", "omega"))
+    assert_tree_close(res.grad, expected, rtol=1e-5)

@@ -104,7 +104,7 @@ def test_alpha_and_table_shapes(num_groups):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"Unknown parametrization 'perclass'; expected 'class', 'groups' or"):
+    with pytest.raises(ValueError, match=r"Unknown parametrization 'perclass'; expected 'hierarchical', 'class', 'groups' or"):
         build_parametrization("perclass", COUNTS)
     with pytest.raises(ValueError, match=r"search names unknown tables \['scale'\]; expected a subset of"):
         build_parametrization("class", COUNTS, search=("delta", "scale"))
@@ -488,3 +488,55 @@ def test_per_class_from_tables():
     assert not torch.allclose(moved.offset, tables.offset, atol=1e-3)
     with pytest.raises(ValueError, match=r"class_counts has 3 classes, expected num_classes=4"):
         PerClass.from_tables(tables, class_counts=[1, 2, 3])
+
+
+# ---------------------------------------------------------------- hierarchical: shared scalars + residuals
+
+
+def test_hierarchical_start_is_the_preset_and_tau_walks_from_ce_to_la():
+    for preset in ("ce", "la", "vs", "class_balanced", "inverse_frequency"):
+        p = build_parametrization("hierarchical", COUNTS, preset=preset, search=ALL)
+        assert {k: tuple(v.shape) for k, v in p.alpha().items()} == {
+            "gamma": (), "delta": (1, K), "tau": (), "offset": (1, K), "omega": (), "weight": (1, K)}
+        for got, want in zip(p.tables(), ref_preset(preset, COUNTS)):
+            _close(got, want)
+    # from CE, tau = t gives t * log pi (up to the row's common shift, which the loss cannot see)
+    p = build_parametrization("hierarchical", COUNTS, preset="ce", search="offset")
+    log_pi = torch.log(torch.as_tensor(COUNTS, dtype=DT) / sum(COUNTS))
+    for t in (0.5, 1.0, 1.7):
+        with torch.no_grad():
+            p.alpha()["tau"].fill_(t)
+        got = p.tables().offset.double()[0]
+        _close(got - got.mean(), t * (log_pi - log_pi.mean()), 1e-5)
+    # from LA, tau = -1 is cross-entropy; gamma and omega are the dataset family's exponents around the preset
+    q = build_parametrization("hierarchical", COUNTS, preset="la", search=ALL)
+    with torch.no_grad():
+        q.alpha()["tau"].fill_(-1.0)
+        q.alpha()["gamma"].fill_(0.3)
+        q.alpha()["omega"].fill_(1.0)
+    delta, offset, weight = (t.double()[0] for t in q.tables())
+    counts = torch.as_tensor(COUNTS, dtype=DT)
+    _close(offset - offset.mean(), torch.zeros(K, dtype=DT), 1e-5)
+    ratio = (counts / counts.max()) ** 0.3
+    _close(delta, ratio / torch.exp(torch.log(ratio).mean()), 1e-5)
+    _close(weight, (1 / counts) / (1 / counts).sum() * K, 1e-5)
+
+
+def test_hierarchical_residuals_are_centred_and_shrinkable():
+    p = build_parametrization("hierarchical", [[5, 50, 500], [400, 40, 4]], preset="la", search=ALL)
+    base = [t.double() for t in p.tables()]
+    _randomize(p, scale=2.0, seed=4)
+    delta, offset, weight = (t.double() for t in p.tables())
+    _close(weight.sum(), base[2].sum(), 1e-5)
+    _close(torch.log(delta).mean(), torch.log(base[0]).mean(), 1e-5)
+    counts = p.free_value_counts(torch.tensor([3.0, 0.0, 7.0]))
+    assert sorted(counts) == sorted(ALL)  # residuals only, never the shared scalars
+    _close(counts["offset"], torch.tensor([[3.0, 0.0, 7.0], [3.0, 0.0, 7.0]], dtype=DT))
+    with pytest.raises(ValueError, match=r"counts must have shape \(K,\) or \(G, K\) with K=3"):
+        p.free_value_counts(torch.ones(4))
+    assert build_parametrization("dataset", COUNTS, search=ALL).free_value_counts(torch.ones(K)) == {}
+    g = build_parametrization("groups", COUNTS, preset="la", search="offset", group_size=3)
+    per_bin = g.free_value_counts(torch.arange(1.0, K + 1))["offset"][0]
+    assert per_bin.shape == (len(g.bins),)
+    for m, members in enumerate(g.bins):
+        assert per_bin[m].item() == pytest.approx(sum(c + 1.0 for c in members))
