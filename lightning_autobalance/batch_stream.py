@@ -14,32 +14,66 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-__all__ = ["BatchStream", "ShardSampler"]
+__all__ = ["BatchStream", "ShardSampler", "class_balanced_order"]
+
+
+def class_balanced_order(labels: Tensor, generator: torch.Generator) -> list[int]:
+    """One pass of indices in which every class present occurs equally often, shuffled.
+
+    Each class gets ``ceil(N / C)`` draws (``N`` samples, ``C`` classes present): its samples in a random order,
+    repeated (each repetition reshuffled) as often as needed, so within a class every sample is drawn equally often
+    up to one. The pass therefore has ``C * ceil(N / C)`` indices.
+    """
+    classes = torch.unique(labels)
+    per_class = math.ceil(labels.numel() / max(classes.numel(), 1))
+    picks = []
+    for c in classes.tolist():
+        members = torch.nonzero(labels == c).flatten()
+        rounds = math.ceil(per_class / members.numel())
+        order = torch.cat([members[torch.randperm(members.numel(), generator=generator)] for _ in range(rounds)])
+        picks.append(order[:per_class])
+    both = torch.cat(picks)
+    return both[torch.randperm(both.numel(), generator=generator)].tolist()
 
 
 class ShardSampler(Sampler[int]):
     """Indices of one rank's shard for one epoch, shuffled by ``(seed, epoch)``, starting at ``start``.
 
     Pads to equal shard lengths like ``DistributedSampler`` (``drop_last=False``), so every rank has the same
-    number of samples and therefore the same batch sizes.
+    number of samples and therefore the same batch sizes. With ``labels`` every pass is class-balanced
+    (:func:`class_balanced_order`).
     """
 
-    def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 labels: Tensor | None = None) -> None:
         if length < 1:
             raise ValueError("ShardSampler needs a non-empty dataset.")
+        if labels is not None and labels.numel() != length:
+            raise ValueError(f"ShardSampler: {labels.numel()} labels for a dataset of {length} samples.")
         self.length, self.seed, self.rank, self.world_size, self.shuffle = length, seed, rank, world_size, shuffle
+        self.labels = None if labels is None else torch.as_tensor(labels).long().flatten()
         self.epoch = 0
         self.start = 0
 
     @property
+    def pass_length(self) -> int:
+        if self.labels is None:
+            return self.length
+        classes = torch.unique(self.labels).numel()
+        return classes * math.ceil(self.length / classes)
+
+    @property
     def shard_size(self) -> int:
-        return math.ceil(self.length / self.world_size)
+        return math.ceil(self.pass_length / self.world_size)
 
     def indices(self) -> list[int]:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.labels is not None:
+            order = class_balanced_order(self.labels, gen)
+        elif self.shuffle:
             order = torch.randperm(self.length, generator=gen).tolist()
         else:
             order = list(range(self.length))
@@ -69,6 +103,8 @@ class BatchStream:
         rank: this process's rank.
         world_size: number of processes.
         shuffle: shuffle within each pass.
+        labels: the label of every sample of the dataset: each pass is then class-balanced
+            (:func:`class_balanced_order`; every class equally often, small classes repeated).
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -79,7 +115,7 @@ class BatchStream:
     """
 
     def __init__(self, dataloader: DataLoader, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, labels: Tensor | None = None) -> None:
         self.source = dataloader
         self.epoch = 0
         self.position = 0
@@ -89,14 +125,16 @@ class BatchStream:
         dataset = getattr(dataloader, "dataset", None)
         custom_batches = getattr(dataloader, "batch_size", None) is None
         if dataset is None or isinstance(dataset, IterableDataset) or custom_batches or not isinstance(dataset, Sized):
+            self.balanced = False
             warnings.warn("This dataloader cannot be re-sampled (iterable dataset or custom batch sampler): it is read "
                           "as it is, so resuming will not reproduce the same batches and it is not sharded.",
                           stacklevel=2)
         else:
             from lightning_fabric.utilities.data import _update_dataloader
 
-            self.sampler = ShardSampler(len(dataset), seed, rank, world_size, shuffle)
+            self.sampler = ShardSampler(len(dataset), seed, rank, world_size, shuffle, labels=labels)
             self.loader = _update_dataloader(dataloader, self.sampler)
+            self.balanced = labels is not None
         if self.batches_per_pass() == 0:
             raise ValueError("The dataloader yields no batches (an empty dataset, or drop_last with fewer samples than "
                              "one batch); the search needs at least one batch of upper data on every process.")

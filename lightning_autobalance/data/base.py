@@ -206,6 +206,16 @@ class LongTailDataModule(pl.LightningDataModule):
         return None if self._upper is None else self._counts_of(self._upper)
 
     @property
+    def upper_targets(self) -> list[int] | None:
+        """The label of every sample of the upper part, in the order of :attr:`upper_dataset`, or None without
+        ``search_split`` (the callback uses them for class-balanced upper batches)."""
+        self._ensure_plan()
+        if self._upper is None:
+            return None
+        assert self._pool_targets is not None
+        return self._pool_targets[self._upper].astype(int).tolist()
+
+    @property
     def long_tail_indices(self) -> np.ndarray:
         """Pool indices of the whole long-tailed training set (sorted)."""
         self._ensure_plan()
