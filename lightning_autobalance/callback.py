@@ -54,7 +54,39 @@ __all__ = ["AutoBalanceCallback"]
 OptimizerCallable = Callable[[Iterable], Optimizer]
 SchedulerCallable = Callable[[Optimizer], Any]
 UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
+LrSchedule = Literal["cosine", "constant"]
 _UNSUPPORTED = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+#: The automatic schedule never takes a hyper step more often than this many optimizer steps apart once the run is
+#: long enough: a default hyper step costs about 1.4-1.8 plain steps, so 20 keeps a search epoch within 1.10 plain
+#: epochs (benchmarks/speed.py).
+MAX_AUTO_INTERVAL = 20
+
+
+def auto_interval(window_steps: int, target_hyper_steps: int, upper_batches_per_pass: int = 1) -> int:
+    """The interval (in optimizer steps) between hyper steps that the callback chooses when ``every_n_steps`` is
+    not given.
+
+    The rule: aim for ``max(target_hyper_steps, 2 * upper_batches_per_pass)`` hyper steps in the window of
+    optimizer steps where the search is active (after the warm-up, before any stop), i.e. an interval of
+    ``window_steps // aim``, clipped to ``[1, MAX_AUTO_INTERVAL]``. A short run or a small dataset therefore steps
+    often (down to every optimizer step) and still makes enough hyper steps to move; a long one steps every 20
+    optimizer steps, which bounds the overhead; the upper split is drawn at least twice when the run allows.
+
+    Example:
+        >>> auto_interval(128, 200)      # a 40-epoch search on 280 digits: every step
+        1
+        >>> auto_interval(750, 200)      # 12 CIFAR-10-LT epochs: every 3 steps
+        3
+        >>> auto_interval(18_700, 200)   # 300 CIFAR-10-LT epochs: every 20 steps
+        20
+    """
+    aim = max(int(target_hyper_steps), 2 * int(upper_batches_per_pass), 1)
+    return int(min(max(window_steps // aim, 1), MAX_AUTO_INTERVAL))
+
+
+def _cosine_factor(step: int, total: int) -> float:
+    """Cosine decay of the hyper learning rate from 1 to 0 over ``total`` hyper steps (then 0)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
 def _default_hyper_optimizer(lr: float) -> OptimizerCallable:
@@ -115,7 +147,20 @@ class AutoBalanceCallback(Callback):
     With no arguments it uses the cheapest estimate that works well: the first Neumann term (the one-step
     hypergradient at the current weights) on the current training batch, whose logits the training step already
     computed, and one upper batch, with the logits product taken as a difference of logits. That costs about one
-    extra forward and backward pass every ``every_n_steps`` steps.
+    extra forward and backward pass per hyper step.
+
+    **Schedule sized to the run.** Without ``every_n_steps`` the interval follows :func:`auto_interval`: about
+    ``target_hyper_steps`` hyper steps in the active window, never more often than every optimizer step nor less
+    often than every 20. At the start of fit the callback says (rank zero, once) how many hyper steps the run will
+    make; at the end it warns when it made none, and why. The hyper learning rate decays along a cosine over the
+    planned hyper steps (``hyper_lr_schedule``), so the loss settles instead of random-walking around its optimum.
+
+    **A clean signal.** Three things keep the few held-out images of tail classes from steering the search:
+    upper batches are class-balanced (``balanced_upper``: every class equally often, its images repeated; the upper
+    split is used whole when it fits in one batch); the default parametrisation
+    (:class:`~lightning_autobalance.parametrization.Hierarchical`) moves all classes together through shared
+    scalars; and per-class values are shrunk towards their start in inverse proportion to their upper counts
+    (``shrinkage``).
 
     The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
     in the precision plugin's forward context (autocast), from and back to the training loop's random state; the
@@ -124,7 +169,9 @@ class AutoBalanceCallback(Callback):
     on every rank.
 
     Args:
-        every_n_steps: take a hyper step every this many optimizer steps (``k >= 1``).
+        every_n_steps: take a hyper step every this many optimizer steps (``k >= 1``). ``None`` (default): chosen
+            from the run, see :func:`auto_interval`.
+        target_hyper_steps: the number of hyper steps the automatic schedule aims for (``>= 1``).
         start_epoch: first epoch with hyper steps. ``None``: see ``warmup_fraction``.
         start_step: first optimizer step with hyper steps (overrides ``start_epoch``).
         stop_epoch: no hyper steps from this epoch on (``None``: until the end).
@@ -147,7 +194,17 @@ class AutoBalanceCallback(Callback):
             single SGD learning rate suits a whole run (``docs/tuning.md``).
         hyper_optimizer: a callable ``params -> torch.optim.Optimizer`` replacing the default (from a LightningCLI
             YAML: ``class_path: torch.optim.SGD`` with ``init_args: {lr: 0.01, momentum: 0.9}``).
-        hyper_scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step.
+        hyper_scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step (replaces
+            ``hyper_lr_schedule``).
+        hyper_lr_schedule: ``"cosine"`` (default): the hyper learning rate decays from its value to 0 along a cosine
+            over the planned hyper steps (constant when the run's length is unknown); ``"constant"``: no decay.
+        shrinkage: after every hyper step each per-class free value ``a`` informed by ``n`` upper samples is
+            pulled towards its start: ``a <- a * max(0, 1 - lr * shrinkage / n)`` (decoupled, like AdamW's weight
+            decay; ``lr`` the current hyper learning rate). Under a consistent signal a value then settles at most
+            about ``n / shrinkage`` from its start; under noise it stays near it. Shared scalars are not shrunk.
+            ``0`` turns it off.
+        balanced_upper: draw class-balanced upper batches (every class equally often; the named objectives then
+            weigh classes equally) when the upper split is larger than one batch and its batches carry no groups.
         max_norm: clip the hypergradient to this norm (``None``: no clipping).
         objective: the upper objective: a name from :data:`~lightning_autobalance.objectives.OBJECTIVES`
             (``"balanced_ce"``, ``"worst_class"``, ``"worst_group"``, ``"deo"``, ``"blend"``) or a callable
@@ -179,7 +236,8 @@ class AutoBalanceCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 20,
+        every_n_steps: int | None = None,
+        target_hyper_steps: int = 200,
         start_epoch: int | None = None,
         start_step: int | None = None,
         stop_epoch: int | None = None,
@@ -198,6 +256,9 @@ class AutoBalanceCallback(Callback):
         hyper_lr: float = 0.02,
         hyper_optimizer: OptimizerCallable | None = None,
         hyper_scheduler: SchedulerCallable | None = None,
+        hyper_lr_schedule: LrSchedule = "cosine",
+        shrinkage: float = 16.0,
+        balanced_upper: bool = True,
         max_norm: float | None = None,
         objective: str | Objective = "balanced_ce",
         objective_kwargs: dict[str, Any] | None = None,
@@ -209,7 +270,12 @@ class AutoBalanceCallback(Callback):
     ) -> None:
         super().__init__()
         checks = [
-            (every_n_steps >= 1, f"every_n_steps must be at least 1; got {every_n_steps}."),
+            (every_n_steps is None or every_n_steps >= 1,
+             f"every_n_steps must be at least 1 (or None for the automatic schedule); got {every_n_steps}."),
+            (target_hyper_steps >= 1, f"target_hyper_steps must be at least 1; got {target_hyper_steps}."),
+            (hyper_lr_schedule in ("cosine", "constant"),
+             f"hyper_lr_schedule must be 'cosine' or 'constant'; got {hyper_lr_schedule!r}."),
+            (shrinkage >= 0, f"shrinkage must be >= 0; got {shrinkage}."),
             (eta > 0, f"eta must be positive; got {eta}."),
             (terms >= 0, f"terms (Neumann terms beyond the first) must be >= 0; got {terms}."),
             (damping >= 0, f"damping must be >= 0; got {damping}."),
@@ -243,6 +309,10 @@ class AutoBalanceCallback(Callback):
             raise ValueError(f"objective_kwargs must be a mapping of settings; got {type(objective_kwargs).__name__}.")
         check_objective(objective, **dict(objective_kwargs or {}))  # an unknown name or bad settings fail here
         self.every_n_steps = every_n_steps
+        self.target_hyper_steps = target_hyper_steps
+        self.hyper_lr_schedule = hyper_lr_schedule
+        self.shrinkage = shrinkage
+        self.balanced_upper = balanced_upper
         self.start_epoch, self.start_step = start_epoch, start_step
         self.stop_epoch, self.stop_step = stop_epoch, stop_step
         self.warmup_fraction = warmup_fraction
@@ -271,6 +341,11 @@ class AutoBalanceCallback(Callback):
         self._upper: BatchStream | None = None
         self._train: BatchStream | None = None
         self._auto_start_step = 0
+        self._interval = every_n_steps or 1
+        self._planned: int | None = None
+        self._window: tuple[int, int | None] = (0, None)
+        self._fit_hyper_steps = 0
+        self._shrink_counts: dict[str, Tensor] = {}
         self._pending: dict[str, Any] | None = None
         self._batch: Any = None
         self._batch_rng: tuple[Tensor, Tensor | None] | None = None
@@ -279,7 +354,7 @@ class AutoBalanceCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, method=self.method)
+        return self._generate_state_key(every_n_steps=self.every_n_steps or "auto", method=self.method)
 
     # ------------------------------------------------------------------------------------------------------
     # setup: every check before any training time is spent
@@ -323,6 +398,15 @@ class AutoBalanceCallback(Callback):
         if cells is not None and params.num_groups > 1 and len(cells) != params.num_groups:
             raise ValueError(f"The upper data has {len(cells)} groups, the loss has num_groups={params.num_groups}.")
         table: Any = cells if cells is not None else counts
+        self._shrink_counts = params.free_value_counts(torch.as_tensor(
+            table if table is not None else params.class_counts.sum(0).tolist(), dtype=torch.float64))
+        if self.balanced_upper and cells is None and batches > 1:
+            labels = self._upper_labels(trainer, pl_module, loader, num_classes)
+            self._upper = BatchStream(loader, seed=self.seed, rank=trainer.global_rank,
+                                      world_size=trainer.world_size, labels=labels)
+            if self._upper.balanced and table is not None:
+                # Every class is drawn equally often: the objective weighs the classes equally.
+                table = [1 if n > 0 else 0 for n in table]
         try:
             objective = build_objective(self.objective, table if table is not None else
                                         params.class_counts.sum(0).tolist(), **self.objective_kwargs)
@@ -390,6 +474,40 @@ class AutoBalanceCallback(Callback):
             counts = read_counts if counts is None else counts
         return counts, cells
 
+    def _upper_labels(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any,
+                      num_classes: int) -> Tensor:
+        """The label of every upper sample in dataset order: the datamodule's ``upper_targets``, the dataset's
+        ``targets``, or read once."""
+        dataset = getattr(loader, "dataset", None)
+        targets = None
+        if loader is not self.upper_dataloader:
+            targets = getattr(trainer.datamodule, "upper_targets", None)
+        if targets is None:
+            targets = getattr(dataset, "targets", None)
+        if targets is None or dataset is None or len(targets) != len(dataset):
+            return self._read_labels(pl_module, loader, num_classes)[0]
+        return torch.as_tensor(targets).long().flatten()
+
+    def _read_labels(self, pl_module: pl.LightningModule, loader: Any,
+                     num_classes: int) -> tuple[Tensor, Tensor | None]:
+        dataset = getattr(loader, "dataset", None)
+        parts, group_parts = [], []
+        # Read the whole dataset (not one process's shard) in order; a loader draws from the global RNG.
+        reader = loader
+        if dataset is not None:
+            reader = DataLoader(dataset, batch_size=256, collate_fn=getattr(loader, "collate_fn", None))
+        with _preserve_random_state(torch.device("cpu")):
+            for batch in reader:
+                _, y, g = pl_module.autobalance_unpack(batch)  # type: ignore[attr-defined]
+                parts.append(torch.as_tensor(y).long().cpu())
+                if g is not None:
+                    group_parts.append(torch.as_tensor(g).long().cpu())
+        labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
+        return labels, groups
+
     def _read_groups(self, pl_module: pl.LightningModule, loader: Any, num_classes: int,
                      num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
         """Reads the labels (and groups) of the upper data: from the dataset's ``targets`` and ``groups`` attributes,
@@ -401,19 +519,7 @@ class AutoBalanceCallback(Callback):
             labels = torch.as_tensor(targets).long().flatten()
             groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
         else:
-            parts, group_parts = [], []
-            # Read the whole dataset (not one process's shard) in order; a loader draws from the global RNG.
-            reader = loader
-            if dataset is not None:
-                reader = DataLoader(dataset, batch_size=256, collate_fn=getattr(loader, "collate_fn", None))
-            with _preserve_random_state(torch.device("cpu")):
-                for batch in reader:
-                    _, y, g = pl_module.autobalance_unpack(batch)  # type: ignore[attr-defined]
-                    parts.append(torch.as_tensor(y).long().cpu())
-                    if g is not None:
-                        group_parts.append(torch.as_tensor(g).long().cpu())
-            labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-            groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
+            labels, groups = self._read_labels(pl_module, loader, num_classes)
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
         counts = torch.bincount(labels, minlength=num_classes).tolist()
@@ -441,12 +547,80 @@ class AutoBalanceCallback(Callback):
         alpha = list(params.alpha().values())
         self.optimizer = self._hyper_optimizer_fn(alpha) if alpha else None
         self.scheduler = self._hyper_scheduler_fn(self.optimizer) if (self._hyper_scheduler_fn and alpha) else None
+        total = trainer.estimated_stepping_batches
         if self.start_step is None and self.start_epoch is None:
-            total = trainer.estimated_stepping_batches
             self._auto_start_step = int(self.warmup_fraction * total) if math.isfinite(total) else 0
+        self._plan(trainer, total)
+        if (self._hyper_scheduler_fn is None and self.hyper_lr_schedule == "cosine" and self.optimizer is not None
+                and self._planned):
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, functools.partial(_cosine_factor, total=self._planned))
+        self._fit_hyper_steps = 0
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
+        self._announce(trainer, pl_module)
+
+    def _steps_per_epoch(self, trainer: pl.Trainer, total: float) -> float | None:
+        epochs = trainer.max_epochs
+        if epochs is not None and epochs > 0 and math.isfinite(total):
+            return total / epochs
+        return None
+
+    def _plan(self, trainer: pl.Trainer, total: float) -> None:
+        """Resolves the active window ``[first, end)`` in optimizer steps, the interval and the planned number of
+        hyper steps (``None`` when the run's length is unknown)."""
+        per_epoch = self._steps_per_epoch(trainer, total)
+        if self.start_step is not None:
+            first = self.start_step
+        elif self.start_epoch is not None:
+            first = int(self.start_epoch * per_epoch) if per_epoch is not None else None
+        else:
+            first = self._auto_start_step
+        ends = [total] if math.isfinite(total) else []
+        if self.stop_step is not None:
+            ends.append(self.stop_step)
+        if self.stop_epoch is not None and per_epoch is not None:
+            ends.append(self.stop_epoch * per_epoch)
+        end = int(min(ends)) if ends else None
+        self._window = (first or 0, end)
+        if first is None or end is None:
+            self._interval, self._planned = self.every_n_steps or MAX_AUTO_INTERVAL, None
+            return
+        window = max(end - first, 0)
+        upper = self._upper.batches_per_pass() if self._upper is not None else 1
+        self._interval = self.every_n_steps or auto_interval(window, self.target_hyper_steps, upper)
+        # Steps s in [first, end) with (s + 1) % interval == 0.
+        self._planned = max((end // self._interval) - (first // self._interval), 0)
+
+    def _announce(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first, end = self._window
+        how = "every_n_steps" if self.every_n_steps else "auto"
+        if self._planned is None:
+            rank_zero_info(f"AutoBalance: a hyper step every {self._interval} optimizer steps ({how}) from step "
+                           f"{first}; the run's length is unknown, so the number of hyper steps is too.")
+        else:
+            rank_zero_info(f"AutoBalance: {self._planned} hyper steps planned, every {self._interval} optimizer steps "
+                           f"({how}) in steps [{first}, {end}) of this fit.")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_hyper_steps > 0 or self.optimizer is None or trainer.sanity_checking:
+            return
+        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        first, end = self._window
+        if params.frozen:
+            why = "the loss is frozen"
+        elif self.skipped_steps:
+            why = f"all {self.skipped_steps} hyper steps had a non-finite hypergradient and were skipped"
+        elif trainer.global_step <= first:
+            why = (f"the fit ended at optimizer step {trainer.global_step}, before the search starts (step {first}: "
+                   "see start_epoch / start_step / warmup_fraction)")
+        else:
+            why = (f"no optimizer step in [{first}, {trainer.global_step}) was due (every {self._interval} steps; "
+                   "see every_n_steps, stop_epoch / stop_step)")
+        rank_zero_warn(f"AutoBalance made no hyper step in this fit: {why}. The loss is unchanged. For a short fit "
+                       "use AutoBalanceCallback(warmup_fraction=0.0) or a smaller every_n_steps.")
 
     # ------------------------------------------------------------------------------------------------------
     # schedule
@@ -464,7 +638,7 @@ class AutoBalanceCallback(Callback):
         return started and not stopped
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        return (trainer.global_step + 1) % self.every_n_steps == 0 and self._active(trainer)
+        return (trainer.global_step + 1) % self._interval == 0 and self._active(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -574,16 +748,30 @@ class AutoBalanceCallback(Callback):
                 grads = {k: g * (self.max_norm / float(norm)) for k, g in grads.items()}
             for name, tensor in params.alpha().items():
                 tensor.grad = grads[name].to(tensor)
+            lr = float(self.optimizer.param_groups[0]["lr"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._shrink(params, lr)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.hyper_steps += 1
+            self._fit_hyper_steps += 1
             metrics["autobalance/hypergrad_norm"] = float(norm)
         self.last_objective = metrics["autobalance/objective"]
         metrics["autobalance/skipped"] = float(self.skipped_steps)
         pl_module.log("hyper_obj", self.last_objective, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self._log_parameters(trainer, params, metrics)
+
+    @torch.no_grad()
+    def _shrink(self, params: Any, lr: float) -> None:
+        """Pulls each per-class free value towards its start by ``lr * shrinkage / n`` (``n``: its upper count)."""
+        if self.shrinkage <= 0:
+            return
+        alpha = params.alpha()
+        for name, counts in self._shrink_counts.items():
+            value = alpha[name]
+            factor = (1.0 - lr * self.shrinkage / counts.to(value).clamp(min=1.0)).clamp(min=0.0)
+            value.mul_(factor)
 
     def _log_parameters(self, trainer: pl.Trainer, params: Any, metrics: dict[str, float]) -> None:
         if not trainer.loggers or trainer.global_rank != 0:

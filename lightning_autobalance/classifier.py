@@ -54,7 +54,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
             may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``).
-        parametrization: ``"class"``, ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.parametrization`).
+        parametrization: ``"hierarchical"`` (default: shared scalars plus per-class residuals), ``"class"``,
+            ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.parametrization`).
         group_size: classes per frequency bin for ``parametrization="groups"``.
         num_groups: sensitive groups (class x group tables; linked from a group datamodule by the CLI).
         group_counts: training samples per (group, class) cell, ``G x K`` (linked from a group datamodule): the
@@ -94,7 +95,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         loss: LossName = "autobalance",
         preset: str = "la",
         search: Sequence[str] = ("offset",),
-        parametrization: ParametrizationKind = "class",
+        parametrization: ParametrizationKind = "hierarchical",
         group_size: int = 1,
         num_groups: int | None = None,
         group_counts: list[list[int]] | None = None,

@@ -128,7 +128,7 @@ class AutoBalanceMixin:
         class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
         preset: str = "la",
         search: Sequence[str] | str = ("offset",),
-        parametrization: ParametrizationKind = "class",
+        parametrization: ParametrizationKind = "hierarchical",
         group_size: int = 1,
         num_groups: int | None = None,
         reduction: Reduction = "mean",
@@ -147,8 +147,9 @@ class AutoBalanceMixin:
                 from a logit-adjustment start, is the setting that never did worse than logit adjustment in our
                 tuning (``docs/tuning.md``); the multiplicative ``delta`` has a hypergradient about the size of the
                 logits times that of the offsets and is best searched on its own learning rate.
-            parametrization: ``"class"`` (one value per class), ``"groups"`` (bins of ``group_size`` classes by
-                frequency) or ``"dataset"`` (the three scalars gamma, tau, omega).
+            parametrization: ``"hierarchical"`` (default: the dataset-level scalars gamma, tau, omega that move
+                every class together, plus a residual per class), ``"class"`` (one value per class), ``"groups"``
+                (bins of ``group_size`` classes by frequency) or ``"dataset"`` (the three scalars alone).
             group_size: classes per frequency bin for ``parametrization="groups"``.
             num_groups: number of sensitive groups ``G`` (class x group tables); batches then carry groups.
             reduction: ``"mean"`` or ``"weighted_mean"``

@@ -190,7 +190,7 @@ def _search_run(seed: int, search: str | None) -> tuple[float, dict[str, torch.T
     Returns the balanced validation error, the loss tables and the number of hyper steps.
     """
     pl.seed_everything(seed, verbose=False)
-    model = Net(preset="ce", search=search or ())
+    model = Net(preset="ce", search=search or (), parametrization="class")
     callbacks = [AutoBalanceCallback(upper_dataloader=_upper_loader(seed), **SEARCH)] if search else []
     trainer = _trainer(callbacks, max_epochs=EPOCHS)
     trainer.fit(model, _train_loader(seed))
@@ -713,3 +713,122 @@ def test_difference_product_agrees_with_jvp_under_dropout(dropout):
     for name, value in found["jvp"].items():
         assert value.abs().max() > 1e-3, name
         torch.testing.assert_close(found["difference"][name], value, rtol=1e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the schedule sized to the run, what it says, the decaying hyper lr, shrinkage, class-balanced upper batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_interval_rule():
+    from lightning_autobalance.callback import MAX_AUTO_INTERVAL, auto_interval
+
+    assert auto_interval(10, 200) == 1  # fewer steps than the target: every step
+    assert auto_interval(750, 200) == 3
+    assert auto_interval(10**6, 200) == MAX_AUTO_INTERVAL == 20  # a long run keeps its overhead bounded
+    assert auto_interval(4000, 200, upper_batches_per_pass=1000) == 2  # the upper split drawn twice
+    assert auto_interval(4000, 50) == 20
+
+
+def test_short_fit_plans_and_makes_its_hyper_steps_and_says_so(monkeypatch):
+    said = []
+    monkeypatch.setattr("lightning_autobalance.callback.rank_zero_info", said.append)
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    _trainer([callback], max_epochs=2).fit(model, _train_loader())  # 24 steps, warm-up 20%: steps 4..23
+    assert callback.hyper_steps == 20
+    assert [m for m in said if "hyper steps planned" in m] == [
+        "AutoBalance: 20 hyper steps planned, every 1 optimizer steps (auto) in steps [4, 24) of this fit."]
+    # the default hyper lr decays along a cosine to 0 over the planned steps
+    assert callback.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_explicit_every_n_steps_wins_and_constant_lr_stays():
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(every_n_steps=7, start_step=0, hyper_lr_schedule="constant",
+                                   upper_dataloader=_upper_loader())
+    _trainer([callback], max_epochs=2).fit(model, _train_loader())
+    assert callback.hyper_steps == 3  # steps 6, 13, 20
+    assert callback.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
+def test_a_fit_that_ends_before_the_search_warns_why():
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(start_epoch=5, upper_dataloader=_upper_loader())
+    before = _alpha(model)
+    with pytest.warns(UserWarning, match=r"made no hyper step in this fit: the fit ended at optimizer step 24, "
+                                         r"before the search starts \(step 60"):
+        _trainer([callback], max_epochs=2).fit(model, _train_loader())
+    assert callback.hyper_steps == 0
+    assert all(torch.equal(before[k], v) for k, v in _alpha(model).items())
+
+
+def test_a_fit_with_hyper_steps_does_not_warn():
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(workers|logging interval|GPU available|LeafSpec|jit).*")
+        _trainer([callback], max_epochs=2).fit(model, _train_loader())
+    assert callback.hyper_steps == 20
+
+
+def test_shrinkage_pulls_residuals_to_their_start_by_upper_count():
+    from lightning_autobalance.parametrization import PerClass
+
+    callback = AutoBalanceCallback(shrinkage=2.0)
+    params = PerClass([30, 20, 10], preset="la", search="offset")
+    with torch.no_grad():
+        params.alpha()["offset"].fill_(1.0)
+    callback._shrink_counts = params.free_value_counts(torch.tensor([40.0, 4.0, 0.0]))
+    callback._shrink(params, lr=0.1)
+    # factor max(0, 1 - lr * shrinkage / max(n, 1)): 1 - 0.2/40, 1 - 0.2/4, 1 - 0.2/1
+    torch.testing.assert_close(params.alpha()["offset"], torch.tensor([[0.995, 0.95, 0.8]]))
+    callback._shrink(params, lr=10.0)  # never past the start
+    assert float(params.alpha()["offset"].min()) >= 0.0 and float(params.alpha()["offset"][0, 2]) == 0.0
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 1e9])
+def test_shrinkage_in_a_fit_holds_the_residuals_not_the_shared_tau(shrinkage):
+    model = Net(preset="ce", search="offset")  # hierarchical: tau and per-class residuals
+    callback = AutoBalanceCallback(shrinkage=shrinkage, hyper_lr=0.05, upper_dataloader=_upper_loader())
+    _trainer([callback], max_epochs=4).fit(model, _train_loader())
+    alpha = _alpha(model)
+    assert float(alpha["tau"]) > 0.2  # towards logit adjustment (tau = 1) from cross-entropy
+    if shrinkage:
+        assert float(alpha["offset"].abs().max()) == 0.0
+    else:
+        assert float(alpha["offset"].abs().max()) > 0.01
+
+
+def test_class_balanced_upper_batches_and_equal_class_weights():
+    from lightning_autobalance.batch_stream import ShardSampler
+
+    labels = torch.tensor([0] * 40 + [1] * 8 + [2] * 2)
+    sampler = ShardSampler(50, seed=3, labels=labels)
+    for epoch in range(3):
+        sampler.epoch = epoch
+        drawn = labels[sampler.indices()]
+        assert torch.bincount(drawn).tolist() == [17, 17, 17]  # ceil(50 / 3) each
+        # within a class every sample is drawn equally often, up to one
+        tail = torch.bincount(torch.tensor(sampler.indices())[drawn == 1] - 40)
+        assert int(tail.max() - tail.min()) <= 1
+    halves = [ShardSampler(50, seed=3, labels=labels, rank=r, world_size=2).indices() for r in (0, 1)]
+    full = ShardSampler(50, seed=3, labels=labels).indices()
+    assert len(halves[0]) == len(halves[1]) == 26  # 51 indices a pass, padded to 52 like DistributedSampler
+    assert sorted(halves[0] + halves[1]) == sorted(full + full[:1])
+
+    x, y = _blobs([40, 8, 2], seed=5)
+    small_batches = DataLoader(TensorDataset(x, y), batch_size=10)
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(upper_dataloader=small_batches)
+    _trainer([callback], max_epochs=1).fit(model, _train_loader())
+    assert callback._upper.balanced
+    torch.testing.assert_close(callback._objective_fn.objective.class_weight, torch.ones(3, dtype=torch.float64))
+    # one batch holds the whole upper split: it is used whole, with inverse-frequency weights
+    model = Net(preset="ce", search="offset")
+    callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y), batch_size=64))
+    _trainer([callback], max_epochs=1).fit(model, _train_loader())
+    assert not callback._upper.balanced
+    torch.testing.assert_close(callback._objective_fn.objective.class_weight,
+                               torch.tensor([50 / 120, 50 / 24, 50 / 6], dtype=torch.float64))

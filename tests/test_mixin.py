@@ -98,7 +98,7 @@ def _ref_loss(logits, target, delta, offset, weight, reduction="mean"):
 
 def test_loss_parameters_are_state_not_parameters():
     torch.manual_seed(0)
-    model = Net(preset="la", search=ALL)
+    model = Net(preset="la", search=ALL, parametrization="class")
     assert [n for n, _ in model.named_parameters()] == ["layer.weight", "layer.bias"]
     alpha_ids = {id(t) for t in model.autobalance.alpha().values()}
     assert len(alpha_ids) == 3
@@ -161,7 +161,7 @@ def test_weights_only_checkpoint_restores_the_loss(tmp_path, kind, search):
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_export_and_load_loss_round_trip(tmp_path, suffix):
-    src = Net(preset="vs", search=ALL, reduction="weighted_mean")
+    src = Net(preset="vs", search=ALL, reduction="weighted_mean", parametrization="class")
     _randomize(src, seed=5)
     path = src.export_loss(tmp_path / f"found{suffix}")
     doc = json.loads(path.read_text()) if suffix == ".json" else yaml.safe_load(path.read_text())
@@ -437,7 +437,7 @@ def test_loaded_loss_rebuilds_the_preset_on_the_new_class_counts(tmp_path):
     """A loss searched on a split and loaded for retraining keeps the searched deviation from its preset but
     rebuilds the preset on the retraining counts (here: logit adjustment on other counts)."""
     search_counts, full_counts = [8, 4, 1], [10, 5, 2]
-    src = Net(counts=search_counts, preset="la", search=("offset", "weight"))
+    src = Net(counts=search_counts, preset="la", search=("offset", "weight"), parametrization="class")
     _randomize(src, seed=3)
     path = src.export_loss(tmp_path / "found.yaml")
     dst = Net(counts=full_counts, preset="ce")
@@ -454,3 +454,19 @@ def test_loaded_loss_rebuilds_the_preset_on_the_new_class_counts(tmp_path):
     plain = save_loss_tables(tmp_path / "plain.json", src.autobalance.tables())
     dst.load_loss(plain)
     torch.testing.assert_close(dst.autobalance_tables().offset, src.autobalance.tables().offset, rtol=0, atol=0)
+
+
+def test_loaded_hierarchical_loss_rebuilds_its_shared_part_on_the_new_class_counts(tmp_path):
+    """The default parametrisation: ``tau`` multiplies ``log pi`` of the *retraining* counts, the residuals stay."""
+    search_counts, full_counts = [8, 4, 1], [10, 5, 2]
+    src = Net(counts=search_counts, preset="ce", search="offset")
+    assert src.autobalance.kind == "hierarchical"
+    with torch.no_grad():
+        src.autobalance.alpha()["tau"].fill_(0.8)
+        src.autobalance.alpha()["offset"].copy_(torch.tensor([[0.3, -0.1, 0.5]]))
+    dst = Net(counts=full_counts, preset="ce")
+    dst.load_loss(src.export_loss(tmp_path / "found.yaml"))
+    got = dst.autobalance_tables().offset[0].double()
+    residual = torch.tensor([0.3, -0.1, 0.5], dtype=torch.float64)
+    expected = 0.8 * torch.log(torch.tensor(full_counts, dtype=torch.float64) / sum(full_counts)) + residual
+    torch.testing.assert_close(got - got.mean(), expected - expected.mean(), rtol=0, atol=1e-6)
