@@ -5,7 +5,8 @@ For every seed ``s`` it runs the pipeline of the config (``lightning-autobalance
 (search on the 80/20 per-class split, then retraining on the whole training set with the found loss) and every
 class-imbalance baseline (``--methods`` picks others, e.g. the group baselines), all with the config's settings.
 AutoBalance uses whatever the config says, which for the shipped configs is the library's defaults
-(``AutoBalanceCallback()`` with no arguments, LA start, per-class offsets searched).
+(``AutoBalanceCallback()`` with no arguments, LA start, offsets searched: the shared tau and per-class
+residuals of the hierarchical parametrisation).
 
 * Finished stages are reused on rerun (the pipeline skips a stage whose ``result.json`` exists).
 * One process per seed runs all methods; when it fails, each unfinished method is rerun alone, and a method that

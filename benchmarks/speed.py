@@ -6,7 +6,8 @@ Prints (and with --out writes as markdown):
    plain training step (forward, backward, SGD) timed in the same process, interleaved;
 2. the authors' protocol (Neumann, eta 1, J 5, 10 training and 10 upper batches) as a configuration;
 3. the wall time of a search epoch relative to a plain epoch, both through ``pytorch_lightning.Trainer`` with
-   and without :class:`~lightning_autobalance.AutoBalanceCallback` at its defaults;
+   and without :class:`~lightning_autobalance.AutoBalanceCallback` at its defaults, at the interval its automatic
+   schedule picks for a 300-epoch (and a 12-epoch) CIFAR-10-LT search;
 4. on CUDA, the peak memory of a hyper step relative to a plain step;
 5. how the default hyper step's cost grows with the number of classes and the network's depth.
 
@@ -14,6 +15,7 @@ Usage::
 
     python benchmarks/speed.py                         # everything, CPU, about 10 minutes on 2 cores
     python benchmarks/speed.py --quick                 # fewer repeats
+    python benchmarks/speed.py --epoch-only            # only the search-epoch table
     python benchmarks/speed.py --device cuda --out docs/speed_gpu.md
 """
 
@@ -31,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
+from lightning_autobalance.callback import auto_interval
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.models import ResNetCIFAR
 from lightning_autobalance.objectives import BalancedCrossEntropy
@@ -194,6 +197,9 @@ def main() -> None:
     parser.add_argument("--epoch-steps", type=int, default=60, help="optimizer steps of the timed epoch")
     parser.add_argument("--epoch-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the scaling table")
+    parser.add_argument("--epoch-only", action="store_true", help="only the search-epoch overhead table")
+    parser.add_argument("--schedules", type=int, nargs="+", default=[300, 12],
+                        help="search lengths in epochs whose automatic interval is timed")
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
     args = parser.parse_args()
     if args.quick:
@@ -208,20 +214,28 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    emit("| hyper step | cost (plain steps) | peak memory (plain steps) |")
+    if not args.epoch_only:
+        emit("| hyper step | cost (plain steps) | peak memory (plain steps) |")
+        emit("|---|---|---|")
+        configs = {**METHODS, "authors' protocol (neumann J=5, eta 1, Hessian, 10+10 batches)": AUTHORS}
+        costs = step_costs(Net(), device, 10, args.batch_size, args.repeats, configs,
+                           lambda label, ratio, mem: emit(f"| {label} | {ratio:.2f} | "
+                                                          f"{'n/a (CPU)' if mem is None else f'{mem:.2f}'} |"))
+        emit()
+    # The interval the callback's automatic schedule picks for a CIFAR-10-LT search (9,925 lower images, batch 128:
+    # 78 optimizer steps an epoch, the first 20% warm-up; 2,481 upper images: 20 upper batches a pass).
+    emit("| search run (CIFAR-10-LT sized, default schedule) | interval chosen | search epoch / plain epoch |")
     emit("|---|---|---|")
-    configs = {**METHODS, "authors' protocol (neumann J=5, eta 1, Hessian, 10+10 batches)": AUTHORS}
-    costs = step_costs(Net(), device, 10, args.batch_size, args.repeats, configs,
-                       lambda label, ratio, mem: emit(f"| {label} | {ratio:.2f} | "
-                                                      f"{'n/a (CPU)' if mem is None else f'{mem:.2f}'} |"))
-    emit()
-    cb = AutoBalanceCallback()
-    ratio = epoch_overhead(device, args.epoch_steps, args.epoch_repeats, None)
-    emit(f"search epoch / plain epoch at the callback's defaults (every_n_steps={cb.every_n_steps}, "
-         f"{args.epoch_steps} steps, median of {args.epoch_repeats}): {ratio:.3f}")
-    authors_epoch = 1.0 + costs[next(k for k in costs if k.startswith("authors"))][0] / 20.0
-    emit(f"authors' protocol every 20 steps, estimated from its step cost: {authors_epoch:.2f} plain epochs")
-    if not args.quick:
+    for epochs in args.schedules:
+        window = int(0.8 * epochs * 78)
+        every = auto_interval(window, AutoBalanceCallback().target_hyper_steps, 20)
+        ratio = epoch_overhead(device, args.epoch_steps, args.epoch_repeats, every)
+        emit(f"| {epochs} epochs ({window // every} hyper steps) | every {every} steps | {ratio:.3f} |")
+    emit(f"({args.epoch_steps}-step epochs timed through Trainer, median of {args.epoch_repeats})")
+    if not args.epoch_only:
+        authors_epoch = 1.0 + costs[next(k for k in costs if k.startswith("authors"))][0] / 20.0
+        emit(f"authors' protocol every 20 steps, estimated from its step cost: {authors_epoch:.2f} plain epochs")
+    if not args.quick and not args.epoch_only:
         emit()
         emit("| classes K | depth | default hyper step (plain steps) |")
         emit("|---|---|---|")

@@ -1,0 +1,99 @@
+"""The evidence tables of "does the search pay", read from finished ``benchmarks/quality.py`` runs.
+
+Every pipeline run writes ``<runs>/seed_<s>/results.json`` with one row per method (balanced, worst-class and
+per-class test errors). This script pairs rows by seed (same data, same initial weights) and prints markdown:
+
+* ``scratch``: AutoBalance started from plain cross-entropy against CE and LA: the share of the CE-to-LA gap in
+  balanced test error that the search recovers, ``(CE - AB) / (CE - LA)`` (of the means, and per seed).
+* ``versus``: AutoBalance against one baseline, paired: balanced and worst-class error differences, with the
+  baseline's rows taken from the same runs folder or from ``--baseline-runs`` (another benchmark of the same
+  seeds, e.g. an AutoBalance run with another objective against the LA rows of a first run).
+
+Example::
+
+    python benchmarks/evidence.py scratch runs/quality/digits_lt_from_ce
+    python benchmarks/evidence.py versus runs/quality/digits_lt --baseline la
+    python benchmarks/evidence.py versus runs/quality/cifar_worst --baseline la --baseline-runs runs/quality/cifar_ce
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def load(runs: Path) -> dict[int, dict[str, dict]]:
+    """``{seed: {method: row}}`` of every finished seed folder."""
+    out: dict[int, dict[str, dict]] = {}
+    for path in sorted(runs.glob("seed_*/results.json")):
+        doc = json.loads(path.read_text())
+        out[int(doc.get("seed", path.parent.name.split("_")[-1]))] = {r["method"]: r for r in doc["rows"]}
+    if not out:
+        raise SystemExit(f"no seed_*/results.json under {runs}")
+    return out
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
+    return m, se
+
+
+def fmt(values: list[float]) -> str:
+    m, se = mean_se(values)
+    return f"{100 * m:.2f} ± {100 * se:.2f}"
+
+
+def scratch(runs: Path) -> str:
+    rows = load(runs)
+    seeds = [s for s in sorted(rows) if {"autobalance", "ce", "la"} <= set(rows[s])]
+    err = {m: [rows[s][m]["balanced_error"] for s in seeds] for m in ("autobalance", "ce", "la")}
+    per_seed = [(c - a) / (c - l) for a, c, l in zip(err["autobalance"], err["ce"], err["la"])]
+    means = {m: mean_se(v)[0] for m, v in err.items()}
+    share = (means["ce"] - means["autobalance"]) / (means["ce"] - means["la"])
+    lines = [f"Runs: `{runs}`, seeds {seeds}. Balanced test error %, mean ± SE.", "",
+             "| AutoBalance from CE | CE | LA | gap recovered (of the means) | per seed | AB - LA, paired (pp) |",
+             "|---|---|---|---|---|---|",
+             f"| {fmt(err['autobalance'])} | {fmt(err['ce'])} | {fmt(err['la'])} | {100 * share:.0f}% | "
+             f"{', '.join(f'{100 * p:.0f}%' for p in per_seed)} | "
+             f"{fmt([a - b for a, b in zip(err['autobalance'], err['la'])])} |", "",
+             f"Target (at least 75% of the CE-to-LA gap): **{'met' if share >= 0.75 else 'missed'}** "
+             f"({100 * share:.0f}%)."]
+    return "\n".join(lines)
+
+
+def versus(runs: Path, baseline: str, baseline_runs: Path | None) -> str:
+    rows = load(runs)
+    base = load(baseline_runs) if baseline_runs else rows
+    seeds = [s for s in sorted(rows) if "autobalance" in rows[s] and s in base and baseline in base[s]]
+    lines = [f"Runs: `{runs}`" + (f", {baseline} from `{baseline_runs}`" if baseline_runs else "") +
+             f", seeds {seeds}. Test error %, mean ± SE; differences paired by seed (negative: AutoBalance lower).",
+             "", f"| metric | AutoBalance | {baseline} | AutoBalance - {baseline}, paired (pp) | per seed (pp) |",
+             "|---|---|---|---|---|"]
+    for key, label in (("balanced_error", "balanced error"), ("worst_class_error", "worst-class error")):
+        a = [rows[s]["autobalance"][key] for s in seeds]
+        b = [base[s][baseline][key] for s in seeds]
+        diff = [x - y for x, y in zip(a, b)]
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(diff)} | "
+                     f"{', '.join(f'{100 * d:+.2f}' for d in diff)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="table", required=True)
+    s = sub.add_parser("scratch", help="AutoBalance from CE: share of the CE-to-LA gap recovered")
+    s.add_argument("runs", type=Path)
+    v = sub.add_parser("versus", help="AutoBalance against one baseline, paired by seed")
+    v.add_argument("runs", type=Path)
+    v.add_argument("--baseline", default="la")
+    v.add_argument("--baseline-runs", type=Path, default=None)
+    args = p.parse_args()
+    print(scratch(args.runs) if args.table == "scratch" else versus(args.runs, args.baseline, args.baseline_runs))
+
+
+if __name__ == "__main__":
+    main()
