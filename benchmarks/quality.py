@@ -653,11 +653,18 @@ def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _config_epochs(config: Path) -> tuple[int, int, dict[str, Any]]:
+def _config_epochs(config: Path, overlays: Sequence[Path] = ()) -> tuple[int, int, dict[str, Any]]:
+    """Epochs of the search and the retraining: from the config, then from overlay configs given with
+    ``--set=--config=<file>`` (later files win, as in the CLI)."""
     cfg = yaml.safe_load(config.read_text()) or {}
     max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
-    search = cfg.get("search_epochs") or max_epochs
-    retrain = cfg.get("retrain_epochs") or max_epochs
+    search, retrain = cfg.get("search_epochs"), cfg.get("retrain_epochs")
+    for overlay in overlays:
+        extra = yaml.safe_load(overlay.read_text()) or {}
+        max_epochs = (extra.get("trainer") or {}).get("max_epochs", max_epochs)
+        search, retrain = extra.get("search_epochs", search), extra.get("retrain_epochs", retrain)
+    search = search or max_epochs
+    retrain = retrain or max_epochs
     if search is None or retrain is None:
         raise SystemExit(f"{config}: cannot tell the number of epochs (search_epochs / retrain_epochs / "
                          "trainer.max_epochs)")
@@ -684,12 +691,14 @@ def main(argv: list[str] | None = None) -> None:
                              "paper: 160 of 200)")
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the training processes")
     parser.add_argument("--report-only", action="store_true", help="aggregate the finished runs, train nothing")
-    parser.add_argument("--set", nargs="*", default=[], metavar="ARG",
-                        help="extra lightning-autobalance arguments for every run (e.g. --set=--trainer.foo=1)")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="ARG",
+                        help="extra lightning-autobalance arguments for every run (e.g. --set=--trainer.foo=1); "
+                             "may be repeated; --set=--config=<file> adds an overlay config")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.name = args.name or args.config.stem
-    args.search_epochs, args.retrain_epochs, cfg = _config_epochs(args.config)
+    overlays = [Path(a.split("=", 1)[1]) for a in args.set if a.startswith("--config=")]
+    args.search_epochs, args.retrain_epochs, cfg = _config_epochs(args.config, overlays)
     extra = list(args.set)
     drw = (cfg.get("model") or {}).get("drw_epoch", 160)
     if "ldam_drw" in args.methods and (drw is None or drw >= args.retrain_epochs):
