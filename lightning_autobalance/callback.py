@@ -801,6 +801,9 @@ class AutoBalanceCallback(Callback):
                 metrics.update({f"autobalance/{name}/min": float(values.min()),
                                 f"autobalance/{name}/max": float(values.max()),
                                 f"autobalance/{name}/mean": float(values.mean())})
+        for name, value in params.alpha().items():
+            if value.ndim == 0:  # shared scalars (tau, gamma, omega)
+                metrics[f"autobalance/{name}"] = float(value)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

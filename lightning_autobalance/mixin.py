@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from lightning_autobalance.losses import (
     LossTables,
     Reduction,
     adjusted_cross_entropy,
+    as_count_table,
     load_loss_tables,
     save_loss_tables,
 )
@@ -126,7 +128,7 @@ class AutoBalanceMixin:
 
     def configure_autobalance(
         self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None,
         preset: str = "la",
         search: Sequence[str] | str = ("offset",),
         parametrization: ParametrizationKind = "hierarchical",
@@ -137,6 +139,7 @@ class AutoBalanceMixin:
         loss_file: str | Path | None = None,
         freeze: bool = False,
         validate_inputs: bool = True,
+        like: AutoBalanceMixin | None = None,
     ) -> LossParametrization:
         """Declares the class counts and the loss family to search; call it once in ``__init__``.
 
@@ -159,13 +162,29 @@ class AutoBalanceMixin:
             loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
             freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.
             validate_inputs: check labels, groups and logits on every call (one host synchronisation per step).
+            like: another module with the mixin whose loss to copy: its parametrisation, the values found so far,
+                its counts and reduction (e.g. an SWA or fine-tuning module built from a trained one, which then
+                continues from the found loss instead of a fresh preset). ``class_counts`` may then be ``None``;
+                ``freeze`` and ``validate_inputs`` still apply.
 
         Returns:
             The parametrisation module, also available as ``self.autobalance``.
         """
         if reduction not in ("mean", "weighted_mean"):
             raise ValueError(f"reduction must be 'mean' or 'weighted_mean' for a training loss; got {reduction!r}.")
-        if loss_file is not None:
+        if like is not None:
+            source = like._require_autobalance()
+            if class_counts is not None:
+                given = as_count_table(class_counts, num_groups=source.num_groups)
+                if tuple(given.shape) != tuple(source.class_counts.shape):
+                    raise ValueError(f"class_counts has shape {tuple(given.shape)}, but the module given as `like` has "
+                                     f"{tuple(source.class_counts.shape)}; omit class_counts to copy that module's.")
+            params = copy.deepcopy(source)
+            reduction = like.autobalance_reduction
+        elif class_counts is None:
+            raise ValueError("configure_autobalance needs class_counts (one training count per class), or "
+                             "like=<a module configured with them> to copy its loss.")
+        elif loss_file is not None:
             params, info = loss_from_file(loss_file, class_counts)
             reduction = info.get("reduction", reduction)
         else:

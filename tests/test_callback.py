@@ -337,6 +337,30 @@ def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_fit(tmp_path):
     assert any(not torch.equal(model3.autobalance.alpha()[k], v) for k, v in final_alpha.items())
 
 
+def test_resume_with_the_default_schedule_is_identical(tmp_path):
+    """The automatic interval, the cosine-decayed hyper lr, class-balanced upper batches and shrinkage resume
+    exactly: a fit resumed from its epoch-1 checkpoint ends where the uninterrupted fit ended."""
+
+    def setup():
+        x, y = _blobs(COUNTS, seed=11)
+        train = DataLoader(TensorDataset(x, y), batch_size=32, sampler=EpochSeededSampler(len(y), seed=3))
+        torch.manual_seed(5)
+        callback = AutoBalanceCallback(upper_dataloader=_upper_loader(seed=1, counts=[20, 10, 5], batch_size=8))
+        return Net(preset="ce", search="offset"), callback, train
+
+    model, callback, train = setup()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    _trainer([callback, ckpt_cb], max_epochs=4, enable_checkpointing=True).fit(model, train)
+    assert callback._upper.balanced and callback._interval == 1 and callback.hyper_steps == 39
+    final_alpha, final_state = _alpha(model), callback.state_dict()
+    resumed_model, resumed_cb, train = setup()
+    _trainer([resumed_cb], max_epochs=4).fit(resumed_model, train, ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert resumed_cb.state_dict()["scheduler"] == final_state["scheduler"]
+    assert resumed_cb.state_dict()["upper_stream"] == final_state["upper_stream"]
+    for name, value in final_alpha.items():
+        assert torch.equal(resumed_model.autobalance.alpha()[name], value), name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. gradient accumulation: one hyper step per every_n_steps optimizer steps, not micro-batches
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,6 +537,10 @@ def test_loss_parameters_are_logged(tmp_path):
     for c in range(K):  # the last hyper step came with the last optimizer step: the final values
         assert float(logged[-1][f"autobalance/offset/{c}"]) == pytest.approx(float(tables.offset[0, c]), abs=1e-6)
         assert float(logged[-1][f"autobalance/weight/{c}"]) == pytest.approx(float(tables.weight[0, c]), rel=1e-6)
+    # the hierarchical parametrisation's shared scalars are logged by name
+    alpha = model.autobalance.alpha()
+    for name in ("tau", "omega"):
+        assert float(logged[-1][f"autobalance/{name}"]) == pytest.approx(float(alpha[name]), abs=1e-6)
 
 
 def test_many_classes_are_logged_as_summaries(tmp_path):

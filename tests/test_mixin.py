@@ -524,3 +524,24 @@ def test_the_mixin_may_come_before_or_after_lightning_module():
     torch.testing.assert_close(first.autobalance_loss(first(x), y), last.autobalance_loss(last(x), y))
     _fit(last, _loader())
     assert [n for n, _ in last.named_parameters()] == ["layer.weight", "layer.bias"]
+
+
+def test_a_module_built_from_a_trained_one_copies_its_found_loss():
+    """E.g. an SWA module whose __init__ calls a bare super().__init__(): ``like=`` brings counts and found loss."""
+    trained = Net(preset="ce", search="offset")
+    with torch.no_grad():
+        trained.autobalance.alpha()["tau"].fill_(0.9)
+        trained.autobalance.alpha()["offset"].copy_(torch.tensor([[0.2, -0.1, 0.4]]))
+    swa = Net(configure=False)
+    swa.configure_autobalance(None, like=trained, freeze=True)
+    for a, b in zip(swa.autobalance_tables(), trained.autobalance_tables()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert swa.loss_frozen and not trained.loss_frozen
+    assert swa.autobalance.class_counts.tolist() == trained.autobalance.class_counts.tolist()
+    with torch.no_grad():
+        swa.autobalance.alpha()["tau"].fill_(0.0)  # a copy, not the same tensors
+    assert float(trained.autobalance.alpha()["tau"]) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match=r"class_counts has shape \(1, 4\), but the module given as `like` has"):
+        Net(configure=False).configure_autobalance([5, 4, 3, 2], like=trained)
+    with pytest.raises(ValueError, match=r"needs class_counts \(one training count per class\), or like="):
+        Net(configure=False).configure_autobalance(None)
