@@ -108,6 +108,13 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"The upper data has labels from {int(labels.min())} to {int(labels.max())}, but the loss has "
+                         f"{num_classes} classes (class_counts given to configure_autobalance has {num_classes} "
+                         f"entries): expected labels in [0, {num_classes}). Give one count per class of the data.")
+
+
 def _objective_name(objective: Any) -> str | None:
     if not isinstance(objective, str):
         return None
@@ -388,13 +395,17 @@ class AutoBalanceCallback(Callback):
         counts, cells = self._upper_counts(trainer, pl_module, loader)
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
-            raise ValueError(f"The upper data has {len(counts)} classes, the loss has {num_classes}.")
+            raise ValueError(f"The upper data's class counts have {len(counts)} entries, but class_counts given to "
+                             f"configure_autobalance has {num_classes}: they must have one entry per class.")
         needs_all = isinstance(self.objective, str) or getattr(self.objective, "requires_all_classes", False)
         if counts is not None and min(counts) == 0 and needs_all:
             missing = [c for c, n in enumerate(counts) if n == 0]
+            longer = (f" The loss has {num_classes} classes (len(class_counts)); if the data has fewer, class_counts "
+                      "is too long." if missing == list(range(missing[0], num_classes)) else "")
             raise ValueError(f"The upper data has no sample of classes {missing}, which the objective "
-                             f"{self.objective!r} needs: give every class at least one upper sample (e.g. a per-class "
-                             "split).")
+                             f"{self.objective!r} needs: give every class at least one upper sample, e.g. with a "
+                             "per-class split: `lower, upper, class_counts, _ = "
+                             f"lightning_autobalance.data.search_split(train_dataset)`.{longer}")
         if cells is not None and params.num_groups > 1 and len(cells) != params.num_groups:
             raise ValueError(f"The upper data has {len(cells)} groups, the loss has num_groups={params.num_groups}.")
         table: Any = cells if cells is not None else counts
@@ -504,8 +515,7 @@ class AutoBalanceCallback(Callback):
                     group_parts.append(torch.as_tensor(g).long().cpu())
         labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
+        _check_labels(labels, num_classes)
         return labels, groups
 
     def _read_groups(self, pl_module: pl.LightningModule, loader: Any, num_classes: int,
@@ -520,8 +530,7 @@ class AutoBalanceCallback(Callback):
             groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
         else:
             labels, groups = self._read_labels(pl_module, loader, num_classes)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"The upper data has labels outside [0, {num_classes}).")
+        _check_labels(labels, num_classes)
         counts = torch.bincount(labels, minlength=num_classes).tolist()
         if groups is None or groups.numel() != labels.numel():
             return counts, None
@@ -792,6 +801,9 @@ class AutoBalanceCallback(Callback):
                 metrics.update({f"autobalance/{name}/min": float(values.min()),
                                 f"autobalance/{name}/max": float(values.max()),
                                 f"autobalance/{name}/mean": float(values.mean())})
+        for name, value in params.alpha().items():
+            if value.ndim == 0:  # shared scalars (tau, gamma, omega)
+                metrics[f"autobalance/{name}"] = float(value)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

@@ -6,22 +6,26 @@ Example::
     lightning-autobalance pipeline --config examples/digits_lt.yaml
     lightning-autobalance fit --config examples/cifar10_lt.yaml --data.init_args.search_split true
 
-One config file serves every subcommand: ``fit``, ``validate`` and ``test`` accept and ignore the pipeline's own keys
-(``output_dir``, ``baselines``, ...).
+One config file serves every subcommand: ``fit``, ``validate`` and ``test`` accept the pipeline's own keys
+(``output_dir``, ``baselines``, ...); ``fit`` logs under ``<output_dir>/fit`` and the others ignore them. ``fit``
+with an ``AutoBalanceCallback`` needs a datamodule with ``search_split: true`` (or the callback's own upper data)
+and says so in one line before any training.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from lightning_autobalance.callback import AutoBalanceCallback
 from lightning_autobalance.classifier import ImbalancedClassifier
 from lightning_autobalance.data.base import LongTailDataModule
 from lightning_autobalance.pipeline import AutoBalanceTrainer
 
-__all__ = ["AutoBalanceCLI", "main"]
+__all__ = ["AutoBalanceCLI", "UsageError", "main"]
 
 
 class AutoBalanceCLI(LightningCLI):
@@ -75,6 +79,28 @@ class AutoBalanceCLI(LightningCLI):
             return
         super()._add_configure_optimizers_method_to_model(subcommand)
 
+    def before_instantiate_classes(self) -> None:
+        """``fit`` writes its logs and checkpoints under the config's ``output_dir`` unless the trainer names a
+        ``default_root_dir`` of its own."""
+        if self.subcommand != "fit":
+            return
+        config = self.config["fit"]
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("default_root_dir") is None and config.get("output_dir"):
+            trainer["default_root_dir"] = str(Path(config["output_dir"]) / "fit")
+
+    def before_fit(self) -> None:
+        """Fails at once, in one line, when an AutoBalanceCallback would find no upper data."""
+        datamodule = self.datamodule
+        if not isinstance(datamodule, LongTailDataModule) or datamodule.search_split:
+            return
+        for callback in self.trainer.callbacks:
+            if (isinstance(callback, AutoBalanceCallback) and callback.upper_dataloader is None
+                    and callback.upper_source in ("auto", "datamodule")):
+                raise UsageError(f"`fit` with an AutoBalanceCallback needs upper data, but {type(datamodule).__name__} "
+                                 "has no search split: add `--data.init_args.search_split true` (fit then trains on "
+                                 "80% of the training set and tunes the loss on the rest), or run `pipeline`.")
+
     def before_pipeline(self) -> None:
         """Saves the resolved configuration beside the results, in a form that ``pipeline --config`` reads back."""
         out = Path(self.config["pipeline"].get("output_dir", "runs/autobalance"))
@@ -92,9 +118,17 @@ def _has_omegaconf() -> bool:
     return True
 
 
+class UsageError(ValueError):
+    """A mistake in how the command was called; ``main`` prints it in one line and exits with status 2."""
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-autobalance`` console script."""
-    AutoBalanceCLI(args=args)
+    try:
+        AutoBalanceCLI(args=args)
+    except UsageError as err:
+        print(f"lightning-autobalance: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

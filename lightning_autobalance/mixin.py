@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_autobalance.losses import (
@@ -14,6 +16,7 @@ from lightning_autobalance.losses import (
     LossTables,
     Reduction,
     adjusted_cross_entropy,
+    as_count_table,
     load_loss_tables,
     save_loss_tables,
 )
@@ -125,7 +128,7 @@ class AutoBalanceMixin:
 
     def configure_autobalance(
         self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None,
         preset: str = "la",
         search: Sequence[str] | str = ("offset",),
         parametrization: ParametrizationKind = "hierarchical",
@@ -136,6 +139,7 @@ class AutoBalanceMixin:
         loss_file: str | Path | None = None,
         freeze: bool = False,
         validate_inputs: bool = True,
+        like: AutoBalanceMixin | None = None,
     ) -> LossParametrization:
         """Declares the class counts and the loss family to search; call it once in ``__init__``.
 
@@ -158,13 +162,29 @@ class AutoBalanceMixin:
             loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
             freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.
             validate_inputs: check labels, groups and logits on every call (one host synchronisation per step).
+            like: another module with the mixin whose loss to copy: its parametrisation, the values found so far,
+                its counts and reduction (e.g. an SWA or fine-tuning module built from a trained one, which then
+                continues from the found loss instead of a fresh preset). ``class_counts`` may then be ``None``;
+                ``freeze`` and ``validate_inputs`` still apply.
 
         Returns:
             The parametrisation module, also available as ``self.autobalance``.
         """
         if reduction not in ("mean", "weighted_mean"):
             raise ValueError(f"reduction must be 'mean' or 'weighted_mean' for a training loss; got {reduction!r}.")
-        if loss_file is not None:
+        if like is not None:
+            source = like._require_autobalance()
+            if class_counts is not None:
+                given = as_count_table(class_counts, num_groups=source.num_groups)
+                if tuple(given.shape) != tuple(source.class_counts.shape):
+                    raise ValueError(f"class_counts has shape {tuple(given.shape)}, but the module given as `like` has "
+                                     f"{tuple(source.class_counts.shape)}; omit class_counts to copy that module's.")
+            params = copy.deepcopy(source)
+            reduction = like.autobalance_reduction
+        elif class_counts is None:
+            raise ValueError("configure_autobalance needs class_counts (one training count per class), or "
+                             "like=<a module configured with them> to copy its loss.")
+        elif loss_file is not None:
             params, info = loss_from_file(loss_file, class_counts)
             reduction = info.get("reduction", reduction)
         else:
@@ -201,14 +221,42 @@ class AutoBalanceMixin:
         """The AutoBalance training loss of a batch: ``w_{g,y} * CE(delta_g * logits + offset_g, y)``, averaged.
 
         Args:
-            logits: raw model outputs ``(N, K)``.
-            target: labels ``(N,)`` in ``[0, K)``.
+            logits: the model's raw scores ``(N, K)`` before any softmax: not probabilities and not
+                log-probabilities. (``log_softmax`` outputs differ from the scores by a constant per sample, which
+                additive offsets and weights cannot see, but a ``delta`` other than 1 scales them and then the
+                loss is not the one intended; the mixin warns once when it sees such rows with a ``delta`` that is
+                not 1 or is searched.)
+            target: labels ``(N,)`` in ``[0, K)``, ``K = len(class_counts)``.
             group: group indices ``(N,)`` in ``[0, G)`` when the loss has class x group tables.
+
+        Raises:
+            ValueError: the logits do not have ``K = len(class_counts)`` columns.
         """
+        params = self._require_autobalance()
+        if logits.ndim != 2 or logits.shape[1] != params.num_classes:
+            raise ValueError(f"autobalance_loss: the logits have shape {tuple(logits.shape)}, but configure_autobalance "
+                             f"was given class_counts for {params.num_classes} classes: expected (N, "
+                             f"{params.num_classes}). Pass one count per output of the model.")
+        if self.autobalance_validate and not getattr(self, "_autobalance_checked_logprobs", False):
+            self._autobalance_checked_logprobs = True
+            self._warn_if_log_probabilities(logits, params)
         if self._autobalance_record:
             self._autobalance_recorded = logits.detach()
         return adjusted_cross_entropy(logits, target, *self.autobalance_tables(), group=group,
                                       reduction=self.autobalance_reduction, validate=self.autobalance_validate)
+
+    def _warn_if_log_probabilities(self, logits: Tensor, params: LossParametrization) -> None:
+        """Warns when every row of the first batch is a log-probability vector and ``delta`` matters."""
+        delta_matters = "delta" in params.search or bool((params.tables().delta.detach() != 1).any())
+        if not delta_matters or logits.shape[1] < 2 or logits.shape[0] == 0:
+            return
+        with torch.no_grad():
+            rows = torch.logsumexp(logits.detach().float(), dim=1)
+            if bool((logits.detach() <= 0).all()) and bool((rows.abs() < 1e-3).all()):
+                rank_zero_warn("autobalance_loss: the model's outputs look like log-probabilities (every row's exp "
+                               "sums to 1, e.g. forward returns log_softmax). The loss scales the raw scores by a "
+                               "delta other than 1, so it should be given the scores before log_softmax; with "
+                               "log-probabilities the multiplicative adjustment is not the intended one.")
 
     def autobalance_loss_from_tables(self, logits: Tensor, target: Tensor, group: Tensor | None,
                                      tables: LossTables) -> Tensor:

@@ -205,6 +205,17 @@ class UpperPerRank(Dataset):
         return self.x[i], self.y[i]
 
 
+class StopAfter(Callback):
+    """Ends the fit after ``epochs`` epochs while the Trainer (and so the callback's schedule) plans for more."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 def train_loader():
     x, y = blobs(COUNTS, seed=4)
     # an order that depends on the epoch only, so that resumed and uninterrupted runs see the same batches
@@ -227,6 +238,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many epochs of a run configured for --epochs (an interruption)")
     parser.add_argument("--port", type=int, default=29517)
     parser.add_argument("--objective", default="balanced_ce")
     args = parser.parse_args()
@@ -248,6 +261,8 @@ def main() -> None:
     callbacks = [AutoBalanceCallback(upper_dataloader=upper, **common), RankReport(args.out)]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, save_last=True))
+    if args.stop_after:
+        callbacks.append(StopAfter(args.stop_after))
     trainer = make_trainer(args, callbacks)
     trainer.fit(Net(), train_loader(), ckpt_path=args.resume)
     if dist.is_available() and dist.is_initialized():

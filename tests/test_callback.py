@@ -337,6 +337,30 @@ def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_fit(tmp_path):
     assert any(not torch.equal(model3.autobalance.alpha()[k], v) for k, v in final_alpha.items())
 
 
+def test_resume_with_the_default_schedule_is_identical(tmp_path):
+    """The automatic interval, the cosine-decayed hyper lr, class-balanced upper batches and shrinkage resume
+    exactly: a fit resumed from its epoch-1 checkpoint ends where the uninterrupted fit ended."""
+
+    def setup():
+        x, y = _blobs(COUNTS, seed=11)
+        train = DataLoader(TensorDataset(x, y), batch_size=32, sampler=EpochSeededSampler(len(y), seed=3))
+        torch.manual_seed(5)
+        callback = AutoBalanceCallback(upper_dataloader=_upper_loader(seed=1, counts=[20, 10, 5], batch_size=8))
+        return Net(preset="ce", search="offset"), callback, train
+
+    model, callback, train = setup()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    _trainer([callback, ckpt_cb], max_epochs=4, enable_checkpointing=True).fit(model, train)
+    assert callback._upper.balanced and callback._interval == 1 and callback.hyper_steps == 39
+    final_alpha, final_state = _alpha(model), callback.state_dict()
+    resumed_model, resumed_cb, train = setup()
+    _trainer([resumed_cb], max_epochs=4).fit(resumed_model, train, ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert resumed_cb.state_dict()["scheduler"] == final_state["scheduler"]
+    assert resumed_cb.state_dict()["upper_stream"] == final_state["upper_stream"]
+    for name, value in final_alpha.items():
+        assert torch.equal(resumed_model.autobalance.alpha()[name], value), name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. gradient accumulation: one hyper step per every_n_steps optimizer steps, not micro-batches
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,6 +537,10 @@ def test_loss_parameters_are_logged(tmp_path):
     for c in range(K):  # the last hyper step came with the last optimizer step: the final values
         assert float(logged[-1][f"autobalance/offset/{c}"]) == pytest.approx(float(tables.offset[0, c]), abs=1e-6)
         assert float(logged[-1][f"autobalance/weight/{c}"]) == pytest.approx(float(tables.weight[0, c]), rel=1e-6)
+    # the hierarchical parametrisation's shared scalars are logged by name
+    alpha = model.autobalance.alpha()
+    for name in ("tau", "omega"):
+        assert float(logged[-1][f"autobalance/{name}"]) == pytest.approx(float(alpha[name]), abs=1e-6)
 
 
 def test_many_classes_are_logged_as_summaries(tmp_path):
@@ -571,13 +599,49 @@ def test_module_without_mixin_fails_at_setup():
 
 def test_upper_data_missing_a_class_fails_at_setup():
     callback = AutoBalanceCallback(upper_dataloader=_upper_loader(counts=[30, 30, 0]))
-    _fails_before_training(Net(), callback, ValueError, r"upper data has no sample of classes \[2\]")
+    _fails_before_training(Net(), callback, ValueError, r"upper data has no sample of classes \[2\].*per-class split: "
+                           r"`lower, upper, class_counts, _ = lightning_autobalance.data.search_split")
 
 
 def test_upper_labels_out_of_range_fail_at_setup():
     x, y = _blobs([10] * K, seed=3)
     callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y + 1), batch_size=8))
-    _fails_before_training(Net(), callback, ValueError, r"labels outside \[0, 3\)")
+    _fails_before_training(Net(), callback, ValueError, r"labels from 1 to 3, but the loss has 3 classes \(class_counts "
+                           r"given to configure_autobalance has 3 entries\): expected labels in \[0, 3\)")
+
+
+def test_class_counts_of_the_wrong_length_are_named():
+    # one count too few: the data's largest label is beyond the loss
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    _fails_before_training(Net(counts=[300, 60]), callback, ValueError,
+                           r"labels from 0 to 2, but the loss has 2 classes \(class_counts given to "
+                           r"configure_autobalance has 2 entries\)")
+    # one count too many: a class without upper samples, and the message says class_counts may be too long
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    _fails_before_training(Net(counts=[300, 60, 12, 5]), callback, ValueError,
+                           r"no sample of classes \[3\].*The loss has 4 classes \(len\(class_counts\)\); if the data "
+                           r"has fewer, class_counts is too long")
+    # without the callback: the loss itself names class_counts and both sizes
+    model = Net(counts=[300, 60])
+    with pytest.raises(ValueError, match=r"the logits have shape \(4, 3\), but configure_autobalance was given "
+                                         r"class_counts for 2 classes: expected \(N, 2\)"):
+        model.autobalance_loss(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+
+
+def test_search_split_of_a_random_split_subset_feeds_the_callback():
+    from lightning_autobalance.data import search_split
+
+    x, y = _blobs([200, 40, 6], seed=8)
+    data = torch.utils.data.random_split(TensorDataset(x, y), [240, 6], generator=torch.Generator().manual_seed(0))[0]
+    lower, upper, class_counts, upper_counts = search_split(data, fraction=0.2, seed=1)
+    tail = int((y[torch.tensor(data.indices)] == 2).sum())
+    assert sum(class_counts) + sum(upper_counts) == 240 and upper_counts[2] == max(1, round(0.2 * tail))
+    assert sorted(lower.indices + upper.indices) == list(range(240))
+    assert [int(lower[i][1]) for i in range(len(lower))] == lower.targets
+    model = Net(counts=class_counts)
+    callback = AutoBalanceCallback(upper_dataloader=DataLoader(upper, batch_size=16))
+    _trainer([callback], max_epochs=2).fit(model, DataLoader(lower, batch_size=32, shuffle=True))
+    assert callback.hyper_steps > 0
 
 
 def test_upper_data_missing_a_class_is_fine_for_a_custom_objective():
@@ -832,3 +896,30 @@ def test_class_balanced_upper_batches_and_equal_class_weights():
     assert not callback._upper.balanced
     torch.testing.assert_close(callback._objective_fn.objective.class_weight,
                                torch.tensor([50 / 120, 50 / 24, 50 / 6], dtype=torch.float64))
+
+
+def test_callback_and_mixin_under_the_unified_lightning_package():
+    """``import lightning.pytorch as L``: the same callback and mixin, a Trainer from the unified package."""
+    L = pytest.importorskip("lightning.pytorch")
+
+    class UnifiedNet(AutoBalanceMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(D, K)
+            self.configure_autobalance(COUNTS, preset="ce", search="offset")
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.autobalance_loss(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model, callback = UnifiedNet(), AutoBalanceCallback(upper_dataloader=_upper_loader())
+    L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]).fit(model, _train_loader())
+    assert callback.hyper_steps == 20
+    assert float(model.autobalance.alpha()["tau"]) != 0.0

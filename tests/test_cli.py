@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from lightning_autobalance import AutoBalanceCallback
@@ -225,3 +226,47 @@ def test_missing_dataset_folder(config: str, message: str, tmp_path: Path) -> No
 def test_pipeline_refuses_the_automatic_optimizer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="`pipeline` does not take --optimizer"):
         main(["pipeline", "--config", DIGITS, "--optimizer", "Adam", "--output_dir", str(tmp_path / "run")])
+
+
+# ====================================================================== fit with the pipeline's config
+def test_fit_without_a_search_split_fails_at_once_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = _exit_code_and_stderr(capsys, ["fit", "--config", DIGITS, *QUIET, "--output_dir", str(tmp_path)])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lightning-autobalance: error: `fit` with an AutoBalanceCallback needs upper data")
+    assert "--data.init_args.search_split true" in lines[0] and "pipeline" in lines[0]
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained
+
+
+def test_fit_logs_under_the_configs_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cli = AutoBalanceCLI(args=["fit", "--config", DIGITS, *QUIET, "--output_dir", str(out),
+                               "--data.init_args.search_split", "true", "--trainer.max_epochs", "1"])
+    assert Path(cli.trainer.log_dir).resolve().is_relative_to((out / "fit").resolve())
+    assert list((out / "fit").rglob("*.ckpt"))
+
+
+def test_tutorial_module_twin_takes_at_most_ten_changed_lines(tmp_path: Path) -> None:
+    """A tutorial-style module (log_softmax forward, nll_loss, SGD + OneCycleLR, random split) with AutoBalance
+    added in at most ten marked lines: hyper steps happen, the loss moves, stays out of the optimizer and comes back
+    from the checkpoint."""
+    path = EXAMPLES / "tutorial_module.py"
+    marked = [line for line in path.read_text().splitlines() if "  # AutoBalance" in line]  # code comments only
+    assert 6 <= len(marked) <= 10
+    assert any("search_split(" in line for line in marked)  # the data split is among them
+    spec = importlib.util.spec_from_file_location("tutorial_module", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, trainer, metrics = module.main(["--epochs", "3", "--root", str(tmp_path)])
+    callback = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
+    assert callback.hyper_steps > 0
+    alpha = {k: v.detach().clone() for k, v in model.autobalance.alpha().items()}
+    assert any(float(v.abs().max()) > 0 for v in alpha.values())  # moved from the preset start (all zero)
+    in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert in_optimizer.isdisjoint(id(t) for t in model.autobalance.alpha().values())
+    restored = module.LitDigits.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    for name, value in alpha.items():
+        torch.testing.assert_close(restored.autobalance.alpha()[name], value, rtol=0, atol=0)
+    assert 0.0 <= float(metrics["test_balanced_error"]) <= 1.0

@@ -60,7 +60,9 @@ def test_ddp_and_ddp_spawn_agree(tmp_path):
 def test_resume_under_ddp_equals_uninterrupted_and_resumes_on_one_device(tmp_path):
     full = run("resume", tmp_path / "full.json", "--strategy", "ddp", "--epochs", "4")
     ckpt = tmp_path / "ckpt"
-    run("resume", tmp_path / "part.json", "--strategy", "ddp", "--epochs", "2", "--ckpt-dir", str(ckpt))
+    # interrupted after 2 of the 4 planned epochs (the automatic schedule plans from the configured length)
+    run("resume", tmp_path / "part.json", "--strategy", "ddp", "--epochs", "4", "--stop-after", "2", "--ckpt-dir",
+        str(ckpt))
     resumed = run("resume", tmp_path / "resumed.json", "--strategy", "ddp", "--epochs", "4", "--resume",
                   str(ckpt / "last.ckpt"))
     assert resumed["alpha"] == full["alpha"]

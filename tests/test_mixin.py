@@ -470,3 +470,78 @@ def test_loaded_hierarchical_loss_rebuilds_its_shared_part_on_the_new_class_coun
     residual = torch.tensor([0.3, -0.1, 0.5], dtype=torch.float64)
     expected = 0.8 * torch.log(torch.tensor(full_counts, dtype=torch.float64) / sum(full_counts)) + residual
     torch.testing.assert_close(got - got.mean(), expected - expected.mean(), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- what the loss expects from the model
+
+
+@pytest.mark.parametrize(("preset", "search", "warns"), [("vs", (), True), ("la", ("delta", "offset"), True),
+                                                       ("la", ("offset",), False), ("ce", (), False)])
+def test_log_probability_outputs_warn_when_delta_matters(preset, search, warns):
+    model = Net(preset=preset, search=search)
+    x, y = _data()
+    log_probs = F.log_softmax(model(x), dim=1)
+    import warnings as _warnings
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        model.autobalance_loss(log_probs, y)
+        model.autobalance_loss(log_probs, y)  # checked once
+    said = [w for w in caught if "look like log-probabilities" in str(w.message)]
+    assert len(said) == (1 if warns else 0)
+    # raw scores never warn
+    fresh = Net(preset=preset, search=search)
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        fresh.autobalance_loss(fresh(x), y)
+    assert not [w for w in caught if "log-probabilities" in str(w.message)]
+
+
+class NetMixinLast(pl.LightningModule, AutoBalanceMixin):
+    def __init__(self, counts=COUNTS, **autobalance):
+        super().__init__()
+        self.layer = nn.Linear(D, len(counts))
+        self.configure_autobalance(counts, **autobalance)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.autobalance_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_mixin_may_come_before_or_after_lightning_module():
+    """The mixin overrides no LightningModule method, so the order of the bases does not matter."""
+    overlap = {n for n in vars(AutoBalanceMixin) if not n.startswith("__")} & set(dir(pl.LightningModule))
+    assert overlap == set()
+    x, y = _data()
+    first, last = Net(preset="la"), NetMixinLast(preset="la")
+    last.load_state_dict(first.state_dict())
+    torch.testing.assert_close(first.autobalance_loss(first(x), y), last.autobalance_loss(last(x), y))
+    _fit(last, _loader())
+    assert [n for n, _ in last.named_parameters()] == ["layer.weight", "layer.bias"]
+
+
+def test_a_module_built_from_a_trained_one_copies_its_found_loss():
+    """E.g. an SWA module whose __init__ calls a bare super().__init__(): ``like=`` brings counts and found loss."""
+    trained = Net(preset="ce", search="offset")
+    with torch.no_grad():
+        trained.autobalance.alpha()["tau"].fill_(0.9)
+        trained.autobalance.alpha()["offset"].copy_(torch.tensor([[0.2, -0.1, 0.4]]))
+    swa = Net(configure=False)
+    swa.configure_autobalance(None, like=trained, freeze=True)
+    for a, b in zip(swa.autobalance_tables(), trained.autobalance_tables()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert swa.loss_frozen and not trained.loss_frozen
+    assert swa.autobalance.class_counts.tolist() == trained.autobalance.class_counts.tolist()
+    with torch.no_grad():
+        swa.autobalance.alpha()["tau"].fill_(0.0)  # a copy, not the same tensors
+    assert float(trained.autobalance.alpha()["tau"]) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match=r"class_counts has shape \(1, 4\), but the module given as `like` has"):
+        Net(configure=False).configure_autobalance([5, 4, 3, 2], like=trained)
+    with pytest.raises(ValueError, match=r"needs class_counts \(one training count per class\), or like="):
+        Net(configure=False).configure_autobalance(None)

@@ -21,21 +21,26 @@ from lightning_autobalance.data.profiles import (
     select_long_tail,
     split_per_class,
 )
+from lightning_autobalance.data.search_split import LabelledSubset, SearchSplit, dataset_targets, search_split
 from lightning_autobalance.data.tinted_dataset import TintedImageDataset
 
 __all__ = [
     "ColoredDigits",
     "ImageFileDataset",
     "InMemoryImageDataset",
+    "LabelledSubset",
     "LongTailCIFAR10",
     "LongTailCIFAR100",
     "LongTailDataModule",
     "LongTailDigits",
     "LongTailImageFolder",
+    "SearchSplit",
     "TintedImageDataset",
+    "dataset_targets",
     "decode_image",
     "head_medium_tail",
     "long_tail_counts",
+    "search_split",
     "select_long_tail",
     "split_per_class",
 ]
