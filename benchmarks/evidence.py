@@ -51,7 +51,7 @@ def scratch(runs: Path) -> str:
     rows = load(runs)
     seeds = [s for s in sorted(rows) if {"autobalance", "ce", "la"} <= set(rows[s])]
     err = {m: [rows[s][m]["balanced_error"] for s in seeds] for m in ("autobalance", "ce", "la")}
-    per_seed = [(c - a) / (c - l) for a, c, l in zip(err["autobalance"], err["ce"], err["la"])]
+    per_seed = [(ce - ab) / (ce - la) for ab, ce, la in zip(err["autobalance"], err["ce"], err["la"])]
     means = {m: mean_se(v)[0] for m, v in err.items()}
     share = (means["ce"] - means["autobalance"]) / (means["ce"] - means["la"])
     lines = [f"Runs: `{runs}`, seeds {seeds}. Balanced test error %, mean ± SE.", "",

@@ -296,7 +296,8 @@ def run_one(name: str, config: dict[str, Any], seed: int, args: argparse.Namespa
             searched = tuple(config.get("search", "delta,offset").replace("+", ",").split(","))
             model = ImbalancedClassifier(network, num_classes=dm.num_classes, class_counts=dm.class_counts,
                                          preset=config.get("preset", "la"), search=searched,
-                                         parametrization=config.get("param", "hierarchical" if config.get("library") else "class"),
+                                         parametrization=config.get(
+                                             "param", "hierarchical" if config.get("library") else "class"),
                                          group_size=config.get("group_size", 1), **model_kwargs(args))
             start = [t.detach().double().clone() for t in model.autobalance.tables()]
             kw = callback_kwargs(config)

@@ -617,7 +617,7 @@ class AutoBalanceCallback(Callback):
         if self._fit_hyper_steps > 0 or self.optimizer is None or trainer.sanity_checking:
             return
         params = pl_module._require_autobalance()  # type: ignore[attr-defined]
-        first, end = self._window
+        first = self._window[0]
         if params.frozen:
             why = "the loss is frozen"
         elif self.skipped_steps:

@@ -234,9 +234,9 @@ class AutoBalanceMixin:
         """
         params = self._require_autobalance()
         if logits.ndim != 2 or logits.shape[1] != params.num_classes:
-            raise ValueError(f"autobalance_loss: the logits have shape {tuple(logits.shape)}, but configure_autobalance "
-                             f"was given class_counts for {params.num_classes} classes: expected (N, "
-                             f"{params.num_classes}). Pass one count per output of the model.")
+            raise ValueError(f"autobalance_loss: the logits have shape {tuple(logits.shape)}, but "
+                             f"configure_autobalance was given class_counts for {params.num_classes} classes: "
+                             f"expected (N, {params.num_classes}). Pass one count per output of the model.")
         if self.autobalance_validate and not getattr(self, "_autobalance_checked_logprobs", False):
             self._autobalance_checked_logprobs = True
             self._warn_if_log_probabilities(logits, params)

@@ -606,7 +606,8 @@ def test_upper_data_missing_a_class_fails_at_setup():
 def test_upper_labels_out_of_range_fail_at_setup():
     x, y = _blobs([10] * K, seed=3)
     callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y + 1), batch_size=8))
-    _fails_before_training(Net(), callback, ValueError, r"labels from 1 to 3, but the loss has 3 classes \(class_counts "
+    _fails_before_training(Net(), callback, ValueError, r"labels from 1 to 3, but the loss has 3 classes "
+                           r"\(class_counts "
                            r"given to configure_autobalance has 3 entries\): expected labels in \[0, 3\)")
 
 

@@ -104,7 +104,8 @@ def test_alpha_and_table_shapes(num_groups):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"Unknown parametrization 'perclass'; expected 'hierarchical', 'class', 'groups' or"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown parametrization 'perclass'; expected 'hierarchical', 'class', 'groups' or"):
         build_parametrization("perclass", COUNTS)
     with pytest.raises(ValueError, match=r"search names unknown tables \['scale'\]; expected a subset of"):
         build_parametrization("class", COUNTS, search=("delta", "scale"))
@@ -526,7 +527,7 @@ def test_hierarchical_residuals_are_centred_and_shrinkable():
     p = build_parametrization("hierarchical", [[5, 50, 500], [400, 40, 4]], preset="la", search=ALL)
     base = [t.double() for t in p.tables()]
     _randomize(p, scale=2.0, seed=4)
-    delta, offset, weight = (t.double() for t in p.tables())
+    delta, _, weight = (t.double() for t in p.tables())
     _close(weight.sum(), base[2].sum(), 1e-5)
     _close(torch.log(delta).mean(), torch.log(base[0]).mean(), 1e-5)
     counts = p.free_value_counts(torch.tensor([3.0, 0.0, 7.0]))
