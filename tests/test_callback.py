@@ -902,24 +902,10 @@ def test_class_balanced_upper_batches_and_equal_class_weights():
 def test_callback_and_mixin_under_the_unified_lightning_package():
     """``import lightning.pytorch as L``: the same callback and mixin, a Trainer from the unified package."""
     L = pytest.importorskip("lightning.pytorch")
+    from conftest import linear_module
 
-    class UnifiedNet(AutoBalanceMixin, L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(D, K)
-            self.configure_autobalance(COUNTS, preset="ce", search="offset")
-
-        def forward(self, x):
-            return self.layer(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return self.autobalance_loss(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    model, callback = UnifiedNet(), AutoBalanceCallback(upper_dataloader=_upper_loader())
+    model = linear_module(AutoBalanceMixin, L.LightningModule, in_features=D)(COUNTS, preset="ce", search="offset")
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
     L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]).fit(model, _train_loader())
     assert callback.hyper_steps == 20

@@ -497,29 +497,15 @@ def test_log_probability_outputs_warn_when_delta_matters(preset, search, warns):
     assert not [w for w in caught if "log-probabilities" in str(w.message)]
 
 
-class NetMixinLast(pl.LightningModule, AutoBalanceMixin):
-    def __init__(self, counts=COUNTS, **autobalance):
-        super().__init__()
-        self.layer = nn.Linear(D, len(counts))
-        self.configure_autobalance(counts, **autobalance)
-
-    def forward(self, x):
-        return self.layer(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.autobalance_loss(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_the_mixin_may_come_before_or_after_lightning_module():
     """The mixin overrides no LightningModule method, so the order of the bases does not matter."""
     overlap = {n for n in vars(AutoBalanceMixin) if not n.startswith("__")} & set(dir(pl.LightningModule))
     assert overlap == set()
     x, y = _data()
-    first, last = Net(preset="la"), NetMixinLast(preset="la")
+    from conftest import linear_module
+
+    first = Net(preset="la")
+    last = linear_module(pl.LightningModule, AutoBalanceMixin, in_features=D)(COUNTS, preset="la")
     last.load_state_dict(first.state_dict())
     torch.testing.assert_close(first.autobalance_loss(first(x), y), last.autobalance_loss(last(x), y))
     _fit(last, _loader())
