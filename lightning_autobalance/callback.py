@@ -501,6 +501,11 @@ class AutoBalanceCallback(Callback):
 
     def _read_labels(self, pl_module: pl.LightningModule, loader: Any,
                      num_classes: int) -> tuple[Tensor, Tensor | None]:
+        """Labels (and groups) of the whole upper dataset, read once per loader (counts and class-balanced batches
+        both need them)."""
+        cached = self.__dict__.get("_labels_read")
+        if cached is not None and cached[0] is loader:
+            return cached[1], cached[2]
         dataset = getattr(loader, "dataset", None)
         parts, group_parts = [], []
         # Read the whole dataset (not one process's shard) in order; a loader draws from the global RNG.
@@ -516,6 +521,7 @@ class AutoBalanceCallback(Callback):
         labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
         _check_labels(labels, num_classes)
+        self._labels_read = (loader, labels, groups)
         return labels, groups
 
     def _read_groups(self, pl_module: pl.LightningModule, loader: Any, num_classes: int,

@@ -247,7 +247,7 @@ class AutoBalanceMixin:
 
     def _warn_if_log_probabilities(self, logits: Tensor, params: LossParametrization) -> None:
         """Warns when every row of the first batch is a log-probability vector and ``delta`` matters."""
-        delta_matters = "delta" in params.search or bool((params.tables().delta.detach() != 1).any())
+        delta_matters = "delta" in params.search or bool((self.autobalance_tables().delta != 1).any())
         if not delta_matters or logits.shape[1] < 2 or logits.shape[0] == 0:
             return
         with torch.no_grad():
