@@ -5,6 +5,9 @@ per-class test errors). This script pairs rows by seed (same data, same initial 
 
 * ``scratch``: AutoBalance started from plain cross-entropy against CE and LA: the share of the CE-to-LA gap in
   balanced test error that the search recovers, ``(CE - AB) / (CE - LA)`` (of the means, and per seed).
+* ``one-phase``: the one-phase run beside the two-phase pipeline, LA and CE: balanced error, the paired differences
+  that its targets name, and its cost: its training time over LA's (a plain training of the same epochs, timed in
+  the same pipeline process), and the two-phase pipeline's (search + retraining) over LA's.
 * ``versus``: AutoBalance against one baseline, paired: balanced and worst-class error differences, with the
   baseline's rows taken from the same runs folder or from ``--baseline-runs`` (another benchmark of the same
   seeds, e.g. an AutoBalance run with another objective against the LA rows of a first run).
@@ -13,6 +16,7 @@ Example::
 
     python benchmarks/evidence.py scratch runs/quality/digits_lt_from_ce
     python benchmarks/evidence.py versus runs/quality/digits_lt --baseline la
+    python benchmarks/evidence.py one-phase runs/quality/digits_lt_one_phase
     python benchmarks/evidence.py versus runs/quality/cifar_worst --baseline la --baseline-runs runs/quality/cifar_ce
 """
 
@@ -27,9 +31,17 @@ from pathlib import Path
 def load(runs: Path) -> dict[int, dict[str, dict]]:
     """``{seed: {method: row}}`` of every finished seed folder."""
     out: dict[int, dict[str, dict]] = {}
-    for path in sorted(runs.glob("seed_*/results.json")):
-        doc = json.loads(path.read_text())
-        out[int(doc.get("seed", path.parent.name.split("_")[-1]))] = {r["method"]: r for r in doc["rows"]}
+    for folder in sorted(runs.glob("seed_*")):
+        rows: dict[str, dict] = {}
+        for stage in sorted(folder.glob("*/result.json")):  # every finished stage, also of partial reruns
+            doc = json.loads(stage.read_text())
+            if "balanced_error" in doc:
+                rows[doc["method"]] = doc
+        summary = folder / "results.json"
+        if summary.is_file():
+            rows.update({r["method"]: r for r in json.loads(summary.read_text())["rows"]})
+        if rows:
+            out[int(folder.name.split("_")[-1])] = rows
     if not out:
         raise SystemExit(f"no seed_*/results.json under {runs}")
     return out
@@ -65,6 +77,47 @@ def scratch(runs: Path) -> str:
     return "\n".join(lines)
 
 
+def one_phase(runs: Path) -> str:
+    rows = load(runs)
+    methods = ("one_phase", "autobalance", "la", "ce")
+    seeds = [s for s in sorted(rows) if set(methods) <= set(rows[s])]
+    if not seeds:
+        raise SystemExit(f"no seed under {runs} has all of {methods}")
+    err = {m: [rows[s][m]["balanced_error"] for s in seeds] for m in methods}
+    plain = [rows[s]["la"]["fit_time_s"] for s in seeds]
+    cost = {"one_phase": [rows[s]["one_phase"]["fit_time_s"] / p for s, p in zip(seeds, plain)],
+            "autobalance": [(rows[s]["autobalance"]["fit_time_s"] + rows[s]["autobalance"].get("search_time_s", 0.0))
+                            / p for s, p in zip(seeds, plain)],
+            "la": [1.0] * len(seeds), "ce": [rows[s]["ce"]["fit_time_s"] / p for s, p in zip(seeds, plain)]}
+    labels = {"one_phase": "AutoBalance one-phase", "autobalance": "AutoBalance two-phase (search + retrain)",
+              "la": "LA", "ce": "CE"}
+
+    def median(v: list[float]) -> float:
+        v = sorted(v)
+        return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+    lines = [f"Runs: `{runs}`, seeds {seeds}. Balanced test error %, mean ± SE; cost: training wall time over LA's "
+             "(same process), median over seeds.", "",
+             "| method | balanced error | cost (LA = 1) | hyper steps |", "|---|---|---|---|"]
+    for m in methods:
+        steps = [rows[s][m].get("hyper_steps") for s in seeds]
+        steps_text = ", ".join(str(h) for h in steps) if all(h is not None for h in steps) else "-"
+        lines.append(f"| {labels[m]} | {fmt(err[m])} | {median(cost[m]):.2f} | {steps_text} |")
+    two = [a - b for a, b in zip(err["one_phase"], err["autobalance"])]
+    la = [a - b for a, b in zip(err["one_phase"], err["la"])]
+    m_two, se_two = mean_se(err["autobalance"])
+    m_la, se_la = mean_se(err["la"])
+    m_one = mean_se(err["one_phase"])[0]
+    lines += ["", f"One-phase - two-phase, paired: {fmt(two)} pp; one-phase - LA, paired: {fmt(la)} pp.", "",
+              f"* Cost at most 1.15 plain runs: **{'met' if median(cost['one_phase']) <= 1.15 else 'missed'}** "
+              f"({median(cost['one_phase']):.2f}).",
+              f"* Within one SE of the two-phase pipeline ({100 * m_two:.2f} ± {100 * se_two:.2f}): "
+              f"**{'met' if abs(m_one - m_two) <= se_two else 'missed'}** ({100 * m_one:.2f}).",
+              f"* At or below LA + one SE ({100 * (m_la + se_la):.2f}): "
+              f"**{'met' if m_one <= m_la + se_la else 'missed'}**."]
+    return "\n".join(lines)
+
+
 def versus(runs: Path, baseline: str, baseline_runs: Path | None) -> str:
     rows = load(runs)
     base = load(baseline_runs) if baseline_runs else rows
@@ -91,8 +144,15 @@ def main() -> None:
     v.add_argument("runs", type=Path)
     v.add_argument("--baseline", default="la")
     v.add_argument("--baseline-runs", type=Path, default=None)
+    o = sub.add_parser("one-phase", help="the one-phase run beside two-phase, LA and CE: error and cost")
+    o.add_argument("runs", type=Path)
     args = p.parse_args()
-    print(scratch(args.runs) if args.table == "scratch" else versus(args.runs, args.baseline, args.baseline_runs))
+    if args.table == "scratch":
+        print(scratch(args.runs))
+    elif args.table == "one-phase":
+        print(one_phase(args.runs))
+    else:
+        print(versus(args.runs, args.baseline, args.baseline_runs))
 
 
 if __name__ == "__main__":

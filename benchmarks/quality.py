@@ -52,11 +52,15 @@ from lightning_autobalance.pipeline import BASELINES
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOBALANCE = "autobalance"
-METHODS = [AUTOBALANCE, *BASELINES]
+#: One fit that learns the loss until the fold-in, then trains on everything with it (the pipeline's --one_phase).
+ONE_PHASE = "one_phase"
+METHODS = [AUTOBALANCE, ONE_PHASE, *BASELINES]
+_OURS = (AUTOBALANCE, ONE_PHASE)
 #: The default: AutoBalance and the class-imbalance baselines (the group baselines need group labels).
 DEFAULT_METHODS = [AUTOBALANCE, "ce", "la", "cdt", "vs", "class_balanced", "inverse_frequency", "ldam_drw", "focal"]
 LABELS = {
     AUTOBALANCE: "AutoBalance (search + retrain)",
+    ONE_PHASE: "AutoBalance one-phase (one run)",
     "ce": "cross-entropy",
     "la": "logit adjustment",
     "cdt": "CDT",
@@ -98,12 +102,13 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def pipeline_args(config: Path, seed: int, out: Path, search: bool, baselines: Sequence[str],
-                  extra: Sequence[str]) -> list[str]:
+def pipeline_args(config: Path, seed: int, out: Path, methods: Sequence[str], extra: Sequence[str]) -> list[str]:
     """Arguments of ``lightning-autobalance`` for one seed (after the executable), run from the repository root."""
+    baselines = [m for m in methods if m not in _OURS]
+    one_phase = ["--one_phase", "true"] if ONE_PHASE in methods else []
     return ["pipeline", "--config", _rel(config), "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-            "--output_dir", _rel(out), "--search", "true" if search else "false", "--baselines", _flow(baselines),
-            "--trainer.enable_progress_bar", "false", *extra]
+            "--output_dir", _rel(out), "--search", "true" if AUTOBALANCE in methods else "false", *one_phase,
+            "--baselines", _flow(baselines), "--trainer.enable_progress_bar", "false", *extra]
 
 
 def _show(args: Sequence[str]) -> str:
@@ -139,12 +144,9 @@ def _done(out: Path, method: str) -> bool:
 def run_seed(config: Path, seed: int, out: Path, methods: Sequence[str], extra: Sequence[str],
              env: dict[str, str]) -> dict[str, str]:
     """Runs the pipeline of one seed; returns the commands that were (or would have been) run, per method."""
-    baselines = [m for m in methods if m != AUTOBALANCE]
-    search = AUTOBALANCE in methods
-    commands = {"all": _show(pipeline_args(config, seed, out, search, baselines, extra))}
+    commands = {"all": _show(pipeline_args(config, seed, out, methods, extra))}
     for m in methods:
-        commands[m] = _show(pipeline_args(config, seed, out, m == AUTOBALANCE,
-                                          [] if m == AUTOBALANCE else [m], extra))
+        commands[m] = _show(pipeline_args(config, seed, out, [m], extra))
     todo = [m for m in methods if not _done(out, m)]
     if not todo:
         print(f"[seed {seed}] every method already done in {out}", flush=True)
@@ -153,16 +155,14 @@ def run_seed(config: Path, seed: int, out: Path, methods: Sequence[str], extra: 
         (out / _stage(m) / "failure.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
     print(f"[seed {seed}] running {todo} -> {out}", flush=True)
-    rc = _run_logged(pipeline_args(config, seed, out, AUTOBALANCE in todo, [m for m in todo if m != AUTOBALANCE],
-                                   extra), out / "pipeline.log", env)
+    rc = _run_logged(pipeline_args(config, seed, out, todo, extra), out / "pipeline.log", env)
     print(f"[seed {seed}] pipeline exited {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
     if rc == 0 and all(_done(out, m) for m in todo):
         return commands
     for m in [m for m in todo if not _done(out, m)]:
         log = out / f"{_stage(m)}.log"
         t0 = time.perf_counter()
-        rc_m = _run_logged(pipeline_args(config, seed, out, m == AUTOBALANCE, [] if m == AUTOBALANCE else [m],
-                                         extra), log, env)
+        rc_m = _run_logged(pipeline_args(config, seed, out, [m], extra), log, env)
         if rc_m != 0 or not _done(out, m):
             tail = _tail(log)
             last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), f"exit code {rc_m}")
@@ -202,7 +202,7 @@ def _templates(config: Path, seed: int, extra: tuple[str, ...]) -> tuple[Any, An
     os.chdir(ROOT)  # the config's relative paths are relative to the root, as in the pipeline commands
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it is given args besides sys.argv
     try:
-        cli = _Parse(args=pipeline_args(config, seed, Path(os.devnull), False, ["ce"], extra))
+        cli = _Parse(args=pipeline_args(config, seed, Path(os.devnull), ["ce"], extra))
     finally:
         os.chdir(cwd)
         sys.argv = argv
@@ -291,8 +291,7 @@ def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, di
         best = _choose(fam)
         retrain_dir = out / "grid_retrain" / best["point"]
         kw = ", ".join(f"{k}: {v:g}" for k, v in best["preset_kwargs"].items())
-        args = pipeline_args(config, seed, retrain_dir, False, [family], [*extra, "--model.preset_kwargs",
-                                                                            "{" + kw + "}"])
+        args = pipeline_args(config, seed, retrain_dir, [family], [*extra, "--model.preset_kwargs", "{" + kw + "}"])
         if not (retrain_dir / family / "result.json").is_file():
             rc = _run_logged(args, retrain_dir / "pipeline.log", env)
             if rc != 0:
@@ -716,8 +715,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in args.seeds:
         out = runs / f"seed_{s}"
         if args.report_only:
-            commands[s] = {"all": _show(pipeline_args(args.config, s, out, AUTOBALANCE in args.methods,
-                                                      [m for m in args.methods if m != AUTOBALANCE], extra))}
+            commands[s] = {"all": _show(pipeline_args(args.config, s, out, args.methods, extra))}
             continue
         commands[s] = run_seed(args.config, s, out, args.methods, extra, env)
         if args.grid:

@@ -8,14 +8,18 @@ Prints (and with --out writes as markdown):
 3. the wall time of a search epoch relative to a plain epoch, both through ``pytorch_lightning.Trainer`` with
    and without :class:`~lightning_autobalance.AutoBalanceCallback` at its defaults, at the interval its automatic
    schedule picks for a 300-epoch (and a 12-epoch) CIFAR-10-LT search;
-4. on CUDA, the peak memory of a hyper step relative to a plain step;
-5. how the default hyper step's cost grows with the number of classes and the network's depth.
+4. the whole-run cost of a one-phase run (``--one-phase``): a fit of several epochs whose training data is drawn
+   through a :class:`~lightning_autobalance.data.FoldInSampler` with the callback at its defaults, over a plain fit
+   of the same epochs on the same data, both through ``Trainer`` in one process, interleaved;
+5. on CUDA, the peak memory of a hyper step relative to a plain step;
+6. how the default hyper step's cost grows with the number of classes and the network's depth.
 
 Usage::
 
     python benchmarks/speed.py                         # everything, CPU, about 10 minutes on 2 cores
     python benchmarks/speed.py --quick                 # fewer repeats
     python benchmarks/speed.py --epoch-only            # only the search-epoch table
+    python benchmarks/speed.py --one-phase-only        # only the one-phase run's cost
     python benchmarks/speed.py --device cuda --out docs/speed_gpu.md
 """
 
@@ -34,6 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
 from lightning_autobalance.callback import auto_interval
+from lightning_autobalance.data import FoldInSampler, search_split
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.models import ResNetCIFAR
 from lightning_autobalance.objectives import BalancedCrossEntropy
@@ -189,6 +194,46 @@ def epoch_overhead(device: torch.device, steps: int, repeats: int, every: int | 
     return statistics.median(ratios)
 
 
+def one_phase_overhead(device: torch.device, epochs: int, steps: int, repeats: int) -> tuple[float, int]:
+    """Median wall time of a one-phase run (``epochs`` epochs of ``steps`` optimizer steps, fold-in half-way, the
+    callback's defaults) over a plain run of the same epochs on the same data, via Trainer; and its hyper steps."""
+    n = 128 * steps
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), labels)
+    split = search_split(labels)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    made = 0
+
+    def fit(one_phase: bool) -> float:
+        nonlocal made
+        pl.seed_everything(0, verbose=False)
+        model = Net()
+        cbs = []
+        if one_phase:
+            sampler = FoldInSampler(split.lower, split.upper, fold_in_epoch=epochs // 2)
+            loader = DataLoader(data, batch_size=128, sampler=sampler)
+            upper = DataLoader(torch.utils.data.Subset(data, split.upper.tolist()), batch_size=128, shuffle=True)
+            cbs.append(AutoBalanceCallback(upper_dataloader=upper))
+        else:
+            loader = DataLoader(data, batch_size=128, shuffle=True)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=cbs)
+        t = time.perf_counter()
+        trainer.fit(model, loader)
+        if cbs:
+            made = cbs[0].hyper_steps
+        return time.perf_counter() - t
+
+    fit(True)  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        plain = fit(False)
+        ratios.append(fit(True) / plain)
+    return statistics.median(ratios), made
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,6 +245,9 @@ def main() -> None:
     parser.add_argument("--epoch-only", action="store_true", help="only the search-epoch overhead table")
     parser.add_argument("--schedules", type=int, nargs="+", default=[300, 12],
                         help="search lengths in epochs whose automatic interval is timed")
+    parser.add_argument("--one-phase-only", action="store_true", help="only the one-phase run's cost")
+    parser.add_argument("--one-phase-epochs", type=int, default=6)
+    parser.add_argument("--one-phase-steps", type=int, default=20, help="optimizer steps per epoch of that run")
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
     args = parser.parse_args()
     if args.quick:
@@ -214,6 +262,17 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
+    if args.one_phase_only:
+        ratio, made = one_phase_overhead(device, args.one_phase_epochs, args.one_phase_steps, args.epoch_repeats)
+        emit("| one-phase run | hyper steps | run / plain run |")
+        emit("|---|---|---|")
+        emit(f"| {args.one_phase_epochs} epochs of {args.one_phase_steps} steps, fold-in at epoch "
+             f"{args.one_phase_epochs // 2}, defaults | {made} | {ratio:.3f} |")
+        emit(f"(whole fits through Trainer, median of {args.epoch_repeats}, interleaved with the plain fit)")
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+        return
     if not args.epoch_only:
         emit("| hyper step | cost (plain steps) | peak memory (plain steps) |")
         emit("|---|---|---|")

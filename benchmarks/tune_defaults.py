@@ -160,6 +160,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "recommended": cfg(S, search="offset", adam=0.01),
     # the library's defaults as they are now, nothing overridden (LA start and offsets are the model's defaults)
     "library_defaults": dict(library=True, preset="la", search="offset"),
+    # one-phase (one fit of --epochs epochs: search on the split until the fold-in, then train on everything)
+    "one_phase": dict(library=True, one_phase=0.5),
+    "one_phase_f0.3": dict(library=True, one_phase=0.3),
+    "one_phase_f0.7": dict(library=True, one_phase=0.7),
+    "one_phase_f0.2": dict(library=True, one_phase=0.2),
+    "one_phase_f0.3_w0.1": dict(library=True, one_phase=0.3, warmup_fraction=0.1),
+    "one_phase_f0.2_w0.1": dict(library=True, one_phase=0.2, warmup_fraction=0.1),
+    # ... and from cross-entropy
+    "one_phase_ce": dict(library=True, one_phase=0.5, preset="ce"),
     # the low-dimensional option: tau only (dataset parametrisation), Adam 0.1 annealed to 0 over the search
     "recommended_dataset": cfg(S, param="dataset", search="offset", adam=0.1, hyper_cosine=True),
     # sanity: from cross-entropy, searching offsets only, the search should move towards LA
@@ -213,7 +222,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 MODEL_KEYS = ("preset", "search", "param", "cos", "augment", "adam", "sgd", "baseline", "tau", "gamma", "group_size",
-              "hyper_cosine", "library")
+              "hyper_cosine", "library", "one_phase")
 
 
 def callback_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -253,11 +262,12 @@ def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
                       limit_val_batches=0, callbacks=callbacks)
 
 
-def datamodule(args: argparse.Namespace, seed: int, search: bool, augment: bool) -> HeldOutDigits:
+def datamodule(args: argparse.Namespace, seed: int, search: bool, augment: bool,
+               fold_in_epoch: int | None = None) -> HeldOutDigits:
     return HeldOutDigits(val_per_class=args.val_per_class, val_seed=args.val_seed,
                          test_per_class=args.test_per_class, test_seed=0, imbalance_ratio=args.rho,
                          search_split=search, batch_size=args.batch_size, seed=seed, val_source="none",
-                         augment=augment)
+                         augment=augment, fold_in_epoch=fold_in_epoch)
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,6 +300,17 @@ def run_one(name: str, config: dict[str, Any], seed: int, args: argparse.Namespa
                                          preset_kwargs={k: config[k] for k in ("tau", "gamma") if k in config} or None,
                                          **model_kwargs(args))
             trainer(args.epochs, []).fit(model, datamodule=full)
+        elif "one_phase" in config:
+            # One fit: the library's defaults, search until the fold-in, then everything with the loss frozen.
+            fold = min(max(round(float(config["one_phase"]) * args.epochs), 1), args.epochs - 1)
+            dm = datamodule(args, seed, search=True, augment=augment, fold_in_epoch=fold)
+            pl.seed_everything(seed, verbose=False)
+            model = ImbalancedClassifier(network, num_classes=dm.num_classes, class_counts=dm.class_counts,
+                                         preset=config.get("preset", "la"), **model_kwargs(args))
+            cb = AutoBalanceCallback(seed=seed, **callback_kwargs(config))
+            trainer(args.epochs, [cb]).fit(model, datamodule=dm)
+            out.update(hyper_steps=cb.hyper_steps, fold_in_epoch=fold,
+                       scalars={k: float(v) for k, v in model.autobalance.alpha().items() if v.numel() == 1})
         else:
             dm = datamodule(args, seed, search=True, augment=augment)
             pl.seed_everything(seed, verbose=False)
@@ -441,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
                     fh.write(json.dumps(r) + "\n")
             print(f"  {r['config']:26s} seed {r['seed']}: val {100 * r['val']:.2f}"
                   + (f" test {100 * r['test']:.2f}" if "test" in r else "")
-                  + (f" tail_off {r['tail_offset_change']:+.2f} steps {r['hyper_steps']}" if "hyper_steps" in r else "")
+                  + (f" tail_off {r['tail_offset_change']:+.2f}" if "tail_offset_change" in r else "")
+                  + (f" steps {r['hyper_steps']}" if "hyper_steps" in r else "")
                   + f" ({r['seconds']:.1f}s)", file=sys.stderr, flush=True)
     print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s; seeds {args.seeds}; "
           f"epochs search {args.search_epochs} / retrain {args.epochs}\n")

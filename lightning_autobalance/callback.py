@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_autobalance.batch_stream import BatchStream
+from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.hypergradient import (
     CURVATURES,
     METHODS,
@@ -60,6 +61,10 @@ _UNSUPPORTED = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 #: long enough: a default hyper step costs about 1.4-1.8 plain steps, so 20 keeps a search epoch within 1.10 plain
 #: epochs (benchmarks/speed.py).
 MAX_AUTO_INTERVAL = 20
+#: In a one-phase run (a :class:`~lightning_autobalance.data.fold_in.FoldInSampler` in the training data) the
+#: automatic schedule makes at most this share of the run's optimizer steps hyper steps, so that the whole run costs
+#: at most about 1.1 plain trainings (benchmarks/speed.py --one-phase).
+ONE_PHASE_HYPER_SHARE = 0.05
 
 
 def auto_interval(window_steps: int, target_hyper_steps: int, upper_batches_per_pass: int = 1) -> int:
@@ -168,6 +173,13 @@ class AutoBalanceCallback(Callback):
     (:class:`~lightning_autobalance.parametrization.Hierarchical`) moves all classes together through shared
     scalars; and per-class values are shrunk towards their start in inverse proportion to their upper counts
     (``shrinkage``).
+
+    **One-phase runs.** When the training dataloader draws through a
+    :class:`~lightning_autobalance.data.fold_in.FoldInSampler` (e.g. a long-tailed datamodule with
+    ``fold_in_epoch``), the search stops at the sampler's fold-in epoch, where the upper split joins the training
+    data, and the automatic schedule makes at most 5% of the run's optimizer steps hyper steps
+    (``ONE_PHASE_HYPER_SHARE``), so that the single run costs about 1.1 plain trainings. A ``stop_epoch`` or
+    ``stop_step`` after the fold-in is refused at the start of fit.
 
     The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
     in the precision plugin's forward context (autocast), from and back to the training loop's random state; the
@@ -358,6 +370,8 @@ class AutoBalanceCallback(Callback):
         self._batch_rng: tuple[Tensor, Tensor | None] | None = None
         self._warned_frozen = False
         self._train_state: dict[str, int] | None = None
+        self._fold_in_epoch: int | None = None
+        self._resumed_at = 0
 
     @property
     def state_key(self) -> str:
@@ -565,6 +579,7 @@ class AutoBalanceCallback(Callback):
         total = trainer.estimated_stepping_batches
         if self.start_step is None and self.start_epoch is None:
             self._auto_start_step = int(self.warmup_fraction * total) if math.isfinite(total) else 0
+        self._check_fold_in(trainer, total)
         self._plan(trainer, total)
         if (self._hyper_scheduler_fn is None and self.hyper_lr_schedule == "cosine" and self.optimizer is not None
                 and self._planned):
@@ -575,6 +590,25 @@ class AutoBalanceCallback(Callback):
             self._apply_state(self._pending)
             self._pending = None
         self._announce(trainer, pl_module)
+
+    def _check_fold_in(self, trainer: pl.Trainer, total: float) -> None:
+        """Finds a one-phase run's fold-in epoch (a FoldInSampler in the training data): the search stops there."""
+        sampler = find_fold_in_sampler(trainer.train_dataloader)
+        self._fold_in_epoch = None if sampler is None else sampler.fold_in_epoch
+        if self._fold_in_epoch is None:
+            return
+        fold = self._fold_in_epoch
+        per_epoch = self._steps_per_epoch(trainer, total)
+        late = []
+        if self.stop_epoch is not None and self.stop_epoch > fold:
+            late.append(f"stop_epoch={self.stop_epoch}")
+        if self.stop_step is not None and per_epoch is not None and self.stop_step > fold * per_epoch:
+            late.append(f"stop_step={self.stop_step}")
+        if late:
+            raise ValueError(f"AutoBalanceCallback: {' and '.join(late)} would go on searching after epoch {fold}, "
+                             "where the training data's FoldInSampler folds the upper split into training (the loss "
+                             "would then be tuned on data the model trains on). Leave stop_epoch/stop_step unset: "
+                             "the search stops at the fold-in by itself.")
 
     def _steps_per_epoch(self, trainer: pl.Trainer, total: float) -> float | None:
         epochs = trainer.max_epochs
@@ -597,6 +631,8 @@ class AutoBalanceCallback(Callback):
             ends.append(self.stop_step)
         if self.stop_epoch is not None and per_epoch is not None:
             ends.append(self.stop_epoch * per_epoch)
+        if self._fold_in_epoch is not None and per_epoch is not None:
+            ends.append(self._fold_in_epoch * per_epoch)
         end = int(min(ends)) if ends else None
         self._window = (first or 0, end)
         if first is None or end is None:
@@ -605,6 +641,9 @@ class AutoBalanceCallback(Callback):
         window = max(end - first, 0)
         upper = self._upper.batches_per_pass() if self._upper is not None else 1
         self._interval = self.every_n_steps or auto_interval(window, self.target_hyper_steps, upper)
+        if self.every_n_steps is None and self._fold_in_epoch is not None:
+            cap = max(int(ONE_PHASE_HYPER_SHARE * total), 1)  # one-phase: bound the cost of the whole run
+            self._interval = max(self._interval, -(-window // cap))
         # Steps s in [first, end) with (s + 1) % interval == 0.
         self._planned = max((end // self._interval) - (first // self._interval), 0)
 
@@ -617,11 +656,27 @@ class AutoBalanceCallback(Callback):
         else:
             rank_zero_info(f"AutoBalance: {self._planned} hyper steps planned, every {self._interval} optimizer steps "
                            f"({how}) in steps [{first}, {end}) of this fit.")
+        if self._fold_in_epoch is not None:
+            rank_zero_info(f"AutoBalance: one-phase run: the search stops at epoch {self._fold_in_epoch}, where the "
+                           "training data's FoldInSampler folds the upper split into training.")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fold_in_epoch is not None and trainer.current_epoch == self._fold_in_epoch:
+            rank_zero_info(f"AutoBalance: epoch {self._fold_in_epoch}: the upper split is now trained on; the loss "
+                           f"stays as the search left it ({self.hyper_steps} hyper steps).")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resumed_at = trainer.global_step  # restored from a checkpoint by now
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit_hyper_steps > 0 or self.optimizer is None or trainer.sanity_checking:
             return
+        end = self._window[1]
+        if end is not None and self._resumed_at >= end and self.hyper_steps > 0:
+            return  # resumed after the search window: its hyper steps were made before the interruption
         params = pl_module._require_autobalance()  # type: ignore[attr-defined]
         first = self._window[0]
         if params.frozen:
@@ -649,7 +704,8 @@ class AutoBalanceCallback(Callback):
         else:
             started = step >= self._auto_start_step
         stopped = (self.stop_step is not None and step >= self.stop_step) or (
-            self.stop_epoch is not None and epoch >= self.stop_epoch)
+            self.stop_epoch is not None and epoch >= self.stop_epoch) or (
+            self._fold_in_epoch is not None and epoch >= self._fold_in_epoch)
         return started and not stopped
 
     def _due(self, trainer: pl.Trainer) -> bool:

@@ -6,7 +6,10 @@ Stages (each in its own folder of ``output_dir``, each resumable from its last c
 1. ``search``: fit on the lower part of the per-class split with :class:`~lightning_autobalance.AutoBalanceCallback`
    drawing upper batches from the held-out part; the found loss is written to ``found_loss.yaml``;
 2. ``autobalance``: retrain from scratch on the whole training set with that loss frozen, then test;
-3. one stage per baseline (``ce``, ``la``, ``cdt``, ``vs``, ``class_balanced``, ``inverse_frequency``,
+3. with ``one_phase``, ``one_phase``: a single fit on the whole training set that searches the loss on the 80/20 split
+   for the first ``fold_in`` share of the epochs, then folds the upper part into training with the loss frozen
+   (:class:`~lightning_autobalance.data.fold_in.FoldInSampler`), then tests: one training run instead of two;
+4. one stage per baseline (``ce``, ``la``, ``cdt``, ``vs``, ``class_balanced``, ``inverse_frequency``,
    ``ldam_drw``, ``focal``; with groups also ``group_balanced`` and ``group_dro``): train on the whole training
    set with that fixed loss, then test.
 
@@ -87,6 +90,15 @@ def _clone(template: Any, **overrides: Any) -> Any:
     # Other private entries (``_class_path``) are LightningCLI's too.
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     return type(template)(**{**kwargs, **overrides})
+
+
+def _data(template: Any, search_split: bool, fold_in_epoch: int | None = None) -> Any:
+    """A stage's datamodule: the template with its search split on or off, and a fold-in only where asked for (a
+    config that sets ``fold_in_epoch`` for ``fit`` still gives the other stages plain training data)."""
+    overrides: dict[str, Any] = {"search_split": search_split}
+    if fold_in_epoch is not None or "fold_in_epoch" in dict(getattr(template, "hparams", {}) or {}):
+        overrides["fold_in_epoch"] = fold_in_epoch
+    return _clone(template, **overrides)
 
 
 class _RandomState(pl.Callback):
@@ -203,7 +215,7 @@ def _warm_up(model: pl.LightningModule, datamodule: pl.LightningDataModule, trai
     keep = {k: trainer_kwargs[k] for k in ("accelerator", "precision") if k in trainer_kwargs}
     trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          devices=1, **keep)
-    trainer.fit(_clone(model, search=()), datamodule=_clone(datamodule, search_split=False))
+    trainer.fit(_clone(model, search=()), datamodule=_data(datamodule, search_split=False))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -223,6 +235,8 @@ def run_pipeline(
     resume: bool = True,
     plot: bool = True,
     seed: int | None = None,
+    one_phase: bool = False,
+    fold_in: float = 0.3,
 ) -> dict[str, Any]:
     """Runs the search-then-retrain method and the baselines; returns (and writes) the results.
 
@@ -237,11 +251,15 @@ def run_pipeline(
         search: run the search and the retraining (``False``: baselines only).
         baselines: names from :data:`BASELINES`.
         search_epochs: epochs of the search (default: the trainer's ``max_epochs``).
-        retrain_epochs: epochs of retraining and of the baselines (default: the trainer's ``max_epochs``).
+        retrain_epochs: epochs of retraining, of the baselines and of the one-phase run (default: the trainer's
+            ``max_epochs``).
         resume: continue unfinished stages from their last checkpoint and skip finished ones.
         plot: write ``loss.png``.
         seed: every stage starts from this seed (same initial weights for every method); default: the seed in
             force when the pipeline starts (``torch.initial_seed()``, i.e. ``seed_everything``'s).
+        one_phase: also run the one-phase mode (row ``one_phase``): ``retrain_epochs`` epochs in one fit
+            that learns the loss on the split until the fold-in and then trains on everything with it.
+        fold_in: the share of the one-phase run's epochs searched before the upper part is folded in, in (0, 1).
 
     Returns:
         The content of ``results.json``.
@@ -249,8 +267,11 @@ def run_pipeline(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"Unknown baselines {unknown}; expected names from {sorted(BASELINES)}.")
-    if not search and not baselines:
-        raise ValueError("Nothing to run: search=False and no baselines.")
+    if not search and not baselines and not one_phase:
+        raise ValueError("Nothing to run: search=False, one_phase=False and no baselines.")
+    if not 0.0 < float(fold_in) < 1.0:
+        raise ValueError(f"fold_in must lie in (0, 1) (the share of the one-phase run's epochs searched before the "
+                         f"upper part is folded in); got {fold_in}.")
     for key in ("search_split",):
         if key not in dict(getattr(datamodule, "hparams", {}) or {}):
             raise ValueError(f"The pipeline needs a datamodule with a `{key}` argument (a LongTailDataModule); "
@@ -258,7 +279,7 @@ def run_pipeline(
     out = Path(output_dir)
     kwargs = dict(trainer_kwargs or {})
     seed = int(torch.initial_seed() % 2**31) if seed is None else int(seed)
-    full = _clone(datamodule, search_split=False)
+    full = _data(datamodule, search_split=False)
     counts = _counts(model, full)
     if counts.get("group_counts") is None and any(b in _GROUP_BASELINES for b in baselines):
         raise ValueError(f"The baselines {[b for b in baselines if b in _GROUP_BASELINES]} need groups: a datamodule "
@@ -272,7 +293,8 @@ def run_pipeline(
     if counts.get("group_counts") is not None:
         summary["group_counts"] = counts["group_counts"]
 
-    def stage(name: str, make: Any, search_stage: bool = False, test: bool = True) -> dict[str, Any]:
+    def stage(name: str, make: Any, search_stage: bool = False, test: bool = True,
+              epochs: int | None = None) -> dict[str, Any]:
         stage_dir = out / name
         done = stage_dir / "result.json"
         if resume and done.is_file():
@@ -280,11 +302,12 @@ def run_pipeline(
             return json.loads(done.read_text())
         pl.seed_everything(seed, workers=True, verbose=False)
         model_, dm_ = make()
-        epochs = search_epochs if search_stage else retrain_epochs
+        if epochs is None:
+            epochs = search_epochs if search_stage else retrain_epochs
         trainer = _stage_trainer(kwargs, stage_dir, epochs, search=search_stage)
         result = _fit_and_test(name, model_, dm_, trainer, stage_dir, resume, test=test)
         if search_stage:
-            found = out / "found_loss.yaml"
+            found = out / "found_loss.yaml" if name == "search" else stage_dir / "found_loss.yaml"
             if trainer.is_global_zero:
                 model_.export_loss(found)
             cb = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
@@ -299,22 +322,35 @@ def run_pipeline(
         return result
 
     if search:
-        split = _clone(datamodule, search_split=True)
+        split = _data(datamodule, search_split=True)
         search_result = stage("search", lambda: (_clone(model, **_counts(model, split), loss="autobalance"), split),
                               search_stage=True, test=False)
         summary["search"] = search_result
         found = search_result["found_loss"]
         row = stage("autobalance", lambda: (_clone(model, **counts, loss="autobalance", loss_file=found,
-                                                   freeze_loss=True), _clone(datamodule, search_split=False)))
+                                                   freeze_loss=True), _data(datamodule, search_split=False)))
         row["method"] = "autobalance"
         row["search_time_s"] = search_result["fit_time_s"]
         tables, _ = load_loss_tables(found)
         summary["found_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
         rows.append(row)
+    if one_phase:
+        epochs = retrain_epochs if retrain_epochs is not None else kwargs.get("max_epochs")
+        if epochs is None or int(epochs) < 2:
+            raise ValueError(f"one_phase needs at least 2 epochs (retrain_epochs or the trainer's max_epochs) to "
+                             f"search and then fold in; got {epochs}.")
+        fold_epoch = min(max(round(float(fold_in) * int(epochs)), 1), int(epochs) - 1)
+        folded = _data(datamodule, search_split=True, fold_in_epoch=fold_epoch)
+        row = stage("one_phase", lambda: (_clone(model, **_counts(model, folded), loss="autobalance"), folded),
+                    search_stage=True, epochs=retrain_epochs)
+        row["fold_in_epoch"] = fold_epoch
+        tables, _ = load_loss_tables(row["found_loss"])
+        summary["one_phase_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
+        rows.append(row)
     for name in baselines:
         rows.append(stage(name, lambda name=name: (_clone(model, **counts, **BASELINES[name], search=(),
                                                           loss_file=None, freeze_loss=False),
-                                                   _clone(datamodule, search_split=False))))
+                                                   _data(datamodule, search_split=False))))
     summary["rows"] = rows
     _finish(out, summary, plot)
     return summary
@@ -431,6 +467,8 @@ class AutoBalanceTrainer(pl.Trainer):
         resume: bool = True,
         plot: bool = True,
         seed: int | None = None,
+        one_phase: bool = False,
+        fold_in: float = 0.3,
     ) -> dict[str, Any]:
         """Search the loss, retrain with it, train the baselines, test all and write results.json.
 
@@ -445,9 +483,13 @@ class AutoBalanceTrainer(pl.Trainer):
             resume: resume unfinished stages and skip finished ones.
             plot: write loss.png.
             seed: seed of every stage (default: the one set by ``seed_everything``).
+            one_phase: also run the one-phase mode: one fit of ``retrain_epochs`` epochs that learns the loss on
+                the split for the first ``fold_in`` share of its epochs, then trains on everything with it (row
+                ``one_phase``).
+            fold_in: share of the one-phase run searched before the upper part joins training, in (0, 1).
         """
         if datamodule is None:
             raise ValueError("pipeline needs a datamodule (a LongTailDataModule).")
         return run_pipeline(model, datamodule, self.init_kwargs, output_dir, search,
                             ["ce", "la"] if baselines is None else baselines, search_epochs, retrain_epochs, resume,
-                            plot, seed)
+                            plot, seed, one_phase, fold_in)

@@ -13,6 +13,7 @@ from lightning_autobalance.data.cifar import LongTailCIFAR10, LongTailCIFAR100
 from lightning_autobalance.data.colored_digits import ColoredDigits
 from lightning_autobalance.data.digits import LongTailDigits
 from lightning_autobalance.data.file_dataset import ImageFileDataset, decode_image
+from lightning_autobalance.data.fold_in import FoldInSampler
 from lightning_autobalance.data.folder import LongTailImageFolder
 from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
 from lightning_autobalance.data.profiles import (
@@ -26,6 +27,7 @@ from lightning_autobalance.data.tinted_dataset import TintedImageDataset
 
 __all__ = [
     "ColoredDigits",
+    "FoldInSampler",
     "ImageFileDataset",
     "InMemoryImageDataset",
     "LabelledSubset",

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from lightning_autobalance.data import profiles
 from lightning_autobalance.data._checks import check_bool, check_choice, check_int, check_real
+from lightning_autobalance.data.fold_in import FoldInSampler
 
 __all__ = ["LongTailDataModule"]
 
@@ -54,6 +55,12 @@ class LongTailDataModule(pl.LightningDataModule):
         min_count: Smallest per-class count of the profile, >= 1.
         step_fraction: Fraction of minority classes of the step profile, in [0, 1].
         upper_augment: Whether the upper dataloader applies the training augmentation.
+        fold_in_epoch: One-phase training (needs ``search_split``): the training dataloader serves the
+            lower part until this epoch (0-based) and the whole long-tailed set from it on, through a
+            :class:`~lightning_autobalance.data.fold_in.FoldInSampler` (every epoch as long as one over
+            the whole set). :attr:`class_counts` are then those of the whole set, the data the final
+            model is trained on; an :class:`~lightning_autobalance.AutoBalanceCallback` stops
+            searching at the fold-in. None (default): no fold-in.
 
     Raises:
         ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"``
@@ -80,6 +87,7 @@ class LongTailDataModule(pl.LightningDataModule):
         min_count: int = 1,
         step_fraction: float = 0.5,
         upper_augment: bool = True,
+        fold_in_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, 1.0)
@@ -94,8 +102,12 @@ class LongTailDataModule(pl.LightningDataModule):
         self.min_count = check_int("min_count", min_count, 1)
         self.step_fraction = check_real("step_fraction", step_fraction, 0.0, 1.0)
         self.upper_augment = check_bool("upper_augment", upper_augment)
+        self.fold_in_epoch = check_int("fold_in_epoch", fold_in_epoch, 1, allow_none=True)
         if self.val_source == "upper" and not self.search_split:
             raise ValueError("val_source='upper' needs search_split=True (there is no upper part otherwise)")
+        if self.fold_in_epoch is not None and not self.search_split:
+            raise ValueError("fold_in_epoch needs search_split=True: it folds the held-out upper part into training "
+                             "at that epoch, and without search_split there is none")
         self.save_hyperparameters()
 
         self._pool_targets: np.ndarray | None = None
@@ -194,10 +206,17 @@ class LongTailDataModule(pl.LightningDataModule):
     @property
     def class_counts(self) -> list[int]:
         """Per-class counts of the training set in use: the lower part with ``search_split``,
-        else the whole long-tailed set."""
+        else (and with ``fold_in_epoch``, where training ends on it) the whole long-tailed set."""
         self._ensure_plan()
         assert self._lower is not None
-        return self._counts_of(self._lower)
+        return self._counts_of(self._counted_indices())
+
+    def _counted_indices(self) -> np.ndarray:
+        """The samples that :attr:`class_counts` counts: the whole set with ``fold_in_epoch``, else the training set
+        in use."""
+        self._ensure_plan()
+        assert self._lower is not None and self._kept is not None
+        return self._kept if self.fold_in_epoch is not None else self._lower
 
     @property
     def upper_class_counts(self) -> list[int] | None:
@@ -224,7 +243,8 @@ class LongTailDataModule(pl.LightningDataModule):
 
     @property
     def train_indices(self) -> np.ndarray:
-        """Pool indices that the training dataloader serves (sorted)."""
+        """Pool indices that the training dataloader serves (sorted); with ``fold_in_epoch``, those it serves
+        before the fold-in (the lower part)."""
         self._ensure_plan()
         assert self._lower is not None
         return self._lower.copy()
@@ -251,7 +271,10 @@ class LongTailDataModule(pl.LightningDataModule):
             if key == "train":
                 self._ensure_plan()
                 assert self._lower is not None
-                dataset = self._build_dataset(self._lower, augment=True)
+                indices = self._lower
+                if self.fold_in_epoch is not None:  # lower part first, then the upper part (see train_dataloader)
+                    indices = np.concatenate([self._lower, self._require_upper()])
+                dataset = self._build_dataset(indices, augment=True)
             elif key == "upper":
                 dataset = self._build_dataset(self._require_upper(), augment=self.upper_augment)
             elif key == "upper_eval":
@@ -263,7 +286,8 @@ class LongTailDataModule(pl.LightningDataModule):
 
     @property
     def train_dataset(self) -> Dataset[Any]:
-        """The training set in use (lower part or whole long-tailed set), augmented."""
+        """The training set in use (lower part or whole long-tailed set), augmented. With ``fold_in_epoch``: the
+        lower part followed by the upper part."""
         return self._cached_dataset("train")
 
     @property
@@ -321,8 +345,15 @@ class LongTailDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled training batches ``(x, y)``, ``y`` an int64 tensor; no sample is dropped."""
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        """Shuffled training batches ``(x, y)``, ``y`` an int64 tensor; no sample is dropped. With
+        ``fold_in_epoch``, ordered by a :class:`~lightning_autobalance.data.fold_in.FoldInSampler`."""
+        dataset = self.train_dataset
+        if self.fold_in_epoch is None:
+            return self._loader(dataset, self.batch_size, shuffle=True)
+        assert self._lower is not None and self._upper is not None
+        lower = len(self._lower)
+        sampler = FoldInSampler(range(lower), range(lower, lower + len(self._upper)), self.fold_in_epoch, self.seed)
+        return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def upper_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> Sampler[int]:
         """Sampler of the upper part.

@@ -69,6 +69,7 @@ class ColoredDigits(LongTailDataModule):
         min_count: see :class:`LongTailDataModule`.
         step_fraction: see :class:`LongTailDataModule`.
         upper_augment: see :class:`LongTailDataModule`.
+        fold_in_epoch: see :class:`LongTailDataModule`.
 
     Example:
         >>> dm = ColoredDigits(correlation=0.9)
@@ -100,6 +101,7 @@ class ColoredDigits(LongTailDataModule):
         min_count: int = 2,
         step_fraction: float = 0.5,
         upper_augment: bool = True,
+        fold_in_epoch: int | None = None,
     ) -> None:
         super().__init__(
             imbalance_ratio=imbalance_ratio,
@@ -114,6 +116,7 @@ class ColoredDigits(LongTailDataModule):
             min_count=min_count,
             step_fraction=step_fraction,
             upper_augment=upper_augment,
+            fold_in_epoch=fold_in_epoch,
         )
         self.task = check_choice("task", task, ("digits", "binary"))
         groups = check_int("num_groups", num_groups, 2)
@@ -158,10 +161,9 @@ class ColoredDigits(LongTailDataModule):
 
     @property
     def group_counts(self) -> list[list[int]]:
-        """``G x K`` samples per (group, class) of the training set in use (lower part with ``search_split``)."""
-        self._ensure_plan()
-        assert self._lower is not None
-        return self._cell_counts(self._lower)
+        """``G x K`` samples per (group, class) of the training set in use (lower part with ``search_split``; the
+        whole set with ``fold_in_epoch``)."""
+        return self._cell_counts(self._counted_indices())
 
     @property
     def upper_group_counts(self) -> list[list[int]] | None:

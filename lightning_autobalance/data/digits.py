@@ -47,6 +47,7 @@ class LongTailDigits(LongTailDataModule):
         min_count: See above and :class:`LongTailDataModule`.
         step_fraction: See :class:`LongTailDataModule`.
         upper_augment: See :class:`LongTailDataModule`.
+        fold_in_epoch: See :class:`LongTailDataModule`.
 
     Raises:
         ValueError: An argument is out of range; or, when the counts are first computed, a
@@ -78,6 +79,7 @@ class LongTailDigits(LongTailDataModule):
         min_count: int = 2,
         step_fraction: float = 0.5,
         upper_augment: bool = True,
+        fold_in_epoch: int | None = None,
     ) -> None:
         super().__init__(
             imbalance_ratio=imbalance_ratio,
@@ -92,6 +94,7 @@ class LongTailDigits(LongTailDataModule):
             min_count=min_count,
             step_fraction=step_fraction,
             upper_augment=upper_augment,
+            fold_in_epoch=fold_in_epoch,
         )
         self.test_per_class = check_int("test_per_class", test_per_class, 1)
         self.test_seed = check_int("test_seed", test_seed, 0)

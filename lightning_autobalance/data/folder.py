@@ -70,6 +70,7 @@ class LongTailImageFolder(LongTailDataModule):
         min_count: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
 
     Raises:
         ValueError: At construction, a bad argument. When the counts are first computed:
@@ -106,6 +107,7 @@ class LongTailImageFolder(LongTailDataModule):
         min_count: int = 1,
         step_fraction: float = 0.5,
         upper_augment: bool = True,
+        fold_in_epoch: int | None = None,
     ) -> None:
         super().__init__(
             imbalance_ratio=imbalance_ratio,
@@ -120,6 +122,7 @@ class LongTailImageFolder(LongTailDataModule):
             min_count=min_count,
             step_fraction=step_fraction,
             upper_augment=upper_augment,
+            fold_in_epoch=fold_in_epoch,
         )
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
