@@ -10,10 +10,14 @@ One config file serves every subcommand: ``fit``, ``validate`` and ``test`` acce
 (``output_dir``, ``baselines``, ...); ``fit`` logs under ``<output_dir>/fit`` and the others ignore them. ``fit``
 with an ``AutoBalanceCallback`` needs a datamodule with ``search_split: true`` (or the callback's own upper data)
 and says so in one line before any training.
+
+A bad setting (an out-of-range value, an unknown objective, a missing data folder) is reported in one line, the
+library's own message, with exit status 2; set ``LIGHTNING_AUTOBALANCE_DEBUG=1`` for the full traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from lightning_autobalance.callback import AutoBalanceCallback
 from lightning_autobalance.classifier import ImbalancedClassifier
 from lightning_autobalance.data.base import LongTailDataModule
-from lightning_autobalance.pipeline import AutoBalanceTrainer
+from lightning_autobalance.pipeline import AutoBalanceTrainer, PipelineSetupError
 
 __all__ = ["AutoBalanceCLI", "UsageError", "main"]
 
@@ -65,6 +69,18 @@ class AutoBalanceCLI(LightningCLI):
         # skipped (jsonargparse ignores a link whose source attribute the datamodule lacks).
         parser.link_arguments("data.num_groups", "model.num_groups", apply_on="instantiate")
         parser.link_arguments("data.group_counts", "model.group_counts", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Builds the model, datamodule, callbacks and trainer; a constructor's own error becomes a one-line
+        :class:`UsageError` (the root cause, not jsonargparse's report of every type it tried)."""
+        try:
+            super().instantiate_classes()
+        except UsageError:
+            raise
+        except Exception as err:
+            if os.environ.get("LIGHTNING_AUTOBALANCE_DEBUG"):
+                raise
+            raise UsageError(_root_message(err)) from err
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         if subcommand == "pipeline":
@@ -110,6 +126,20 @@ class AutoBalanceCLI(LightningCLI):
                                           skip_none=False, skip_check=True)
 
 
+def _root_message(err: BaseException) -> str:
+    """The message of the innermost exception of a chain (the constructor's own ``ValueError``), on one line."""
+    seen = {id(err)}
+    root = err
+    while True:
+        nxt = root.__cause__ or root.__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        root = nxt
+    text = " ".join(str(root).split()) or type(root).__name__
+    return text if isinstance(root, (ValueError, TypeError)) else f"{type(root).__name__}: {text}"
+
+
 def _has_omegaconf() -> bool:
     try:
         import omegaconf  # noqa: F401
@@ -126,8 +156,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-autobalance`` console script."""
     try:
         AutoBalanceCLI(args=args)
-    except UsageError as err:
-        print(f"lightning-autobalance: error: {err}", file=sys.stderr)
+    except (UsageError, PipelineSetupError) as err:
+        print(f"lightning-autobalance: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

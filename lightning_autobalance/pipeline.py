@@ -49,7 +49,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_autobalance.callback import AutoBalanceCallback
 from lightning_autobalance.losses import load_loss_tables, preset_tables
 
-__all__ = ["BASELINES", "AutoBalanceTrainer", "run_pipeline"]
+__all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineSetupError", "run_pipeline"]
 
 #: Baseline name -> model overrides (a fixed loss, no search).
 BASELINES: dict[str, dict[str, Any]] = {
@@ -68,6 +68,11 @@ BASELINES: dict[str, dict[str, Any]] = {
 }
 _GROUP_BASELINES = ("group_balanced", "group_dro")
 _DROPPED_CALLBACKS = ("SaveConfigCallback", "ModelCheckpoint")
+
+
+class PipelineSetupError(ValueError):
+    """A pipeline that cannot start as asked (a bad argument, an output folder holding another configuration's
+    results, a folder in use by another run), raised before any training; the CLI prints it in one line."""
 
 
 def _clone(template: Any, **overrides: Any) -> Any:
@@ -266,25 +271,32 @@ def run_pipeline(
     """
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
-        raise ValueError(f"Unknown baselines {unknown}; expected names from {sorted(BASELINES)}.")
+        raise PipelineSetupError(f"Unknown baselines {unknown}; expected names from {sorted(BASELINES)}.")
     if not search and not baselines and not one_phase:
-        raise ValueError("Nothing to run: search=False, one_phase=False and no baselines.")
+        raise PipelineSetupError("Nothing to run: search=False, one_phase=False and no baselines.")
     if not 0.0 < float(fold_in) < 1.0:
-        raise ValueError(f"fold_in must lie in (0, 1) (the share of the one-phase run's epochs searched before the "
-                         f"upper part is folded in); got {fold_in}.")
+        raise PipelineSetupError(f"fold_in must lie in (0, 1) (the share of the one-phase run's epochs searched "
+                                 f"before the upper part is folded in); got {fold_in}.")
     for key in ("search_split",):
         if key not in dict(getattr(datamodule, "hparams", {}) or {}):
-            raise ValueError(f"The pipeline needs a datamodule with a `{key}` argument (a LongTailDataModule); "
+            raise PipelineSetupError(f"The pipeline needs a datamodule with a `{key}` argument (a LongTailDataModule); "
                              f"{type(datamodule).__name__} has none in its hyperparameters.")
     out = Path(output_dir)
     kwargs = dict(trainer_kwargs or {})
+    fold_epoch = 0
+    if one_phase:
+        epochs = retrain_epochs if retrain_epochs is not None else kwargs.get("max_epochs")
+        if epochs is None or int(epochs) < 2:
+            raise PipelineSetupError(f"one_phase needs at least 2 epochs (retrain_epochs or the trainer's max_epochs) "
+                                     f"to search and then fold in; got {epochs}.")
+        fold_epoch = min(max(round(float(fold_in) * int(epochs)), 1), int(epochs) - 1)
     seed = int(torch.initial_seed() % 2**31) if seed is None else int(seed)
     full = _data(datamodule, search_split=False)
     counts = _counts(model, full)
     if counts.get("group_counts") is None and any(b in _GROUP_BASELINES for b in baselines):
-        raise ValueError(f"The baselines {[b for b in baselines if b in _GROUP_BASELINES]} need groups: a datamodule "
-                         "with group_counts (e.g. ColoredDigits) and a model that takes group_counts "
-                         "(ImbalancedClassifier).")
+        raise PipelineSetupError(f"The baselines {[b for b in baselines if b in _GROUP_BASELINES]} need groups: a "
+                                 "datamodule with group_counts (e.g. ColoredDigits) and a model that takes "
+                                 "group_counts (ImbalancedClassifier).")
     _warm_up(model, datamodule, kwargs)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"output_dir": str(out), "seed": seed, "model": type(model).__name__,
@@ -335,11 +347,6 @@ def run_pipeline(
         summary["found_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
         rows.append(row)
     if one_phase:
-        epochs = retrain_epochs if retrain_epochs is not None else kwargs.get("max_epochs")
-        if epochs is None or int(epochs) < 2:
-            raise ValueError(f"one_phase needs at least 2 epochs (retrain_epochs or the trainer's max_epochs) to "
-                             f"search and then fold in; got {epochs}.")
-        fold_epoch = min(max(round(float(fold_in) * int(epochs)), 1), int(epochs) - 1)
         folded = _data(datamodule, search_split=True, fold_in_epoch=fold_epoch)
         row = stage("one_phase", lambda: (_clone(model, **_counts(model, folded), loss="autobalance"), folded),
                     search_stage=True, epochs=retrain_epochs)
@@ -489,7 +496,7 @@ class AutoBalanceTrainer(pl.Trainer):
             fold_in: share of the one-phase run searched before the upper part joins training, in (0, 1).
         """
         if datamodule is None:
-            raise ValueError("pipeline needs a datamodule (a LongTailDataModule).")
+            raise PipelineSetupError("pipeline needs a datamodule (a LongTailDataModule).")
         return run_pipeline(model, datamodule, self.init_kwargs, output_dir, search,
                             ["ce", "la"] if baselines is None else baselines, search_epochs, retrain_epochs, resume,
                             plot, seed, one_phase, fold_in)

@@ -258,13 +258,16 @@ def test_pipeline_one_phase_resumes_to_the_same_loss_and_errors(tmp_path: Path, 
     assert resumed["rows"][0]["per_class_error"] == row["per_class_error"]
 
 
-def test_pipeline_one_phase_needs_two_epochs_and_a_fold_in_share(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipeline_one_phase_needs_two_epochs_and_a_fold_in_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr("sys.argv", ["lightning-autobalance"])
-    with pytest.raises(ValueError, match="fold_in must lie in"):
-        main(["pipeline", "--config", DIGITS, *TINY, "--fold_in", "1.0", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="one_phase needs at least 2 epochs"):
-        main(["pipeline", "--config", DIGITS, *TINY, "--trainer.max_epochs", "1", "--output_dir", str(tmp_path)])
+    for extra, message in ((["--fold_in", "1.0"], "fold_in must lie in (0, 1)"),
+                           (["--trainer.max_epochs", "1"], "one_phase needs at least 2 epochs")):
+        with pytest.raises(SystemExit) as info:
+            main(["pipeline", "--config", DIGITS, *TINY, *extra, "--output_dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_the_one_phase_example_config_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
