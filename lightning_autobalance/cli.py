@@ -118,12 +118,15 @@ class AutoBalanceCLI(LightningCLI):
                                  "80% of the training set and tunes the loss on the rest), or run `pipeline`.")
 
     def before_pipeline(self) -> None:
-        """Saves the resolved configuration beside the results, in a form that ``pipeline --config`` reads back."""
-        out = Path(self.config["pipeline"].get("output_dir", "runs/autobalance"))
-        if self.trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            self._parser("pipeline").save(self.config["pipeline"], out / "config.yaml", overwrite=True,
-                                          skip_none=False, skip_check=True)
+        """Has the pipeline save the resolved configuration beside the results (in a form that ``pipeline --config``
+        reads back) once it has accepted the run: a run refused for its output folder leaves the folder as it was."""
+
+        def write(path: Path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._parser("pipeline").save(self.config["pipeline"], path, overwrite=True, skip_none=False,
+                                          skip_check=True)
+
+        self.trainer.config_writer = write
 
 
 def _root_message(err: BaseException) -> str:

@@ -121,9 +121,9 @@ def as_count_table(class_counts: Sequence[int] | Sequence[Sequence[int]] | Tenso
     if counts.ndim not in (1, 2) or counts.numel() == 0:
         raise ValueError(f"class_counts must be a non-empty list of K counts or a G x K table; got shape "
                          f"{tuple(counts.shape)}.")
-    if not torch.isfinite(counts).all() or (counts <= 0).any():
-        bad = [round(v, 6) for v in counts.flatten().tolist() if not (math.isfinite(v) and v > 0)]
-        raise ValueError(f"class_counts must be positive numbers of samples (each class needs at least one); "
+    if not torch.isfinite(counts).all() or (counts <= 0).any() or (counts != counts.round()).any():
+        bad = [round(v, 6) for v in counts.flatten().tolist() if not (math.isfinite(v) and v > 0 and v == round(v))]
+        raise ValueError(f"class_counts must be positive whole numbers of samples (each class needs at least one); "
                          f"got {bad} among them.")
     if counts.ndim == 1:
         counts = counts.unsqueeze(0)
@@ -449,6 +449,15 @@ def load_loss_tables(path: str | Path) -> tuple[LossTables, dict[str, Any]]:
             raise ValueError(f"Loss file {str(path)!r}: {name} holds non-finite values.")
     if (tables.delta <= 0).any() or (tables.weight <= 0).any():
         raise ValueError(f"Loss file {str(path)!r}: delta and weight must be positive.")
+    for name, values in (doc.get("alpha") or {}).items():  # the searched values, used to rebuild the loss
+        try:
+            finite = bool(torch.isfinite(torch.as_tensor(values, dtype=torch.float64)).all())
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(f"Loss file {str(path)!r}: alpha.{name} holds non-finite or non-numeric values; the "
+                             "file is damaged (export the loss again, or delete the alpha section to use the tables "
+                             "as they are).")
     info = {k: v for k, v in doc.items() if k not in ("delta", "offset", "weight")}
     return tables, info
 

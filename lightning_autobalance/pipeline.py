@@ -1,7 +1,7 @@
 """The whole method from one call: search the loss, export it, retrain with it, test, compare with baselines.
 
 Stages (each in its own folder of ``output_dir``, each resumable from its last checkpoint, each skipped when its
-``result.json`` already exists):
+``result.json`` already exists and its fingerprint matches):
 
 1. ``search``: fit on the lower part of the per-class split with :class:`~lightning_autobalance.AutoBalanceCallback`
    drawing upper batches from the held-out part; the found loss is written to ``found_loss.yaml``;
@@ -22,6 +22,18 @@ Finally ``results.json`` (balanced, per-class, head/medium/tail and worst-class 
 worst-group error, the per-cell and per-group errors and the equal-opportunity gap; the found loss, wall times),
 ``loss.png`` (the learned parameters against class frequency) and a table on the console.
 
+**Runs you can trust.** Every stage records a fingerprint of what determines its result (``fingerprint.json``:
+the model's and datamodule's arguments for that stage, the data's class counts, the trainer arguments that change
+training, the epochs, the seed, the search's settings, the loss file a retraining uses, the library version; see
+:mod:`lightning_autobalance.fingerprint`). A rerun compares it before any training: equal means skip or resume,
+different means a one-line refusal naming what changed and the two ways out (another ``output_dir``, or
+``restart`` with the stage's name or ``all``: that stage, and those built on it, train again from scratch). A
+resumed stage therefore never loads an optimizer or scheduler built from another configuration. An unreadable
+``result.json`` or ``last.ckpt`` is named in a warning, moved aside (``*.corrupt``) and replaced by the fallback:
+the previous epoch's checkpoint (``previous.ckpt``), else a fresh start. One run per ``output_dir`` at a time
+(:class:`~lightning_autobalance.output_lock.OutputLock`; a lock left by a killed run is taken over). A stage's
+``fit_time_s`` is its total over interruptions (``attempts`` counts them), up to its last checkpoint in each.
+
 Models and datamodules are re-created from their saved hyperparameters with a few overrides, so the model class
 must take ``class_counts``, ``num_classes``, ``loss``, ``preset``, ``search``, ``loss_file`` and ``freeze_loss``
 (as :class:`~lightning_autobalance.ImbalancedClassifier` does) and the datamodule ``search_split``.
@@ -33,8 +45,10 @@ import copy
 import importlib
 import json
 import random
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +61,16 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.fingerprint import (
+    IGNORED_DATA_KEYS,
+    IGNORED_TRAINER_KEYS,
+    callback_settings,
+    changes,
+    describe,
+    file_digest,
+)
 from lightning_autobalance.losses import load_loss_tables, preset_tables
+from lightning_autobalance.output_lock import OutputFolderInUse, OutputLock
 
 __all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineSetupError", "run_pipeline"]
 
@@ -138,6 +161,81 @@ class _RandomState(pl.Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class _KeepPrevious(pl.Callback):
+    """Copies the stage's ``last.ckpt`` to ``previous.ckpt`` before it is overwritten, so that a checkpoint spoiled
+    after it was written (a full disk, a truncated copy) leaves an older one to resume from."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        self.checkpoints = checkpoints
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        last = self.checkpoints / "last.ckpt"
+        if trainer.is_global_zero and last.is_file():
+            shutil.copyfile(last, self.checkpoints / "previous.ckpt.tmp")
+            (self.checkpoints / "previous.ckpt.tmp").replace(self.checkpoints / "previous.ckpt")
+
+
+class _FitClock(pl.Callback):
+    """Fit time of a stage over all its attempts: each checkpoint carries the time spent up to it (and the number of
+    attempts), which a resumed attempt adds its own time to."""
+
+    def __init__(self) -> None:
+        self.before = 0.0  # time of earlier attempts, up to the checkpoint this one resumed from
+        self.attempts = 1
+        self._start = time.perf_counter()
+
+    @property
+    def state_key(self) -> str:
+        return "autobalance-pipeline-fit-clock"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self._start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_time_s": self.total(), "attempts": self.attempts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("fit_time_s", 0.0))
+        self.attempts = int(state_dict.get("attempts", 1)) + 1
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of a stage, or None (with a warning that names it, the file moved aside) when it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        aside = path.with_name(path.name + ".corrupt")
+        rank_zero_warn(f"{path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:120]}); it is "
+                       f"moved to {aside.name} and {what}.")
+        if rank_zero_only.rank == 0:
+            path.replace(aside)
+        return None
+
+
+def _resume_checkpoint(name: str, checkpoints: Path) -> str | None:
+    """The newest readable checkpoint of a stage (``last.ckpt``, else ``previous.ckpt``); unreadable ones are named
+    in a warning and moved aside."""
+    for candidate in (checkpoints / "last.ckpt", checkpoints / "previous.ckpt"):
+        if not candidate.is_file():
+            continue
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated, empty, not a checkpoint
+            aside = candidate.with_name(candidate.name + ".corrupt")
+            rank_zero_warn(f"[{name}] the checkpoint {candidate} cannot be read ({type(err).__name__}); it is moved to "
+                           f"{aside.name} and the stage resumes from an older checkpoint if there is one, else from "
+                           "the start.")
+            if rank_zero_only.rank == 0:
+                candidate.replace(aside)
+            continue
+        return str(candidate)
+    return None
+
+
 @rank_zero_only
 def _keep_previous_metrics(log_dir: Path) -> None:
     """Moves the ``metrics.csv`` of an interrupted attempt aside (``metrics.1.csv``, ...): ``CSVLogger`` would delete it
@@ -167,6 +265,8 @@ def _stage_trainer(trainer_kwargs: dict[str, Any], stage_dir: Path, max_epochs: 
     kept.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last", save_top_k=1,
                                 enable_version_counter=False))
     kept.append(_RandomState())
+    kept.append(_KeepPrevious(stage_dir / "checkpoints"))
+    kept.append(_FitClock())
     kwargs["callbacks"] = kept
     kwargs["enable_checkpointing"] = True
     kwargs["default_root_dir"] = str(stage_dir)
@@ -181,14 +281,12 @@ def _stage_trainer(trainer_kwargs: dict[str, Any], stage_dir: Path, max_epochs: 
 
 def _fit_and_test(name: str, model: pl.LightningModule, datamodule: pl.LightningDataModule, trainer: pl.Trainer,
                   stage_dir: Path, resume: bool, test: bool = True) -> dict[str, Any]:
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    ckpt = str(last) if resume and last.is_file() else None
+    ckpt = _resume_checkpoint(name, stage_dir / "checkpoints") if resume else None
     if ckpt:
         rank_zero_info(f"[{name}] resuming from {ckpt}")
-    start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
-    fit_time = time.perf_counter() - start
-    result: dict[str, Any] = {"method": name, "fit_time_s": fit_time}
+    clock = next(c for c in trainer.callbacks if isinstance(c, _FitClock))
+    result: dict[str, Any] = {"method": name, "fit_time_s": clock.total(), "attempts": clock.attempts}
     if test:
         metrics = trainer.test(model, datamodule=datamodule, verbose=False)
         report = dict(getattr(model, "test_report", {}) or {})
@@ -242,6 +340,8 @@ def run_pipeline(
     seed: int | None = None,
     one_phase: bool = False,
     fold_in: float = 0.3,
+    restart: Sequence[str] = (),
+    write_config: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Runs the search-then-retrain method and the baselines; returns (and writes) the results.
 
@@ -265,6 +365,10 @@ def run_pipeline(
         one_phase: also run the one-phase mode (row ``one_phase``): ``retrain_epochs`` epochs in one fit
             that learns the loss on the split until the fold-in and then trains on everything with it.
         fold_in: the share of the one-phase run's epochs searched before the upper part is folded in, in (0, 1).
+        restart: stages to train again from scratch (their folders are removed first), or ``["all"]``; a stage
+            built on a restarted one (the retraining on the search's loss) is restarted with it.
+        write_config: called with ``<output_dir>/config.yaml`` once the run is accepted (output folder free, no
+            stage of another configuration in it), e.g. to save the resolved configuration there.
 
     Returns:
         The content of ``results.json``.
@@ -297,6 +401,125 @@ def run_pipeline(
         raise PipelineSetupError(f"The baselines {[b for b in baselines if b in _GROUP_BASELINES]} need groups: a "
                                  "datamodule with group_counts (e.g. ColoredDigits) and a model that takes "
                                  "group_counts (ImbalancedClassifier).")
+    found = out / "found_loss.yaml"
+    plan: list[_Stage] = []
+    if search:
+        split = _data(datamodule, search_split=True)
+        plan.append(_Stage("search", {**_counts(model, split), "loss": "autobalance"}, {"search_split": True},
+                           search=True, test=False))
+        plan.append(_Stage("autobalance", {**counts, "loss": "autobalance", "loss_file": str(found),
+                                           "freeze_loss": True}, {"search_split": False}, inputs=(found,),
+                           after=("search",)))
+    if one_phase:
+        folded = _data(datamodule, search_split=True, fold_in_epoch=fold_epoch)
+        plan.append(_Stage("one_phase", {**_counts(model, folded), "loss": "autobalance"},
+                           {"search_split": True, "fold_in_epoch": fold_epoch}, search=True))
+    for name in baselines:
+        plan.append(_Stage(name, {**counts, **BASELINES[name], "search": (), "loss_file": None, "freeze_loss": False},
+                           {"search_split": False}))
+    restart = list(restart or [])
+    names = [st.name for st in plan]
+    unknown = [r for r in restart if r != "all" and r not in names]
+    if unknown:
+        raise PipelineSetupError(f"restart names stages this run does not have: {unknown}; expected some of {names} "
+                                 "or 'all'.")
+    recompute = set(names) if "all" in restart else set(restart)
+    recompute |= {st.name for st in plan if recompute & set(st.after)}  # and what is built on them
+    lock = OutputLock(out) if rank_zero_only.rank == 0 else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            if lock.taken_over:
+                rank_zero_info(f"Took over the lock {lock.path} left by a run that is gone ({lock.taken_over}).")
+    except OutputFolderInUse as err:
+        raise PipelineSetupError(str(err)) from None
+    try:
+        return _run_plan(plan, recompute, out, found, model, datamodule, kwargs, full, counts, seed, search_epochs,
+                         retrain_epochs, resume, plot, fold_epoch, write_config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclass
+class _Stage:
+    """One stage of the pipeline: its name and what its model and datamodule differ from the templates in."""
+
+    name: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    search: bool = False
+    test: bool = True
+    inputs: tuple[Path, ...] = ()  # files it reads (a found loss): their digests are part of its fingerprint
+    after: tuple[str, ...] = field(default_factory=tuple)  # stages whose output it uses
+
+
+def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any], full: Any, seed: int,
+                 epochs: int | None, with_inputs: bool) -> dict[str, Any]:
+    from lightning_autobalance import __version__
+
+    data = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in IGNORED_DATA_KEYS}
+    fp: dict[str, Any] = {
+        "library": __version__,
+        "seed": seed,
+        "epochs": epochs if epochs is not None else kwargs.get("max_epochs"),
+        "model": {"class": describe(type(model)), "hparams": describe({**dict(model.hparams), **st.model})},
+        "data": {"class": describe(type(datamodule)), "hparams": describe({**data, **st.data}),
+                 "class_counts": describe(full.class_counts)},
+        "trainer": describe({k: v for k, v in kwargs.items() if k not in IGNORED_TRAINER_KEYS}),
+    }
+    if st.search:
+        callbacks = kwargs.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        cb = next((c for c in callbacks if isinstance(c, AutoBalanceCallback)), None) or AutoBalanceCallback()
+        fp["autobalance"] = callback_settings(cb)
+    if with_inputs:
+        fp["inputs"] = {p.name: file_digest(p) if p.is_file() else None for p in st.inputs}
+    return fp
+
+
+def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any]) -> None:
+    """Refuses a stage folder that holds another configuration's stage (compares ``fingerprint.json``)."""
+    recorded = stage_dir / "fingerprint.json"
+    if not recorded.is_file():
+        if (stage_dir / "result.json").is_file() or (stage_dir / "checkpoints" / "last.ckpt").is_file():
+            rank_zero_info(f"[{st.name}] {stage_dir} has no fingerprint (written by an earlier version): reused as "
+                           "it is.")
+        return
+    old = _read_json(recorded, "the stage is checked no further")
+    if old is None:
+        return
+    if "inputs" not in fp:
+        old.pop("inputs", None)
+    diff = changes(old, fp)
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise PipelineSetupError(f"{stage_dir} holds the stage '{st.name}' of another configuration ({shown}). Use "
+                                 f"another output_dir, or restart it from scratch with --restart {st.name} (or "
+                                 "--restart all).")
+
+
+def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, model: Any, datamodule: Any,
+              kwargs: dict[str, Any], full: Any, counts: dict[str, Any], seed: int, search_epochs: int | None,
+              retrain_epochs: int | None, resume: bool, plot: bool, fold_epoch: int,
+              write_config: Callable[[Path], None] | None) -> dict[str, Any]:
+    def epochs_of(st: _Stage) -> int | None:
+        return search_epochs if st.name == "search" else retrain_epochs
+
+    # Before any training: clear what is restarted, refuse folders of another configuration.
+    for st in plan:
+        stage_dir = out / st.name
+        if st.name in recompute:
+            if rank_zero_only.rank == 0 and stage_dir.exists():
+                rank_zero_info(f"[{st.name}] restart: {stage_dir} is removed and the stage trains from scratch.")
+                shutil.rmtree(stage_dir)
+                if st.name == "search":
+                    found.unlink(missing_ok=True)
+            continue
+        if resume:
+            _check_stage(st, stage_dir, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), False))
+    if write_config is not None and rank_zero_only.rank == 0:
+        write_config(out / "config.yaml")
     _warm_up(model, datamodule, kwargs)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"output_dir": str(out), "seed": seed, "model": type(model).__name__,
@@ -305,59 +528,54 @@ def run_pipeline(
     if counts.get("group_counts") is not None:
         summary["group_counts"] = counts["group_counts"]
 
-    def stage(name: str, make: Any, search_stage: bool = False, test: bool = True,
-              epochs: int | None = None) -> dict[str, Any]:
-        stage_dir = out / name
-        done = stage_dir / "result.json"
-        if resume and done.is_file():
-            rank_zero_info(f"[{name}] already done ({done}); skipped")
-            return json.loads(done.read_text())
+    def stage(st: _Stage) -> dict[str, Any]:
+        stage_dir = out / st.name
+        fp = _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), True)
+        if resume:
+            _check_stage(st, stage_dir, fp)
+            done = stage_dir / "result.json"
+            if done.is_file():
+                result = _read_json(done, "the stage is finished again from its checkpoint")
+                if result is not None:
+                    rank_zero_info(f"[{st.name}] already done ({done}); skipped")
+                    return result
+        if rank_zero_only.rank == 0:
+            _write_json(stage_dir / "fingerprint.json", fp)
         pl.seed_everything(seed, workers=True, verbose=False)
-        model_, dm_ = make()
-        if epochs is None:
-            epochs = search_epochs if search_stage else retrain_epochs
-        trainer = _stage_trainer(kwargs, stage_dir, epochs, search=search_stage)
-        result = _fit_and_test(name, model_, dm_, trainer, stage_dir, resume, test=test)
-        if search_stage:
-            found = out / "found_loss.yaml" if name == "search" else stage_dir / "found_loss.yaml"
+        model_, dm_ = _clone(model, **st.model), _data(datamodule, **st.data)
+        trainer = _stage_trainer(kwargs, stage_dir, epochs_of(st), search=st.search)
+        result = _fit_and_test(st.name, model_, dm_, trainer, stage_dir, resume, test=st.test)
+        if st.search:
+            loss_path = found if st.name == "search" else stage_dir / "found_loss.yaml"
             if trainer.is_global_zero:
-                model_.export_loss(found)
+                model_.export_loss(loss_path)
             cb = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
-            result.update({"found_loss": str(found), "hyper_steps": cb.hyper_steps, "skipped_steps": cb.skipped_steps})
+            result.update({"found_loss": str(loss_path), "hyper_steps": cb.hyper_steps,
+                           "skipped_steps": cb.skipped_steps})
             if cb.hyper_steps == 0:
                 rank_zero_warn(f"The search took no hyper step in {trainer.current_epoch} epochs, so the found loss is "
                                "the starting preset: check the AutoBalanceCallback's start_epoch / start_step against "
                                "search_epochs.")
         if trainer.is_global_zero:
-            _write_json(done, result)
+            _write_json(stage_dir / "result.json", result)
         trainer.strategy.barrier("autobalance-stage")
         return result
 
-    if search:
-        split = _data(datamodule, search_split=True)
-        search_result = stage("search", lambda: (_clone(model, **_counts(model, split), loss="autobalance"), split),
-                              search_stage=True, test=False)
-        summary["search"] = search_result
-        found = search_result["found_loss"]
-        row = stage("autobalance", lambda: (_clone(model, **counts, loss="autobalance", loss_file=found,
-                                                   freeze_loss=True), _data(datamodule, search_split=False)))
-        row["method"] = "autobalance"
-        row["search_time_s"] = search_result["fit_time_s"]
-        tables, _ = load_loss_tables(found)
-        summary["found_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
+    for st in plan:
+        row = stage(st)
+        if st.name == "search":
+            summary["search"] = row
+            continue
+        if st.name == "autobalance":
+            row["method"] = "autobalance"
+            row["search_time_s"] = summary["search"]["fit_time_s"]
+            tables, _ = load_loss_tables(found)
+            summary["found_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
+        elif st.name == "one_phase":
+            row["fold_in_epoch"] = fold_epoch
+            tables, _ = load_loss_tables(row["found_loss"])
+            summary["one_phase_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
         rows.append(row)
-    if one_phase:
-        folded = _data(datamodule, search_split=True, fold_in_epoch=fold_epoch)
-        row = stage("one_phase", lambda: (_clone(model, **_counts(model, folded), loss="autobalance"), folded),
-                    search_stage=True, epochs=retrain_epochs)
-        row["fold_in_epoch"] = fold_epoch
-        tables, _ = load_loss_tables(row["found_loss"])
-        summary["one_phase_loss"] = {k: v.tolist() for k, v in tables._asdict().items()}
-        rows.append(row)
-    for name in baselines:
-        rows.append(stage(name, lambda name=name: (_clone(model, **counts, **BASELINES[name], search=(),
-                                                          loss_file=None, freeze_loss=False),
-                                                   _data(datamodule, search_split=False))))
     summary["rows"] = rows
     _finish(out, summary, plot)
     return summary
@@ -460,6 +678,8 @@ class AutoBalanceTrainer(pl.Trainer):
         if args:
             raise TypeError("AutoBalanceTrainer takes keyword arguments only.")
         self.init_kwargs = dict(kwargs)
+        #: Called with ``<output_dir>/config.yaml`` once a pipeline run is accepted (the CLI saves its config there).
+        self.config_writer: Callable[[Path], None] | None = None
         super().__init__(**kwargs)
 
     def pipeline(
@@ -476,6 +696,7 @@ class AutoBalanceTrainer(pl.Trainer):
         seed: int | None = None,
         one_phase: bool = False,
         fold_in: float = 0.3,
+        restart: list[str] | None = None,
     ) -> dict[str, Any]:
         """Search the loss, retrain with it, train the baselines, test all and write results.json.
 
@@ -494,9 +715,11 @@ class AutoBalanceTrainer(pl.Trainer):
                 the split for the first ``fold_in`` share of its epochs, then trains on everything with it (row
                 ``one_phase``).
             fold_in: share of the one-phase run searched before the upper part joins training, in (0, 1).
+            restart: stages to train again from scratch (e.g. ``[search]``, which restarts the retraining with it,
+                or ``[all]``); a rerun refuses a stage folder of another configuration otherwise.
         """
         if datamodule is None:
             raise PipelineSetupError("pipeline needs a datamodule (a LongTailDataModule).")
         return run_pipeline(model, datamodule, self.init_kwargs, output_dir, search,
                             ["ce", "la"] if baselines is None else baselines, search_epochs, retrain_epochs, resume,
-                            plot, seed, one_phase, fold_in)
+                            plot, seed, one_phase, fold_in, restart or (), self.config_writer)

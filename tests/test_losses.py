@@ -497,9 +497,9 @@ def test_labels_out_of_range():
         adjusted_cross_entropy(logits, torch.tensor([0, 1, 2]))
 
 
-@pytest.mark.parametrize("counts", [[10, 0, 3], [10, -2, 3], [10, float("nan"), 3]])
+@pytest.mark.parametrize("counts", [[10, 0, 3], [10, -2, 3], [10, float("nan"), 3], [10, 10.5, 3]])
 def test_non_positive_class_count(counts):
-    with pytest.raises(ValueError, match=r"class_counts must be positive numbers of samples"):
+    with pytest.raises(ValueError, match=r"class_counts must be positive whole numbers of samples"):
         preset_tables("la", counts)
     with pytest.raises(ValueError, match=r"class_counts must be positive"):
         as_count_table(counts)

@@ -58,6 +58,10 @@ class LongTailImageFolder(LongTailDataModule):
         already_long_tailed: Keep the training data's own counts.
         image_size: None for 32x32 CIFAR-style data, else the side of the ImageNet-style crop.
         cache_in_memory: Decode once and keep the images in memory.
+        verify_images: Check, when the datasets are built (before training), that every image
+            the run uses opens as an image (PIL's header check, in parallel threads); a bad
+            file is named then rather than when its batch is read. With ``cache_in_memory``
+            every image is decoded there anyway, so this check is skipped.
         imbalance_ratio: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         profile: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         upper_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
@@ -78,7 +82,8 @@ class LongTailImageFolder(LongTailDataModule):
             list line or a label out of range (naming the file and line), a class with
             fewer images than the profile asks for.
         FileNotFoundError: (idem) a missing folder, list file or listed image.
-        RuntimeError: An image that cannot be decoded (naming the file), when it is read.
+        RuntimeError: An image that cannot be decoded (naming the file): when the datasets are
+            built with ``verify_images`` or ``cache_in_memory``, else when it is read.
 
     Example:
         >>> dm = LongTailImageFolder("~/.cache/lightning-autobalance/cifar10-jpeg")  # doctest: +SKIP
@@ -95,6 +100,7 @@ class LongTailImageFolder(LongTailDataModule):
         already_long_tailed: bool = False,
         image_size: int | None = None,
         cache_in_memory: bool = False,
+        verify_images: bool = True,
         imbalance_ratio: float = 100.0,
         profile: Literal["exponential", "step"] = "exponential",
         upper_fraction: float = 0.2,
@@ -140,6 +146,7 @@ class LongTailImageFolder(LongTailDataModule):
             raise ValueError("n_max must be None with already_long_tailed=True (the data's own counts are used)")
         self.image_size = check_int("image_size", image_size, 1, allow_none=True)
         self.cache_in_memory = check_bool("cache_in_memory", cache_in_memory)
+        self.verify_images = check_bool("verify_images", verify_images)
         if self.train_list is not None and self.test_list is None and self.val_source == "test":
             raise ValueError(
                 "val_source='test' needs test_list in list mode; give test_list or choose val_source 'upper' or 'none'"
@@ -238,6 +245,14 @@ class LongTailImageFolder(LongTailDataModule):
         if self.train_list is not None:
             paths, labels = self._read_list(self.train_list, "train_list", None)
             num_classes = int(labels.max()) + 1
+            missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+            if missing:
+                path = self._resolve_list(self.train_list, "train_list")
+                raise ValueError(
+                    f"train_list '{path}': the labels run up to {num_classes - 1} (e.g. '{paths[int(labels.argmax())]}'"
+                    f") but no line has the labels {missing[:10]}{'...' if len(missing) > 10 else ''}: labels must "
+                    f"run from 0 to K-1 with at least one training image per class"
+                )
             names = self._list_class_names(paths, labels, num_classes)
         else:
             paths, labels, names = self._scan_tree("train")
@@ -294,9 +309,37 @@ class LongTailImageFolder(LongTailDataModule):
             return torch.stack(images) if images else torch.empty(0, 3, *_CIFAR_SIZE, dtype=torch.uint8)
         return images
 
+    def _verify(self, paths: list[str], what: str) -> None:
+        """Opens every file as an image (header check), in threads; names the bad ones."""
+        if self.cache_in_memory or not self.verify_images:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from PIL import Image
+
+        def check(path: str) -> str | None:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as err:  # not an image, a broken header, unreadable
+                return f"{path} ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+            bad = [b for b in pool.map(check, paths) if b is not None]
+        if bad:
+            raise RuntimeError(
+                f"LongTailImageFolder: {len(bad)} of the {len(paths)} {what} images cannot be opened: "
+                f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Fix or remove them (or pass "
+                "verify_images=False to skip this check)"
+            )
+
     def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
         self._ensure_plan()
-        assert self._pool_targets is not None
+        assert self._pool_targets is not None and self._kept is not None
+        if not getattr(self, "_verified", False):  # every image the run trains on, once
+            self._verify([self._train_paths[i] for i in self._kept.tolist()], "training")
+            self._verified = True
         targets = self._pool_targets[indices]
         if not self.cache_in_memory:
             paths = [self._train_paths[i] for i in indices.tolist()]
@@ -312,6 +355,7 @@ class LongTailImageFolder(LongTailDataModule):
     def _build_test_dataset(self) -> Dataset[Any]:
         self._ensure_plan()
         paths, labels = self._test_split()
+        self._verify(paths, "test")
         if self.cache_in_memory:
             return InMemoryImageDataset(self._decoded(paths), labels, self._transform(False))
         return ImageFileDataset(paths, labels, self._transform(False), self._decode_size)

@@ -1,0 +1,130 @@
+"""Fingerprints of pipeline stages: what determines a stage's result, in a form that can be saved and compared.
+
+A stage of :func:`~lightning_autobalance.pipeline.run_pipeline` writes ``fingerprint.json`` into its folder before
+it trains: the library version, the seed, the model's and the datamodule's arguments for that stage, the class
+counts of the data, the trainer arguments that change training, the number of epochs, for a search the
+``AutoBalanceCallback``'s settings, and for a retraining a digest of the loss file it trains with. A rerun builds the
+fingerprint again and compares: equal means skip (finished) or resume (unfinished), different means the folder holds
+another configuration's stage and the pipeline refuses to touch it.
+
+Everything is reduced to JSON values by :func:`describe`: callables and classes by their import path, partials by
+their function and arguments, tensors and arrays by their values (or a digest when large), other objects by their
+class, so that two runs of the same configuration give equal fingerprints and no memory address gets in.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import inspect
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["IGNORED_TRAINER_KEYS", "callback_settings", "changes", "describe", "file_digest"]
+
+#: Trainer arguments that do not change what a stage computes (display, logging, where files go), left out.
+IGNORED_TRAINER_KEYS = frozenset({
+    "callbacks", "logger", "default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+    "enable_checkpointing", "profiler", "num_sanity_val_steps", "max_epochs",
+})
+#: Datamodule arguments that change how fast data arrives, not which data: left out.
+IGNORED_DATA_KEYS = frozenset({"num_workers", "verify_images"})
+_LARGE = 4096
+
+
+def _path_of(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__qualname__
+    return f"{module}.{name}"
+
+
+def describe(value: Any) -> Any:
+    """``value`` as plain JSON data, the same for equal configurations.
+
+    Example:
+        >>> describe({"lr": 0.1, "opt": functools.partial(torch.optim.SGD, momentum=0.9), "_private": 1})
+        {'lr': 0.1, 'opt': {'partial': 'torch.optim.sgd.SGD', 'args': [], 'keywords': {'momentum': 0.9}}}
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return describe(value.value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [describe(v) for v in items]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        if array.size > _LARGE:
+            return {"shape": list(array.shape), "sha256": hashlib.sha256(np.ascontiguousarray(array)).hexdigest()}
+        return describe(array.tolist())
+    if isinstance(value, np.generic):
+        return describe(value.item())
+    if isinstance(value, functools.partial):
+        return {"partial": describe(value.func), "args": describe(list(value.args)),
+                "keywords": describe(dict(value.keywords))}
+    if inspect.isclass(value) or inspect.isroutine(value):
+        return _path_of(value)
+    hparams = getattr(value, "hparams", None)
+    if isinstance(hparams, Mapping):
+        return {"class": _path_of(type(value)), "hparams": describe(dict(hparams))}
+    return {"class": _path_of(type(value))}
+
+
+def callback_settings(callback: Any) -> dict[str, Any]:
+    """The constructor arguments of a callback as it holds them (public attributes of the same names; a
+    ``hyper_optimizer``/``hyper_scheduler`` from its private copies), described."""
+    settings: dict[str, Any] = {}
+    for name in inspect.signature(type(callback).__init__).parameters:
+        if name in ("self", "args", "kwargs"):
+            continue
+        if hasattr(callback, name):
+            settings[name] = getattr(callback, name)
+        elif hasattr(callback, f"_{name}_fn"):
+            settings[name] = getattr(callback, f"_{name}_fn")
+    return {"class": _path_of(type(callback)), "settings": describe(settings)}
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two described values differ, each with both values (shortened).
+
+    Example:
+        >>> changes({"model": {"lr": 0.1, "wd": 0}}, {"model": {"lr": 0.05, "wd": 0}})
+        ['model.lr: 0.1 -> 0.05']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{where}: (none) -> {_short(new[key])}")
+            elif key not in new:
+                out.append(f"{where}: {_short(old[key])} -> (none)")
+            else:
+                out += changes(old[key], new[key], where)
+        return out
+    if old != new:
+        return [f"{prefix or 'value'}: {_short(old)} -> {_short(new)}"]
+    return []
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -1,0 +1,235 @@
+"""Runs you can trust (docs/reliability.md): stage fingerprints and restarts, one run per output folder, damaged
+stage files, fit time over interruptions, bad images and list files named before training, damaged loss files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from PIL import Image
+
+from lightning_autobalance.cli import main
+from lightning_autobalance.data import LongTailImageFolder
+from lightning_autobalance.losses import load_loss_tables
+from lightning_autobalance.output_lock import OutputFolderInUse, OutputLock
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "examples" / "digits_lt.yaml")
+QUICK = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["lightning-autobalance"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(out: Path, *extra: str, baselines: str = "[la]") -> dict:
+    main(["pipeline", "--config", DIGITS, *QUICK, "--search", "false", "--baselines", baselines,
+          "--output_dir", str(out), *extra])
+    return json.loads((out / "results.json").read_text())
+
+
+def _refused(capsys: pytest.CaptureFixture, out: Path, *extra: str, baselines: str = "[la]") -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        _run(out, *extra, baselines=baselines)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 1:
+            raise RuntimeError("simulated interruption")
+
+
+def _crash(epoch: int) -> str:
+    return "--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.CrashAt", "init_args": {"epoch": epoch}})
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+def test_a_rerun_with_another_config_is_refused_and_touches_nothing(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    first = _run(out)
+    assert json.loads((out / "la" / "fingerprint.json").read_text())["epochs"] == 3
+    before = _mtimes(out)
+    err = _refused(capsys, out, "--data.init_args.imbalance_ratio", "10", "--trainer.max_epochs", "2")
+    assert err.startswith("lightning-autobalance: error: ") and "holds the stage 'la' of another configuration" in err
+    assert "data.hparams.imbalance_ratio: 100.0 -> 10.0" in err and "epochs: 3 -> 2" in err
+    assert "another output_dir" in err and "--restart la" in err
+    assert _mtimes(out) == before  # not even config.yaml or results.json
+    # The same config is accepted: the finished stage is reused.
+    again = _run(out)
+    assert again["rows"] == first["rows"]
+    # --restart trains it again from scratch with the new config.
+    new = _run(out, "--data.init_args.imbalance_ratio", "10", "--trainer.max_epochs", "2", "--restart", "[la]")
+    assert new["class_counts"] != first["class_counts"]
+    assert json.loads((out / "la" / "fingerprint.json").read_text())["epochs"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["init_args"]["imbalance_ratio"] == 10
+
+
+def test_resume_never_loads_another_configs_optimizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A stage that crashed at lr 0.5 is not resumed with lr 0.05: its checkpoint holds the old optimizer."""
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _run(out, "--model.lr", "0.5", _crash(1))
+    assert (out / "la" / "checkpoints" / "last.ckpt").is_file()
+    err = _refused(capsys, out, "--model.lr", "0.05")
+    assert "model.hparams.lr: 0.5 -> 0.05" in err
+    results = _run(out, "--model.lr", "0.05", "--restart", "[all]")
+    assert results["rows"][0]["attempts"] == 1  # from scratch, not resumed
+
+
+def test_restarting_the_search_restarts_the_retraining_on_its_loss(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    tiny = ["--trainer.callbacks.init_args.every_n_steps", "2", "--trainer.callbacks.init_args.start_step", "0"]
+    main(["pipeline", "--config", DIGITS, *QUICK, *tiny, "--baselines", "[]", "--output_dir", str(out)])
+    fp = json.loads((out / "autobalance" / "fingerprint.json").read_text())
+    assert set(fp["inputs"]) == {"found_loss.yaml"}
+    search_fp = json.loads((out / "search" / "fingerprint.json").read_text())
+    assert search_fp["autobalance"]["settings"]["every_n_steps"] == 2
+    main(["pipeline", "--config", DIGITS, *QUICK, *tiny, "--trainer.callbacks.init_args.hyper_lr", "0.1",
+          "--baselines", "[]", "--restart", "[search]", "--output_dir", str(out)])
+    fp2 = json.loads((out / "autobalance" / "fingerprint.json").read_text())
+    assert fp2["inputs"] != fp["inputs"]  # retrained on the new search's loss, not skipped
+
+
+# ------------------------------------------------------------------------------------------- damaged files
+def test_damaged_result_and_checkpoints_fall_back(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _run(out, _crash(2))
+    ckpts = out / "la" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and (ckpts / "previous.ckpt").is_file()  # epochs 1 and 0
+    (ckpts / "last.ckpt").write_bytes(b"")  # truncated to nothing
+    results = _run(out)
+    messages = " ".join(str(w.message) for w in recwarn)
+    assert f"the checkpoint {ckpts / 'last.ckpt'} cannot be read" in messages
+    assert (ckpts / "last.ckpt.corrupt").is_file()
+    assert results["rows"][0]["attempts"] == 2  # resumed from previous.ckpt
+
+    (out / "la" / "result.json").write_text('{"method": "la", "bal')
+    recwarn.clear()
+    again = _run(out)
+    assert f"{out / 'la' / 'result.json'} cannot be read" in " ".join(str(w.message) for w in recwarn)
+    assert again["rows"][0]["per_class_error"] == results["rows"][0]["per_class_error"]  # finished from last.ckpt
+
+
+def test_unreadable_checkpoints_start_the_stage_again(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _run(out, _crash(1))
+    for name in ("last.ckpt", "previous.ckpt"):
+        path = out / "la" / "checkpoints" / name
+        if path.is_file():
+            path.write_bytes(b"not a checkpoint")
+    results = _run(out)
+    assert results["rows"][0]["attempts"] == 1
+
+
+def test_fit_time_adds_up_over_interruptions(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _run(out, _crash(2))
+    state = torch.load(out / "la" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    before = state["callbacks"]["autobalance-pipeline-fit-clock"]["fit_time_s"]
+    assert before > 0
+    row = _run(out)["rows"][0]
+    assert row["attempts"] == 2 and row["fit_time_s"] > before
+
+
+# ------------------------------------------------------------------------------------------- one run per folder
+def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                               "started": "earlier", "command": "lightning-autobalance pipeline"}))
+        err = _refused(capsys, out)
+        assert f"is in use by another run (pid {holder.pid}" in err and str(out / ".lock") in err
+        assert not (out / "la").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    _run(out)  # the holder is gone: its lock is taken over
+    assert not (out / ".lock").exists()  # and released at the end
+
+
+def test_lock_of_another_host_and_unreadable_lock(tmp_path: Path) -> None:
+    lock = OutputLock(tmp_path)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t", "command": "c"}))
+    with pytest.raises(OutputFolderInUse, match="on host elsewhere"):
+        lock.acquire()
+    (tmp_path / ".lock").write_text("{trunc")
+    with lock:
+        assert lock.taken_over == {"unreadable": True}
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------------------- data and loss files
+def _folder(root: Path, per_class: tuple[int, ...] = (6, 4, 3)) -> None:
+    for split in ("train", "test"):
+        for c, n in enumerate(per_class):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n if split == "train" else 2):
+                Image.new("RGB", (32, 32), (40 * c, i, 0)).save(folder / f"{i}.png")
+
+
+def test_a_bad_image_is_named_when_the_datasets_are_built(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    (tmp_path / "train" / "class1" / "1.png").write_bytes(b"this is not a png")
+    dm = LongTailImageFolder(str(tmp_path), imbalance_ratio=2, batch_size=4, search_split=True)
+    with pytest.raises(RuntimeError, match=r"1 of the \d+ training images cannot be opened: .*class1/1.png"):
+        dm.setup("fit")
+    LongTailImageFolder(str(tmp_path), imbalance_ratio=2, batch_size=4, verify_images=False).setup("fit")
+
+
+def test_a_list_label_beyond_the_classes_names_the_file(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    lines = [f"train/class{c}/{i}.png {c}" for c, n in enumerate((6, 4)) for i in range(n)]
+    lines.append("train/class2/0.png 4")  # labels 0, 1 and 4: classes 2 and 3 have no image
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    dm = LongTailImageFolder(str(tmp_path), train_list="train.txt", val_source="none", already_long_tailed=True)
+    with pytest.raises(ValueError, match=r"train_list '.*train.txt': the labels run up to 4 .* no line has the "
+                                         r"labels \[2, 3\]"):
+        _ = dm.class_counts
+
+
+def test_a_loss_file_with_non_finite_alpha_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    tiny = ["--trainer.callbacks.init_args.every_n_steps", "2", "--trainer.callbacks.init_args.start_step", "0"]
+    main(["pipeline", "--config", DIGITS, *QUICK, *tiny, "--baselines", "[]", "--output_dir", str(out)])
+    doc = yaml.safe_load((out / "found_loss.yaml").read_text())
+    load_loss_tables(out / "found_loss.yaml")
+    name = next(iter(doc["alpha"]))
+    value = doc["alpha"][name]
+    doc["alpha"][name] = [float("nan")] * len(value) if isinstance(value, list) else float("nan")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=rf"alpha.{name} holds non-finite"):
+        load_loss_tables(bad)
