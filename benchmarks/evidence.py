@@ -63,9 +63,12 @@ def scratch(runs: Path) -> str:
     rows = load(runs)
     seeds = [s for s in sorted(rows) if {"autobalance", "ce", "la"} <= set(rows[s])]
     err = {m: [rows[s][m]["balanced_error"] for s in seeds] for m in ("autobalance", "ce", "la")}
-    per_seed = [(ce - ab) / (ce - la) for ab, ce, la in zip(err["autobalance"], err["ce"], err["la"])]
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")  # no gap between CE and LA: nothing to recover
+
+    per_seed = [ratio(ce - ab, ce - la) for ab, ce, la in zip(err["autobalance"], err["ce"], err["la"])]
     means = {m: mean_se(v)[0] for m, v in err.items()}
-    share = (means["ce"] - means["autobalance"]) / (means["ce"] - means["la"])
+    share = ratio(means["ce"] - means["autobalance"], means["ce"] - means["la"])
     lines = [f"Runs: `{runs}`, seeds {seeds}. Balanced test error %, mean ± SE.", "",
              "| AutoBalance from CE | CE | LA | gap recovered (of the means) | per seed | AB - LA, paired (pp) |",
              "|---|---|---|---|---|---|",

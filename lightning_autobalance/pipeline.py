@@ -358,7 +358,8 @@ def run_pipeline(
         search_epochs: epochs of the search (default: the trainer's ``max_epochs``).
         retrain_epochs: epochs of retraining, of the baselines and of the one-phase run (default: the trainer's
             ``max_epochs``).
-        resume: continue unfinished stages from their last checkpoint and skip finished ones.
+        resume: continue unfinished stages from their last checkpoint and skip finished ones (False: train every
+            stage again; a stage folder of another configuration is refused all the same, see ``restart``).
         plot: write ``loss.png``.
         seed: every stage starts from this seed (same initial weights for every method); default: the seed in
             force when the pipeline starts (``torch.initial_seed()``, i.e. ``seed_everything``'s).
@@ -516,8 +517,8 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
                 if st.name == "search":
                     found.unlink(missing_ok=True)
             continue
-        if resume:
-            _check_stage(st, stage_dir, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), False))
+        # Also without resume: a folder of another configuration is never overwritten unless it is restarted.
+        _check_stage(st, stage_dir, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), False))
     if write_config is not None and rank_zero_only.rank == 0:
         write_config(out / "config.yaml")
     _warm_up(model, datamodule, kwargs)
@@ -531,8 +532,9 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
     def stage(st: _Stage) -> dict[str, Any]:
         stage_dir = out / st.name
         fp = _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), True)
-        if resume:
+        if st.name not in recompute:
             _check_stage(st, stage_dir, fp)
+        if resume:
             done = stage_dir / "result.json"
             if done.is_file():
                 result = _read_json(done, "the stage is finished again from its checkpoint")
