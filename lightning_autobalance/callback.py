@@ -56,7 +56,28 @@ OptimizerCallable = Callable[[Iterable], Optimizer]
 SchedulerCallable = Callable[[Optimizer], Any]
 UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
 LrSchedule = Literal["cosine", "constant"]
-_UNSUPPORTED = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+def _sharded_strategies() -> tuple[type, ...]:
+    """Strategies the hypergradient cannot run under (the model sharded across processes, or XLA), from
+    ``pytorch_lightning`` and, when installed, the unified ``lightning`` package (separate classes)."""
+    import importlib
+
+    found: list[type] = []
+    for package in ("pytorch_lightning.strategies", "lightning.pytorch.strategies"):
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            continue
+        for name in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
+                     "SingleDeviceXLAStrategy"):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type):
+                found.append(cls)
+    return tuple(found)
+
+
+_UNSUPPORTED = _sharded_strategies()
 #: The automatic schedule never takes a hyper step more often than this many optimizer steps apart once the run is
 #: long enough: a default hyper step costs about 1.4-1.8 plain steps, so 20 keeps a search epoch within 1.10 plain
 #: epochs (benchmarks/speed.py).
@@ -388,8 +409,8 @@ class AutoBalanceCallback(Callback):
             raise TypeError(f"AutoBalanceCallback needs a LightningModule that inherits AutoBalanceMixin; "
                             f"{type(pl_module).__name__} does not. Add the mixin and call configure_autobalance().")
         params = pl_module._require_autobalance()
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in _UNSUPPORTED):
+        if isinstance(trainer.strategy, _UNSUPPORTED):
+            strategy = type(trainer.strategy).__name__
             raise RuntimeError(f"AutoBalanceCallback does not support the sharded strategy {strategy}: the "
                                "hypergradient needs the whole model on every process. Use strategy='ddp' (or "
                                "'ddp_spawn') or a single device.")

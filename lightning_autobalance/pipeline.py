@@ -56,8 +56,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_autobalance.callback import AutoBalanceCallback
@@ -90,7 +92,8 @@ BASELINES: dict[str, dict[str, Any]] = {
     "group_dro": {"loss": "group_dro"},
 }
 _GROUP_BASELINES = ("group_balanced", "group_dro")
-_DROPPED_CALLBACKS = ("SaveConfigCallback", "ModelCheckpoint")
+#: Callbacks a stage replaces with its own: checkpoints go to the stage's folder, the config is saved once.
+_DROPPED_CALLBACKS = (SaveConfigCallback, ModelCheckpoint)
 
 
 class PipelineSetupError(ValueError):
@@ -255,7 +258,7 @@ def _stage_trainer(trainer_kwargs: dict[str, Any], stage_dir: Path, max_epochs: 
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     kept = []
     for cb in callbacks:
-        if type(cb).__name__ in _DROPPED_CALLBACKS or (isinstance(cb, AutoBalanceCallback) and not search):
+        if isinstance(cb, _DROPPED_CALLBACKS) or (isinstance(cb, AutoBalanceCallback) and not search):
             continue
         kept.append(copy.deepcopy(cb))
     if search and not any(isinstance(cb, AutoBalanceCallback) for cb in kept):
@@ -312,8 +315,9 @@ def _warm_up(model: pl.LightningModule, datamodule: pl.LightningDataModule, trai
 
     Skipped for multi-process strategies, where stages must run in step on every process.
     """
-    strategy = str(trainer_kwargs.get("strategy", "auto"))
-    if "ddp" in strategy or trainer_kwargs.get("num_nodes", 1) != 1 or trainer_kwargs.get("devices", 1) not in (1, "1"):
+    strategy = trainer_kwargs.get("strategy", "auto")
+    single = strategy in ("auto", "single_device") or isinstance(strategy, SingleDeviceStrategy)
+    if not single or trainer_kwargs.get("num_nodes", 1) != 1 or trainer_kwargs.get("devices", 1) not in (1, "1"):
         return
     keep = {k: trainer_kwargs[k] for k in ("accelerator", "precision") if k in trainer_kwargs}
     trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import importlib.util
 import math
 import random
 import warnings
@@ -655,11 +656,28 @@ def test_upper_data_missing_a_class_is_fine_for_a_custom_objective():
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy"])
 def test_sharded_strategy_is_refused_at_setup(name):
-    fake = type(name, (SingleDeviceStrategy,), {})(device=torch.device("cpu"))
-    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
-    trainer = _trainer([callback], max_steps=3, strategy=fake)
-    _fails_before_training(Net(), callback, RuntimeError, f"does not support the sharded strategy {name}",
-                           trainer=trainer)
+    """Checked with isinstance against Lightning's own classes (of both packages when the unified one is
+    installed): a stand-in that passes isinstance for the real class, given to the callback's setup."""
+    from unittest.mock import MagicMock
+
+    import pytorch_lightning.strategies as strategies
+
+    classes = [getattr(strategies, name)]
+    if importlib.util.find_spec("lightning") is not None:
+        import lightning.pytorch.strategies as unified
+
+        classes.append(getattr(unified, name))
+    for cls in classes:
+        trainer = MagicMock()
+        trainer.strategy = MagicMock(spec=cls)
+        callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+        with pytest.raises(RuntimeError, match="does not support the sharded strategy"):
+            callback.setup(trainer, Net(), "fit")
+    # A strategy merely named like one is not refused: the check is by class, not by name.
+    lookalike = type(name, (SingleDeviceStrategy,), {})(device=torch.device("cpu"))
+    callback = AutoBalanceCallback(upper_dataloader=_upper_loader(), every_n_steps=1, start_step=0)
+    _trainer([callback], max_steps=2, strategy=lookalike).fit(Net(), _train_loader())
+    assert callback.hyper_steps == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
