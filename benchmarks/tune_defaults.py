@@ -46,7 +46,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_autobalance import AutoBalanceCallback
+from lightning_autobalance import AutoBalanceCallback, Estimator
 from lightning_autobalance.classifier import ImbalancedClassifier
 from lightning_autobalance.data import LongTailDigits
 from lightning_autobalance.data.profiles import select_long_tail
@@ -225,11 +225,22 @@ MODEL_KEYS = ("preset", "search", "param", "cos", "augment", "adam", "sgd", "bas
               "hyper_cosine", "library", "one_phase")
 
 
+ESTIMATOR_KEYS = ("method", "eta", "terms", "damping", "cg_iterations", "curvature", "product", "weight_decay")
+
+
+def _with_estimator(kw: dict[str, Any]) -> dict[str, Any]:
+    """The estimator's settings gathered into AutoBalanceCallback's ``estimator``."""
+    settings = {k: kw.pop(k) for k in ESTIMATOR_KEYS if k in kw}
+    if settings:
+        kw["estimator"] = Estimator(**settings)
+    return kw
+
+
 def callback_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("library"):
-        return {k: v for k, v in config.items() if k not in MODEL_KEYS}
+        return _with_estimator({k: v for k, v in config.items() if k not in MODEL_KEYS})
     merged = {**CURRENT, **config}
-    kw = {k: v for k, v in merged.items() if k not in MODEL_KEYS}
+    kw = _with_estimator({k: v for k, v in merged.items() if k not in MODEL_KEYS})
     if config.get("adam") is not None:
         lr = float(config["adam"])
         kw["hyper_optimizer"] = lambda params: torch.optim.Adam(params, lr=lr)

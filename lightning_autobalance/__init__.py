@@ -12,6 +12,7 @@ The public names:
 
 from lightning_autobalance.callback import AutoBalanceCallback
 from lightning_autobalance.classifier import ImbalancedClassifier
+from lightning_autobalance.estimator import Estimator
 from lightning_autobalance.hypergradient import Batch, hypergradient
 from lightning_autobalance.losses import (
     AdjustedCrossEntropy,
@@ -49,6 +50,7 @@ __all__ = [
     "BlendedObjective",
     "DatasetDependent",
     "EqualOpportunityGap",
+    "Estimator",
     "FocalLoss",
     "FrequencyGroups",
     "GroupDROLoss",

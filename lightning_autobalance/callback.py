@@ -29,16 +29,8 @@ from typing_extensions import override
 
 from lightning_autobalance.batch_stream import BatchStream
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
-from lightning_autobalance.hypergradient import (
-    CURVATURES,
-    METHODS,
-    Batch,
-    Curvature,
-    FunctionalModel,
-    Method,
-    ProductMode,
-    hypergradient,
-)
+from lightning_autobalance.estimator import Estimator
+from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.mixin import AutoBalanceMixin
 from lightning_autobalance.objectives import (
     Objective,
@@ -218,22 +210,20 @@ class AutoBalanceCallback(Callback):
         stop_step: no hyper steps from this optimizer step on.
         warmup_fraction: when neither ``start_epoch`` nor ``start_step`` is given, the fraction of the run's
             optimizer steps (``trainer.estimated_stepping_batches``) to train before the first hyper step.
-        method: ``"neumann"``, ``"cg"`` or ``"unroll"``.
-        eta: Neumann step / virtual SGD step (``> 0``).
-        terms: Neumann terms beyond the first (``>= 0``; the paper uses 5 with ``eta=1``).
-        damping: added to the curvature (``>= 0``).
-        cg_iterations: conjugate-gradient iterations (``>= 1``).
-        curvature: ``"gauss_newton"`` (positive semi-definite, stable) or ``"hessian"``.
-        product: how the logits product ``J p`` is taken: ``"auto"``, ``"jvp"`` or ``"difference"``.
-        weight_decay: L2 coefficient of the training objective used in the curvature (``>= 0``).
+        estimator: how the hypergradient is estimated: an :class:`~lightning_autobalance.estimator.Estimator`
+            (method ``"neumann"``, ``"cg"`` or ``"unroll"``, ``eta``, ``terms``, ``damping``, ``cg_iterations``,
+            ``curvature``, ``product``, ``weight_decay``), validated when built; from YAML a nested group,
+            ``estimator: {method: cg, cg_iterations: 10}``. Default: ``Estimator()``, the one-step Neumann
+            estimate with the logits product taken as a difference.
         train_batches: training batches per hyper step; the current batch is the first, the others are drawn
             from the training data (the paper uses 10).
         upper_batches: upper batches per hyper step (the paper uses 10).
-        hyper_lr: learning rate of the default hyper-optimizer, Adam. Adam rather than SGD with momentum: the size
-            of the hypergradient shrinks by more than an order of magnitude as the training set is fitted, so no
-            single SGD learning rate suits a whole run (``docs/tuning.md``).
+        hyper_lr: learning rate of the default hyper-optimizer, Adam (``None``: 0.02). Adam rather than SGD with
+            momentum: the size of the hypergradient shrinks by more than an order of magnitude as the training set is
+            fitted, so no single SGD learning rate suits a whole run (``docs/tuning.md``).
         hyper_optimizer: a callable ``params -> torch.optim.Optimizer`` replacing the default (from a LightningCLI
-            YAML: ``class_path: torch.optim.SGD`` with ``init_args: {lr: 0.01, momentum: 0.9}``).
+            YAML: ``class_path: torch.optim.SGD`` with ``init_args: {lr: 0.01, momentum: 0.9}``); it carries its
+            own learning rate, so giving ``hyper_lr`` too is an error.
         hyper_scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step (replaces
             ``hyper_lr_schedule``).
         hyper_lr_schedule: ``"cosine"`` (default): the hyper learning rate decays from its value to 0 along a cosine
@@ -283,17 +273,10 @@ class AutoBalanceCallback(Callback):
         stop_epoch: int | None = None,
         stop_step: int | None = None,
         warmup_fraction: float = 0.2,
-        method: Method = "neumann",
-        eta: float = 1.0,
-        terms: int = 0,
-        damping: float = 0.0,
-        cg_iterations: int = 5,
-        curvature: Curvature = "gauss_newton",
-        product: ProductMode = "auto",
-        weight_decay: float = 0.0,
+        estimator: Estimator | None = None,
         train_batches: int = 1,
         upper_batches: int = 1,
-        hyper_lr: float = 0.02,
+        hyper_lr: float | None = None,
         hyper_optimizer: OptimizerCallable | None = None,
         hyper_scheduler: SchedulerCallable | None = None,
         hyper_lr_schedule: LrSchedule = "cosine",
@@ -316,20 +299,16 @@ class AutoBalanceCallback(Callback):
             (hyper_lr_schedule in ("cosine", "constant"),
              f"hyper_lr_schedule must be 'cosine' or 'constant'; got {hyper_lr_schedule!r}."),
             (shrinkage >= 0, f"shrinkage must be >= 0; got {shrinkage}."),
-            (eta > 0, f"eta must be positive; got {eta}."),
-            (terms >= 0, f"terms (Neumann terms beyond the first) must be >= 0; got {terms}."),
-            (damping >= 0, f"damping must be >= 0; got {damping}."),
-            (weight_decay >= 0, f"weight_decay must be >= 0; got {weight_decay}."),
-            (cg_iterations >= 1, f"cg_iterations must be at least 1; got {cg_iterations}."),
+            (estimator is None or isinstance(estimator, Estimator),
+             f"estimator must be an lightning_autobalance.Estimator; got {type(estimator).__name__}."),
             (train_batches >= 1 and upper_batches >= 1,
              f"train_batches and upper_batches must be at least 1; got {train_batches}, {upper_batches}."),
             (0.0 <= warmup_fraction < 1.0, f"warmup_fraction must lie in [0, 1); got {warmup_fraction}."),
-            (hyper_lr > 0, f"hyper_lr must be positive; got {hyper_lr}."),
+            (hyper_lr is None or hyper_lr > 0, f"hyper_lr must be positive; got {hyper_lr}."),
+            (hyper_lr is None or hyper_optimizer is None,
+             f"give hyper_lr ({hyper_lr}) or hyper_optimizer, not both: the optimizer carries its own learning "
+             "rate."),
             (max_norm is None or max_norm > 0, f"max_norm must be positive or None; got {max_norm}."),
-            (method in METHODS, f"method must be one of {METHODS}; got {method!r}."),
-            (curvature in CURVATURES, f"curvature must be one of {CURVATURES}; got {curvature!r}."),
-            (product in ("auto", "jvp", "difference"),
-             f"product must be 'auto', 'jvp' or 'difference'; got {product!r}."),
             (upper_source in ("auto", "datamodule", "dataloader", "val"),
              f"upper_source must be 'auto', 'datamodule', 'dataloader' or 'val'; got {upper_source!r}."),
             (upper_source != "dataloader" or upper_dataloader is not None,
@@ -356,12 +335,10 @@ class AutoBalanceCallback(Callback):
         self.start_epoch, self.start_step = start_epoch, start_step
         self.stop_epoch, self.stop_step = stop_epoch, stop_step
         self.warmup_fraction = warmup_fraction
-        self.method, self.eta, self.terms, self.damping = method, eta, terms, damping
-        self.cg_iterations, self.curvature, self.product = cg_iterations, curvature, product
-        self.weight_decay = weight_decay
+        self.estimator = estimator if estimator is not None else Estimator()
         self.train_batches, self.upper_batches = train_batches, upper_batches
         self.hyper_lr = hyper_lr
-        self._hyper_optimizer_fn = hyper_optimizer or _default_hyper_optimizer(hyper_lr)
+        self._hyper_optimizer_fn = hyper_optimizer or _default_hyper_optimizer(0.02 if hyper_lr is None else hyper_lr)
         self._hyper_scheduler_fn = hyper_scheduler
         self.max_norm = max_norm
         self.objective = objective
@@ -396,7 +373,7 @@ class AutoBalanceCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps or "auto", method=self.method)
+        return self._generate_state_key(every_n_steps=self.every_n_steps or "auto", method=self.estimator.method)
 
     # ------------------------------------------------------------------------------------------------------
     # setup: every check before any training time is spent
@@ -824,9 +801,7 @@ class AutoBalanceCallback(Callback):
             with processes:
                 result = hypergradient(
                     fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables,
-                    self._objective_fn, train, upper, method=self.method, eta=self.eta, terms=self.terms,
-                    damping=self.damping, cg_iterations=self.cg_iterations, curvature=self.curvature,
-                    product=self.product, weight_decay=self.weight_decay, reduce=self._reduce(trainer),
+                    self._objective_fn, train, upper, self.estimator, reduce=self._reduce(trainer),
                     loss_scale=loss_scale)
         metrics: dict[str, float] = {"autobalance/objective": float(result.objective)}
         if not result.finite:

@@ -14,6 +14,7 @@ class, so that two runs of the same configuration give equal fingerprints and no
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -77,6 +78,8 @@ def describe(value: Any) -> Any:
                 "keywords": describe(dict(value.keywords))}
     if inspect.isclass(value) or inspect.isroutine(value):
         return _path_of(value)
+    if dataclasses.is_dataclass(value):
+        return {"class": _path_of(type(value)), "fields": describe(dataclasses.asdict(value))}
     hparams = getattr(value, "hparams", None)
     if isinstance(hparams, Mapping):
         return {"class": _path_of(type(value)), "hparams": describe(dict(hparams))}

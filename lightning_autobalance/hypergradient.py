@@ -8,7 +8,7 @@ function theorem gives
     \\frac{dF}{d\\alpha} = -\\frac{\\partial^2 L_{train}}{\\partial\\alpha\\,\\partial\\theta}\\, p, \\qquad
     p = H^{-1} v, \\quad v = \\nabla_\\theta L_{upper}, \\quad H = \\nabla^2_\\theta L_{train}.
 
-Methods (:func:`hypergradient`):
+Methods (:func:`hypergradient`, chosen by an :class:`~lightning_autobalance.estimator.Estimator`):
 
 * ``"neumann"``: ``p = eta * sum_{j=0..terms} (I - eta H)^j v`` (the paper's approximation). ``terms=0`` is the
   cheapest useful estimate, ``p = eta v``: the one-step unrolled hypergradient with ``v`` taken at ``theta``
@@ -38,16 +38,18 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_autobalance.estimator import CURVATURES, Curvature, Estimator, ProductMode
 from lightning_autobalance.losses import LossTables
 
 __all__ = [
     "Batch",
+    "Estimator",
     "FunctionalModel",
     "HypergradientResult",
     "conjugate_gradient",
@@ -60,15 +62,10 @@ __all__ = [
 ]
 
 Tree = dict[str, Tensor]
-Method = Literal["neumann", "cg", "unroll"]
-Curvature = Literal["gauss_newton", "hessian"]
-ProductMode = Literal["auto", "jvp", "difference"]
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 TablesFn = Callable[[Mapping[str, Tensor]], LossTables]
 Reduce = Callable[[Tensor], Tensor]
-METHODS = ("neumann", "cg", "unroll")
-CURVATURES = ("gauss_newton", "hessian")
 
 
 class Batch(NamedTuple):
@@ -225,8 +222,8 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
     ``mode="difference"`` a difference of logits along ``direction``: one extra forward pass when
     ``batch.logits`` (the logits at ``theta``) is given, else a central difference of two, whose mean also gives
     the logits (to second order in the step). The step is scaled to the norms of the parameters and the direction.
-    ``"auto"`` is the difference; under a float16/bfloat16 autocast, where a difference of rounded logits would be
-    noise, it is a central difference with the two forward passes in float32 (autocast off).
+    Under a float16/bfloat16 autocast, where a difference of rounded logits would be noise, the difference is a
+    central one with the two forward passes in float32 (autocast off). ``"auto"`` is read as ``"difference"``.
     """
     device = fmodel.device
     low = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in (
@@ -439,17 +436,11 @@ def hypergradient(
     objective: Objective,
     train_batches: Sequence[Batch],
     upper_batches: Sequence[Batch],
-    method: Method = "neumann",
-    eta: float = 1.0,
-    terms: int = 0,
-    damping: float = 0.0,
-    cg_iterations: int = 10,
-    curvature: Curvature = "gauss_newton",
-    product: ProductMode = "auto",
-    weight_decay: float = 0.0,
+    estimator: Estimator | None = None,
     reduce: Reduce | None = None,
     forward: Callable[[nn.Module, Any], Tensor] | None = None,
     loss_scale: float = 1.0,
+    **settings: Any,
 ) -> HypergradientResult:
     """The gradient of the upper objective with respect to the loss parameters ``alpha``.
 
@@ -461,19 +452,15 @@ def hypergradient(
         objective: ``objective(logits, target, group) -> scalar`` on upper batches.
         train_batches: batches of the training loss (for the mixed term and curvature products).
         upper_batches: batches of the upper objective.
-        method: ``"neumann"``, ``"cg"`` or ``"unroll"`` (see the module docstring).
-        eta: Neumann step / virtual step size (``> 0``).
-        terms: Neumann terms beyond the first (``>= 0``).
-        damping: ``lambda`` added to the curvature for ``"cg"`` (and, as ``(1 - eta lambda)``, for Neumann).
-        cg_iterations: conjugate-gradient iterations.
-        curvature: ``"gauss_newton"`` or ``"hessian"``.
-        product: how ``J p`` is formed for the mixed term (see :func:`logits_product`).
-        weight_decay: coefficient ``mu`` of an L2 term ``mu/2 ||theta||^2`` in the training objective (the model
-            optimizer's weight decay): it adds ``mu I`` to the curvature and ``mu theta`` to the training gradient.
+        estimator: the method and its settings (:class:`~lightning_autobalance.estimator.Estimator`; default: the
+            one-step Neumann estimate). ``damping`` is added to the curvature for ``"cg"`` (and, as
+            ``(1 - eta lambda)``, for Neumann); ``weight_decay`` ``mu`` stands for an L2 term ``mu/2 ||theta||^2``
+            in the training objective: it adds ``mu I`` to the curvature and ``mu theta`` to the training gradient.
         reduce: averages a tensor over processes (identical call order on every process); ``None`` for one.
         forward: ``forward(module, inputs) -> logits`` when ``model`` is a module and not ``module(inputs)``.
         loss_scale: factor applied to losses before backward passes through the network and removed after (the
             gradient scaler's scale under float16 autocast).
+        **settings: instead of ``estimator``, its fields by name (``method="cg", cg_iterations=20``).
 
     Returns:
         A :class:`HypergradientResult`.
@@ -486,19 +473,16 @@ def hypergradient(
         >>> res = hypergradient(net, loss.alpha(), loss.tables,
         ...                     lambda f, t, g, tab: adjusted_cross_entropy(f, t, *tab, group=g),
         ...                     lambda f, t, g: torch.nn.functional.cross_entropy(f, t),
-        ...                     [Batch(x, y)], [Batch(x, y)], method="unroll", eta=0.1)
+        ...                     [Batch(x, y)], [Batch(x, y)], Estimator(method="unroll", eta=0.1))
         >>> sorted(res.grad)
         ['delta', 'offset']
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
-    if not eta > 0:
-        raise ValueError(f"eta must be positive; got {eta}.")
-    if terms < 0 or cg_iterations < 1 or damping < 0 or weight_decay < 0:
-        raise ValueError(f"need terms >= 0, cg_iterations >= 1, damping >= 0 and weight_decay >= 0; got {terms}, "
-                         f"{cg_iterations}, {damping}, {weight_decay}.")
+    if estimator is not None and settings:
+        raise ValueError(f"hypergradient takes an estimator or its settings by name, not both; got {sorted(settings)} "
+                         "beside an Estimator.")
+    est = estimator if estimator is not None else Estimator(**settings)
+    method, eta, terms, damping = est.method, est.eta, est.terms, est.damping
+    curvature, product, weight_decay = est.curvature, est.product, est.weight_decay
     if not train_batches or not upper_batches:
         raise ValueError("hypergradient needs at least one training batch and one upper batch.")
     fmodel = model if isinstance(model, FunctionalModel) else FunctionalModel(model, forward)
@@ -522,7 +506,7 @@ def hypergradient(
         if method == "neumann":
             p = neumann_series(matvec, v, eta, terms)
         else:
-            p = conjugate_gradient(matvec, v, cg_iterations, damping)
+            p = conjugate_gradient(matvec, v, est.cg_iterations, damping)
 
     grad: Tree | None = None
     for batch in train_batches:

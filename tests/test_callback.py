@@ -26,7 +26,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy
+from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy, Estimator
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -483,8 +483,8 @@ def test_non_finite_hypergradient_is_skipped(product):
     torch.manual_seed(0)
     model = Net(preset="ce", search=("offset", "weight"))
     objective = NaNAt(range(1, 100))
-    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=objective, product=product,
-                                   upper_dataloader=_upper_loader())
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=objective,
+                                   estimator=Estimator(product=product), upper_dataloader=_upper_loader())
     start = _alpha(model)
     with pytest.warns(UserWarning, match="non-finite hypergradient"):
         _trainer([callback], max_steps=4).fit(model, _train_loader())
@@ -500,8 +500,9 @@ def test_skipped_step_does_not_move_the_loss_even_with_momentum(product):
     torch.manual_seed(0)
     model = Net(preset="ce", search=("offset", "weight"))
     objective = NaNAt([4])
-    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=objective, product=product,
-                                   hyper_optimizer=sgd(0.05), upper_dataloader=_upper_loader())
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=objective,
+                                   estimator=Estimator(product=product), hyper_optimizer=sgd(0.05),
+                                   upper_dataloader=_upper_loader())
     before, after = HyperStepSpy(callback), HyperStepSpy(callback)
     with pytest.warns(UserWarning, match="non-finite hypergradient at step 3"):
         _trainer([before, callback, after], max_steps=6).fit(model, _train_loader())
@@ -564,16 +565,29 @@ def test_many_classes_are_logged_as_summaries(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"every_n_steps": 0}, "every_n_steps must be at least 1"),
-    ({"eta": 0.0}, "eta must be positive"),
-    ({"eta": -1.0}, "eta must be positive"),
-    ({"terms": -1}, "terms .* must be >= 0"),
     ({"train_batches": 0}, "train_batches and upper_batches must be at least 1"),
     ({"upper_source": "dataloader"}, "needs an upper_dataloader"),
-    ({"method": "newton"}, "method must be one of"),
+    ({"estimator": {"method": "cg"}}, "estimator must be an lightning_autobalance.Estimator"),
+    ({"hyper_lr": 0.1, "hyper_optimizer": functools.partial(torch.optim.SGD, lr=0.1)},
+     r"give hyper_lr \(0.1\) or hyper_optimizer, not both"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoBalanceCallback(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"eta": 0.0}, "eta must be positive"),
+    ({"eta": -1.0}, "eta must be positive"),
+    ({"terms": -1}, "terms .* must be >= 0"),
+    ({"method": "newton"}, "method must be one of"),
+    ({"cg_iterations": 0}, "cg_iterations must be at least 1"),
+    ({"product": "finite"}, "product must be one of"),
+])
+def test_bad_estimator_settings_fail_at_construction(kwargs, match):
+    """One place validates them, whoever builds the estimator (the callback, hypergradient() or YAML)."""
+    with pytest.raises(ValueError, match=match):
+        Estimator(**kwargs)
 
 
 def _fails_before_training(model, callback, exc, match, trainer=None, **fit_kwargs):
@@ -772,8 +786,8 @@ def test_methods_run_inside_a_fit(method, extra):
     torch.manual_seed(0)
     model = Net(bn=True, dropout=0.2, search=("delta", "offset", "weight"))
     start = _alpha(model)
-    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, method=method, terms=2,
-                                   upper_dataloader=_upper_loader(), **extra)
+    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, estimator=Estimator(method=method, terms=2, **extra),
+                                   upper_dataloader=_upper_loader())
     _trainer([callback], max_steps=6).fit(model, _train_loader())
     assert callback.hyper_steps == 3 and callback.skipped_steps == 0
     assert math.isfinite(callback.last_objective)
@@ -789,8 +803,8 @@ def test_difference_product_agrees_with_jvp_under_dropout(dropout):
     for product in ("difference", "jvp"):
         torch.manual_seed(0)
         model = Net(bn=True, dropout=dropout, search=("delta", "offset", "weight"))
-        callback = AutoBalanceCallback(every_n_steps=1, start_step=0, product=product, hyper_optimizer=sgd(0.05, 0.0),
-                                       upper_dataloader=_upper_loader())
+        callback = AutoBalanceCallback(every_n_steps=1, start_step=0, estimator=Estimator(product=product),
+                                       hyper_optimizer=sgd(0.05, 0.0), upper_dataloader=_upper_loader())
         _trainer([callback], max_steps=3).fit(model, _train_loader())
         found[product] = _alpha(model)
     for name, value in found["jvp"].items():

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_autobalance import AutoBalanceCallback
+from lightning_autobalance import AutoBalanceCallback, Estimator
 from lightning_autobalance.cli import AutoBalanceCLI, UsageError, main
 from lightning_autobalance.losses import preset_tables
 
@@ -262,6 +262,16 @@ def test_fit_without_a_search_split_fails_at_once_in_one_line(tmp_path: Path, ca
     assert lines[0].startswith("lightning-autobalance: error: `fit` with an AutoBalanceCallback needs upper data")
     assert "--data.init_args.search_split true" in lines[0] and "pipeline" in lines[0]
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained
+
+
+def test_the_estimator_is_one_nested_group_in_yaml(tmp_path: Path) -> None:
+    cli = AutoBalanceCLI(args=["fit", "--config", DIGITS, *QUIET, "--output_dir", str(tmp_path),
+                               "--data.init_args.search_split", "true", "--trainer.max_epochs", "1",
+                               "--trainer.callbacks.init_args.estimator.method", "cg",
+                               "--trainer.callbacks.init_args.estimator.cg_iterations", "3"])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, AutoBalanceCallback)]
+    assert callback.estimator == Estimator(method="cg", cg_iterations=3)
+    assert callback.hyper_steps > 0
 
 
 def test_fit_logs_under_the_configs_output_dir(tmp_path: Path) -> None:

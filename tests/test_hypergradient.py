@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from lightning_autobalance.estimator import Estimator
 from lightning_autobalance.hypergradient import (
     Batch,
     FunctionalModel,
@@ -381,10 +382,12 @@ def test_bad_settings_raise():
     args = (net, param.alpha(), param.tables, train_loss, balanced_ce([6, 4, 2]), [Batch(x, y)], [Batch(x, y)])
     with pytest.raises(ValueError, match="eta must be positive"):
         hypergradient(*args, eta=0.0)
-    with pytest.raises(ValueError, match="terms >= 0"):
+    with pytest.raises(ValueError, match=r"terms \(Neumann terms beyond the first\) must be >= 0"):
         hypergradient(*args, terms=-1)
     with pytest.raises(ValueError, match="method must be one of"):
         hypergradient(*args, method="magic")
+    with pytest.raises(ValueError, match="an estimator or its settings by name, not both"):
+        hypergradient(*args, Estimator(), eta=0.5)
     with pytest.raises(ValueError, match="scalar"):
         hypergradient(net, param.alpha(), param.tables, train_loss, lambda f, t, g: f.sum(0), [Batch(x, y)],
                       [Batch(x, y)])
