@@ -385,7 +385,7 @@ class AutoBalanceCallback(Callback):
         if not isinstance(pl_module, AutoBalanceMixin):
             raise TypeError(f"AutoBalanceCallback needs a LightningModule that inherits AutoBalanceMixin; "
                             f"{type(pl_module).__name__} does not. Add the mixin and call configure_autobalance().")
-        params = pl_module._require_autobalance()
+        params = pl_module.autobalance_parameters()
         if isinstance(trainer.strategy, _UNSUPPORTED):
             strategy = type(trainer.strategy).__name__
             raise RuntimeError(f"AutoBalanceCallback does not support the sharded strategy {strategy}: the "
@@ -475,7 +475,7 @@ class AutoBalanceCallback(Callback):
         From ``upper_class_counts``, the datamodule's ``upper_class_counts`` / ``upper_group_counts``, the dataset's
         ``targets`` / ``groups`` attributes, or by reading the labels (and groups) once.
         """
-        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
         datamodule = trainer.datamodule
         from_datamodule = loader is not self.upper_dataloader
         num_groups = params.num_groups if params.num_groups > 1 else self.objective_kwargs.get("num_groups")
@@ -570,7 +570,7 @@ class AutoBalanceCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
         alpha = list(params.alpha().values())
         self.optimizer = self._hyper_optimizer_fn(alpha) if alpha else None
         self.scheduler = self._hyper_scheduler_fn(self.optimizer) if (self._hyper_scheduler_fn and alpha) else None
@@ -675,7 +675,7 @@ class AutoBalanceCallback(Callback):
         end = self._window[1]
         if end is not None and self._resumed_at >= end and self.hyper_steps > 0:
             return  # resumed after the search window: its hyper steps were made before the interruption
-        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
         first = self._window[0]
         if params.frozen:
             why = "the loss is frozen"
@@ -713,8 +713,7 @@ class AutoBalanceCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         due = self.optimizer is not None and self._due(trainer)
-        pl_module._autobalance_record = due  # type: ignore[attr-defined]
-        pl_module._autobalance_recorded = None  # type: ignore[attr-defined]
+        pl_module.autobalance_request_logits(due)  # type: ignore[attr-defined]
         self._batch = batch if due else None
         self._batch_rng = _rng_state(pl_module.device) if due else None
 
@@ -723,7 +722,7 @@ class AutoBalanceCallback(Callback):
                                  optimizer: Optimizer) -> None:
         if self._batch is None or self.optimizer is None:
             return
-        params = pl_module._require_autobalance()  # type: ignore[attr-defined]
+        params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
         if params.frozen:
             if not self._warned_frozen:
                 rank_zero_info("AutoBalance: the loss is frozen, so no hyper steps are taken.")
@@ -731,8 +730,7 @@ class AutoBalanceCallback(Callback):
         else:
             self._hyper_step(trainer, pl_module)
         self._batch = None
-        pl_module._autobalance_record = False  # type: ignore[attr-defined]
-        pl_module._autobalance_recorded = None  # type: ignore[attr-defined]
+        pl_module.autobalance_request_logits(False)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------------------------------------
     # the hyper step
@@ -785,7 +783,7 @@ class AutoBalanceCallback(Callback):
         if scaler is not None and scaler.is_enabled():
             loss_scale = float(scaler.get_scale())
         with _preserve_random_state(device), trainer.precision_plugin.forward_context(), torch.enable_grad():
-            train = [self._as_batch(pl_module, self._batch, pl_module._autobalance_recorded, self._batch_rng)]
+            train = [self._as_batch(pl_module, self._batch, pl_module.autobalance_recorded_logits, self._batch_rng)]
             for _ in range(self.train_batches - 1):
                 extra = trainer.strategy.batch_to_device(self._train_stream(trainer).next())
                 train.append(self._as_batch(pl_module, extra))

@@ -200,12 +200,32 @@ class AutoBalanceMixin:
         return params
 
     # -- the loss ----------------------------------------------------------------------------------------
-    def _require_autobalance(self) -> LossParametrization:
+    def autobalance_parameters(self) -> LossParametrization:
+        """The loss parametrisation (``self.autobalance``), with a clear error when ``configure_autobalance`` was
+        never called."""
         params = self.__dict__.get("_modules", {}).get("autobalance")
         if not isinstance(params, LossParametrization):
             raise RuntimeError(f"{type(self).__name__} uses AutoBalanceMixin but never called "
                                "`self.configure_autobalance(class_counts=...)` in its __init__.")
         return params
+
+    _require_autobalance = autobalance_parameters  # the name used inside the package
+
+    # -- the hand-off to the callback ---------------------------------------------------------------------
+    def autobalance_request_logits(self, enabled: bool = True) -> None:
+        """Asks :meth:`autobalance_loss` to keep (detached) the logits it is given until the next request.
+
+        :class:`~lightning_autobalance.AutoBalanceCallback` calls it before a training step that a hyper step will
+        follow, so that the hyper step reuses that step's logits instead of a forward pass of its own; then
+        ``enabled=False`` after it. Either call drops what was kept before.
+        """
+        self._autobalance_record = bool(enabled)
+        self._autobalance_recorded = None
+
+    @property
+    def autobalance_recorded_logits(self) -> Tensor | None:
+        """The detached logits :meth:`autobalance_loss` kept since :meth:`autobalance_request_logits`, or None."""
+        return self._autobalance_recorded
 
     def autobalance_tables(self) -> LossTables:
         """The current loss tables (detached; cached until the loss parameters change)."""

@@ -531,3 +531,22 @@ def test_a_module_built_from_a_trained_one_copies_its_found_loss():
         Net(configure=False).configure_autobalance([5, 4, 3, 2], like=trained)
     with pytest.raises(ValueError, match=r"needs class_counts \(one training count per class\), or like="):
         Net(configure=False).configure_autobalance(None)
+
+
+def test_the_logits_hand_off_to_the_callback_is_public():
+    """autobalance_request_logits / autobalance_recorded_logits: what the callback uses to reuse a step's logits."""
+    model = Net()
+    x, y = _data()
+    logits = model(x)
+    model.autobalance_loss(logits, y)
+    assert model.autobalance_recorded_logits is None  # nothing kept unless asked
+    model.autobalance_request_logits()
+    loss = model.autobalance_loss(logits, y)
+    kept = model.autobalance_recorded_logits
+    assert kept is not None and torch.equal(kept, logits) and not kept.requires_grad and loss.requires_grad
+    model.autobalance_request_logits(False)
+    assert model.autobalance_recorded_logits is None
+    model.autobalance_loss(logits, y)
+    assert model.autobalance_recorded_logits is None
+    with pytest.raises(RuntimeError, match="never called `self.configure_autobalance"):
+        Net(configure=False).autobalance_parameters()
