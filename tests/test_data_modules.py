@@ -15,7 +15,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
 from lightning_autobalance.data import (
     LongTailCIFAR10,
@@ -117,25 +116,21 @@ def test_upper_loader_does_not_touch_global_rng() -> None:
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_upper_sampler_two_ranks() -> None:
-    dm = LongTailDigits(search_split=True, imbalance_ratio=10)
+def test_upper_data_is_sharded_in_one_place() -> None:
+    """The datamodule's upper loader does not shard; the callback's BatchStream gives each of 2 ranks its part of
+    every pass (padded to equal lengths, as DistributedSampler does)."""
+    from lightning_autobalance.batch_stream import BatchStream
+
+    dm = LongTailDigits(search_split=True, imbalance_ratio=10, upper_batch_size=4)
     n = len(dm.upper_dataset)
-    shards = [list(dm.upper_sampler(num_replicas=2, rank=r)) for r in (0, 1)]
-    assert all(isinstance(dm.upper_sampler(2, r), DistributedSampler) for r in (0, 1))
-    assert len(shards[0]) == len(shards[1]) == (n + 1) // 2
-    padding = 2 * ((n + 1) // 2) - n
-    assert len(set(shards[0]) & set(shards[1])) == padding
-    assert set(shards[0]) | set(shards[1]) == set(range(n))
-    with pytest.raises(ValueError, match="rank"):
-        dm.upper_sampler(num_replicas=2, rank=2)
-    # With a trainer attached that runs on 2 ranks, upper_dataloader shards by itself.
     dm.trainer = SimpleNamespace(world_size=2, global_rank=1)  # type: ignore[assignment]
     loader = dm.upper_dataloader()
-    assert isinstance(loader.sampler, DistributedSampler)
-    assert loader.sampler.rank == 1 and loader.sampler.num_replicas == 2
-    assert list(loader.sampler) == shards[1]
-    dm.trainer = SimpleNamespace(world_size=1, global_rank=0)  # type: ignore[assignment]
-    assert not isinstance(dm.upper_dataloader().sampler, DistributedSampler)
+    assert sorted(loader.sampler) == list(range(n))
+    streams = [BatchStream(loader, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    shards = [list(s.sampler) for s in streams]
+    assert len(shards[0]) == len(shards[1]) == (n + 1) // 2
+    assert set(shards[0]) | set(shards[1]) == set(range(n))
+    assert len(set(shards[0]) & set(shards[1])) == 2 * ((n + 1) // 2) - n
 
 
 def test_digits_with_worker_process() -> None:
@@ -398,7 +393,11 @@ def test_folder_errors(tmp_path: Path) -> None:
 def test_folder_unreadable_image(tree: Path) -> None:
     bad = tree / "train" / "cat" / "0000.png"
     bad.write_bytes(b"this is not an image")
-    lazy = LongTailImageFolder(str(tree), already_long_tailed=True)
+    # Named when the datasets are built (verify_images), before any training ...
+    with pytest.raises(RuntimeError, match=r"1 of the \d+ training images cannot be opened: .*cat.*0000\.png"):
+        LongTailImageFolder(str(tree), already_long_tailed=True).setup("fit")
+    # ... and, without that check, when the image is read.
+    lazy = LongTailImageFolder(str(tree), already_long_tailed=True, verify_images=False)
     position = lazy.train_dataset.paths.index(str(bad))
     with pytest.raises(RuntimeError, match=r"cannot read image file .*0000\.png"):
         lazy.train_dataset[position]

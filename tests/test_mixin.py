@@ -548,5 +548,5 @@ def test_the_logits_hand_off_to_the_callback_is_public():
     assert model.autobalance_recorded_logits is None
     model.autobalance_loss(logits, y)
     assert model.autobalance_recorded_logits is None
-    with pytest.raises(RuntimeError, match="never called `self.configure_autobalance"):
+    with pytest.raises(RuntimeError, match=r"never called `self\.configure_autobalance"):
         Net(configure=False).autobalance_parameters()

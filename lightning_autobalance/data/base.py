@@ -5,7 +5,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from lightning_autobalance.data import profiles
 from lightning_autobalance.data._checks import check_bool, check_choice, check_int, check_real
@@ -355,55 +355,22 @@ class LongTailDataModule(pl.LightningDataModule):
         sampler = FoldInSampler(range(lower), range(lower, lower + len(self._upper)), self.fold_in_epoch, self.seed)
         return self._loader(dataset, self.batch_size, sampler=sampler)
 
-    def upper_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> Sampler[int]:
-        """Sampler of the upper part.
+    def upper_sampler(self) -> Sampler[int]:
+        """Sampler of the upper part: a ``RandomSampler`` with its own generator seeded by ``seed``, so drawing
+        upper batches never touches the global random state.
 
-        With ``num_replicas > 1`` (given, or taken from an attached trainer whose
-        ``world_size > 1``) it is a ``DistributedSampler(shuffle=True, seed=seed,
-        drop_last=False)`` so each rank reads its own shard (the last shard is padded with
-        repeated samples when the size does not divide; call ``set_epoch`` to reshuffle each
-        epoch). Otherwise a ``RandomSampler`` with its own generator seeded by ``seed``, so
-        drawing upper batches never touches the global random state.
-
-        Args:
-            num_replicas: Number of ranks; None means from the attached trainer, if any.
-            rank: This process's global rank, needed with ``num_replicas``; None means from
-                the trainer.
-
-        Returns:
-            The sampler.
+        It does not shard: under several processes the consumer shards (the callback's
+        :class:`~lightning_autobalance.batch_stream.BatchStream` gives every rank its own part of each pass, the one
+        sharding path of the package).
 
         Raises:
             RuntimeError: ``search_split`` is False.
-            ValueError: ``rank`` outside ``0..num_replicas - 1``.
-
-        Example:
-            >>> from lightning_autobalance.data import LongTailDigits
-            >>> dm = LongTailDigits(imbalance_ratio=10, search_split=True)
-            >>> a, b = list(dm.upper_sampler(2, 0)), list(dm.upper_sampler(2, 1))
-            >>> len(set(a) & set(b)) <= 1
-            True
         """
-        dataset = self.upper_dataset
-        if num_replicas is None:
-            trainer = self.trainer
-            if trainer is not None and trainer.world_size > 1:
-                num_replicas, rank = trainer.world_size, trainer.global_rank
-        if num_replicas is not None:
-            num_replicas = check_int("num_replicas", num_replicas, 1)
-            if rank is None or not 0 <= rank < num_replicas:
-                raise ValueError(f"rank must be an integer in 0..{num_replicas - 1}, got {rank!r}")
-            if num_replicas > 1:
-                return DistributedSampler(
-                    dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=False
-                )
         generator = torch.Generator().manual_seed(self.seed)
-        return RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]
+        return RandomSampler(self.upper_dataset, generator=generator)  # type: ignore[arg-type]
 
     def upper_dataloader(self) -> DataLoader[Any]:
         """Shuffled batches of the held-out upper part (see :meth:`upper_sampler`).
-
-        Under DDP (an attached trainer with ``world_size > 1``) each rank gets its own shard.
 
         Raises:
             RuntimeError: ``search_split`` is False.
