@@ -75,6 +75,12 @@ def test_every_readme_command_is_known() -> None:
 
 # ------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the benchmark commands of this module write (shared: the evidence command reads a quality run)."""
+    return tmp_path_factory.mktemp("readme-bench")
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Hand-made stand-ins for the data the configs name: a CIFAR-10 release and a CIFAR-10 JPEG folder."""
     root = tmp_path_factory.mktemp("readme-data")
@@ -139,8 +145,8 @@ def _cli_main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ------------------------------------------------------------------------------------------- the commands
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command: str, tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture) -> None:
+def test_readme_command_runs(command: str, tmp_path: Path, bench: Path, data: dict[str, Path],
+                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     kind = _kind(command)
     words = shlex.split(command)
     monkeypatch.chdir(ROOT)  # the commands are written for the repository root
@@ -161,15 +167,16 @@ def test_readme_command_runs(command: str, tmp_path: Path, data: dict[str, Path]
         elif kind == "cli":
             _cli_main([*words[1:], *_tiny_cli(words, tmp_path / "out", data)], monkeypatch)
         elif kind == "quality":
-            _load("benchmarks/quality.py").main([*words[2:], *_tiny_quality(words, tmp_path, data)])
-            runs = tmp_path / "runs" / "quality"
-            assert list(runs.glob("*/seed_0/*/result.json")), "no stage finished"
+            name = words[words.index("--name") + 1]
+            _load("benchmarks/quality.py").main([*words[2:], *_tiny_quality(words, bench, data)])
+            assert list((bench / "runs" / "quality" / name).glob("seed_0/*/result.json")), "no stage finished"
         elif kind == "evidence":
             # It reads a finished benchmark: make the one it names, tiny, then run it as written there.
             name = Path(words[-1]).name
-            quality = next(c for c in readme_commands() if "quality.py" in c and f"--name {name}" in c)
-            _load("benchmarks/quality.py").main([*shlex.split(quality)[2:], *_tiny_quality(words, tmp_path, data)])
-            monkeypatch.chdir(tmp_path)
+            if not (bench / "runs" / "quality" / name).is_dir():
+                quality = next(c for c in readme_commands() if "quality.py" in c and f"--name {name}" in c)
+                _load("benchmarks/quality.py").main([*shlex.split(quality)[2:], *_tiny_quality(words, bench, data)])
+            monkeypatch.chdir(bench)
             monkeypatch.setattr("sys.argv", words[1:])
             _load(str(ROOT / "benchmarks" / "evidence.py")).main()
             assert "Target" in capsys.readouterr().out
