@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
+import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny networks: one thread is as fast, kinder to a shared machine, and keeps runs bit-reproducible. Use it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")`` or as an argument."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CrashAt(pl.Callback):
+    """Raises in the middle of epoch ``epoch`` (an interruption after the checkpoint of the epoch before)."""
+
+    def __init__(self, epoch: int = 2) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 1:
+            raise RuntimeError("simulated interruption")
+
+
+def crash_at(epoch: int) -> str:
+    """The CLI argument that adds a :class:`CrashAt` callback."""
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "conftest.CrashAt", "init_args": {"epoch": epoch}})
 
 
 def linear_module(*bases: type, in_features: int) -> type:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy, Estimator
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
     pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
@@ -40,15 +41,6 @@ pytestmark = [
 COUNTS = [300, 60, 12]  # long-tailed training set: head, middle, tail
 K = len(COUNTS)
 D = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread is as fast, kinder to a shared machine, and keeps runs bit-reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------

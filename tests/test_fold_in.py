@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import crash_at, linear_module
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 from pytorch_lightning.callbacks import Callback
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
@@ -25,12 +25,7 @@ from lightning_autobalance.data.fold_in import find_fold_in_sampler
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,21 +133,7 @@ def _data(seed: int = 0) -> TensorDataset:
     return TensorDataset(centres[y] + torch.randn(len(y), 2, generator=gen), y)
 
 
-class Net(AutoBalanceMixin, pl.LightningModule):
-    def __init__(self, counts):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, K))
-        self.configure_autobalance(counts)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.autobalance_loss(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+Net = linear_module(AutoBalanceMixin, pl.LightningModule, in_features=2)
 
 
 class Watch(Callback):
@@ -224,17 +205,6 @@ TINY = ["--trainer.max_epochs", "4", "--trainer.enable_progress_bar", "false",
         "--fold_in", "0.5"]
 
 
-class CrashAt(pl.Callback):
-    """Raises in the middle of epoch ``epoch`` (after the checkpoint of the epoch before)."""
-
-    def __init__(self, epoch: int = 1) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == 1:
-            raise RuntimeError("simulated interruption")
-
-
 @pytest.mark.parametrize("crash_epoch", [1, 3])  # during the search, and after the fold-in
 def test_pipeline_one_phase_resumes_to_the_same_loss_and_errors(tmp_path: Path, crash_epoch: int,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,9 +217,8 @@ def test_pipeline_one_phase_resumes_to_the_same_loss_and_errors(tmp_path: Path, 
     assert reference["one_phase_loss"]["offset"] != reference["one_phase_loss"]["delta"]
 
     out = tmp_path / "interrupted"
-    crash = json.dumps({"class_path": f"{__name__}.CrashAt", "init_args": {"epoch": crash_epoch}})
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        main(["pipeline", "--config", DIGITS, *TINY, *step, "--output_dir", str(out), f"--trainer.callbacks+={crash}"])
+        main(["pipeline", "--config", DIGITS, *TINY, *step, "--output_dir", str(out), crash_at(crash_epoch)])
     assert (out / "one_phase" / "checkpoints" / "last.ckpt").is_file()
     main(["pipeline", "--config", DIGITS, *TINY, *step, "--output_dir", str(out)])
     resumed = json.loads((out / "results.json").read_text())

@@ -24,6 +24,7 @@ from lightning_autobalance.models import DigitsNet
 from lightning_autobalance.pipeline import run_pipeline
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
     pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
@@ -34,14 +35,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[1]
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trainer(callbacks=(), **kwargs) -> pl.Trainer:

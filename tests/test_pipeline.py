@@ -10,7 +10,6 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from conftest import crash_at
 from test_data_modules import _fake_cifar10  # the fake CIFAR-10 release of the datamodule tests
 
 from lightning_autobalance.cli import main
@@ -43,17 +43,6 @@ def _cli_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _digits_args(out: Path, *extra: str) -> list[str]:
     return ["pipeline", "--config", DIGITS, *TINY, "--output_dir", str(out), *extra]
-
-
-class CrashAt(pl.Callback):
-    """Raises in the middle of epoch ``epoch`` (an interruption after the checkpoint of the epoch before)."""
-
-    def __init__(self, epoch: int = 2) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == 1:
-            raise RuntimeError("simulated interruption")
 
 
 def _snapshot(out: Path) -> dict[str, int]:
@@ -148,9 +137,8 @@ def test_interrupted_search_resumes_to_the_same_loss(digits_run: tuple[Path, dic
                                                      tmp_path: Path) -> None:
     _, reference = digits_run
     out = tmp_path / "interrupted"
-    crash = json.dumps({"class_path": f"{__name__}.CrashAt", "init_args": {"epoch": 2}})
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        main(_digits_args(out, "--baselines", "[]", f"--trainer.callbacks+={crash}"))
+        main(_digits_args(out, "--baselines", "[]", crash_at(2)))
     assert (out / "search" / "checkpoints" / "last.ckpt").is_file()  # written at the end of epoch 1
     assert not (out / "search" / "result.json").exists()
     assert not (out / "found_loss.yaml").exists()
@@ -165,15 +153,6 @@ def test_interrupted_search_resumes_to_the_same_loss(digits_run: tuple[Path, dic
     assert results["search"]["hyper_steps"] == reference["search"]["hyper_steps"]
     assert [r["method"] for r in results["rows"]] == ["autobalance"]
     assert results["rows"][0]["per_class_error"] == reference["rows"][0]["per_class_error"]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small convolutions run faster on one thread, and far faster when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fake_cifar10_folder_through_the_cli(tmp_path: Path, one_thread: None) -> None:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import yaml
+from conftest import crash_at
 from PIL import Image
 
 from lightning_autobalance.cli import main
@@ -26,13 +26,12 @@ QUICK = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def _cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["lightning-autobalance"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(out: Path, *extra: str, baselines: str = "[la]") -> dict:
@@ -48,19 +47,6 @@ def _refused(capsys: pytest.CaptureFixture, out: Path, *extra: str, baselines: s
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     return err
-
-
-class CrashAt(pl.Callback):
-    def __init__(self, epoch: int = 1) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == 1:
-            raise RuntimeError("simulated interruption")
-
-
-def _crash(epoch: int) -> str:
-    return "--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.CrashAt", "init_args": {"epoch": epoch}})
 
 
 def _mtimes(out: Path) -> dict[str, int]:
@@ -93,7 +79,7 @@ def test_resume_never_loads_another_configs_optimizer(tmp_path: Path, capsys: py
     """A stage that crashed at lr 0.5 is not resumed with lr 0.05: its checkpoint holds the old optimizer."""
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        _run(out, "--model.lr", "0.5", _crash(1))
+        _run(out, "--model.lr", "0.5", crash_at(1))
     assert (out / "la" / "checkpoints" / "last.ckpt").is_file()
     err = _refused(capsys, out, "--model.lr", "0.05")
     assert "model.hparams.lr: 0.5 -> 0.05" in err
@@ -119,7 +105,7 @@ def test_restarting_the_search_restarts_the_retraining_on_its_loss(tmp_path: Pat
 def test_damaged_result_and_checkpoints_fall_back(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        _run(out, _crash(2))
+        _run(out, crash_at(2))
     ckpts = out / "la" / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "previous.ckpt").is_file()  # epochs 1 and 0
     (ckpts / "last.ckpt").write_bytes(b"")  # truncated to nothing
@@ -139,7 +125,7 @@ def test_damaged_result_and_checkpoints_fall_back(tmp_path: Path, recwarn: pytes
 def test_unreadable_checkpoints_start_the_stage_again(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        _run(out, _crash(1))
+        _run(out, crash_at(1))
     for name in ("last.ckpt", "previous.ckpt"):
         path = out / "la" / "checkpoints" / name
         if path.is_file():
@@ -151,7 +137,7 @@ def test_unreadable_checkpoints_start_the_stage_again(tmp_path: Path) -> None:
 def test_fit_time_adds_up_over_interruptions(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        _run(out, _crash(2))
+        _run(out, crash_at(2))
     state = torch.load(out / "la" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     before = state["callbacks"]["autobalance-pipeline-fit-clock"]["fit_time_s"]
     assert before > 0
