@@ -256,8 +256,8 @@ def main() -> None:
     parser.add_argument("--one-phase-steps", type=int, default=20, help="optimizer steps per epoch of that run")
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
     args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.epoch_repeats, args.epoch_steps = 3, 1, 40
+    if args.quick:  # fewer repeats and steps (never more than asked for), no scaling table
+        args.repeats, args.epoch_repeats, args.epoch_steps = min(args.repeats, 3), 1, min(args.epoch_steps, 40)
     device = torch.device(args.device)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
