@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
 from lightning_autobalance.callback import auto_interval
 from lightning_autobalance.data import FoldInSampler, search_split
+from lightning_autobalance.data.fold_in import fold_in_epoch
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.models import ResNetCIFAR
 from lightning_autobalance.objectives import BalancedCrossEntropy
@@ -194,11 +195,6 @@ def epoch_overhead(device: torch.device, steps: int, repeats: int, every: int | 
     return statistics.median(ratios)
 
 
-def _fold_epoch(epochs: int) -> int:
-    """The pipeline's default fold-in epoch for a run of ``epochs`` epochs (``fold_in=0.3``)."""
-    return min(max(round(0.3 * epochs), 1), epochs - 1)
-
-
 def one_phase_overhead(device: torch.device, epochs: int, steps: int, repeats: int) -> tuple[float, int]:
     """Median wall time of a one-phase run (``epochs`` epochs of ``steps`` optimizer steps, the fold-in where the
     pipeline puts it by default, the callback's defaults) over a plain run of the same epochs on the same data, via
@@ -217,7 +213,7 @@ def one_phase_overhead(device: torch.device, epochs: int, steps: int, repeats: i
         model = Net()
         cbs = []
         if one_phase:
-            sampler = FoldInSampler(split.lower, split.upper, fold_in_epoch=_fold_epoch(epochs))
+            sampler = FoldInSampler(split.lower, split.upper, fold_in_epoch=fold_in_epoch(epochs))
             loader = DataLoader(data, batch_size=128, sampler=sampler)
             upper = DataLoader(torch.utils.data.Subset(data, split.upper.tolist()), batch_size=128, shuffle=True)
             cbs.append(AutoBalanceCallback(upper_dataloader=upper))
@@ -273,7 +269,7 @@ def main() -> None:
         emit("| one-phase run | hyper steps | run / plain run |")
         emit("|---|---|---|")
         emit(f"| {args.one_phase_epochs} epochs of {args.one_phase_steps} steps, fold-in at epoch "
-             f"{_fold_epoch(args.one_phase_epochs)}, defaults | {made} | {ratio:.3f} |")
+             f"{fold_in_epoch(args.one_phase_epochs)}, defaults | {made} | {ratio:.3f} |")
         emit(f"(whole fits through Trainer, median of {args.epoch_repeats}, interleaved with the plain fit)")
         if args.out:
             with open(args.out, "w") as fh:

@@ -49,6 +49,7 @@ from torch import nn
 from lightning_autobalance import AutoBalanceCallback, Estimator
 from lightning_autobalance.classifier import ImbalancedClassifier
 from lightning_autobalance.data import LongTailDigits
+from lightning_autobalance.data.fold_in import fold_in_epoch
 from lightning_autobalance.data.profiles import select_long_tail
 from lightning_autobalance.losses import save_loss_tables
 from lightning_autobalance.models import NormedLinear, build_network
@@ -313,7 +314,7 @@ def run_one(name: str, config: dict[str, Any], seed: int, args: argparse.Namespa
             trainer(args.epochs, []).fit(model, datamodule=full)
         elif "one_phase" in config:
             # One fit: the library's defaults, search until the fold-in, then everything with the loss frozen.
-            fold = min(max(round(float(config["one_phase"]) * args.epochs), 1), args.epochs - 1)
+            fold = fold_in_epoch(args.epochs, config["one_phase"])
             dm = datamodule(args, seed, search=True, augment=augment, fold_in_epoch=fold)
             pl.seed_everything(seed, verbose=False)
             model = ImbalancedClassifier(network, num_classes=dm.num_classes, class_counts=dm.class_counts,

@@ -48,7 +48,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.data.fold_in import DEFAULT_FOLD_IN, fold_in_epoch
 from lightning_autobalance.fingerprint import (
     IGNORED_DATA_KEYS,
     IGNORED_TRAINER_KEYS,
@@ -343,7 +344,7 @@ def run_pipeline(
     plot: bool = True,
     seed: int | None = None,
     one_phase: bool = False,
-    fold_in: float = 0.3,
+    fold_in: float = DEFAULT_FOLD_IN,
     restart: Sequence[str] = (),
     write_config: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
@@ -389,7 +390,7 @@ def run_pipeline(
     for key in ("search_split",):
         if key not in dict(getattr(datamodule, "hparams", {}) or {}):
             raise PipelineSetupError(f"The pipeline needs a datamodule with a `{key}` argument (a LongTailDataModule); "
-                             f"{type(datamodule).__name__} has none in its hyperparameters.")
+                                     f"{type(datamodule).__name__} has none in its hyperparameters.")
     out = Path(output_dir)
     kwargs = dict(trainer_kwargs or {})
     fold_epoch = 0
@@ -398,7 +399,7 @@ def run_pipeline(
         if epochs is None or int(epochs) < 2:
             raise PipelineSetupError(f"one_phase needs at least 2 epochs (retrain_epochs or the trainer's max_epochs) "
                                      f"to search and then fold in; got {epochs}.")
-        fold_epoch = min(max(round(float(fold_in) * int(epochs)), 1), int(epochs) - 1)
+        fold_epoch = fold_in_epoch(int(epochs), fold_in)
     seed = int(torch.initial_seed() % 2**31) if seed is None else int(seed)
     full = _data(datamodule, search_split=False)
     counts = _counts(model, full)
@@ -411,14 +412,14 @@ def run_pipeline(
     if search:
         split = _data(datamodule, search_split=True)
         plan.append(_Stage("search", {**_counts(model, split), "loss": "autobalance"}, {"search_split": True},
-                           search=True, test=False))
+                           search=True, test=False, prepared=split))
         plan.append(_Stage("autobalance", {**counts, "loss": "autobalance", "loss_file": str(found),
                                            "freeze_loss": True}, {"search_split": False}, inputs=(found,),
                            after=("search",)))
     if one_phase:
         folded = _data(datamodule, search_split=True, fold_in_epoch=fold_epoch)
         plan.append(_Stage("one_phase", {**_counts(model, folded), "loss": "autobalance"},
-                           {"search_split": True, "fold_in_epoch": fold_epoch}, search=True))
+                           {"search_split": True, "fold_in_epoch": fold_epoch}, search=True, prepared=folded))
     for name in baselines:
         plan.append(_Stage(name, {**counts, **BASELINES[name], "search": (), "loss_file": None, "freeze_loss": False},
                            {"search_split": False}))
@@ -456,7 +457,8 @@ class _Stage:
     search: bool = False
     test: bool = True
     inputs: tuple[Path, ...] = ()  # files it reads (a found loss): their digests are part of its fingerprint
-    after: tuple[str, ...] = field(default_factory=tuple)  # stages whose output it uses
+    after: tuple[str, ...] = ()  # stages whose output it uses
+    prepared: Any = None  # its datamodule, when the plan already built it (for its counts)
 
 
 def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any], full: Any, seed: int,
@@ -548,7 +550,8 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
         if rank_zero_only.rank == 0:
             _write_json(stage_dir / "fingerprint.json", fp)
         pl.seed_everything(seed, workers=True, verbose=False)
-        model_, dm_ = _clone(model, **st.model), _data(datamodule, **st.data)
+        model_ = _clone(model, **st.model)
+        dm_ = st.prepared if st.prepared is not None else _data(datamodule, **st.data)
         trainer = _stage_trainer(kwargs, stage_dir, epochs_of(st), search=st.search)
         result = _fit_and_test(st.name, model_, dm_, trainer, stage_dir, resume, test=st.test)
         if st.search:
@@ -701,7 +704,7 @@ class AutoBalanceTrainer(pl.Trainer):
         plot: bool = True,
         seed: int | None = None,
         one_phase: bool = False,
-        fold_in: float = 0.3,
+        fold_in: float = DEFAULT_FOLD_IN,
         restart: list[str] | None = None,
     ) -> dict[str, Any]:
         """Search the loss, retrain with it, train the baselines, test all and write results.json.

@@ -110,12 +110,11 @@ def test_datamodule_fold_in_epoch():
     assert len(loader) == math.ceil(sum(dm.long_tail_counts) / 64)  # as long as plain training's epoch
     sampler = find_fold_in_sampler(loader)
     lower = len(split.train_indices)
-    labels = torch.as_tensor(dm.train_dataset.targets) if hasattr(dm.train_dataset, "targets") else None
+    labels = torch.as_tensor(dm.train_dataset.targets)
     for epoch, folded in ((0, False), (1, False), (2, True)):
         drawn = _epoch(sampler, epoch)
         assert (max(drawn) >= lower) is folded  # the train dataset holds the lower part first, then the upper
-    if labels is not None:
-        assert Counter(labels[lower:].tolist()) == Counter(dict(enumerate(dm.upper_class_counts)))
+    assert Counter(labels[lower:].tolist()) == Counter(dict(enumerate(dm.upper_class_counts)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

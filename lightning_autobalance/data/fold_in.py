@@ -25,7 +25,21 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["FoldInSampler", "find_fold_in_sampler"]
+__all__ = ["FoldInSampler", "find_fold_in_sampler", "fold_in_epoch"]
+
+#: The share of a one-phase run's epochs searched before the fold-in, chosen on validation (docs/tuning.md, round 3).
+DEFAULT_FOLD_IN = 0.3
+
+
+def fold_in_epoch(epochs: int, share: float = DEFAULT_FOLD_IN) -> int:
+    """The fold-in epoch of a one-phase run of ``epochs`` epochs (``>= 2``): ``round(share * epochs)``, kept in
+    ``[1, epochs - 1]`` so that both parts have at least one epoch.
+
+    Example:
+        >>> fold_in_epoch(40), fold_in_epoch(6), fold_in_epoch(2, 0.9)
+        (12, 2, 1)
+    """
+    return min(max(round(float(share) * int(epochs)), 1), int(epochs) - 1)
 
 
 class FoldInSampler(Sampler[int]):
