@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from lightning_autobalance.data import profiles
 from lightning_autobalance.data._checks import check_bool, check_choice, check_int, check_real
+from lightning_autobalance.data.device_dataset import DeviceImageDataset, keep_batch
 from lightning_autobalance.data.fold_in import FoldInSampler
+from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
 
 __all__ = ["LongTailDataModule"]
 
@@ -61,6 +63,12 @@ class LongTailDataModule(pl.LightningDataModule):
             the whole set). :attr:`class_counts` are then those of the whole set, the data the final
             model is trained on; an :class:`~lightning_autobalance.AutoBalanceCallback` stops
             searching at the fold-in. None (default): no fold-in.
+        device_resident: Keep every image as one tensor on the training device (the trainer's root device, moved
+            when a dataloader is built) and crop, flip and normalise whole batches there
+            (:class:`~lightning_autobalance.data.device_dataset.DeviceImageDataset`): on a GPU no image crosses from
+            the host during training. Same images, split, order and augmentation distribution as the default path
+            (the random draws differ). Needs ``num_workers=0`` and images of one size held in memory; the
+            datamodules that accept it say so.
 
     Raises:
         ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"``
@@ -88,6 +96,7 @@ class LongTailDataModule(pl.LightningDataModule):
         step_fraction: float = 0.5,
         upper_augment: bool = True,
         fold_in_epoch: int | None = None,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, 1.0)
@@ -103,6 +112,10 @@ class LongTailDataModule(pl.LightningDataModule):
         self.step_fraction = check_real("step_fraction", step_fraction, 0.0, 1.0)
         self.upper_augment = check_bool("upper_augment", upper_augment)
         self.fold_in_epoch = check_int("fold_in_epoch", fold_in_epoch, 1, allow_none=True)
+        self.device_resident = check_bool("device_resident", device_resident)
+        if self.device_resident and self.num_workers:
+            raise ValueError(f"device_resident=True needs num_workers=0 (batches are cut on the device by the main "
+                             f"process), got num_workers={self.num_workers}")
         if self.val_source == "upper" and not self.search_split:
             raise ValueError("val_source='upper' needs search_split=True (there is no upper part otherwise)")
         if self.fold_in_epoch is not None and not self.search_split:
@@ -281,8 +294,22 @@ class LongTailDataModule(pl.LightningDataModule):
                 dataset = self._build_dataset(self._require_upper(), augment=False)
             else:
                 dataset = self._build_test_dataset()
+            if self.device_resident:
+                dataset = self._device_dataset(dataset)
             self._datasets[key] = dataset
         return self._datasets[key]
+
+    def _device_dataset(self, dataset: Dataset[Any]) -> DeviceImageDataset:
+        """The device-resident form of a dataset built by a subclass (see ``device_resident``)."""
+        if not isinstance(dataset, InMemoryImageDataset):
+            raise ValueError(f"{type(self).__name__}: device_resident=True needs its images held in memory, but it "
+                             f"built a {type(dataset).__name__}")
+        return DeviceImageDataset.from_memory(dataset)
+
+    def _data_device(self) -> torch.device:
+        """The device of the trainer this datamodule is attached to (the CPU when none)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     @property
     def train_dataset(self) -> Dataset[Any]:
@@ -333,6 +360,10 @@ class LongTailDataModule(pl.LightningDataModule):
         sampler: Sampler[int] | None = None,
         generator: torch.Generator | None = None,
     ) -> DataLoader[Any]:
+        if isinstance(dataset, DeviceImageDataset):
+            dataset.to(self._data_device())
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                              drop_last=False, collate_fn=keep_batch)
         return DataLoader(
             dataset,
             batch_size=batch_size,

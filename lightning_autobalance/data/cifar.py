@@ -54,6 +54,7 @@ class _LongTailCIFAR(LongTailDataModule):
         step_fraction: float = 0.5,
         upper_augment: bool = True,
         fold_in_epoch: int | None = None,
+        device_resident: bool = False,
     ) -> None:
         super().__init__(
             imbalance_ratio=imbalance_ratio,
@@ -69,6 +70,7 @@ class _LongTailCIFAR(LongTailDataModule):
             step_fraction=step_fraction,
             upper_augment=upper_augment,
             fold_in_epoch=fold_in_epoch,
+            device_resident=device_resident,
         )
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
@@ -151,6 +153,7 @@ class LongTailCIFAR10(_LongTailCIFAR):
         step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        device_resident: See :class:`~lightning_autobalance.data.LongTailDataModule`.
 
     Raises:
         FileNotFoundError: (when the counts are first computed) the data folder is missing.
@@ -191,6 +194,7 @@ class LongTailCIFAR100(_LongTailCIFAR):
         step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        device_resident: See :class:`~lightning_autobalance.data.LongTailDataModule`.
 
     Raises:
         FileNotFoundError: (when the counts are first computed) the data folder is missing.

@@ -48,6 +48,7 @@ class LongTailDigits(LongTailDataModule):
         step_fraction: See :class:`LongTailDataModule`.
         upper_augment: See :class:`LongTailDataModule`.
         fold_in_epoch: See :class:`LongTailDataModule`.
+        device_resident: See :class:`LongTailDataModule`.
 
     Raises:
         ValueError: An argument is out of range; or, when the counts are first computed, a
@@ -80,6 +81,7 @@ class LongTailDigits(LongTailDataModule):
         step_fraction: float = 0.5,
         upper_augment: bool = True,
         fold_in_epoch: int | None = None,
+        device_resident: bool = False,
     ) -> None:
         super().__init__(
             imbalance_ratio=imbalance_ratio,
@@ -95,6 +97,7 @@ class LongTailDigits(LongTailDataModule):
             step_fraction=step_fraction,
             upper_augment=upper_augment,
             fold_in_epoch=fold_in_epoch,
+            device_resident=device_resident,
         )
         self.test_per_class = check_int("test_per_class", test_per_class, 1)
         self.test_seed = check_int("test_seed", test_seed, 0)

@@ -75,6 +75,8 @@ class LongTailImageFolder(LongTailDataModule):
         step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
         fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        device_resident: See :class:`~lightning_autobalance.data.LongTailDataModule`; only with ``image_size=None``
+            (the images are then decoded once, as with ``cache_in_memory``).
 
     Raises:
         ValueError: At construction, a bad argument. When the counts are first computed:
@@ -114,6 +116,7 @@ class LongTailImageFolder(LongTailDataModule):
         step_fraction: float = 0.5,
         upper_augment: bool = True,
         fold_in_epoch: int | None = None,
+        device_resident: bool = False,
     ) -> None:
         super().__init__(
             imbalance_ratio=imbalance_ratio,
@@ -129,6 +132,7 @@ class LongTailImageFolder(LongTailDataModule):
             step_fraction=step_fraction,
             upper_augment=upper_augment,
             fold_in_epoch=fold_in_epoch,
+            device_resident=device_resident,
         )
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
@@ -147,6 +151,12 @@ class LongTailImageFolder(LongTailDataModule):
         self.image_size = check_int("image_size", image_size, 1, allow_none=True)
         self.cache_in_memory = check_bool("cache_in_memory", cache_in_memory)
         self.verify_images = check_bool("verify_images", verify_images)
+        if self.device_resident and self.image_size is not None:
+            raise ValueError(f"device_resident=True needs image_size=None (32x32 images, all of one size, CIFAR "
+                             f"augmentation); got image_size={self.image_size}, whose random resized crops are drawn "
+                             "per image on the host")
+        #: Decode once and keep: asked for, or needed to hold the images on the device.
+        self._in_memory = self.cache_in_memory or self.device_resident
         if self.train_list is not None and self.test_list is None and self.val_source == "test":
             raise ValueError(
                 "val_source='test' needs test_list in list mode; give test_list or choose val_source 'upper' or 'none'"
@@ -311,7 +321,7 @@ class LongTailImageFolder(LongTailDataModule):
 
     def _verify(self, paths: list[str], what: str) -> None:
         """Opens every file as an image (header check), in threads; names the bad ones."""
-        if self.cache_in_memory or not self.verify_images:
+        if self._in_memory or not self.verify_images:
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -341,7 +351,7 @@ class LongTailImageFolder(LongTailDataModule):
             self._verify([self._train_paths[i] for i in self._kept.tolist()], "training")
             self._verified = True
         targets = self._pool_targets[indices]
-        if not self.cache_in_memory:
+        if not self._in_memory:
             paths = [self._train_paths[i] for i in indices.tolist()]
             return ImageFileDataset(paths, targets, self._transform(augment), self._decode_size)
         for i in indices.tolist():
@@ -356,6 +366,6 @@ class LongTailImageFolder(LongTailDataModule):
         self._ensure_plan()
         paths, labels = self._test_split()
         self._verify(paths, "test")
-        if self.cache_in_memory:
+        if self._in_memory:
             return InMemoryImageDataset(self._decoded(paths), labels, self._transform(False))
         return ImageFileDataset(paths, labels, self._transform(False), self._decode_size)

@@ -16,9 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
+from torch.nn import functional as F
 from torchvision.transforms import v2
 
 __all__ = [
+    "BatchTransform",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "CIFAR10_MEAN",
@@ -108,3 +111,84 @@ def imagenet_transform(
         ]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
+
+
+class BatchTransform:
+    """A per-image ``v2.Compose`` of crop, flip, scaling and normalisation, applied to a whole batch at once.
+
+    It takes a batch ``(B, C, H, W)`` (``uint8`` or floating) on any device and does all its work there, drawing
+    its random numbers from that device's global generator (seeded by ``torch.manual_seed`` and Lightning's
+    ``seed_everything``), so a batch kept on a GPU never visits the host. Every image gets its own draws, with the
+    distribution of the per-image transform: a crop offset uniform over ``0..2 * padding`` on each axis (zero
+    padding), a horizontal flip with probability ``p``. Supported steps, in any order the source uses:
+    ``RandomCrop(size, padding)`` with ``size`` the image's own size, constant zero fill;
+    ``RandomHorizontalFlip(p)``; ``ToDtype(torch.float32, scale=True)``; ``Normalize(mean, std)``.
+
+    Args:
+        source: The per-image transform (a ``v2.Compose`` or one of the steps above), or None for no transform.
+
+    Raises:
+        ValueError: ``source`` has a step this class cannot batch; the message names it.
+
+    Example:
+        >>> import torch
+        >>> batch = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+        >>> BatchTransform(cifar_transform(CIFAR10_MEAN, CIFAR10_STD, train=True))(batch).shape
+        torch.Size([4, 3, 32, 32])
+    """
+
+    def __init__(self, source: v2.Transform | None) -> None:
+        steps = list(source.transforms) if isinstance(source, v2.Compose) else [] if source is None else [source]
+        self.steps: list[tuple[str, object]] = []
+        for step in steps:
+            if isinstance(step, v2.RandomCrop):
+                padding = list(step.padding or [0])
+                if (step.pad_if_needed or step.padding_mode != "constant" or step.fill not in (0, None)
+                        or len(set(padding)) != 1):
+                    raise ValueError(f"BatchTransform: only RandomCrop with the same zero padding on every side is "
+                                     f"supported, got {step}")
+                self.steps.append(("crop", (tuple(step.size), int(padding[0]))))
+            elif isinstance(step, v2.RandomHorizontalFlip):
+                self.steps.append(("flip", float(step.p)))
+            elif isinstance(step, v2.ToDtype) and step.scale and step.dtype == torch.float32:
+                self.steps.append(("scale", None))
+            elif isinstance(step, v2.Normalize):
+                self.steps.append(("normalize", (tuple(step.mean), tuple(step.std))))
+            else:
+                raise ValueError(f"BatchTransform cannot apply {type(step).__name__} to a batch on the device: "
+                                 "supported are RandomCrop (zero padding, the image's own size), "
+                                 "RandomHorizontalFlip, ToDtype(torch.float32, scale=True) and Normalize")
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Transform the batch ``images`` of shape ``(B, C, H, W)``."""
+        x = images
+        for kind, arg in self.steps:
+            if kind == "crop":
+                x = _random_crop(x, *arg)  # type: ignore[misc]
+            elif kind == "flip":
+                flip = torch.rand(x.shape[0], device=x.device) < arg  # type: ignore[operator]
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            elif kind == "scale":
+                x = x.to(torch.float32) / 255.0 if not x.is_floating_point() else x.to(torch.float32)
+            else:
+                mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device)[:, None, None] for v in arg)  # type: ignore[misc]
+                x = (x - mean) / std
+        return x
+
+
+def _random_crop(x: Tensor, size: tuple[int, int], padding: int) -> Tensor:
+    """Per-image random crop of ``size`` from the zero-padded batch, offsets uniform over ``0..2 * padding``."""
+    b, c, h, w = x.shape
+    if (h, w) != tuple(size):
+        raise ValueError(f"BatchTransform: RandomCrop{tuple(size)} on images of size {(h, w)}; only a crop of the "
+                         "image's own size (after padding) is supported")
+    if padding == 0:
+        return x
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dev = x.device
+    top = torch.randint(0, 2 * padding + 1, (b,), device=dev)
+    left = torch.randint(0, 2 * padding + 1, (b,), device=dev)
+    rows = (top[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    return padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows, cols]
