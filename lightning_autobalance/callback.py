@@ -78,6 +78,9 @@ MAX_AUTO_INTERVAL = 20
 #: automatic schedule makes at most this share of the run's optimizer steps hyper steps, so that the whole run costs
 #: at most about 1.1 plain trainings (benchmarks/speed.py --one-phase).
 ONE_PHASE_HYPER_SHARE = 0.05
+#: Hyper steps whose figures wait on the device before they are read back in one transfer (also read at the end of
+#: every epoch and of the fit).
+_READ_EVERY = 64
 
 
 def auto_interval(window_steps: int, target_hyper_steps: int, upper_batches_per_pass: int = 1) -> int:
@@ -120,6 +123,10 @@ def _preserve_random_state(device: torch.device) -> Iterator[None]:
         yield
     random.setstate(py_state)
     np.random.set_state(np_state)
+
+
+def _autobalance_forward(module: Any, inputs: Any) -> Tensor:
+    return module.autobalance_forward(inputs)
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -197,7 +204,13 @@ class AutoBalanceCallback(Callback):
     The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
     in the precision plugin's forward context (autocast), from and back to the training loop's random state; the
     loss-parameter arithmetic stays in float32 or wider. A non-finite hypergradient skips that step with a
-    warning. Under DDP every linear piece is averaged over processes so that the loss parameters stay identical
+    warning: the loss parameters keep their values (the hyper-optimizer sees a zero gradient there).
+
+    **No host round-trips.** A hyper step reads nothing back from the device: the finiteness check, gradient
+    clipping and skip act on device tensors, and the step's figures (objective, hypergradient norm, loss
+    parameters) stay there until they are read in one transfer, at the end of each epoch and of the fit, every 64
+    hyper steps, or when an attribute such as :attr:`hyper_steps` is read. Loggers receive them then, with their
+    own step numbers. Under DDP every linear piece is averaged over processes so that the loss parameters stay identical
     on every rank.
 
     Args:
@@ -349,9 +362,11 @@ class AutoBalanceCallback(Callback):
         self.log_max_classes = log_max_classes
         self.seed = seed
 
-        self.hyper_steps = 0
-        self.skipped_steps = 0
-        self.last_objective: float | None = None
+        self._attempted = 0  # hyper steps taken, finite or not (host count)
+        self._skipped = 0  # of those, skipped (known once their records are read)
+        self._last_objective: float | None = None
+        self._records: list[tuple[int, list[str], Tensor]] = []  # (step, names, values) not read yet
+        self._fmodel: FunctionalModel | None = None  # the module as a function of its weights, built once a fit
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
         self._objective_fn: Objective | None = None
@@ -361,7 +376,8 @@ class AutoBalanceCallback(Callback):
         self._interval = every_n_steps or 1
         self._planned: int | None = None
         self._window: tuple[int, int | None] = (0, None)
-        self._fit_hyper_steps = 0
+        self._fit_attempted = 0
+        self._fit_skipped = 0
         self._shrink_counts: dict[str, Tensor] = {}
         self._pending: dict[str, Any] | None = None
         self._batch: Any = None
@@ -370,6 +386,24 @@ class AutoBalanceCallback(Callback):
         self._train_state: dict[str, int] | None = None
         self._fold_in_epoch: int | None = None
         self._resumed_at = 0
+
+    @property
+    def hyper_steps(self) -> int:
+        """Hyper steps that updated the loss parameters (skipped ones excluded), over every fit of this callback."""
+        self._read()
+        return self._attempted - self._skipped
+
+    @property
+    def skipped_steps(self) -> int:
+        """Hyper steps skipped for a non-finite hypergradient."""
+        self._read()
+        return self._skipped
+
+    @property
+    def last_objective(self) -> float | None:
+        """The upper objective's value at the latest hyper step (None before the first)."""
+        self._read()
+        return self._last_objective
 
     @property
     def state_key(self) -> str:
@@ -453,6 +487,7 @@ class AutoBalanceCallback(Callback):
                 raise RuntimeError("upper_source='datamodule' but neither the datamodule nor the LightningModule "
                                    "has an upper_dataloader() method.")
         # The validation data as the Trainer resolves it: fit(val_dataloaders=...), the datamodule's or the module's.
+        # Private (no public accessor before the validation loop runs); guarded by tests/test_lightning_private.py.
         val = None
         source = trainer.fit_loop.epoch_loop.val_loop._data_source
         if source.is_defined():
@@ -583,7 +618,8 @@ class AutoBalanceCallback(Callback):
                 and self._planned):
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, functools.partial(_cosine_factor, total=self._planned))
-        self._fit_hyper_steps = 0
+        self._fit_attempted = self._fit_skipped = 0
+        self._fmodel = None
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -665,12 +701,17 @@ class AutoBalanceCallback(Callback):
                            f"stays as the search left it ({self.hyper_steps} hyper steps).")
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read(trainer)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resumed_at = trainer.global_step  # restored from a checkpoint by now
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fit_hyper_steps > 0 or self.optimizer is None or trainer.sanity_checking:
+        self._read(trainer)
+        if self._fit_attempted - self._fit_skipped > 0 or self.optimizer is None or trainer.sanity_checking:
             return
         end = self._window[1]
         if end is not None and self._resumed_at >= end and self.hyper_steps > 0:
@@ -791,7 +832,9 @@ class AutoBalanceCallback(Callback):
                      for _ in range(self.upper_batches)]
             if trainer.world_size > 1:
                 self._check_batch_sizes(trainer, train, upper)
-            fmodel = FunctionalModel(pl_module, lambda m, x: m.autobalance_forward(x))
+            if self._fmodel is None or self._fmodel.module is not pl_module:
+                self._fmodel = FunctionalModel(pl_module, _autobalance_forward)
+            fmodel = self._fmodel
             processes = contextlib.nullcontext()
             if trainer.world_size > 1:
                 processes = across_processes(lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
@@ -801,31 +844,73 @@ class AutoBalanceCallback(Callback):
                     fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables,
                     self._objective_fn, train, upper, self.estimator, reduce=self._reduce(trainer),
                     loss_scale=loss_scale)
-        metrics: dict[str, float] = {"autobalance/objective": float(result.objective)}
-        if not result.finite:
-            self.skipped_steps += 1
-            rank_zero_warn(f"AutoBalance: non-finite hypergradient at step {trainer.global_step}; hyper step skipped "
-                           f"({self.skipped_steps} so far). The loss parameters are unchanged.")
-        else:
-            grads = result.grad
-            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
-            if self.max_norm is not None and float(norm) > self.max_norm:
-                grads = {k: g * (self.max_norm / float(norm)) for k, g in grads.items()}
-            for name, tensor in params.alpha().items():
-                tensor.grad = grads[name].to(tensor)
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._shrink(params, lr)
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.hyper_steps += 1
-            self._fit_hyper_steps += 1
-            metrics["autobalance/hypergrad_norm"] = float(norm)
-        self.last_objective = metrics["autobalance/objective"]
-        metrics["autobalance/skipped"] = float(self.skipped_steps)
-        pl_module.log("hyper_obj", self.last_objective, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        self._log_parameters(trainer, params, metrics)
+        norm = self._update(params, result)
+        self._attempted += 1
+        self._fit_attempted += 1
+        objective = result.objective.detach()
+        pl_module.log("hyper_obj", objective.float(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        names, values = ["finite", "autobalance/objective", "autobalance/hypergrad_norm"], [
+            result.finite.double().reshape(1), objective.double().reshape(1), norm.reshape(1)]
+        if trainer.loggers and trainer.global_rank == 0:
+            more, tensors = self._parameter_values(params)
+            names += more
+            values += tensors
+        self._records.append((trainer.global_step, names, torch.cat([v.to(values[0].device) for v in values])))
+        if len(self._records) >= _READ_EVERY:
+            self._read(trainer)
+
+    def _update(self, params: Any, result: Any) -> Tensor:
+        """One step of the hyper-optimizer on the loss parameters, skipped (the parameters restored) when the
+        hypergradient is not finite; all on the device. Returns the hypergradient's norm (before clipping)."""
+        assert self.optimizer is not None
+        ok = result.finite
+        grads = result.grad
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+        factor = None
+        if self.max_norm is not None:
+            factor = torch.clamp(self.max_norm / norm, max=1.0)
+        alpha = params.alpha()
+        before = {name: tensor.detach().clone() for name, tensor in alpha.items()}
+        for name, tensor in alpha.items():
+            g = grads[name] if factor is None else grads[name] * factor.to(grads[name].dtype)
+            tensor.grad = torch.where(ok, g, torch.zeros_like(g)).to(tensor)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._shrink(params, lr)
+        with torch.no_grad():
+            for name, tensor in alpha.items():
+                tensor.copy_(torch.where(ok, tensor, before[name]))
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return norm  # type: ignore[return-value]
+
+    def _read(self, trainer: pl.Trainer | None = None) -> None:
+        """Brings the hyper steps' records to the host in one transfer: counts skipped steps (with a warning),
+        keeps the last objective and hands the figures to the loggers."""
+        if not self._records:
+            return
+        records, self._records = self._records, []
+        flat = torch.cat([r[2].detach().double().cpu() for r in records]).tolist()
+        loggers = trainer.loggers if trainer is not None and trainer.global_rank == 0 else []
+        at = 0
+        skipped_at = []
+        for step, names, values in records:
+            row = dict(zip(names, flat[at:at + values.numel()], strict=True))
+            at += values.numel()
+            if row.pop("finite") < 0.5:
+                self._skipped += 1
+                self._fit_skipped += 1
+                skipped_at.append(step)
+                row.pop("autobalance/hypergrad_norm")
+            self._last_objective = row["autobalance/objective"]
+            row["autobalance/skipped"] = float(self._skipped)
+            for logger in loggers:
+                logger.log_metrics(row, step=step)
+        if skipped_at:
+            where = f"step {skipped_at[0]}" if len(skipped_at) == 1 else f"steps {skipped_at}"
+            rank_zero_warn(f"AutoBalance: non-finite hypergradient at {where}; hyper step skipped ({self._skipped} so "
+                           "far). The loss parameters are unchanged.")
 
     @torch.no_grad()
     def _shrink(self, params: Any, lr: float) -> None:
@@ -838,9 +923,10 @@ class AutoBalanceCallback(Callback):
             factor = (1.0 - lr * self.shrinkage / counts.to(value).clamp(min=1.0)).clamp(min=0.0)
             value.mul_(factor)
 
-    def _log_parameters(self, trainer: pl.Trainer, params: Any, metrics: dict[str, float]) -> None:
-        if not trainer.loggers or trainer.global_rank != 0:
-            return
+    def _parameter_values(self, params: Any) -> tuple[list[str], list[Tensor]]:
+        """Names and device values of the loss parameters' logged figures (tables per class, or their summary)."""
+        names: list[str] = []
+        values: list[Tensor] = []
         with torch.no_grad():
             tables = params.tables()
         k, g = params.num_classes, params.num_groups
@@ -848,26 +934,27 @@ class AutoBalanceCallback(Callback):
         for name, table in zip(("delta", "offset", "weight"), tables):
             if name not in params.search:
                 continue
-            values = table.detach().double().cpu()
+            table = table.detach().double()
             if k * g <= self.log_max_classes:
                 for gi in range(g):
                     prefix = f"autobalance/{name}/" + (f"g{gi}_" if g > 1 else "")
-                    metrics.update({f"{prefix}{c:0{width}d}": float(values[gi, c]) for c in range(k)})
+                    names += [f"{prefix}{c:0{width}d}" for c in range(k)]
+                    values.append(table[gi].flatten())
             else:
-                metrics.update({f"autobalance/{name}/min": float(values.min()),
-                                f"autobalance/{name}/max": float(values.max()),
-                                f"autobalance/{name}/mean": float(values.mean())})
+                names += [f"autobalance/{name}/{stat}" for stat in ("min", "max", "mean")]
+                values.append(torch.stack([table.min(), table.max(), table.mean()]))
         for name, value in params.alpha().items():
             if value.ndim == 0:  # shared scalars (tau, gamma, omega)
-                metrics[f"autobalance/{name}"] = float(value)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+                names.append(f"autobalance/{name}")
+                values.append(value.detach().double().reshape(1))
+        return names, values
 
     # ------------------------------------------------------------------------------------------------------
     # checkpointing
     # ------------------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._read()
         return {
             "hyper_steps": self.hyper_steps,
             "skipped_steps": self.skipped_steps,
@@ -881,8 +968,9 @@ class AutoBalanceCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before on_fit_start, where the optimizer is built: apply it there.
         self._pending = dict(state_dict)
-        self.hyper_steps = int(state_dict.get("hyper_steps", 0))
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._records = []
+        self._skipped = int(state_dict.get("skipped_steps", 0))
+        self._attempted = int(state_dict.get("hyper_steps", 0)) + self._skipped
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state.get("optimizer") is not None and self.optimizer is not None:

@@ -48,6 +48,8 @@ from lightning_autobalance.estimator import CURVATURES, Curvature, Estimator, Pr
 from lightning_autobalance.losses import LossTables
 
 __all__ = [
+    "SOLVERS",
+    "Problem",
     "Batch",
     "Estimator",
     "FunctionalModel",
@@ -204,14 +206,17 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _difference_step(params: Tree, direction: Tree, central: bool) -> float:
+def _difference_step(params: Tree, direction: Tree, central: bool) -> tuple[Tensor, Tensor]:
+    """The step ``h`` of a difference along ``direction`` (scaled to the norms of both) and whether the direction
+    is zero, as device tensors: computing them reads nothing back to the host. A non-finite direction gives a
+    non-finite ``h`` or a zero one (its product is then non-finite too, and the hyper step is skipped)."""
     dtype = next(iter(params.values())).dtype
     eps = torch.finfo(_wide(dtype)).eps
     rel = eps ** (1.0 / 3.0) if central else math.sqrt(eps)
-    pn, dn = float(_norm(params)), float(_norm(direction))
-    if dn == 0.0 or not math.isfinite(dn):
-        return 0.0 if dn == 0.0 else math.nan  # a non-finite direction must give a non-finite product (step skipped)
-    return rel * max(pn, 1.0) / dn
+    pn, dn = _norm(params), _norm(direction)
+    zero = dn == 0.0
+    h = rel * pn.clamp(min=1.0) / torch.where(zero, torch.ones_like(dn), dn)
+    return h, zero
 
 
 def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, direction: Tree,
@@ -240,22 +245,18 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
     if mode != "difference":
         raise ValueError(f"mode must be 'auto', 'jvp' or 'difference'; got {mode!r}.")
     cached = None if low else batch.logits
-    h = _difference_step(params, direction, central=cached is None)
+    h, zero = _difference_step(params, direction, central=cached is None)
     wide = _wide(params[fmodel.names[0]].dtype)
     with torch.no_grad(), _no_autocast(device) if low else contextlib.nullcontext():
-        if h == 0.0:
-            logits = cached
-            if logits is None:
-                with _rng(batch.rng_state, device):
-                    logits = fmodel(params, batch.inputs)
-            return logits, torch.zeros_like(logits)
         with _rng(batch.rng_state, device):
-            plus = fmodel(_axpy(h, direction, params), batch.inputs).to(wide)
+            plus = fmodel(_axpy(h.to(wide), direction, params), batch.inputs).to(wide)
         if cached is None:
             with _rng(batch.rng_state, device):
-                minus = fmodel(_axpy(-h, direction, params), batch.inputs).to(wide)
-            return (plus + minus) / 2.0, (plus - minus) / (2.0 * h)
-        return cached, (plus - cached.to(wide)) / h
+                minus = fmodel(_axpy(-h.to(wide), direction, params), batch.inputs).to(wide)
+            logits, u = (plus + minus) / 2.0, (plus - minus) / (2.0 * h)
+        else:
+            logits, u = cached, (plus - cached.to(wide)) / h
+        return logits, torch.where(zero, torch.zeros_like(u), u)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,12 +421,80 @@ class HypergradientResult:
     Attributes:
         grad: ``dF/dalpha`` by name (same keys and dtypes as ``alpha``).
         objective: the upper objective's value on the upper batches (at ``theta``, or ``theta'`` for unroll).
-        finite: whether every entry of ``grad`` is finite.
+        finite: whether every entry of ``grad`` is finite: a 0-dim bool tensor on the gradient's device, so that
+            computing it reads nothing back to the host (``bool(result.finite)`` reads it).
     """
 
     grad: Tree
     objective: Tensor
-    finite: bool
+    finite: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The methods: how the direction p of the mixed term is found
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a hypergradient method sees: the model at ``theta``, the batches, the loss tables at ``alpha``, the two
+    objectives and the :class:`~lightning_autobalance.estimator.Estimator`."""
+
+    fmodel: FunctionalModel
+    params: Tree
+    train_batches: Sequence[Batch]
+    upper_batches: Sequence[Batch]
+    tables: LossTables
+    train_loss: TrainLoss
+    objective: Objective
+    estimator: Estimator
+    reduce: Reduce | None
+    loss_scale: float
+
+    def upper_gradient(self, params: Tree | None = None) -> tuple[Tree, Tensor]:
+        """``v = grad_theta L_upper`` at ``params`` (default ``theta``) and the objective's value there."""
+        return upper_gradient(self.fmodel, self.params if params is None else params, self.upper_batches,
+                              self.objective, self.reduce, self.loss_scale)
+
+    def train_gradient(self) -> Tree:
+        """``grad_theta L_train`` at ``theta``, with the estimator's ``weight_decay`` term."""
+        g = train_gradient(self.fmodel, self.params, self.train_batches, self.tables, self.train_loss, self.reduce,
+                           self.loss_scale)
+        wd = self.estimator.weight_decay
+        return _axpy(wd, self.params, g) if wd else g
+
+    def curvature(self, vec: Tree, shift: float = 0.0) -> Tree:
+        """``(H + (weight_decay + shift) I) vec`` with the estimator's curvature."""
+        hv = curvature_product(self.fmodel, self.params, self.train_batches, self.tables, self.train_loss, vec,
+                               self.estimator.curvature, self.reduce, self.loss_scale)
+        total = self.estimator.weight_decay + shift
+        return _axpy(total, vec, hv) if total else hv
+
+
+def _neumann(problem: Problem) -> tuple[Tree, Tensor]:
+    est = problem.estimator
+    v, value = problem.upper_gradient()
+    return neumann_series(lambda x: problem.curvature(x, est.damping), v, est.eta, est.terms), value
+
+
+def _cg(problem: Problem) -> tuple[Tree, Tensor]:
+    est = problem.estimator
+    v, value = problem.upper_gradient()
+    return conjugate_gradient(problem.curvature, v, est.cg_iterations, est.damping), value
+
+
+def _unroll(problem: Problem) -> tuple[Tree, Tensor]:
+    eta = problem.estimator.eta
+    v, value = problem.upper_gradient(_axpy(-eta, problem.train_gradient(), problem.params))
+    return _scale(eta, v), value
+
+
+#: The hypergradient methods by :attr:`Estimator.method <lightning_autobalance.estimator.Estimator.method>` name. A
+#: method maps a :class:`Problem` to ``(p, objective value)``: ``p`` approximates ``H^{-1} v`` (``v`` the upper
+#: gradient; for ``unroll`` it is ``eta v`` at the virtually stepped weights), and :func:`hypergradient` turns it
+#: into ``-d^2 L_train / d alpha d theta . p``. Adding an entry here is all a new method needs
+#: (:class:`~lightning_autobalance.estimator.Estimator` accepts every name of this table).
+SOLVERS: dict[str, Callable[[Problem], tuple[Tree, Tensor]]] = {"neumann": _neumann, "cg": _cg, "unroll": _unroll}
 
 
 def hypergradient(
@@ -481,8 +550,7 @@ def hypergradient(
         raise ValueError(f"hypergradient takes an estimator or its settings by name, not both; got {sorted(settings)} "
                          "beside an Estimator.")
     est = estimator if estimator is not None else Estimator(**settings)
-    method, eta, terms, damping = est.method, est.eta, est.terms, est.damping
-    curvature, product, weight_decay = est.curvature, est.product, est.weight_decay
+    method, product = est.method, est.product
     if not train_batches or not upper_batches:
         raise ValueError("hypergradient needs at least one training batch and one upper batch.")
     fmodel = model if isinstance(model, FunctionalModel) else FunctionalModel(model, forward)
@@ -490,23 +558,9 @@ def hypergradient(
     with torch.no_grad():
         tables = LossTables(*(t.detach() for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
 
-    def matvec(vec: Tree) -> Tree:
-        hv = curvature_product(fmodel, params, train_batches, tables, train_loss, vec, curvature, reduce, loss_scale)
-        shift = weight_decay + (damping if method == "neumann" else 0.0)
-        return _axpy(shift, vec, hv) if shift else hv
-
-    if method == "unroll":
-        g = train_gradient(fmodel, params, train_batches, tables, train_loss, reduce, loss_scale)
-        if weight_decay:
-            g = _axpy(weight_decay, params, g)
-        v, value = upper_gradient(fmodel, _axpy(-eta, g, params), upper_batches, objective, reduce, loss_scale)
-        p = _scale(eta, v)
-    else:
-        v, value = upper_gradient(fmodel, params, upper_batches, objective, reduce, loss_scale)
-        if method == "neumann":
-            p = neumann_series(matvec, v, eta, terms)
-        else:
-            p = conjugate_gradient(matvec, v, est.cg_iterations, damping)
+    problem = Problem(fmodel, params, train_batches, upper_batches, tables, train_loss, objective, est, reduce,
+                      loss_scale)
+    p, value = SOLVERS[method](problem)
 
     grad: Tree | None = None
     for batch in train_batches:
@@ -516,5 +570,5 @@ def hypergradient(
     assert grad is not None
     grad = _reduce_tree(_scale(-1.0 / len(train_batches), grad), reduce)
     grad = {k: grad[k].to(_wide(alpha[k].dtype)) for k in alpha}
-    finite = all(bool(torch.isfinite(t).all()) for t in grad.values())
+    finite = torch.stack([torch.isfinite(t).all() for t in grad.values()]).all()
     return HypergradientResult(grad=grad, objective=value, finite=finite)

@@ -934,3 +934,72 @@ def test_callback_and_mixin_under_the_unified_lightning_package():
               enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]).fit(model, _train_loader())
     assert callback.hyper_steps == 20
     assert float(model.autobalance.alpha()["tau"]) != 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. a hyper step reads nothing back from the device
+# ---------------------------------------------------------------------------------------------------------------
+
+_CORE = ("callback.py", "hypergradient.py", "objectives.py", "losses.py", "parametrization.py", "mixin.py",
+         "classifier.py", "estimator.py")
+
+
+class _HostReads:
+    """Records, while active, every host read of a tensor (``item``, ``tolist``, ``bool``, ``float``, ``int``) made
+    from the package's core files, with the line that made it. On a GPU each such read would wait for the device.
+    Reads made by the data pipeline (samplers, batch streams: host tensors by design) and by ``torch.optim`` (its
+    step counters live on the host unless ``capturable``) are not counted."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.active = False
+
+    def _wrap(self, name):
+        original = getattr(torch.Tensor, name)
+        probe = self
+
+        def wrapper(tensor, *args, **kwargs):
+            if probe.active:
+                import traceback
+
+                stack = traceback.extract_stack()[:-1]
+                if "torch/optim/" in stack[-1].filename:
+                    return original(tensor, *args, **kwargs)
+                for frame in reversed(stack):
+                    if "lightning_autobalance" in frame.filename:
+                        if frame.filename.endswith(_CORE):
+                            probe.reads.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {name}")
+                        break
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize(("product", "max_norm", "logger"), [("auto", None, False), ("jvp", 1.0, True)])
+def test_a_hyper_step_makes_no_host_read(product, max_norm, logger, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Net(search=("offset", "weight"))
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader(),
+                                   estimator=Estimator(product=product), max_norm=max_norm)
+    probe = _HostReads()
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, probe._wrap(name))
+    inner = callback._hyper_step
+
+    def watched(trainer, pl_module):
+        probe.active = True
+        try:
+            inner(trainer, pl_module)
+        finally:
+            probe.active = False
+
+    monkeypatch.setattr(callback, "_hyper_step", watched)
+    kwargs = {"logger": CSVLogger(tmp_path, name="run")} if logger else {}
+    _trainer([callback], max_steps=5, **kwargs).fit(model, _train_loader())
+    monkeypatch.undo()
+    assert callback.hyper_steps == 5 and callback.skipped_steps == 0
+    assert sorted(set(probe.reads)) == []
+    if logger:  # the figures still reach the logger, read after the steps
+        with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("autobalance/objective")]
+        assert len(rows) == 5 and all(math.isfinite(float(r["autobalance/hypergrad_norm"])) for r in rows)
