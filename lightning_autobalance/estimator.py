@@ -20,6 +20,13 @@ CURVATURES = ("gauss_newton", "hessian")
 PRODUCTS = ("difference", "jvp")
 
 
+def _methods() -> tuple[str, ...]:
+    """The method names: the built-in ones and any added to ``hypergradient.SOLVERS``."""
+    from lightning_autobalance.hypergradient import SOLVERS  # the registry lives with the methods
+
+    return tuple(SOLVERS)
+
+
 @dataclass(frozen=True)
 class Estimator:
     """The hypergradient estimate (see :mod:`lightning_autobalance.hypergradient` for the mathematics).
@@ -27,7 +34,7 @@ class Estimator:
     Attributes:
         method: ``"neumann"`` (``p = eta sum_{j<=terms} (I - eta H)^j v``), ``"cg"`` (conjugate gradient on
             ``(H + damping I) p = v``) or ``"unroll"`` (the exact derivative of one virtual SGD step of size
-            ``eta``).
+            ``eta``); any name of :data:`lightning_autobalance.hypergradient.SOLVERS` (where a new method is added).
         eta: the Neumann step / virtual SGD step, ``> 0``.
         terms: Neumann terms beyond the first, ``>= 0`` (``0``: the one-step hypergradient; the paper uses 5
             with ``eta=1``).
@@ -50,7 +57,7 @@ product='difference', weight_decay=0.0)
         ValueError: damping must be >= 0; got -1.0.
     """
 
-    method: Method = "neumann"
+    method: str = "neumann"
     eta: float = 1.0
     terms: int = 0
     damping: float = 0.0
@@ -63,7 +70,7 @@ product='difference', weight_decay=0.0)
         if self.product == "auto":
             object.__setattr__(self, "product", "difference")
         checks = [
-            (self.method in METHODS, f"method must be one of {METHODS}; got {self.method!r}."),
+            (self.method in _methods(), f"method must be one of {_methods()}; got {self.method!r}."),
             (self.curvature in CURVATURES, f"curvature must be one of {CURVATURES}; got {self.curvature!r}."),
             (self.product in PRODUCTS, f"product must be one of {PRODUCTS}; got {self.product!r}."),
             (self.eta > 0, f"eta must be positive; got {self.eta}."),

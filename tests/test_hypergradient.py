@@ -392,3 +392,33 @@ def test_bad_settings_raise():
         hypergradient(net, param.alpha(), param.tables, train_loss, lambda f, t, g: f.sum(0), [Batch(x, y)],
                       [Batch(x, y)])
 
+
+
+def test_a_method_added_to_the_registry_is_accepted_everywhere(monkeypatch):
+    """A new method is one entry of ``SOLVERS``: ``Estimator`` accepts its name and ``hypergradient`` runs it.
+    Here ``p = v`` (the curvature taken as the identity), which must equal one-step Neumann with ``eta = 1``."""
+    import importlib
+
+    hg = importlib.import_module("lightning_autobalance.hypergradient")  # the module (the package exports the function)
+
+    def identity(problem):
+        return problem.upper_gradient()
+
+    monkeypatch.setitem(hg.SOLVERS, "identity", identity)
+    torch.manual_seed(0)
+    net, loss = nn.Linear(4, 3).double(), PerClass([50, 10, 2], preset="la", search=("delta", "offset"))
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    xu, yu = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+
+    def run(estimator):
+        return hg.hypergradient(net, loss.alpha(), loss.tables,
+                                lambda f, t, g, tab: adjusted_cross_entropy(f, t, *tab, group=g),
+                                lambda f, t, g: F.cross_entropy(f, t), [Batch(x, y)], [Batch(xu, yu)], estimator,
+                                ).grad
+
+    got, expected = run(Estimator(method="identity", product="jvp")), run(Estimator(eta=1.0, product="jvp"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
+    monkeypatch.delitem(hg.SOLVERS, "identity")
+    with pytest.raises(ValueError, match="method must be one of"):
+        Estimator(method="identity")
