@@ -130,6 +130,8 @@ class BatchStream:
                           "as it is, so resuming will not reproduce the same batches and it is not sharded.",
                           stacklevel=2)
         else:
+            # Private in lightning_fabric, the one function that re-creates any DataLoader (subclass, custom
+            # arguments) around a new sampler; guarded by tests/test_lightning_private.py.
             from lightning_fabric.utilities.data import _update_dataloader
 
             self.sampler = ShardSampler(len(dataset), seed, rank, world_size, shuffle, labels=labels)

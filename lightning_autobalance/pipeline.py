@@ -117,6 +117,8 @@ def _clone(template: Any, **overrides: Any) -> Any:
         module_name, _, fn_name = instantiator.rpartition(".")
         instantiate = getattr(importlib.import_module(module_name), fn_name)
         config = {**config, **overrides}
+        # Private in Lightning, what load_from_checkpoint uses to keep the CLI's configuration as hyperparameters;
+        # guarded by tests/test_lightning_private.py.
         with _given_hyperparameters_context(hparams=config, instantiator=instantiator):
             return instantiate(type(template), config)
     # Other private entries (``_class_path``) are LightningCLI's too.
