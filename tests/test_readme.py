@@ -192,6 +192,13 @@ def test_readme_command_runs(command: str, tmp_path: Path, bench: Path, data: di
                     "--trainer.limit_train_batches", "2", "--trainer.limit_test_batches", "2"]
             monkeypatch.setattr("sys.argv", ["groups.py", *argv])
             _load("benchmarks/groups.py").main()
+        elif kind == "paper_protocol":  # a GPU command: here one row, on the CPU, at 1% of the protocol's epochs
+            out = tmp_path / "paper"
+            argv = [*words[2:], "--data", str(data["jpeg"]), "--out", str(out), "--accelerator", "cpu",
+                    "--scale", "0.01", "--rows", "la", "--threads", "1", "--set=--data.init_args.imbalance_ratio=10",
+                    "--set=--data.init_args.batch_size=16"]
+            assert _load("benchmarks/paper_protocol.py").main(argv) == 0
+            assert "| la |" in (out / "paper_protocol.md").read_text()
         elif kind == "speed":
             argv = [*words[2:], "--quick", "--batch-size", "4", "--repeats", "1", "--epoch-repeats", "1",
                     "--epoch-steps", "2", "--schedules", "3", "--out", str(tmp_path / "speed.md")]
