@@ -7,7 +7,7 @@ An objective is any callable ``objective(logits, target, group) -> scalar tensor
 name                objective
 ==================  ================================================================================================
 ``balanced_ce``     cross-entropy weighted by the inverse class (or, ``over="cell"``, (class, group) cell) frequency
-                    of the upper data: the default, DESIGN.md section 4
+                    of the upper data: the default, a smooth surrogate of the balanced error
 ``worst_class``     a smooth maximum over classes of the per-class mean cross-entropy (:class:`WorstGroupLoss`)
 ``worst_group``     the same over groups: ``over="cell"`` ((label, group) cells, the default), ``"group"`` or
                     ``"class"``
@@ -62,6 +62,7 @@ __all__ = [
     "BalancedCrossEntropy",
     "BlendedObjective",
     "EqualOpportunityGap",
+    "WorstClassLoss",
     "WorstGroupLoss",
     "across_processes",
     "balanced_cross_entropy",
@@ -651,27 +652,36 @@ def _with_groups(part: Any, common: dict[str, Any], kwargs: Mapping[str, Any] | 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _worst_class(class_counts: Any, **kwargs: Any) -> WorstGroupLoss:
-    if kwargs.get("over", "class") != "class":
-        raise ValueError("'worst_class' ranges over classes; use 'worst_group' with over='group' or 'cell'.")
-    kwargs.pop("over", None)
-    return WorstGroupLoss(class_counts, over="class", **kwargs)
+class WorstClassLoss(WorstGroupLoss):
+    """The ``"worst_class"`` objective: :class:`WorstGroupLoss` over classes (``over="class"``, the only value
+    it takes).
 
+    Example:
+        >>> WorstClassLoss([20, 5, 2], temperature=0.5).over
+        'class'
+    """
 
-def _worst_class_settings(**kwargs: Any) -> None:
-    if kwargs.get("over", "class") != "class":
-        raise ValueError("'worst_class' ranges over classes; use 'worst_group' with over='group' or 'cell'.")
-    WorstGroupLoss.check_settings(**{**kwargs, "over": "class"})
+    def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, over: Over = "class",
+                 mode: Literal["lse", "cvar", "max"] = "lse", temperature: float = 0.1, fraction: float = 0.2,
+                 missing: Missing = "mask", num_groups: int | None = None) -> None:
+        self.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
+                            num_groups=num_groups)
+        super().__init__(class_counts, "class", mode, temperature, fraction, missing, num_groups)
 
+    @staticmethod
+    def check_settings(over: Any = "class", mode: Any = "lse", temperature: Any = 0.1, fraction: Any = 0.2,
+                       missing: Any = "mask", num_groups: Any = None) -> None:
+        """Checks the settings alone (no counts needed); raises ``ValueError``."""
+        if over != "class":
+            raise ValueError("'worst_class' ranges over classes; use 'worst_group' with over='group' or 'cell'.")
+        WorstGroupLoss.check_settings("class", mode, temperature, fraction, missing, num_groups)
 
-_worst_class.check_settings = _worst_class_settings  # type: ignore[attr-defined]
-_worst_class.__signature__ = inspect.signature(WorstGroupLoss)  # type: ignore[attr-defined]
 
 #: Objectives selectable by name; each entry builds the objective from the upper counts (``K`` class counts or a
 #: ``G x K`` table of (group, class) counts) and its settings.
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "balanced_ce": BalancedCrossEntropy,
-    "worst_class": _worst_class,
+    "worst_class": WorstClassLoss,
     "worst_group": WorstGroupLoss,
     "deo": EqualOpportunityGap,
     "blend": BlendedObjective,

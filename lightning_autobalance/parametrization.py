@@ -1,7 +1,7 @@
 """Parametrisations of the loss parameters ``alpha`` that AutoBalance searches.
 
 A parametrisation maps a few free tensors (``alpha``) to the ``(delta, offset, weight)`` tables of
-:mod:`lightning_autobalance.losses`. Three shapes are offered (DESIGN.md section 3):
+:mod:`lightning_autobalance.losses`. The shapes offered:
 
 * :class:`PerClass`: one free value per class (per class and group with ``num_groups > 1``);
 * :class:`FrequencyGroups`: classes sorted by count share one value per bin of ``group_size`` classes (any

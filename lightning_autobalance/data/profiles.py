@@ -1,7 +1,7 @@
 """Long-tail profiles, seeded sample selection and per-class splits.
 
 Plain numpy; nothing here knows about Lightning. These functions fix the data protocol of
-the long-tailed benchmarks (DESIGN.md section 6): which class keeps how many samples, which
+the long-tailed benchmarks: which class keeps how many samples, which
 samples stay, how the training set is split into a lower (training) and an upper (held-out)
 part for the loss search, and which classes count as head, medium or tail.
 
