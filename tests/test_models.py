@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
+from lightning_autobalance.hypergradient import FunctionalModel
 from lightning_autobalance.models import (
     NETWORK_NAMES,
     BasicBlockA,
@@ -29,18 +30,11 @@ Params = dict[str, torch.Tensor]
 
 
 def _logits_fn(model: nn.Module, x: torch.Tensor) -> Callable[[Params], torch.Tensor]:
-    """Logits as a function of the parameters only.
-
-    The buffers are cloned *inside* the function, so train-mode BatchNorm updates the clones
-    (not the module) and torch.func does not complain about mutating a captured tensor.
-    """
-    buffers = dict(model.named_buffers())
-
-    def f(params: Params) -> torch.Tensor:
-        local = {name: b.clone() for name, b in buffers.items()}
-        return functional_call(model, {**params, **local}, (x,))
-
-    return f
+    """Logits as a function of the parameters only, through the package's own
+    :class:`~lightning_autobalance.hypergradient.FunctionalModel` (the one the hyper step uses): buffers are cloned
+    on every call, so train-mode BatchNorm updates the clones, not the module."""
+    fmodel = FunctionalModel(model)
+    return lambda params: fmodel(params, x)
 
 
 def _params(model: nn.Module) -> Params:

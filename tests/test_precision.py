@@ -158,7 +158,7 @@ def test_cuda_16_mixed_overflow_is_skipped():
         assert torch.equal(v.cpu(), before[k])
 
 
-def test_unused_helper_is_consistent():
+def test_the_toy_images_are_learnable():
     # The toy data must be learnable, or the precision checks above compare noise.
     x, y = images(COUNTS, 0)
     means = torch.stack([x[y == c].mean(dim=(0, 2, 3)) for c in range(3)])
