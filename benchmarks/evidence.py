@@ -10,7 +10,8 @@ per-class test errors). This script pairs rows by seed (same data, same initial 
   the same pipeline process), and the two-phase pipeline's (search + retraining) over LA's.
 * ``versus``: AutoBalance against one baseline, paired: balanced and worst-class error differences, with the
   baseline's rows taken from the same runs folder or from ``--baseline-runs`` (another benchmark of the same
-  seeds, e.g. an AutoBalance run with another objective against the LA rows of a first run).
+  seeds, e.g. an AutoBalance run with another objective against the LA rows of a first run). The retrained points
+  of a ``quality.py --grid`` run count as methods ``grid_la``, ``grid_vs`` and ``grid_all``.
 
 Example::
 
@@ -18,6 +19,7 @@ Example::
     python benchmarks/evidence.py versus runs/quality/digits_lt --baseline la
     python benchmarks/evidence.py one-phase runs/quality/digits_lt_one_phase
     python benchmarks/evidence.py versus runs/quality/cifar_worst --baseline la --baseline-runs runs/quality/cifar_ce
+    python benchmarks/evidence.py versus runs/quality/digits_worst --baseline grid_la --baseline-runs runs/quality/grid
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def load(runs: Path) -> dict[int, dict[str, dict]]:
         summary = folder / "results.json"
         if summary.is_file():
             rows.update({r["method"]: r for r in json.loads(summary.read_text())["rows"]})
+        grid = folder / "grid" / "summary.json"
+        if grid.is_file():  # quality.py --grid: the chosen LA / VS points, retrained, as methods grid_la / grid_vs
+            for family, chosen in json.loads(grid.read_text())["chosen"].items():
+                preset = chosen["point"].split("_")[0]  # points are named la_tau<t> or vs_g<g>_tau<t>
+                result = folder / "grid_retrain" / chosen["point"] / preset / "result.json"
+                if result.is_file() and "balanced_error" in (doc := json.loads(result.read_text())):
+                    rows[f"grid_{family}"] = doc
         if rows:
             out[int(folder.name.split("_")[-1])] = rows
     if not out:

@@ -14,8 +14,9 @@ residuals of the hierarchical parametrisation).
 * ``--grid``: a search-budget comparison. For each seed, every point of a grid over logit adjustment's ``tau`` and
   VS's ``(gamma, tau)`` is trained on the same search split (lower part) that AutoBalance's search uses, for the
   same number of epochs, and scored by balanced error on the held-out upper part (ties broken by balanced
-  cross-entropy there); the chosen point is retrained on the whole training set with the pipeline and tested. The
-  training compute (epochs, images seen) of the grid is reported beside AutoBalance's.
+  cross-entropy there; ``--grid-select worst_class``: by its worst class's error there); the chosen point is
+  retrained on the whole training set with the pipeline and tested. The training compute (epochs, images seen) of
+  the grid is reported beside AutoBalance's. ``--vs-gammas`` with no value leaves VS out of the grid.
 
 Writes ``<docs-dir>/<name>.md`` (the command at the top, tables of mean and standard error over seeds) and PNG plots
 (``<name>_balanced_error.png``, ``<name>_per_class.png``). Timings are wall-clock on whatever machine runs it.
@@ -265,13 +266,26 @@ def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, k
     return result
 
 
-def _choose(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return min(results, key=lambda r: (round(r["upper_balanced_error"], 9), r["upper_balanced_ce"]))
+#: How a grid point is chosen on the upper split (``--grid-select``): the criterion, then the tie-breaks.
+SELECT = {
+    "balanced_error": lambda r: (round(r["upper_balanced_error"], 9), r["upper_balanced_ce"]),
+    "worst_class": lambda r: (round(_upper_worst(r), 9), round(r["upper_balanced_error"], 9), r["upper_balanced_ce"]),
+}
+
+
+def _upper_worst(result: dict[str, Any]) -> float:
+    """The worst per-class error on the upper split, over the classes it has images of."""
+    return max(e for e, n in zip(result["upper_per_class_error"], result["upper_counts"]) if n > 0)
+
+
+def _choose(results: list[dict[str, Any]], select: str = "balanced_error") -> dict[str, Any]:
+    return min(results, key=SELECT[select])
 
 
 def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, dict[str, float]]],
-             extra: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
-    """The grid of one seed: every point on the search split, then the chosen LA and VS points retrained."""
+             extra: Sequence[str], env: dict[str, str], select: str = "balanced_error") -> dict[str, Any]:
+    """The grid of one seed: every point on the search split, then the LA and VS points chosen by ``select``
+    (a key of :data:`SELECT`) retrained."""
     results = []
     for name, preset, kw in points:
         point_dir = out / "grid" / name
@@ -288,7 +302,7 @@ def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, di
         fam = [r for r in results if r["preset"] == family]
         if not fam:
             continue
-        best = _choose(fam)
+        best = _choose(fam, select)
         retrain_dir = out / "grid_retrain" / best["point"]
         kw = ", ".join(f"{k}: {v:g}" for k, v in best["preset_kwargs"].items())
         args = pipeline_args(config, seed, retrain_dir, [family], [*extra, "--model.preset_kwargs", "{" + kw + "}"])
@@ -299,9 +313,9 @@ def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, di
         chosen[family] = {"point": best["point"], "command": _show(args),
                           "result": _rel(retrain_dir / family / "result.json")}
     if "la" in chosen and "vs" in chosen:
-        best = _choose([r for r in results if r["point"] in (chosen["la"]["point"], chosen["vs"]["point"])])
+        best = _choose([r for r in results if r["point"] in (chosen["la"]["point"], chosen["vs"]["point"])], select)
         chosen["all"] = chosen["la" if best["preset"] == "la" else "vs"]
-    summary = {"seed": seed, "points": results, "chosen": chosen}
+    summary = {"seed": seed, "select": select, "points": results, "chosen": chosen}
     (out / "grid" / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -587,8 +601,10 @@ def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid
     md = ["## Search budget: AutoBalance against a grid search selected on the same held-out split", "",
           f"Grid: logit adjustment tau in {list(args.la_taus)}; VS gamma in {list(args.vs_gammas)} x tau in "
           f"{list(args.vs_taus)}. Each point is trained on the search split (the lower 80% per class that the "
-          "AutoBalance search trains on, same seed, same epochs as the search) and scored by balanced error on the "
-          "upper 20% (ties: balanced cross-entropy there); the chosen point is retrained on the whole training set "
+          "AutoBalance search trains on, same seed, same epochs as the search) and scored on the upper 20% by "
+          + ("balanced error (ties: balanced cross-entropy there)" if args.grid_select == "balanced_error" else
+             "its worst class's error (ties: balanced error, then balanced cross-entropy there)")
+          + "; the chosen point is retrained on the whole training set "
           "(as a pipeline baseline with `--model.preset_kwargs`) and tested.", ""]
     both = {AUTOBALANCE: rows.get(AUTOBALANCE, {}), **grid_rows}
     md += table(both, args.seeds, labels, AUTOBALANCE)
@@ -633,13 +649,15 @@ def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid
         ch = summ["chosen"]
         md.append(f"* seed {s}: " + ", ".join(ch[k]["point"] if k in ch else "-" for k in ("la", "vs", "all")))
     md.append("")
-    md += ["Upper-split balanced error % of every grid point (mean over seeds; the selection criterion):", "",
-           "| point | upper balanced error % | upper balanced CE |", "|---|---|---|"]
+    md += ["Upper-split errors of every grid point (mean over seeds; the selection criterion is "
+           f"`{args.grid_select}`):", "",
+           "| point | upper balanced error % | upper worst-class error % | upper balanced CE |", "|---|---|---|---|"]
     names = [p[0] for p in grid_points(args.la_taus, args.vs_gammas, args.vs_taus)]
     for n in names:
         vals = [p for summ in summaries.values() for p in summ["points"] if p["point"] == n]
         if vals:
             md.append(f"| {n} | {_pm([v['upper_balanced_error'] for v in vals])} | "
+                      f"{_pm([_upper_worst(v) for v in vals])} | "
                       f"{_pm([v['upper_balanced_ce'] for v in vals], scale=1.0, digits=3)} |")
     md.append("")
     commands = [c["command"] for summ in list(summaries.values())[:1] for c in summ["chosen"].values()]
@@ -682,8 +700,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs-dir", default="docs/results")
     parser.add_argument("--grid", action="store_true", help="add the grid-search comparison")
     parser.add_argument("--la-taus", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0])
-    parser.add_argument("--vs-gammas", type=float, nargs="+", default=[0.05, 0.15, 0.3])
-    parser.add_argument("--vs-taus", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    parser.add_argument("--vs-gammas", type=float, nargs="*", default=[0.05, 0.15, 0.3],
+                        help="VS's gamma values of the grid (none: no VS points)")
+    parser.add_argument("--vs-taus", type=float, nargs="*", default=[0.5, 1.0, 1.5])
+    parser.add_argument("--grid-select", choices=sorted(SELECT), default="balanced_error",
+                        help="the upper-split criterion that picks a grid point")
     parser.add_argument("--drw-fraction", type=float, default=0.8,
                         help="when the config leaves model.drw_epoch unset or beyond the retraining, LDAM-DRW "
                              "switches to class-balanced weights at this fraction of the retraining epochs (the "
@@ -720,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         commands[s] = run_seed(args.config, s, out, args.methods, extra, env)
         if args.grid:
             t1 = time.perf_counter()
-            run_grid(args.config, s, out, points, extra, env)
+            run_grid(args.config, s, out, points, extra, env, args.grid_select)
             print(f"[seed {s}] grid done in {time.perf_counter() - t1:.0f} s", flush=True)
     if not args.report_only:
         print(f"all seeds done in {time.perf_counter() - t0:.0f} s", flush=True)

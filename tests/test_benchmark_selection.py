@@ -1,0 +1,55 @@
+"""The benchmarks' grid selection: a grid point chosen on the upper split by balanced or worst-class error, and the
+evidence script reading the retrained chosen points back as methods of their own."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(name: str, per_class: list[float], counts: list[int], ce: float = 1.0) -> dict:
+    present = [e for e, n in zip(per_class, counts) if n > 0]
+    return {"point": name, "preset": name.split("_")[0], "upper_per_class_error": per_class, "upper_counts": counts,
+            "upper_balanced_error": sum(present) / len(present), "upper_balanced_ce": ce}
+
+
+def test_worst_class_selection_picks_the_lowest_worst_class_among_classes_present():
+    quality = _load("quality")
+    counts = [5, 3, 0]  # the third class has no upper image: its 0/1 error must not count
+    points = [_point("la_tau1", [0.0, 0.6, 1.0], counts),      # balanced 0.30, worst 0.6
+              _point("la_tau1.5", [0.2, 0.5, 0.0], counts),    # balanced 0.35, worst 0.5
+              _point("la_tau2", [0.5, 0.5, 0.0], counts)]      # balanced 0.50, worst 0.5 (tie, loses on balanced)
+    assert quality._choose(points, "balanced_error")["point"] == "la_tau1"
+    assert quality._choose(points, "worst_class")["point"] == "la_tau1.5"
+    assert quality._upper_worst(points[0]) == 0.6
+
+
+def test_evidence_reads_the_retrained_grid_choices(tmp_path: Path):
+    evidence = _load("evidence")
+    seed = tmp_path / "seed_0"
+    for method, err in (("la", 0.30), ):
+        (seed / method).mkdir(parents=True)
+        (seed / method / "result.json").write_text(json.dumps(
+            {"method": method, "balanced_error": err, "worst_class_error": 0.6}))
+    retrained = seed / "grid_retrain" / "la_tau1.5" / "la"
+    retrained.mkdir(parents=True)
+    retrained.joinpath("result.json").write_text(json.dumps(
+        {"method": "la", "balanced_error": 0.28, "worst_class_error": 0.5}))
+    (seed / "grid").mkdir()
+    (seed / "grid" / "summary.json").write_text(json.dumps(
+        {"seed": 0, "select": "worst_class", "points": [], "chosen": {"la": {"point": "la_tau1.5"}}}))
+    rows = evidence.load(tmp_path)
+    assert rows[0]["la"]["balanced_error"] == 0.30
+    assert rows[0]["grid_la"]["balanced_error"] == 0.28 and rows[0]["grid_la"]["worst_class_error"] == 0.5
