@@ -228,7 +228,7 @@ def _evaluate(model: Any, loader: Any, num_classes: int) -> dict[str, Any]:
     present = counts > 0
     per_class = (errors[present] / counts[present])
     return {"balanced_error": float(per_class.mean()), "balanced_ce": float((losses[present] / counts[present]).mean()),
-            "per_class_error": (errors / counts.clamp_min(1)).tolist(), "upper_counts": counts.long().tolist()}
+            "per_class_error": (errors / counts.clamp_min(1)).tolist(), "counts": counts.long().tolist()}
 
 
 def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, kwargs: dict[str, float],
@@ -275,7 +275,8 @@ SELECT = {
 
 def _upper_worst(result: dict[str, Any]) -> float:
     """The worst per-class error on the upper split, over the classes it has images of."""
-    return max(e for e, n in zip(result["upper_per_class_error"], result["upper_counts"]) if n > 0)
+    counts = result.get("upper_counts", result.get("upper_upper_counts"))  # the second: results written before
+    return max(e for e, n in zip(result["upper_per_class_error"], counts) if n > 0)
 
 
 def _choose(results: list[dict[str, Any]], select: str = "balanced_error") -> dict[str, Any]:

@@ -34,6 +34,8 @@ def test_worst_class_selection_picks_the_lowest_worst_class_among_classes_presen
     assert quality._choose(points, "balanced_error")["point"] == "la_tau1"
     assert quality._choose(points, "worst_class")["point"] == "la_tau1.5"
     assert quality._upper_worst(points[0]) == 0.6
+    legacy = {**points[0], "upper_upper_counts": points[0].pop("upper_counts")}  # results written before the rename
+    assert quality._upper_worst(legacy) == 0.6
 
 
 def test_evidence_reads_the_retrained_grid_choices(tmp_path: Path):
