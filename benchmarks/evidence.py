@@ -134,6 +134,9 @@ def versus(runs: Path, baseline: str, baseline_runs: Path | None) -> str:
     rows = load(runs)
     base = load(baseline_runs) if baseline_runs else rows
     seeds = [s for s in sorted(rows) if "autobalance" in rows[s] and s in base and baseline in base[s]]
+    if not seeds:
+        raise SystemExit(f"no seed has both an autobalance row in {runs} and a {baseline!r} row in "
+                         f"{baseline_runs or runs}: nothing to pair.")
     lines = [f"Runs: `{runs}`" + (f", {baseline} from `{baseline_runs}`" if baseline_runs else "") +
              f", seeds {seeds}. Test error %, mean ± SE; differences paired by seed (negative: AutoBalance lower).",
              "", f"| metric | AutoBalance | {baseline} | AutoBalance - {baseline}, paired (pp) | per seed (pp) |",

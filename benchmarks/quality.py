@@ -553,6 +553,8 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
         grid_rows, grid_summaries = collect_grid(runs, seeds)
         n = {"grid_la": len(args.la_taus), "grid_vs": len(args.vs_gammas) * len(args.vs_taus)}
         n["grid_all"] = n["grid_la"] + n["grid_vs"]
+        if not n["grid_la"] or not n["grid_vs"]:  # a one-family grid: no rows for the missing family or the union
+            grid_rows = {k: v for k, v in grid_rows.items() if k != "grid_all" and n[k]}
         labels.update({k: v.format(n=n[k]) for k, v in GRID_LABELS.items()})
     title = args.title or name
     # --report-only rewrites the report of runs made by the same command without it
@@ -600,8 +602,9 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
 def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid_rows: dict[str, dict[int, Any]],
                  summaries: dict[int, Any], labels: dict[str, str]) -> list[str]:
     md = ["## Search budget: AutoBalance against a grid search selected on the same held-out split", "",
-          f"Grid: logit adjustment tau in {list(args.la_taus)}; VS gamma in {list(args.vs_gammas)} x tau in "
-          f"{list(args.vs_taus)}. Each point is trained on the search split (the lower 80% per class that the "
+          f"Grid: logit adjustment tau in {list(args.la_taus)}; "
+          + (f"VS gamma in {list(args.vs_gammas)} x tau in {list(args.vs_taus)}" if args.vs_gammas and args.vs_taus
+             else "no VS points") + ". Each point is trained on the search split (the lower 80% per class that the "
           "AutoBalance search trains on, same seed, same epochs as the search) and scored on the upper 20% by "
           + ("balanced error (ties: balanced cross-entropy there)" if args.grid_select == "balanced_error" else
              "its worst class's error (ties: balanced error, then balanced cross-entropy there)")
