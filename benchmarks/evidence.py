@@ -8,7 +8,8 @@ per-class test errors). This script pairs rows by seed (same data, same initial 
 * ``one-phase``: the one-phase run beside the two-phase pipeline, LA and CE: balanced error, the paired differences
   that its targets name, and its cost: its training time over LA's (a plain training of the same epochs, timed in
   the same pipeline process), and the two-phase pipeline's (search + retraining) over LA's.
-* ``versus``: AutoBalance against one baseline, paired: balanced and worst-class error differences, with the
+* ``versus``: AutoBalance against one baseline, paired: balanced and worst-class error differences (with
+  ``--per-class`` also every class's test error per seed), with the
   baseline's rows taken from the same runs folder or from ``--baseline-runs`` (another benchmark of the same
   seeds, e.g. an AutoBalance run with another objective against the LA rows of a first run). The retrained points
   of a ``quality.py --grid`` run count as methods ``grid_la``, ``grid_vs`` and ``grid_all``.
@@ -130,7 +131,7 @@ def one_phase(runs: Path) -> str:
     return "\n".join(lines)
 
 
-def versus(runs: Path, baseline: str, baseline_runs: Path | None) -> str:
+def versus(runs: Path, baseline: str, baseline_runs: Path | None, per_class: bool = False) -> str:
     rows = load(runs)
     base = load(baseline_runs) if baseline_runs else rows
     seeds = [s for s in sorted(rows) if "autobalance" in rows[s] and s in base and baseline in base[s]]
@@ -147,6 +148,14 @@ def versus(runs: Path, baseline: str, baseline_runs: Path | None) -> str:
         diff = [x - y for x, y in zip(a, b)]
         lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(diff)} | "
                      f"{', '.join(f'{100 * d:+.2f}' for d in diff)} |")
+    if per_class:
+        lines += ["", f"| class | AutoBalance per seed | {baseline} per seed | AutoBalance - {baseline}, paired (pp) |",
+                  "|---|---|---|---|"]
+        for c in range(len(rows[seeds[0]]["autobalance"]["per_class_error"])):
+            a = [rows[s]["autobalance"]["per_class_error"][c] for s in seeds]
+            b = [base[s][baseline]["per_class_error"][c] for s in seeds]
+            lines.append(f"| {c} | {', '.join(f'{100 * x:.1f}' for x in a)} | {', '.join(f'{100 * x:.1f}' for x in b)}"
+                         f" | {fmt([x - y for x, y in zip(a, b)])} |")
     return "\n".join(lines)
 
 
@@ -159,6 +168,7 @@ def main() -> None:
     v.add_argument("runs", type=Path)
     v.add_argument("--baseline", default="la")
     v.add_argument("--baseline-runs", type=Path, default=None)
+    v.add_argument("--per-class", action="store_true", help="also each class's test error, per seed")
     o = sub.add_parser("one-phase", help="the one-phase run beside two-phase, LA and CE: error and cost")
     o.add_argument("runs", type=Path)
     args = p.parse_args()
@@ -167,7 +177,7 @@ def main() -> None:
     elif args.table == "one-phase":
         print(one_phase(args.runs))
     else:
-        print(versus(args.runs, args.baseline, args.baseline_runs))
+        print(versus(args.runs, args.baseline, args.baseline_runs, args.per_class))
 
 
 if __name__ == "__main__":

@@ -38,20 +38,25 @@ def test_worst_class_selection_picks_the_lowest_worst_class_among_classes_presen
     assert quality._upper_worst(legacy) == 0.6
 
 
+def _result(path: Path, method: str, per_class: list[float]) -> None:
+    path.mkdir(parents=True)
+    (path / "result.json").write_text(json.dumps(
+        {"method": method, "balanced_error": sum(per_class) / len(per_class), "worst_class_error": max(per_class),
+         "per_class_error": per_class}))
+
+
 def test_evidence_reads_the_retrained_grid_choices(tmp_path: Path):
     evidence = _load("evidence")
     seed = tmp_path / "seed_0"
-    for method, err in (("la", 0.30), ):
-        (seed / method).mkdir(parents=True)
-        (seed / method / "result.json").write_text(json.dumps(
-            {"method": method, "balanced_error": err, "worst_class_error": 0.6}))
-    retrained = seed / "grid_retrain" / "la_tau1.5" / "la"
-    retrained.mkdir(parents=True)
-    retrained.joinpath("result.json").write_text(json.dumps(
-        {"method": "la", "balanced_error": 0.28, "worst_class_error": 0.5}))
+    _result(seed / "autobalance", "autobalance", [0.1, 0.5])
+    _result(seed / "la", "la", [0.2, 0.4])
+    _result(seed / "grid_retrain" / "la_tau1.5" / "la", "la", [0.3, 0.2])
     (seed / "grid").mkdir()
     (seed / "grid" / "summary.json").write_text(json.dumps(
         {"seed": 0, "select": "worst_class", "points": [], "chosen": {"la": {"point": "la_tau1.5"}}}))
     rows = evidence.load(tmp_path)
-    assert rows[0]["la"]["balanced_error"] == 0.30
-    assert rows[0]["grid_la"]["balanced_error"] == 0.28 and rows[0]["grid_la"]["worst_class_error"] == 0.5
+    assert rows[0]["la"]["per_class_error"] == [0.2, 0.4]
+    assert rows[0]["grid_la"]["per_class_error"] == [0.3, 0.2]  # the retrained choice, not the la stage
+    table = evidence.versus(tmp_path, "grid_la", None, per_class=True)
+    assert "| worst-class error | 50.00 ± nan | 30.00 ± nan | 20.00 ± nan | +20.00 |" in table
+    assert "| 0 | 10.0 | 30.0 | -20.00 ± nan |" in table and "| 1 | 50.0 | 20.0 | 30.00 ± nan |" in table

@@ -181,7 +181,8 @@ def test_readme_command_runs(command: str, tmp_path: Path, bench: Path, data: di
             # It reads a finished benchmark: make the one it names, tiny, then run it as written there.
             name = Path(words[-1]).name
             if not (bench / "runs" / "quality" / name).is_dir():
-                quality = shlex.split(next(c for c in readme_commands() if "quality.py" in c and f"--name {name}" in c))
+                quality = shlex.split(next(c for c in readme_commands()
+                                            if "quality.py" in c and re.search(rf"--name {re.escape(name)}(\s|$)", c)))
                 _load("benchmarks/quality.py").main([*quality[2:], *_tiny_quality(quality, bench, data)])
             monkeypatch.chdir(bench)
             monkeypatch.setattr("sys.argv", words[1:])
