@@ -1,7 +1,8 @@
 """Where did the search go? Traces of finished ``benchmarks/quality.py`` searches, read from their logs.
 
 For every ``<runs>/seed_<s>/search/logs/metrics.csv`` (the callback logs the per-class offset table at every hyper
-step) it computes, per hyper step,
+step; a resumed search's earlier attempts are in ``metrics.1.csv``, ``metrics.2.csv``, ..., and are read first, each
+cut where the next attempt resumed) it computes, per hyper step,
 
 * the effective ``tau``: the least-squares slope of the (centred) offsets on the (centred) ``log pi`` of the search
   split's class counts (0 for cross-entropy, 1 for logit adjustment);
@@ -33,28 +34,50 @@ import numpy as np
 import yaml
 
 
+def attempts(log_dir: Path) -> list[Path]:
+    """The search's metric files in the order they were written: ``metrics.1.csv``, ``metrics.2.csv``, ...
+    (interrupted attempts, moved aside by the pipeline), then ``metrics.csv`` (the attempt that finished)."""
+    earlier = sorted(log_dir.glob("metrics.*.csv"), key=lambda f: int(f.name.split(".")[1]))
+    last = log_dir / "metrics.csv"
+    return [*earlier, last] if last.is_file() else []
+
+
+def read_rows(log_dir: Path) -> list[dict[str, str]]:
+    """The rows of every attempt, each attempt cut at the first step the next one logged (it resumed there and
+    logged those steps again)."""
+    per_attempt = []
+    for path in attempts(log_dir):
+        with path.open() as fh:
+            per_attempt.append([row for row in csv.DictReader(fh) if row.get("step")])
+    rows: list[dict[str, str]] = []
+    for i, attempt in enumerate(per_attempt):
+        later = [int(r["step"]) for nxt in per_attempt[i + 1:] for r in nxt]
+        cut = min(later, default=None)
+        rows += [r for r in attempt if cut is None or int(r["step"]) < cut]
+    return rows
+
+
 def trace(seed_dir: Path) -> dict[str, np.ndarray] | None:
-    path = seed_dir / "search" / "logs" / "metrics.csv"
+    log_dir = seed_dir / "search" / "logs"
     loss_file = seed_dir / "found_loss.yaml"
-    if not path.is_file() or not loss_file.is_file():
+    if not (log_dir / "metrics.csv").is_file() or not loss_file.is_file():
         return None
     counts = np.asarray(yaml.safe_load(loss_file.read_text())["class_counts"], dtype=float).reshape(-1)
     log_pi = np.log(counts / counts.sum())
     centred_prior = log_pi - log_pi.mean()
     k = counts.size
     steps, taus, objective, residuals = [], [], [], []
-    with path.open() as fh:
-        for row in csv.DictReader(fh):
-            cells = [row.get(f"autobalance/offset/{c:0{len(str(k - 1))}d}", "") for c in range(k)]
-            if not all(cells):
-                continue
-            offset = np.asarray([float(v) for v in cells])
-            offset -= offset.mean()
-            tau = float(offset @ centred_prior / (centred_prior @ centred_prior))
-            steps.append(int(row["step"]))
-            taus.append(tau)
-            objective.append(float(row.get("autobalance/objective") or "nan"))
-            residuals.append(offset - tau * centred_prior)
+    for row in read_rows(log_dir):
+        cells = [row.get(f"autobalance/offset/{c:0{len(str(k - 1))}d}", "") for c in range(k)]
+        if not all(cells):
+            continue
+        offset = np.asarray([float(v) for v in cells])
+        offset -= offset.mean()
+        tau = float(offset @ centred_prior / (centred_prior @ centred_prior))
+        steps.append(int(row["step"]))
+        taus.append(tau)
+        objective.append(float(row.get("autobalance/objective") or "nan"))
+        residuals.append(offset - tau * centred_prior)
     if not steps:
         return None
     return {"counts": counts, "step": np.asarray(steps), "tau": np.asarray(taus),
