@@ -610,8 +610,9 @@ def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid
              "its worst class's error (ties: balanced error, then balanced cross-entropy there)")
           + "; the chosen point is retrained on the whole training set "
           "(as a pipeline baseline with `--model.preset_kwargs`) and tested.", ""]
-    both = {AUTOBALANCE: rows.get(AUTOBALANCE, {}), **grid_rows}
-    md += table(both, args.seeds, labels, AUTOBALANCE)
+    ran_autobalance = AUTOBALANCE in args.methods  # a grid run on its own has no AutoBalance row to compare with
+    both = {**({AUTOBALANCE: rows.get(AUTOBALANCE, {})} if ran_autobalance else {}), **grid_rows}
+    md += table(both, args.seeds, labels, AUTOBALANCE if ran_autobalance else None)
     md.append("")
     ab = _ok(rows.get(AUTOBALANCE, {}))
     md += ["Training compute per seed (epochs over the search split = |lower| images, over the whole set = |train| "

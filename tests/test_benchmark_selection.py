@@ -60,3 +60,23 @@ def test_evidence_reads_the_retrained_grid_choices(tmp_path: Path):
     table = evidence.versus(tmp_path, "grid_la", None, per_class=True)
     assert "| worst-class error | 50.00 ± nan | 30.00 ± nan | 20.00 ± nan | +20.00 |" in table
     assert "| 0 | 10.0 | 30.0 | -20.00 ± nan |" in table and "| 1 | 50.0 | 20.0 | 30.00 ± nan |" in table
+
+
+def test_a_grid_run_without_autobalance_reports_no_autobalance_row(tmp_path: Path):
+    import argparse
+
+    quality = _load("quality")
+    args = argparse.Namespace(methods=["la"], seeds=[0], la_taus=[1.0], vs_gammas=[], vs_taus=[],
+                              grid_select="worst_class", search_epochs=2, retrain_epochs=2,
+                              runs_dir=str(tmp_path), name="grid_only")
+    chosen = {"la": {"point": "la_tau1", "command": "lightning-autobalance pipeline ..."}}
+    summaries = {0: {"chosen": chosen, "points": [_point("la_tau1", [0.2, 0.4], [5, 3])]}}
+    result = {"balanced_error": 0.3, "worst_class_error": 0.4, "time_s": 1.0, "grid_images": 10, "grid_epochs": 2}
+    grid_rows = {"grid_la": {0: result}}
+    labels = {**quality.LABELS, "grid_la": "LA, tau from the grid"}
+    md = "\n".join(quality.grid_section(args, {}, grid_rows, summaries, labels))
+    assert quality.LABELS[quality.AUTOBALANCE] not in md
+    assert "| LA, tau from the grid | 1/1 | 30.00 |" in md
+    args.methods = [quality.AUTOBALANCE, "la"]  # with AutoBalance run, its row is there (0/1 when it failed)
+    md = "\n".join(quality.grid_section(args, {}, grid_rows, summaries, labels))
+    assert f"| {quality.LABELS[quality.AUTOBALANCE]} | 0/1 |" in md
