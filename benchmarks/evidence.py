@@ -131,28 +131,30 @@ def one_phase(runs: Path) -> str:
     return "\n".join(lines)
 
 
-def versus(runs: Path, baseline: str, baseline_runs: Path | None, per_class: bool = False) -> str:
+def versus(runs: Path, baseline: str, baseline_runs: Path | None, per_class: bool = False,
+           method: str = "autobalance") -> str:
     rows = load(runs)
     base = load(baseline_runs) if baseline_runs else rows
-    seeds = [s for s in sorted(rows) if "autobalance" in rows[s] and s in base and baseline in base[s]]
+    name = {"autobalance": "AutoBalance", "one_phase": "AutoBalance one-phase"}.get(method, method)
+    seeds = [s for s in sorted(rows) if method in rows[s] and s in base and baseline in base[s]]
     if not seeds:
-        raise SystemExit(f"no seed has both an autobalance row in {runs} and a {baseline!r} row in "
+        raise SystemExit(f"no seed has both a {method!r} row in {runs} and a {baseline!r} row in "
                          f"{baseline_runs or runs}: nothing to pair.")
     lines = [f"Runs: `{runs}`" + (f", {baseline} from `{baseline_runs}`" if baseline_runs else "") +
-             f", seeds {seeds}. Test error %, mean ± SE; differences paired by seed (negative: AutoBalance lower).",
-             "", f"| metric | AutoBalance | {baseline} | AutoBalance - {baseline}, paired (pp) | per seed (pp) |",
+             f", seeds {seeds}. Test error %, mean ± SE; differences paired by seed (negative: {name} lower).",
+             "", f"| metric | {name} | {baseline} | {name} - {baseline}, paired (pp) | per seed (pp) |",
              "|---|---|---|---|---|"]
     for key, label in (("balanced_error", "balanced error"), ("worst_class_error", "worst-class error")):
-        a = [rows[s]["autobalance"][key] for s in seeds]
+        a = [rows[s][method][key] for s in seeds]
         b = [base[s][baseline][key] for s in seeds]
         diff = [x - y for x, y in zip(a, b)]
         lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(diff)} | "
                      f"{', '.join(f'{100 * d:+.2f}' for d in diff)} |")
     if per_class:
-        lines += ["", f"| class | AutoBalance per seed | {baseline} per seed | AutoBalance - {baseline}, paired (pp) |",
+        lines += ["", f"| class | {name} per seed | {baseline} per seed | {name} - {baseline}, paired (pp) |",
                   "|---|---|---|---|"]
-        for c in range(len(rows[seeds[0]]["autobalance"]["per_class_error"])):
-            a = [rows[s]["autobalance"]["per_class_error"][c] for s in seeds]
+        for c in range(len(rows[seeds[0]][method]["per_class_error"])):
+            a = [rows[s][method]["per_class_error"][c] for s in seeds]
             b = [base[s][baseline]["per_class_error"][c] for s in seeds]
             lines.append(f"| {c} | {', '.join(f'{100 * x:.1f}' for x in a)} | {', '.join(f'{100 * x:.1f}' for x in b)}"
                          f" | {fmt([x - y for x, y in zip(a, b)])} |")
@@ -169,6 +171,7 @@ def main() -> None:
     v.add_argument("--baseline", default="la")
     v.add_argument("--baseline-runs", type=Path, default=None)
     v.add_argument("--per-class", action="store_true", help="also each class's test error, per seed")
+    v.add_argument("--method", default="autobalance", help="the row compared: autobalance (default) or one_phase")
     o = sub.add_parser("one-phase", help="the one-phase run beside two-phase, LA and CE: error and cost")
     o.add_argument("runs", type=Path)
     args = p.parse_args()
@@ -177,7 +180,7 @@ def main() -> None:
     elif args.table == "one-phase":
         print(one_phase(args.runs))
     else:
-        print(versus(args.runs, args.baseline, args.baseline_runs, args.per_class))
+        print(versus(args.runs, args.baseline, args.baseline_runs, args.per_class, args.method))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,17 @@ def test_evidence_reads_the_retrained_grid_choices(tmp_path: Path):
     table = evidence.versus(tmp_path, "grid_la", None, per_class=True)
     assert "| worst-class error | 50.00 ± nan | 30.00 ± nan | 20.00 ± nan | +20.00 |" in table
     assert "| 0 | 10.0 | 30.0 | -20.00 ± nan |" in table and "| 1 | 50.0 | 20.0 | 30.00 ± nan |" in table
+
+
+def test_evidence_pairs_the_one_phase_row_when_asked(tmp_path: Path):
+    evidence = _load("evidence")
+    _result(tmp_path / "seed_0" / "one_phase", "one_phase", [0.1, 0.3])
+    _result(tmp_path / "seed_0" / "la", "la", [0.2, 0.4])
+    table = evidence.versus(tmp_path, "la", None, method="one_phase")
+    assert "| metric | AutoBalance one-phase | la |" in table
+    assert "| balanced error | 20.00 ± nan | 30.00 ± nan | -10.00 ± nan | -10.00 |" in table
+    with pytest.raises(SystemExit, match="'autobalance' row"):  # the default row is absent from these runs
+        evidence.versus(tmp_path, "la", None)
 
 
 def test_a_grid_run_without_autobalance_reports_no_autobalance_row(tmp_path: Path):
