@@ -1,8 +1,8 @@
 """Where did the search go? Traces of finished ``benchmarks/quality.py`` searches, read from their logs.
 
-For every ``<runs>/seed_<s>/search/logs/metrics.csv`` (the callback logs the per-class offset table at every hyper
-step; a resumed search's earlier attempts are in ``metrics.1.csv``, ``metrics.2.csv``, ..., and are read first, each
-cut where the next attempt resumed) it computes, per hyper step,
+For every ``<runs>/seed_<s>/search/logs/metrics.csv`` (``one_phase/logs/`` with ``--stage one_phase``; the callback
+logs the per-class offset table at every hyper step; a resumed search's earlier attempts are in ``metrics.1.csv``,
+``metrics.2.csv``, ..., and are read first, each cut where the next attempt resumed) it computes, per hyper step,
 
 * the effective ``tau``: the least-squares slope of the (centred) offsets on the (centred) ``log pi`` of the search
   split's class counts (0 for cross-entropy, 1 for logit adjustment);
@@ -57,9 +57,10 @@ def read_rows(log_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
-def trace(seed_dir: Path) -> dict[str, np.ndarray] | None:
-    log_dir = seed_dir / "search" / "logs"
-    loss_file = seed_dir / "found_loss.yaml"
+def trace(seed_dir: Path, stage: str = "search") -> dict[str, np.ndarray] | None:
+    log_dir = seed_dir / stage / "logs"
+    # the search's loss is copied up to the seed folder; a one-phase run keeps its own
+    loss_file = seed_dir / "found_loss.yaml" if stage == "search" else seed_dir / stage / "found_loss.yaml"
     if not (log_dir / "metrics.csv").is_file() or not loss_file.is_file():
         return None
     counts = np.asarray(yaml.safe_load(loss_file.read_text())["class_counts"], dtype=float).reshape(-1)
@@ -88,8 +89,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=Path)
     p.add_argument("--out", type=Path, required=True, help="PNG path without suffix")
+    p.add_argument("--stage", default="search", choices=("search", "one_phase"),
+                   help="the stage whose search is traced: the two-phase search (default) or the one-phase run")
     args = p.parse_args()
-    traces = {int(d.name.split("_")[-1]): t for d in sorted(args.runs.glob("seed_*")) if (t := trace(d))}
+    traces = {int(d.name.split("_")[-1]): t for d in sorted(args.runs.glob("seed_*")) if (t := trace(d, args.stage))}
     if not traces:
         raise SystemExit(f"no search logs under {args.runs}")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
