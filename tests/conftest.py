@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -59,3 +62,13 @@ def linear_module(*bases: type, in_features: int) -> type:
     cls = type("LinearModule", bases, {"__init__": __init__, "forward": forward, "training_step": training_step,
                                        "configure_optimizers": configure_optimizers})
     return cls
+
+
+def load_benchmark(name: str):
+    """Imports ``benchmarks/<name>.py`` (not a package) as the module ``name``."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

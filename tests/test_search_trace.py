@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def _search_trace():
-    spec = importlib.util.spec_from_file_location("search_trace", ROOT / "benchmarks" / "search_trace.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["search_trace"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search_trace")
 
 
 def _write(path: Path, steps: range, tag: str) -> None:
