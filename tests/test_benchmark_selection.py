@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load(name: str):
     return load_benchmark(name)
