@@ -14,6 +14,9 @@ per-class test errors). This script pairs rows by seed (same data, same initial 
   seeds, e.g. an AutoBalance run with another objective against the LA rows of a first run). The retrained points
   of a ``quality.py --grid`` run count as methods ``grid_la``, ``grid_vs`` and ``grid_all``.
 
+Each ``runs`` argument may also be the ``docs/results/<name>.json`` written beside a ``quality.py`` report: the
+same rows per seed, committed, so that the tables can be made again after the runs folder is gone.
+
 Example::
 
     python benchmarks/evidence.py scratch runs/quality/digits_lt_from_ce
@@ -32,7 +35,11 @@ from pathlib import Path
 
 
 def load(runs: Path) -> dict[int, dict[str, dict]]:
-    """``{seed: {method: row}}`` of every finished seed folder."""
+    """``{seed: {method: row}}`` of every finished seed folder, or of the ``<name>.json`` that ``quality.py`` writes
+    beside its report (the same rows, kept in docs/results when the runs folder is gone)."""
+    if runs.suffix == ".json":
+        seeds = json.loads(runs.read_text())["seeds"]
+        return {int(s): rows for s, rows in seeds.items()}
     out: dict[int, dict[str, dict]] = {}
     for folder in sorted(runs.glob("seed_*")):
         rows: dict[str, dict] = {}

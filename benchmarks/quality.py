@@ -18,7 +18,13 @@ residuals of the hierarchical parametrisation).
   retrained on the whole training set with the pipeline and tested. The training compute (epochs, images seen) of
   the grid is reported beside AutoBalance's. ``--vs-gammas`` with no value leaves VS out of the grid.
 
-Writes ``<docs-dir>/<name>.md`` (the command at the top, tables of mean and standard error over seeds) and PNG plots
+* ``--search-model``: also tests the model the two-phase search ended with (its last checkpoint, trained on the lower
+  split only) on the test set and on the upper split, and reports it class by class beside the retrained model:
+  whether a failure of the found loss is already in the search or appears only when the loss is retrained.
+
+Writes ``<docs-dir>/<name>.md`` (the command at the top, tables of mean and standard error over seeds, every seed's
+figures at the end), ``<docs-dir>/<name>.json`` (every finished row per seed, with its per-class errors: what
+``benchmarks/evidence.py`` needs to pair methods by seed once the runs folder is gone) and PNG plots
 (``<name>_balanced_error.png``, ``<name>_per_class.png``). Timings are wall-clock on whatever machine runs it.
 
 Example::
@@ -55,6 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 AUTOBALANCE = "autobalance"
 #: One fit that learns the loss until the fold-in, then trains on everything with it (the pipeline's --one_phase).
 ONE_PHASE = "one_phase"
+#: The model the two-phase search ended with, tested (``--search-model``): a report row, not a method to run.
+SEARCH_MODEL = "search_model"
 METHODS = [AUTOBALANCE, ONE_PHASE, *BASELINES]
 _OURS = (AUTOBALANCE, ONE_PHASE)
 #: The default: AutoBalance and the class-imbalance baselines (the group baselines need group labels).
@@ -70,6 +78,7 @@ LABELS = {
     "inverse_frequency": "inverse frequency",
     "ldam_drw": "LDAM-DRW",
     "focal": "focal",
+    SEARCH_MODEL: "AutoBalance search model (lower split, not retrained)",
 }
 GRID_LABELS = {
     "grid_la": "grid: LA tau ({n} points)",
@@ -228,7 +237,8 @@ def _evaluate(model: Any, loader: Any, num_classes: int) -> dict[str, Any]:
     present = counts > 0
     per_class = (errors[present] / counts[present])
     return {"balanced_error": float(per_class.mean()), "balanced_ce": float((losses[present] / counts[present]).mean()),
-            "per_class_error": (errors / counts.clamp_min(1)).tolist(), "counts": counts.long().tolist()}
+            "worst_class_error": float(per_class.max()), "per_class_error": (errors / counts.clamp_min(1)).tolist(),
+            "per_class_ce": (losses / counts.clamp_min(1)).tolist(), "counts": counts.long().tolist()}
 
 
 def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, kwargs: dict[str, float],
@@ -322,6 +332,38 @@ def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, di
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The search model, tested (--search-model)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[str]) -> dict[str, Any] | None:
+    """Tests the model the search ended with (the search stage's ``last.ckpt``: trained on the lower split under
+    the loss being learned) on the test set and on the upper split, in evaluation mode, as the pipeline tests a
+    stage. Written to ``<seed>/search/search_model.json``; ``None`` when the search has no checkpoint."""
+    done = out / "search" / "search_model.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    ckpt = out / "search" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        return None
+    import torch
+
+    from lightning_autobalance.pipeline import _clone, _counts
+
+    model_t, dm_t, _, _ = _templates(config, seed, tuple(extra))
+    split = _clone(dm_t, search_split=True, val_source="upper")
+    split.setup("fit")
+    model = _clone(model_t, **_counts(model_t, split), loss="autobalance")
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    full = _clone(dm_t, search_split=False)
+    full.setup("test")
+    result = {"checkpoint": _rel(ckpt), "test": _evaluate(model, full.test_dataloader(), full.num_classes),
+              "upper": _evaluate(model, split.val_dataloader(), split.num_classes)}
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Aggregation, table, plots
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -333,9 +375,11 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def collect(runs: Path, seeds: Sequence[int], methods: Sequence[str]) -> tuple[dict[str, dict[int, Any]],
-                                                                                 dict[int, list[int]]]:
-    """``rows[method][seed]`` = the stage result (with ``time_s``), or ``{"failure": ...}``; class counts per seed."""
+def collect(runs: Path, seeds: Sequence[int], methods: Sequence[str], search_model: bool = False
+            ) -> tuple[dict[str, dict[int, Any]], dict[int, list[int]]]:
+    """``rows[method][seed]`` = the stage result (with ``time_s``), or ``{"failure": ...}``; class counts per seed.
+    With ``search_model``, also ``rows["search_model"]``: the search's last model, tested (and its upper-split
+    scores under ``"upper"``)."""
     rows: dict[str, dict[int, Any]] = {m: {} for m in methods}
     counts: dict[int, list[int]] = {}
     for s in seeds:
@@ -358,6 +402,11 @@ def collect(runs: Path, seeds: Sequence[int], methods: Sequence[str]) -> tuple[d
                 rows[m][s] = res
             elif (stage / "failure.json").is_file():
                 rows[m][s] = {"failure": _load(stage / "failure.json")}
+        tested = _load(out / "search" / "search_model.json") if search_model else None
+        if tested:
+            search = _load(out / "search" / "result.json") or {}
+            rows.setdefault(SEARCH_MODEL, {})[s] = {**tested["test"], "upper": tested["upper"],
+                                                    "time_s": search.get("fit_time_s", 0.0)}
     return rows, counts
 
 
@@ -503,7 +552,7 @@ def targets(rows: dict[str, dict[int, Any]], labels: dict[str, str], grid: dict[
     if not ab:
         return ["AutoBalance has no finished run: no target can be judged."]
     ab_mean, ab_se = _stats([r["balanced_error"] for r in ab.values()])
-    baselines = {m: _ok(r) for m, r in rows.items() if m != AUTOBALANCE and _ok(r)}
+    baselines = {m: _ok(r) for m, r in rows.items() if m not in (AUTOBALANCE, SEARCH_MODEL) and _ok(r)}
     lines = []
     if baselines:
         best = min(baselines, key=lambda m: _stats([r["balanced_error"] for r in baselines[m].values()])[0])
@@ -542,7 +591,7 @@ def targets(rows: dict[str, dict[int, Any]], labels: dict[str, str], grid: dict[
 def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[str, str]], extra: list[str]
                  ) -> Path:
     seeds, methods = args.seeds, args.methods
-    rows, counts = collect(runs, seeds, methods)
+    rows, counts = collect(runs, seeds, methods, args.search_model)
     docs = ROOT / args.docs_dir if not Path(args.docs_dir).is_absolute() else Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     name = args.name
@@ -592,11 +641,80 @@ def write_report(args: argparse.Namespace, runs: Path, commands: dict[int, dict[
         md += [f"Training class counts (seed {next(iter(counts))}): {next(iter(counts.values()))}.", ""]
     if args.grid:
         md += grid_section(args, rows, grid_rows, grid_summaries, labels)
+    if _ok(rows.get(SEARCH_MODEL, {})):
+        md += search_model_section(rows, counts)
     md += ["## Targets", "", *targets(rows, labels, grid_rows if args.grid else None), ""]
+    every = {**rows, **grid_rows}
+    md += per_seed_section(every, labels, f"{name}.json")
     path = docs / f"{name}.md"
     path.write_text("\n".join(md))
-    print(f"wrote {path}", flush=True)
+    (docs / f"{name}.json").write_text(json.dumps(per_seed_record(every, cmd, counts), indent=1) + "\n")
+    print(f"wrote {path} and {name}.json", flush=True)
     return path
+
+
+#: What the report's JSON keeps of each row: enough to pair methods by seed again without the runs folder.
+KEPT = ("balanced_error", "worst_class_error", "head_error", "medium_error", "tail_error", "per_class_error",
+        "fit_time_s", "search_time_s", "hyper_steps", "chosen")
+
+
+def per_seed_record(rows: dict[str, dict[int, Any]], command: str, counts: dict[int, list[int]]) -> dict[str, Any]:
+    """``{"command", "class_counts", "seeds": {seed: {method: row}}}``: the finished rows, per seed, with the
+    fields of :data:`KEPT` (``benchmarks/evidence.py`` reads this file as it reads a runs folder)."""
+    seeds: dict[str, dict[str, Any]] = {}
+    for m, per_seed in rows.items():
+        for s, r in sorted(_ok(per_seed).items()):
+            row = {k: r[k] for k in KEPT if r.get(k) is not None}
+            if "upper" in r:
+                row["upper"] = {k: r["upper"][k] for k in ("balanced_error", "per_class_error", "per_class_ce",
+                                                           "counts")}
+            seeds.setdefault(str(s), {})[m] = {"method": m, **row}
+    return {"command": command, "class_counts": {str(s): c for s, c in counts.items()}, "seeds": seeds}
+
+
+def per_seed_section(rows: dict[str, dict[int, Any]], labels: dict[str, str], json_name: str) -> list[str]:
+    """Every finished row's balanced and worst-class error, seed by seed (the per-class errors are in the JSON)."""
+    seeds = sorted({s for per_seed in rows.values() for s in _ok(per_seed)})
+    if not seeds:
+        return []
+    md = ["## Per seed", "", f"Test error %, seed by seed (balanced / worst class); every class's error, seed by seed, "
+          f"is in [`{json_name}`]({json_name}), which `benchmarks/evidence.py` reads in place of the runs folder.", "",
+          "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    for m, per_seed in rows.items():
+        ok = _ok(per_seed)
+        if ok:
+            md.append(f"| {labels.get(m, m)} | " + " | ".join(
+                f"{100 * ok[s]['balanced_error']:.2f} / {100 * ok[s]['worst_class_error']:.2f}" if s in ok else "-"
+                for s in seeds) + " |")
+    return [*md, ""]
+
+
+def search_model_section(rows: dict[str, dict[int, Any]], counts: dict[int, list[int]]) -> list[str]:
+    """Class by class: the search's last model on its upper split and on the test set, beside the retrained
+    AutoBalance model and logit adjustment (means over seeds)."""
+    tested = _ok(rows[SEARCH_MODEL])
+    seeds = sorted(tested)
+    cols = [("search model: upper CE", lambda s: tested[s]["upper"]["per_class_ce"], 1.0, 2),
+            ("search model: upper error %", lambda s: tested[s]["upper"]["per_class_error"], 100.0, 1),
+            ("search model: test error %", lambda s: tested[s]["per_class_error"], 100.0, 1)]
+    for m, label in ((AUTOBALANCE, "retrained: test error %"), ("la", "LA: test error %")):
+        ok = _ok(rows.get(m, {}))
+        if all(s in ok for s in seeds):
+            cols.append((label, functools.partial(lambda o, s: o[s]["per_class_error"], ok), 100.0, 1))
+    md = ["## The search model, tested", "",
+          f"The model the search ended with (trained on the lower split under the loss as it was being learned; its "
+          f"last checkpoint, in evaluation mode), class by class, mean over seeds {', '.join(map(str, seeds))}: its "
+          "cross-entropy and error on the upper split (what the upper objective saw) and its test error, beside the "
+          "retrained model's and LA's.", "",
+          "| class | training images | upper images | " + " | ".join(c[0] for c in cols) + " |",
+          "|" + "---|" * (len(cols) + 3)]
+    ref = seeds[0]
+    for k in range(len(tested[ref]["per_class_error"])):
+        cells = [str(k), f"{np.mean([counts[s][k] for s in seeds if s in counts]):.0f}" if counts else "-",
+                 f"{np.mean([tested[s]['upper']['counts'][k] for s in seeds]):.0f}"]
+        cells += [f"{scale * np.mean([get(s)[k] for s in seeds]):.{digits}f}" for _, get, scale, digits in cols]
+        md.append("| " + " | ".join(cells) + " |")
+    return [*md, ""]
 
 
 def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid_rows: dict[str, dict[int, Any]],
@@ -714,6 +832,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="when the config leaves model.drw_epoch unset or beyond the retraining, LDAM-DRW "
                              "switches to class-balanced weights at this fraction of the retraining epochs (the "
                              "paper: 160 of 200)")
+    parser.add_argument("--search-model", action="store_true",
+                        help="also test the model the search ended with (its last checkpoint) on the test set and "
+                             "the upper split, beside the retrained one")
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the training processes")
     parser.add_argument("--report-only", action="store_true", help="aggregate the finished runs, train nothing")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="ARG",
@@ -742,8 +863,12 @@ def main(argv: list[str] | None = None) -> None:
         out = runs / f"seed_{s}"
         if args.report_only:
             commands[s] = {"all": _show(pipeline_args(args.config, s, out, args.methods, extra))}
+        else:
+            commands[s] = run_seed(args.config, s, out, args.methods, extra, env)
+        if args.search_model and AUTOBALANCE in args.methods:  # evaluation only: also with --report-only
+            evaluate_search_model(args.config, s, out, extra)
+        if args.report_only:
             continue
-        commands[s] = run_seed(args.config, s, out, args.methods, extra, env)
         if args.grid:
             t1 = time.perf_counter()
             run_grid(args.config, s, out, points, extra, env, args.grid_select)

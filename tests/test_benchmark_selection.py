@@ -86,3 +86,34 @@ def test_a_grid_run_without_autobalance_reports_no_autobalance_row(tmp_path: Pat
     args.methods = [quality.AUTOBALANCE, "la"]  # with AutoBalance run, its row is there (0/1 when it failed)
     md = "\n".join(quality.grid_section(args, {}, grid_rows, summaries, labels))
     assert f"| {quality.LABELS[quality.AUTOBALANCE]} | 0/1 |" in md
+
+
+def test_the_report_json_pairs_by_seed_as_the_runs_folder_does(tmp_path: Path):
+    quality, evidence = _load("quality"), _load("evidence")
+    for s, (ab, la) in enumerate([([0.1, 0.5], [0.1, 0.3]), ([0.3, 0.3], [0.0, 0.2])]):
+        _result(tmp_path / "runs" / f"seed_{s}" / "autobalance", "autobalance", ab)
+        _result(tmp_path / "runs" / f"seed_{s}" / "la", "la", la)
+    rows = {m: {s: evidence.load(tmp_path / "runs")[s][m] for s in (0, 1)} for m in ("autobalance", "la")}
+    rows["la"][2] = {"failure": {"error": "killed"}}  # a failed seed is left out of the record
+    record = quality.per_seed_record(rows, "python benchmarks/quality.py ...", {0: [9, 1], 1: [9, 1]})
+    assert sorted(record["seeds"]) == ["0", "1"] and record["class_counts"]["1"] == [9, 1]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(record))
+    from_json = evidence.versus(path, "la", None, per_class=True)
+    from_runs = evidence.versus(tmp_path / "runs", "la", None, per_class=True)
+    assert from_json.split("\n", 1)[1] == from_runs.split("\n", 1)[1]  # all but the line naming the source
+    assert "| balanced error | 30.00 ± 0.00 | 15.00 ± 5.00 | 15.00 ± 5.00 | +10.00, +20.00 |" in from_json
+    md = "\n".join(quality.per_seed_section(rows, quality.LABELS, "report.json"))
+    assert "| logit adjustment | 20.00 / 30.00 | 10.00 / 20.00 |" in md
+
+
+def test_the_search_model_section_puts_the_search_model_beside_the_kept_one():
+    quality = _load("quality")
+    upper = {"per_class_ce": [0.5, 1.5], "per_class_error": [0.0, 1.0], "counts": [20, 2], "balanced_error": 0.5}
+    rows = {quality.SEARCH_MODEL: {s: {"per_class_error": [0.9 - 0.2 * s, 0.1], "upper": upper} for s in (0, 1)},
+            quality.AUTOBALANCE: {0: {"per_class_error": [0.7, 0.2]}, 1: {"per_class_error": [0.5, 0.2]}},
+            "la": {0: {"per_class_error": [0.3, 0.6]}}}  # LA lacks seed 1: no LA column, rather than a mean of one
+    md = "\n".join(quality.search_model_section(rows, {0: [100, 10], 1: [100, 10]}))
+    assert "retrained: test error %" in md and "LA: test error %" not in md
+    assert "| 0 | 100 | 20 | 0.50 | 0.0 | 80.0 | 60.0 |" in md
+    assert "| 1 | 10 | 2 | 1.50 | 100.0 | 10.0 | 20.0 |" in md
