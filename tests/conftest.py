@@ -64,11 +64,18 @@ def linear_module(*bases: type, in_features: int) -> type:
     return cls
 
 
-def load_benchmark(name: str):
-    """Imports ``benchmarks/<name>.py`` (not a package) as the module ``name``."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+def load_script(path: Path, name: str | None = None):
+    """Imports a script that is not in a package (a benchmark, an example) as the module ``name`` (default: its
+    file's stem)."""
+    name = name or path.stem
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    """Imports ``benchmarks/<name>.py`` as the module ``name``."""
+    return load_script(Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")

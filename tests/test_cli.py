@@ -3,7 +3,6 @@ and of ``examples/add_to_existing_module.py``. Tiny settings: Digits-LT, 1 or 2 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import load_script
 
 from lightning_autobalance import AutoBalanceCallback, Estimator
 from lightning_autobalance.cli import AutoBalanceCLI, UsageError, main
@@ -166,10 +166,7 @@ def test_add_to_existing_module_example_runs() -> None:
     for needle in ("AutoBalanceMixin, pl.LightningModule", "self.configure_autobalance(", "self.autobalance_loss(",
                    "AutoBalanceCallback(upper_dataloader="):
         assert any(needle in line for line in marked), needle
-    spec = importlib.util.spec_from_file_location("add_to_existing_module", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(path)
     metrics = module.main(["--epochs", "2"])
     assert 0.0 <= float(metrics["test_balanced_error"]) <= 1.0
 
@@ -290,10 +287,7 @@ def test_tutorial_module_twin_takes_at_most_ten_changed_lines(tmp_path: Path) ->
     marked = [line for line in path.read_text().splitlines() if "  # AutoBalance" in line]  # code comments only
     assert 6 <= len(marked) <= 10
     assert any("search_split(" in line for line in marked)  # the data split is among them
-    spec = importlib.util.spec_from_file_location("tutorial_module", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(path)
     model, trainer, metrics = module.main(["--epochs", "3", "--root", str(tmp_path)])
     callback = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
     assert callback.hyper_steps > 0

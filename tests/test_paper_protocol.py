@@ -3,7 +3,6 @@ parallel processes with device-resident data, and the time limit stopping what s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,10 +18,7 @@ SCRIPT = ROOT / "benchmarks" / "paper_protocol.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("paper_protocol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

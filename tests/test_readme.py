@@ -9,7 +9,6 @@ this file does not know how to run fails ``test_every_readme_command_is_known``.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 from test_data_modules import _fake_cifar10
 
@@ -96,10 +96,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _load(script: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"readme_{Path(script).stem}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / script, f"readme_{Path(script).stem}")
 
 
 def _tiny_cli(words: list[str], out: Path, data: dict[str, Path]) -> list[str]:
