@@ -20,7 +20,10 @@ residuals of the hierarchical parametrisation).
 
 * ``--search-model``: also tests the model the two-phase search ended with (its last checkpoint, trained on the lower
   split only) on the test set and on the upper split, and reports it class by class beside the retrained model:
-  whether a failure of the found loss is already in the search or appears only when the loss is retrained.
+  whether a failure of the found loss is already in the search or appears only when the loss is retrained. It also
+  trains the search's start (the same model, split and epochs, the starting loss held fixed, one more training on
+  the lower split) and scores it on the upper split: whether the search lowered its own held-out objective, a
+  validation-only check.
 
 Writes ``<docs-dir>/<name>.md`` (the command at the top, tables of mean and standard error over seeds, every seed's
 figures at the end), ``<docs-dir>/<name>.json`` (every finished row per seed, with its per-class errors: what
@@ -339,7 +342,9 @@ def run_grid(config: Path, seed: int, out: Path, points: list[tuple[str, str, di
 def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[str]) -> dict[str, Any] | None:
     """Tests the model the search ended with (the search stage's ``last.ckpt``: trained on the lower split under
     the loss being learned) on the test set and on the upper split, in evaluation mode, as the pipeline tests a
-    stage. Written to ``<seed>/search/search_model.json``; ``None`` when the search has no checkpoint."""
+    stage; and trains its reference, the same model on the same split for the same epochs with the starting loss
+    held fixed (no hyper step), scored on the upper split: whether the search improved its own held-out objective.
+    Written to ``<seed>/search/search_model.json``; ``None`` when the search has no checkpoint."""
     done = out / "search" / "search_model.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -351,6 +356,9 @@ def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[st
     from lightning_autobalance.pipeline import _clone, _counts
 
     model_t, dm_t, _, _ = _templates(config, seed, tuple(extra))
+    hp = dict(model_t.hparams)
+    start = run_grid_point(config, seed, out / "search" / "start_reference", "start", hp.get("preset", "la"),
+                           dict(hp.get("preset_kwargs") or {}), extra)
     split = _clone(dm_t, search_split=True, val_source="upper")
     split.setup("fit")
     model = _clone(model_t, **_counts(model_t, split), loss="autobalance")
@@ -358,7 +366,8 @@ def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[st
     full = _clone(dm_t, search_split=False)
     full.setup("test")
     result = {"checkpoint": _rel(ckpt), "test": _evaluate(model, full.test_dataloader(), full.num_classes),
-              "upper": _evaluate(model, split.val_dataloader(), split.num_classes)}
+              "upper": _evaluate(model, split.val_dataloader(), split.num_classes),
+              "start_upper": {k[len("upper_"):]: v for k, v in start.items() if k.startswith("upper_")}}
     done.write_text(json.dumps(result, indent=2))
     return result
 
@@ -406,6 +415,7 @@ def collect(runs: Path, seeds: Sequence[int], methods: Sequence[str], search_mod
         if tested:
             search = _load(out / "search" / "result.json") or {}
             rows.setdefault(SEARCH_MODEL, {})[s] = {**tested["test"], "upper": tested["upper"],
+                                                    "start_upper": tested.get("start_upper"),
                                                     "time_s": search.get("fit_time_s", 0.0)}
     return rows, counts
 
@@ -665,9 +675,10 @@ def per_seed_record(rows: dict[str, dict[int, Any]], command: str, counts: dict[
     for m, per_seed in rows.items():
         for s, r in sorted(_ok(per_seed).items()):
             row = {k: r[k] for k in KEPT if r.get(k) is not None}
-            if "upper" in r:
-                row["upper"] = {k: r["upper"][k] for k in ("balanced_error", "per_class_error", "per_class_ce",
-                                                           "counts")}
+            for part in ("upper", "start_upper"):
+                if r.get(part):
+                    row[part] = {k: r[part][k] for k in ("balanced_error", "per_class_error", "per_class_ce",
+                                                         "counts")}
             seeds.setdefault(str(s), {})[m] = {"method": m, **row}
     return {"command": command, "class_counts": {str(s): c for s, c in counts.items()}, "seeds": seeds}
 
@@ -694,9 +705,14 @@ def search_model_section(rows: dict[str, dict[int, Any]], counts: dict[int, list
     AutoBalance model and logit adjustment (means over seeds)."""
     tested = _ok(rows[SEARCH_MODEL])
     seeds = sorted(tested)
+    with_start = all(tested[s].get("start_upper") for s in seeds)
     cols = [("search model: upper CE", lambda s: tested[s]["upper"]["per_class_ce"], 1.0, 2),
-            ("search model: upper error %", lambda s: tested[s]["upper"]["per_class_error"], 100.0, 1),
-            ("search model: test error %", lambda s: tested[s]["per_class_error"], 100.0, 1)]
+            ("search model: upper error %", lambda s: tested[s]["upper"]["per_class_error"], 100.0, 1)]
+    if with_start:
+        cols += [("start (no search): upper CE", lambda s: tested[s]["start_upper"]["per_class_ce"], 1.0, 2),
+                 ("start (no search): upper error %", lambda s: tested[s]["start_upper"]["per_class_error"], 100.0,
+                  1)]
+    cols.append(("search model: test error %", lambda s: tested[s]["per_class_error"], 100.0, 1))
     for m, label in ((AUTOBALANCE, "retrained: test error %"), ("la", "LA: test error %")):
         ok = _ok(rows.get(m, {}))
         if all(s in ok for s in seeds):
@@ -704,8 +720,9 @@ def search_model_section(rows: dict[str, dict[int, Any]], counts: dict[int, list
     md = ["## The search model, tested", "",
           f"The model the search ended with (trained on the lower split under the loss as it was being learned; its "
           f"last checkpoint, in evaluation mode), class by class, mean over seeds {', '.join(map(str, seeds))}: its "
-          "cross-entropy and error on the upper split (what the upper objective saw) and its test error, beside the "
-          "retrained model's and LA's.", "",
+          "cross-entropy and error on the upper split (what the upper objective saw), the same for its start (the "
+          "same model trained on the same split for the same epochs with the starting loss held fixed), and its "
+          "test error beside the retrained model's and LA's.", "",
           "| class | training images | upper images | " + " | ".join(c[0] for c in cols) + " |",
           "|" + "---|" * (len(cols) + 3)]
     ref = seeds[0]
@@ -714,7 +731,23 @@ def search_model_section(rows: dict[str, dict[int, Any]], counts: dict[int, list
                  f"{np.mean([tested[s]['upper']['counts'][k] for s in seeds]):.0f}"]
         cells += [f"{scale * np.mean([get(s)[k] for s in seeds]):.{digits}f}" for _, get, scale, digits in cols]
         md.append("| " + " | ".join(cells) + " |")
+    if with_start:
+        md += ["", "On the upper split, seed by seed: the search model against its start (the same model, split and "
+               "epochs with the starting loss held fixed). A search that pays lowers its own held-out objective.", "",
+               "| seed | | balanced CE | largest class CE | balanced error % | worst-class error % |",
+               "|---|---|---|---|---|---|"]
+        for s in seeds:
+            for label, u in (("start (no search)", tested[s]["start_upper"]), ("search model", tested[s]["upper"])):
+                md.append(f"| {s} | {label} | {_upper_summary(u)} |")
     return [*md, ""]
+
+
+def _upper_summary(upper: dict[str, Any]) -> str:
+    """Balanced CE, largest class CE, balanced and worst-class error over the classes the upper split holds."""
+    kept = [k for k, n in enumerate(upper["counts"]) if n > 0]
+    ce = [upper["per_class_ce"][k] for k in kept]
+    err = [upper["per_class_error"][k] for k in kept]
+    return (f"{np.mean(ce):.3f} | {max(ce):.3f} | {100 * np.mean(err):.2f} | {100 * max(err):.2f}")
 
 
 def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid_rows: dict[str, dict[int, Any]],

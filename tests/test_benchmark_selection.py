@@ -110,10 +110,15 @@ def test_the_report_json_pairs_by_seed_as_the_runs_folder_does(tmp_path: Path):
 def test_the_search_model_section_puts_the_search_model_beside_the_kept_one():
     quality = _load("quality")
     upper = {"per_class_ce": [0.5, 1.5], "per_class_error": [0.0, 1.0], "counts": [20, 2], "balanced_error": 0.5}
-    rows = {quality.SEARCH_MODEL: {s: {"per_class_error": [0.9 - 0.2 * s, 0.1], "upper": upper} for s in (0, 1)},
+    start = {"per_class_ce": [0.25, 1.0], "per_class_error": [0.0, 0.5], "counts": [20, 2], "balanced_error": 0.25}
+    rows = {quality.SEARCH_MODEL: {s: {"per_class_error": [0.9 - 0.2 * s, 0.1], "upper": upper, "start_upper": start}
+                                   for s in (0, 1)},
             quality.AUTOBALANCE: {0: {"per_class_error": [0.7, 0.2]}, 1: {"per_class_error": [0.5, 0.2]}},
             "la": {0: {"per_class_error": [0.3, 0.6]}}}  # LA lacks seed 1: no LA column, rather than a mean of one
     md = "\n".join(quality.search_model_section(rows, {0: [100, 10], 1: [100, 10]}))
     assert "retrained: test error %" in md and "LA: test error %" not in md
-    assert "| 0 | 100 | 20 | 0.50 | 0.0 | 80.0 | 60.0 |" in md
-    assert "| 1 | 10 | 2 | 1.50 | 100.0 | 10.0 | 20.0 |" in md
+    assert "| 0 | 100 | 20 | 0.50 | 0.0 | 0.25 | 0.0 | 80.0 | 60.0 |" in md
+    assert "| 1 | 10 | 2 | 1.50 | 100.0 | 1.00 | 50.0 | 10.0 | 20.0 |" in md
+    # seed by seed on the upper split: balanced CE, largest class CE, balanced error, worst-class error
+    assert "| 1 | start (no search) | 0.625 | 1.000 | 25.00 | 50.00 |" in md
+    assert "| 1 | search model | 1.000 | 1.500 | 50.00 | 100.00 |" in md
