@@ -286,10 +286,15 @@ SELECT = {
 }
 
 
+def _present(values: Sequence[float], counts: Sequence[int]) -> list[float]:
+    """The per-class ``values`` of the classes that have images (``counts > 0``)."""
+    return [v for v, n in zip(values, counts) if n > 0]
+
+
 def _upper_worst(result: dict[str, Any]) -> float:
     """The worst per-class error on the upper split, over the classes it has images of."""
     counts = result.get("upper_counts", result.get("upper_upper_counts"))  # the second: results written before
-    return max(e for e, n in zip(result["upper_per_class_error"], counts) if n > 0)
+    return max(_present(result["upper_per_class_error"], counts))
 
 
 def _choose(results: list[dict[str, Any]], select: str = "balanced_error") -> dict[str, Any]:
@@ -744,10 +749,8 @@ def search_model_section(rows: dict[str, dict[int, Any]], counts: dict[int, list
 
 def _upper_summary(upper: dict[str, Any]) -> str:
     """Balanced CE, largest class CE, balanced and worst-class error over the classes the upper split holds."""
-    kept = [k for k, n in enumerate(upper["counts"]) if n > 0]
-    ce = [upper["per_class_ce"][k] for k in kept]
-    err = [upper["per_class_error"][k] for k in kept]
-    return (f"{np.mean(ce):.3f} | {max(ce):.3f} | {100 * np.mean(err):.2f} | {100 * max(err):.2f}")
+    ce, err = (_present(upper[k], upper["counts"]) for k in ("per_class_ce", "per_class_error"))
+    return f"{np.mean(ce):.3f} | {max(ce):.3f} | {100 * np.mean(err):.2f} | {100 * max(err):.2f}"
 
 
 def grid_section(args: argparse.Namespace, rows: dict[str, dict[int, Any]], grid_rows: dict[str, dict[int, Any]],
