@@ -7,24 +7,21 @@ group (``estimator: {method: cg, cg_iterations: 10}``). It is validated here, on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
-__all__ = ["CURVATURES", "METHODS", "PRODUCTS", "Curvature", "Estimator", "Method", "ProductMode"]
+__all__ = ["CURVATURES", "PRODUCTS", "SOLVERS", "Curvature", "Estimator", "ProductMode"]
 
-Method = Literal["neumann", "cg", "unroll"]
 Curvature = Literal["gauss_newton", "hessian"]
 ProductMode = Literal["difference", "jvp", "auto"]
-METHODS = ("neumann", "cg", "unroll")
 CURVATURES = ("gauss_newton", "hessian")
 PRODUCTS = ("difference", "jvp")
 
-
-def _methods() -> tuple[str, ...]:
-    """The method names: the built-in ones and any added to ``hypergradient.SOLVERS``."""
-    from lightning_autobalance.hypergradient import SOLVERS  # the registry lives with the methods
-
-    return tuple(SOLVERS)
+#: The hypergradient methods by name: :mod:`lightning_autobalance.hypergradient` fills it with its solvers (the same
+#: dict is ``hypergradient.SOLVERS``, where a new method is added), and :class:`Estimator` accepts every name in it.
+#: It lives here so that this module imports nothing of the hypergradient (no import cycle).
+SOLVERS: dict[str, Callable[..., Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,9 @@ class Estimator:
     Attributes:
         method: ``"neumann"`` (``p = eta sum_{j<=terms} (I - eta H)^j v``), ``"cg"`` (conjugate gradient on
             ``(H + damping I) p = v``) or ``"unroll"`` (the exact derivative of one virtual SGD step of size
-            ``eta``); any name of :data:`lightning_autobalance.hypergradient.SOLVERS` (where a new method is added).
+            ``eta``), ``"head"`` (the implicit hypergradient of the classifier head solved to its equilibrium on
+            recent features, :mod:`lightning_autobalance.head`: the response of the trained head, not of one step);
+            any name of :data:`lightning_autobalance.hypergradient.SOLVERS` (where a new method is added).
         eta: the Neumann step / virtual SGD step, ``> 0``.
         terms: Neumann terms beyond the first, ``>= 0`` (``0``: the one-step hypergradient; the paper uses 5
             with ``eta=1``).
@@ -45,16 +44,23 @@ class Estimator:
             that reuses the training step's forward pass) or ``"jvp"`` (forward mode, exact). ``"auto"`` is read as
             ``"difference"``.
         weight_decay: the L2 coefficient of the training objective (the model optimizer's weight decay), ``>= 0``:
-            it adds ``weight_decay * I`` to the curvature.
+            it adds ``weight_decay * I`` to the curvature. ``"head"`` needs it ``> 0``.
+        head: ``"head"`` method: the name of the ``nn.Linear`` layer producing the logits (``None``: the module's
+            last ``nn.Linear``).
+        head_memory: ``"head"`` method: feature rows of recent training (and upper) batches kept to solve the
+            head's equilibrium on (``0``: the current batches only).
+        head_steps: ``"head"`` method: Newton steps per hyper step (warm-started from the previous equilibrium).
 
     Example:
         >>> Estimator()
         Estimator(method='neumann', eta=1.0, terms=0, damping=0.0, cg_iterations=5, curvature='gauss_newton', \
-product='difference', weight_decay=0.0)
+product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=10)
         >>> Estimator(method="cg", damping=-1.0)
         Traceback (most recent call last):
         ...
         ValueError: damping must be >= 0; got -1.0.
+        >>> Estimator.coerce({"method": "cg", "cg_iterations": 10}).cg_iterations
+        10
     """
 
     method: str = "neumann"
@@ -65,12 +71,15 @@ product='difference', weight_decay=0.0)
     curvature: Curvature = "gauss_newton"
     product: ProductMode = "difference"
     weight_decay: float = 0.0
+    head: str | None = None
+    head_memory: int = 2048
+    head_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.product == "auto":
             object.__setattr__(self, "product", "difference")
         checks = [
-            (self.method in _methods(), f"method must be one of {_methods()}; got {self.method!r}."),
+            (self.method in SOLVERS, f"method must be one of {tuple(SOLVERS)}; got {self.method!r}."),
             (self.curvature in CURVATURES, f"curvature must be one of {CURVATURES}; got {self.curvature!r}."),
             (self.product in PRODUCTS, f"product must be one of {PRODUCTS}; got {self.product!r}."),
             (self.eta > 0, f"eta must be positive; got {self.eta}."),
@@ -80,7 +89,36 @@ product='difference', weight_decay=0.0)
             (isinstance(self.cg_iterations, int) and self.cg_iterations >= 1,
              f"cg_iterations must be at least 1; got {self.cg_iterations}."),
             (self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}."),
+            (self.method != "head" or self.weight_decay > 0,
+             f"method 'head' needs weight_decay > 0 (the model optimizer's weight decay: it makes the head's "
+             f"equilibrium exist); got {self.weight_decay}."),
+            (isinstance(self.head_memory, int) and self.head_memory >= 0,
+             f"head_memory (feature rows kept) must be >= 0; got {self.head_memory}."),
+            (isinstance(self.head_steps, int) and self.head_steps >= 1,
+             f"head_steps (Newton steps) must be at least 1; got {self.head_steps}."),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @classmethod
+    def coerce(cls, value: Any) -> Estimator:
+        """An :class:`Estimator` from itself, ``None`` (the default), or a mapping of its fields (a YAML group, a
+        Hydra ``DictConfig``, a jsonargparse dict), validated alike.
+
+        Raises:
+            ValueError: for another type, a key that is not a field, or a bad setting.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            settings = {str(k): v for k, v in value.items()}
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(settings) - known)
+            if unknown:
+                raise ValueError(f"estimator: unknown settings {unknown}; expected some of {sorted(known)}.")
+            return cls(**settings)
+        raise ValueError(f"estimator must be a lightning_autobalance.Estimator or a mapping of its settings (e.g. "
+                         f"{{'method': 'cg'}}); got {type(value).__name__}.")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -45,7 +45,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_autobalance.estimator import CURVATURES, Curvature, Estimator, ProductMode
+from lightning_autobalance.estimator import SOLVERS as _REGISTRY
+from lightning_autobalance.head import head_solver
 from lightning_autobalance.losses import LossTables
+from lightning_autobalance.random_state import from_state
 
 __all__ = [
     "SOLVERS",
@@ -125,18 +128,7 @@ def _reduce_tree(tree: Tree, reduce: Reduce | None) -> Tree:
     return out
 
 
-@contextlib.contextmanager
-def _rng(state: tuple[Tensor, Tensor | None] | None, device: torch.device) -> Iterator[None]:
-    """Runs the block from a given random state, restoring the surrounding state afterwards."""
-    if state is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None and devices:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
+_rng = from_state  # the batch's recorded random state (dropout masks as in the training step's pass)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -182,6 +174,8 @@ class FunctionalModel:
         self.module = module
         self._call = _Call(module, forward or (lambda m, x: m(x)))
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        #: scratch space kept between calls for methods with memory (the ``"head"`` method's feature buffers)
+        self.memory: dict[str, Any] = {}
         self._buffer_names = [n for n, _ in module.named_buffers() if not n.startswith(tuple(exclude_buffers))]
         if not self.names:
             raise ValueError(f"{type(module).__name__} has no trainable parameters to differentiate.")
@@ -366,7 +360,7 @@ def curvature_product(fmodel: FunctionalModel, params: Tree, batches: Sequence[B
                     (r,) = torch.autograd.grad((gz * u.to(z.dtype)).sum(), z)
                 _, vjp_fn = torch.func.vjp(f, params)
                 (hv,) = vjp_fn((r * loss_scale).to(logits.dtype))
-                hv = _scale(1.0 / loss_scale, hv) if loss_scale != 1.0 else hv
+                hv = _scale(1.0 / loss_scale, hv) if isinstance(loss_scale, Tensor) or loss_scale != 1.0 else hv
             else:
                 raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
         hv = {k: t.detach() for k, t in hv.items()}
@@ -390,26 +384,27 @@ def conjugate_gradient(matvec: Callable[[Tree], Tree], v: Tree, iterations: int,
 
     Stops after ``iterations`` products, when the residual norm falls below ``tol * ||v||``, or when a direction
     of non-positive curvature appears (possible with an indefinite Hessian; add damping or use Gauss-Newton).
+    Nothing is read back from the device: a stop is a flag on the device after which ``p`` keeps its value (the
+    remaining products are still computed, so every process makes the same collective calls).
     """
     x = {k: torch.zeros_like(t) for k, t in v.items()}
     r = dict(v)
     d = dict(v)
     rr = _dot(r, r)
-    stop = tol * tol * max(float(rr), 1e-300)
+    stop = tol * tol * rr.clamp(min=1e-300)
+    going = torch.ones((), dtype=torch.bool, device=rr.device)
     for _ in range(iterations):
-        if float(rr) <= stop:
-            break
+        going = going & ~(rr <= stop)  # a NaN residual goes on (and makes p non-finite, as it should)
         hd = matvec(d)
         if damping:
             hd = _axpy(damping, d, hd)
         dhd = _dot(d, hd)
-        if float(dhd) <= 0.0:
-            break
+        going = going & ~(dhd <= 0.0)
         step = (rr / dhd).to(next(iter(v.values())).dtype)
-        x = _axpy(step, d, x)
-        r = _axpy(-step, hd, r)
-        rr_new = _dot(r, r)
-        d = _axpy((rr_new / rr).to(step.dtype), d, r)
+        x = {k: torch.where(going, t, x[k]) for k, t in _axpy(step, d, x).items()}
+        r = {k: torch.where(going, t, r[k]) for k, t in _axpy(-step, hd, r).items()}
+        rr_new = torch.where(going, _dot(r, r), rr)
+        d = {k: torch.where(going, t, d[k]) for k, t in _axpy((rr_new / rr).to(step.dtype), d, r).items()}
         rr = rr_new
     return x
 
@@ -450,6 +445,8 @@ class Problem:
     estimator: Estimator
     reduce: Reduce | None
     loss_scale: float
+    alpha: Mapping[str, Tensor] | None = None
+    tables_fn: TablesFn | None = None
 
     def upper_gradient(self, params: Tree | None = None) -> tuple[Tree, Tensor]:
         """``v = grad_theta L_upper`` at ``params`` (default ``theta``) and the objective's value there."""
@@ -492,9 +489,13 @@ def _unroll(problem: Problem) -> tuple[Tree, Tensor]:
 #: The hypergradient methods by :attr:`Estimator.method <lightning_autobalance.estimator.Estimator.method>` name. A
 #: method maps a :class:`Problem` to ``(p, objective value)``: ``p`` approximates ``H^{-1} v`` (``v`` the upper
 #: gradient; for ``unroll`` it is ``eta v`` at the virtually stepped weights), and :func:`hypergradient` turns it
-#: into ``-d^2 L_train / d alpha d theta . p``. Adding an entry here is all a new method needs
-#: (:class:`~lightning_autobalance.estimator.Estimator` accepts every name of this table).
-SOLVERS: dict[str, Callable[[Problem], tuple[Tree, Tensor]]] = {"neumann": _neumann, "cg": _cg, "unroll": _unroll}
+#: into ``-d^2 L_train / d alpha d theta . p``. A method may instead return the finished hypergradient, an object
+#: with ``grad`` (by name of ``alpha``) and ``objective`` (``"head"``: :func:`~lightning_autobalance.head.head_solver`,
+#: which differentiates at the head's equilibrium rather than at ``theta``). Adding an entry here is all a new
+#: method needs (:class:`~lightning_autobalance.estimator.Estimator` accepts every name of this table).
+SOLVERS: dict[str, Callable[[Problem], Any]] = _REGISTRY  # the dict Estimator checks names against
+SOLVERS.update({"neumann": _neumann, "cg": _cg, "unroll": _unroll,
+                                                "head": head_solver})
 
 
 def hypergradient(
@@ -559,8 +560,13 @@ def hypergradient(
         tables = LossTables(*(t.detach() for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
 
     problem = Problem(fmodel, params, train_batches, upper_batches, tables, train_loss, objective, est, reduce,
-                      loss_scale)
-    p, value = SOLVERS[method](problem)
+                      loss_scale, alpha, tables_fn)
+    solved = SOLVERS[method](problem)
+    if hasattr(solved, "grad"):  # the method returned the hypergradient itself
+        grad = {k: solved.grad[k].to(_wide(alpha[k].dtype)) for k in alpha}
+        finite = torch.stack([torch.isfinite(t).all() for t in grad.values()]).all()
+        return HypergradientResult(grad=grad, objective=solved.objective, finite=finite)
+    p, value = solved
 
     grad: Tree | None = None
     for batch in train_batches:

@@ -1,0 +1,368 @@
+"""The implicit hypergradient of the classifier head at its equilibrium (the ``"head"`` method).
+
+A one-step hypergradient on a young model answers "which loss helps the model at its next step"; early in
+training that means "push the under-fit tail", whatever the end of training needs (short-horizon bias). This
+method answers a longer question exactly, for the part of the network the loss acts on most directly: **if the
+last linear layer were trained to convergence on the current features, how would the upper objective move with
+the loss parameters?**
+
+With the features ``x_i`` of the training samples held fixed (rows of ``X``, a buffer of recent training
+batches) and the head ``theta = (W, b)`` (``K x d`` plus ``K``), the head's training problem
+
+.. math::
+
+    \\theta^*(\\alpha) = \\arg\\min_\\theta\\; L_{train}(X\\,W^\\top + b;\\; \\alpha) + \\tfrac{\\lambda}{2}\\|\\theta\\|^2
+
+is strongly convex for the adjusted cross-entropy under weight decay ``lambda > 0``. Its solution is found by
+Newton's method; then, by the implicit function theorem,
+
+.. math::
+
+    \\frac{d\\,U(\\theta^*(\\alpha))}{d\\alpha} = -\\frac{\\partial^2 L_{train}}{\\partial\\alpha\\,\\partial\\theta}
+    \\Big|_{\\theta^*} (H + \\mu I)^{-1}\\, \\nabla_\\theta U(\\theta^*), \\qquad
+    H = \\nabla^2_\\theta L_{train}(\\theta^*) + \\lambda I,
+
+with ``U`` the upper objective on the features of upper batches and ``mu`` the estimator's ``damping``. For
+``K (d + 1)`` up to ``dense_limit`` parameters (650 for a ResNet-32 head on CIFAR-10) the Hessian is formed and
+solved densely; beyond, the Newton steps and the final solve use conjugate gradient with Hessian-vector products.
+Everything is exact for the head: the only approximations are the frozen features and the finite Newton budget.
+
+Cost: no backward pass through the network at all. A hyper step runs one forward pass (no gradient) on each
+training and upper batch to read their features, and the rest is arithmetic on ``(N, d)`` matrices.
+
+Nothing here knows about Lightning. :func:`head_hypergradient` is the functional core on feature matrices;
+:func:`solve_head` the Newton solver; :class:`FeatureMemory` the buffer of recent features;
+:func:`head_solver` adapts them to :data:`lightning_autobalance.hypergradient.SOLVERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_autobalance.losses import LossTables
+from lightning_autobalance.random_state import from_state
+
+if TYPE_CHECKING:  # for annotations only: hypergradient imports this module to register the method
+    from lightning_autobalance.hypergradient import Problem
+
+__all__ = ["FeatureMemory", "HeadResult", "find_head", "head_hypergradient", "head_solver", "solve_head"]
+
+TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
+Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+Reduce = Callable[[Tensor], Tensor]
+
+#: step sizes tried along each Newton direction (all at once, so that choosing one reads nothing to the host)
+_STEPS = tuple(2.0 ** -j for j in range(12)) + (0.0,)
+
+
+def find_head(module: nn.Module, name: str | None = None) -> str:
+    """The qualified name of the classifier head: ``name`` if given (checked), else the last ``nn.Linear``
+    registered in ``module`` (for the networks of this package and most classifiers, the layer producing logits).
+
+    Raises:
+        ValueError: when ``name`` is not an ``nn.Linear`` of ``module`` or ``module`` has none.
+    """
+    modules = dict(module.named_modules())
+    if name is not None:
+        if not isinstance(modules.get(name), nn.Linear):
+            linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(f"Estimator(head={name!r}) must name an nn.Linear layer of {type(module).__name__}; "
+                             f"its nn.Linear layers are {linear}.")
+        return name
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"The 'head' method needs the network's last layer to be an nn.Linear (the classifier head); "
+                         f"{type(module).__name__} has none. Give Estimator(head='<layer name>') or use another "
+                         "method.")
+    return linear[-1]
+
+
+@dataclass
+class FeatureMemory:
+    """A ring buffer of recent features, labels and groups (device tensors), capped at ``capacity`` rows.
+
+    The head method keeps one for training batches and one for upper batches, so that the head's equilibrium is
+    solved on more samples than one batch holds (tail classes appear in it), without extra forward passes.
+    """
+
+    capacity: int
+    features: Tensor | None = None
+    target: Tensor | None = None
+    group: Tensor | None = None
+
+    def add(self, features: Tensor, target: Tensor, group: Tensor | None) -> None:
+        """Appends rows, dropping the oldest beyond ``capacity``; a change of feature width restarts the buffer."""
+        if self.features is not None and (self.features.shape[1:] != features.shape[1:]
+                                          or (self.group is None) != (group is None)
+                                          or self.features.device != features.device):
+            self.features = self.target = self.group = None
+        cat = (lambda old, new: new if old is None else torch.cat([old, new])[-self.capacity:])
+        self.features = cat(self.features, features.detach())
+        self.target = cat(self.target, target.detach())
+        self.group = None if group is None else cat(self.group, group.detach())
+
+
+@dataclass
+class HeadResult:
+    """What :func:`head_hypergradient` returns.
+
+    Attributes:
+        grad: ``dU(theta*(alpha))/dalpha`` by name (float32 or wider).
+        objective: the upper objective at the equilibrium head ``theta*``.
+        theta: the equilibrium head, flat: ``W`` row by row, then ``b`` (if any).
+        grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device
+            tensor.
+    """
+
+    grad: dict[str, Tensor]
+    objective: Tensor
+    theta: Tensor
+    grad_norm: Tensor = field(repr=False)
+
+
+def _head_logits(theta: Tensor, features: Tensor, num_classes: int, bias: bool) -> Tensor:
+    d = features.shape[1]
+    w = theta[: num_classes * d].view(num_classes, d)
+    out = features @ w.T
+    return out + theta[num_classes * d:] if bias else out
+
+
+def _mean(value: Tensor, reduce: Reduce | None) -> Tensor:
+    return value if reduce is None else reduce(value.reshape(-1)).reshape(value.shape)
+
+
+@dataclass(frozen=True)
+class _HeadProblem:
+    features: Tensor
+    target: Tensor
+    group: Tensor | None
+    tables: LossTables
+    train_loss: TrainLoss
+    weight_decay: float
+    num_classes: int
+    bias: bool
+    reduce: Reduce | None
+
+    def logits(self, theta: Tensor) -> Tensor:
+        return _head_logits(theta, self.features, self.num_classes, self.bias)
+
+    def data_loss(self, theta: Tensor) -> Tensor:
+        return self.train_loss(self.logits(theta), self.target, self.group, self.tables)
+
+    def loss(self, theta: Tensor) -> Tensor:
+        return self.data_loss(theta) + 0.5 * self.weight_decay * (theta * theta).sum()
+
+    def gradient(self, theta: Tensor) -> Tensor:
+        g = torch.func.grad(self.data_loss)(theta)
+        return _mean(g, self.reduce) + self.weight_decay * theta
+
+    def hessian(self, theta: Tensor) -> Tensor:
+        h = torch.func.hessian(self.data_loss)(theta)
+        return _mean(h, self.reduce) + self.weight_decay * torch.eye(theta.numel(), dtype=h.dtype, device=h.device)
+
+    def hvp(self, theta: Tensor, vec: Tensor) -> Tensor:
+        _, hv = torch.func.jvp(torch.func.grad(self.data_loss), (theta,), (vec,))
+        return _mean(hv, self.reduce) + self.weight_decay * vec
+
+
+def _cg(matvec: Callable[[Tensor], Tensor], rhs: Tensor, iterations: int) -> Tensor:
+    """Conjugate gradient from 0 on a symmetric positive definite system, a fixed number of iterations and no host
+    reads (a step is taken as zero once the residual vanishes)."""
+    x = torch.zeros_like(rhs)
+    r, d = rhs.clone(), rhs.clone()
+    rr = r @ r
+    tiny = torch.finfo(rhs.dtype).tiny
+    for _ in range(iterations):
+        hd = matvec(d)
+        dhd = d @ hd
+        step = torch.where(dhd > tiny, rr / dhd.clamp(min=tiny), torch.zeros_like(rr))
+        x = x + step * d
+        r = r - step * hd
+        rr_new = r @ r
+        d = r + torch.where(rr > tiny, rr_new / rr.clamp(min=tiny), torch.zeros_like(rr)) * d
+        rr = rr_new
+    return x
+
+
+def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dense_limit: int,
+           cg_iterations: int) -> Tensor:
+    """``(H(theta) + shift I)^{-1} rhs``: dense up to ``dense_limit`` parameters, else conjugate gradient."""
+    if theta.numel() <= dense_limit:
+        h = problem.hessian(theta)
+        if shift:
+            h = h + shift * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        return torch.linalg.solve(h, rhs)
+    return _cg(lambda v: problem.hvp(theta, v) + shift * v, rhs, cg_iterations)
+
+
+def solve_head(problem: _HeadProblem, theta: Tensor, steps: int, dense_limit: int = 4096,
+               cg_iterations: int = 50) -> Tensor:
+    """Newton's method on the head's strongly convex training problem, from ``theta``, for ``steps`` steps.
+
+    Each step tries the step sizes ``1, 1/2, ..., 1/2048`` and ``0`` along the Newton direction at once (the
+    logits are linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the best: the
+    loss never increases, and nothing is read back to the host.
+    """
+    steps_t = torch.tensor(_STEPS, dtype=theta.dtype, device=theta.device)
+    for _ in range(steps):
+        direction = _solve(problem, theta, problem.gradient(theta), 0.0, dense_limit, cg_iterations)
+        base, move = problem.logits(theta), problem.logits(direction)  # the logits are linear in theta
+        data = torch.stack([problem.train_loss(base - t * move, problem.target, problem.group, problem.tables)
+                            for t in _STEPS])
+        cands = theta.unsqueeze(0) - steps_t.unsqueeze(1) * direction.unsqueeze(0)
+        values_t = _mean(data, problem.reduce) + 0.5 * problem.weight_decay * (cands * cands).sum(1)
+        values_t = torch.where(torch.isfinite(values_t), values_t, torch.full_like(values_t, float("inf")))
+        theta = theta - steps_t[torch.argmin(values_t)] * direction
+    return theta
+
+
+def head_hypergradient(
+    features: Tensor,
+    target: Tensor,
+    group: Tensor | None,
+    upper_features: Tensor,
+    upper_target: Tensor,
+    upper_group: Tensor | None,
+    alpha: Mapping[str, Tensor],
+    tables_fn: Callable[[Mapping[str, Tensor]], LossTables],
+    train_loss: TrainLoss,
+    objective: Objective,
+    theta: Tensor,
+    num_classes: int,
+    bias: bool,
+    weight_decay: float,
+    damping: float = 0.0,
+    steps: int = 10,
+    dense_limit: int = 4096,
+    cg_iterations: int = 50,
+    reduce: Reduce | None = None,
+) -> HeadResult:
+    """``dU(theta*(alpha))/dalpha`` for a linear head ``theta = (W, b)`` on fixed features (see the module text).
+
+    Args:
+        features, target, group: the training samples' features ``(N, d)``, labels and groups (or ``None``).
+        upper_features, upper_target, upper_group: the same for the upper objective.
+        alpha: the free loss parameters by name (not modified).
+        tables_fn: maps ``alpha`` to the loss tables, differentiably.
+        train_loss: ``train_loss(logits, target, group, tables) -> scalar``, a mean over samples.
+        objective: ``objective(logits, target, group) -> scalar`` on the upper samples.
+        theta: the starting head, flat (``W`` row by row, then ``b``); e.g. the network's current head.
+        num_classes: ``K``, the rows of ``W``.
+        bias: whether ``theta`` ends with a bias of ``K`` entries.
+        weight_decay: ``lambda > 0``, the L2 coefficient of the head's training problem (the model optimizer's
+            weight decay): it makes the problem strongly convex, so that ``theta*`` exists.
+        damping: ``mu >= 0`` added to the Hessian in the implicit solve only.
+        steps: Newton steps from ``theta``.
+        dense_limit: the largest head (``K (d + 1)`` parameters) whose Hessian is formed densely.
+        cg_iterations: conjugate-gradient iterations per solve beyond ``dense_limit``.
+        reduce: averages a tensor over processes (every rank's buffers the same size); ``None`` for one process.
+
+    Returns:
+        A :class:`HeadResult`.
+    """
+    if not weight_decay > 0:
+        raise ValueError(f"The 'head' method needs weight_decay > 0 (the model optimizer's weight decay, which makes "
+                         f"the head's equilibrium exist); got {weight_decay}. Set Estimator(weight_decay=...).")
+    wide = torch.promote_types(features.dtype, torch.float32)
+    with torch.no_grad():
+        tables = LossTables(*(t.detach().to(wide) for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
+    problem = _HeadProblem(features.detach().to(wide), target, group, tables, train_loss, float(weight_decay),
+                           num_classes, bias, reduce)
+    with torch.enable_grad():
+        theta_star = solve_head(problem, theta.detach().to(wide), steps, dense_limit, cg_iterations)
+        upper = _HeadProblem(upper_features.detach().to(wide), upper_target, upper_group, tables, train_loss, 0.0,
+                             num_classes, bias, reduce)
+
+        def upper_value(t: Tensor) -> Tensor:
+            return objective(upper.logits(t), upper_target, upper_group)
+
+        v, value = torch.func.grad_and_value(upper_value)(theta_star)
+        v, value = _mean(v, reduce), _mean(value.detach(), reduce)
+        p = _solve(problem, theta_star, v, float(damping), dense_limit, cg_iterations)
+        grad = _mixed(problem, theta_star, p, alpha, tables_fn, train_loss)
+        grad = {k: -_mean(g, reduce) for k, g in grad.items()}
+        grad_norm = torch.linalg.vector_norm(problem.gradient(theta_star)).detach()
+    return HeadResult(grad=grad, objective=value.detach(), theta=theta_star.detach(), grad_norm=grad_norm)
+
+
+def _mixed(problem: _HeadProblem, theta: Tensor, p: Tensor, alpha: Mapping[str, Tensor],
+           tables_fn: Callable[[Mapping[str, Tensor]], LossTables], train_loss: TrainLoss) -> dict[str, Tensor]:
+    """``d^2 L_train / d alpha d theta . p``: the gradient in ``alpha`` of ``<d L_train/d f, J p>``."""
+    leaf = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32)).requires_grad_(True) for k, v in alpha.items()}
+    tables = tables_fn(leaf)
+    f = problem.logits(theta).detach().requires_grad_(True)
+    u = problem.logits(p).detach()  # J p: the logits are linear in theta
+    loss = train_loss(f, problem.target, problem.group, LossTables(*(t.to(f.dtype) for t in tables)))
+    (grad_f,) = torch.autograd.grad(loss, f, create_graph=True)
+    grads = torch.autograd.grad((grad_f * u).sum(), list(leaf.values()), allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaf.items(), grads)}
+
+
+def _features(problem: Problem, head: nn.Linear, batch: Any) -> Tensor:
+    """The input of ``head`` on ``batch`` at the current weights (one forward pass, no gradient)."""
+    seen: list[Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad(), from_state(batch.rng_state, problem.fmodel.device):
+            problem.fmodel(problem.params, batch.inputs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(f"The 'head' method expects the head layer to run once per forward pass; it ran {len(seen)} "
+                         "times. Give Estimator(head='<layer name>') for the layer that produces the logits.")
+    return seen[0].flatten(1)
+
+
+def head_solver(problem: Problem) -> HeadResult:
+    """The ``"head"`` entry of :data:`~lightning_autobalance.hypergradient.SOLVERS`.
+
+    Finds the head (:func:`find_head`, or ``Estimator.head``), reads the features of the problem's training and
+    upper batches, adds them to the :class:`FeatureMemory` buffers kept on the functional model (``head_memory``
+    of ``Estimator``: rows kept; ``0`` keeps only the current batches), and returns :func:`head_hypergradient`
+    from the network's current head (or, when the feature width is unchanged, the previous equilibrium: a warm
+    start, so that a few Newton steps suffice).
+    """
+    est = problem.estimator
+    module = problem.fmodel.module
+    name = find_head(module, getattr(est, "head", None))
+    head = dict(module.named_modules())[name]
+    prefix = f"{name}." if name else ""
+    w, b = problem.params.get(prefix + "weight"), problem.params.get(prefix + "bias")
+    if w is None:
+        raise ValueError(f"The head {name!r} has no trainable weight; the 'head' method searches through it.")
+    capacity = max(int(getattr(est, "head_memory", 0)), 1)
+    memory = problem.fmodel.memory.setdefault("head", {})
+    train_mem = memory.get("train")
+    if train_mem is None or train_mem.capacity != capacity:
+        train_mem = memory["train"] = FeatureMemory(capacity)
+        memory["upper"] = FeatureMemory(capacity)
+    upper_mem = memory["upper"]
+    for batch in problem.train_batches:
+        train_mem.add(_features(problem, head, batch), batch.target, batch.group)
+    for batch in problem.upper_batches:
+        upper_mem.add(_features(problem, head, batch), batch.target, batch.group)
+    if getattr(est, "head_memory", 0) == 0:  # only the current batches
+        n_train = sum(b.target.shape[0] for b in problem.train_batches)
+        n_upper = sum(b.target.shape[0] for b in problem.upper_batches)
+        train = (train_mem.features[-n_train:], train_mem.target[-n_train:],
+                 None if train_mem.group is None else train_mem.group[-n_train:])
+        upper = (upper_mem.features[-n_upper:], upper_mem.target[-n_upper:],
+                 None if upper_mem.group is None else upper_mem.group[-n_upper:])
+    else:
+        train = (train_mem.features, train_mem.target, train_mem.group)
+        upper = (upper_mem.features, upper_mem.target, upper_mem.group)
+    assert train[0] is not None and upper[0] is not None
+    current = torch.cat([w.reshape(-1)] + ([b.reshape(-1)] if b is not None else [])).detach()
+    previous = memory.get("theta")
+    start = previous if previous is not None and previous.shape == current.shape else current
+    result = head_hypergradient(
+        *train, *upper, problem.alpha, problem.tables_fn, problem.train_loss, problem.objective, start,
+        num_classes=w.shape[0], bias=b is not None, weight_decay=est.weight_decay, damping=est.damping,
+        steps=int(getattr(est, "head_steps", 10)), cg_iterations=est.cg_iterations * 10, reduce=problem.reduce)
+    memory["theta"] = result.theta
+    return result
