@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_autobalance.data.search_split import SearchSplit, dataset_targets
 from lightning_autobalance.losses import (
     AdjustedCrossEntropy,
     LossTables,
@@ -89,20 +92,99 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
             tables = rebuilt.retraining_tables()
     return PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts), info
 
+#: What a module that never calls ``configure_autobalance`` searches (the defaults of that method).
+_DEFAULTS: dict[str, Any] = {"preset": "la", "search": ("offset",), "parametrization": "hierarchical",
+                             "group_size": 1, "num_groups": None, "reduction": "mean", "preset_kwargs": None,
+                             "loss_file": None, "freeze": False, "num_classes": None}
+#: Training calls of ``autobalance_loss`` in a row whose loss never reached backward before that is an error.
+_UNREACHED_LIMIT = 3
+
+
+def _mark_reached(flag: list[bool], grad: Tensor) -> None:
+    flag[0] = True
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _same_counts(class_counts: Any, params: LossParametrization, num_groups: int | None) -> bool:
+    try:
+        table = as_count_table(class_counts, num_groups=num_groups)
+    except ValueError:
+        return False
+    return tuple(table.shape) == tuple(params.class_counts.shape) and bool(
+        torch.equal(table.to(params.class_counts), params.class_counts))
+
+
+def _first_loader(loader: Any) -> Any:
+    """The first of several training dataloaders (a list, a mapping or a ``CombinedLoader``)."""
+    iterables = getattr(loader, "iterables", None)
+    if iterables is not None and not hasattr(loader, "dataset"):
+        loader = iterables
+    if isinstance(loader, (list, tuple)):
+        return _first_loader(loader[0]) if loader else None
+    if isinstance(loader, Mapping):
+        return _first_loader(next(iter(loader.values()), None))
+    return loader
+
+
+def _training_loader(trainer: Any) -> Any:
+    """The fit's training dataloader: the loop's own once it has one, else the one the Trainer would ask for
+    (``fit(train_dataloaders=...)``, the datamodule's or the module's ``train_dataloader()``). Before the loop
+    has its data this reads ``trainer.fit_loop._data_source`` (private, checked in tests/test_real_shapes.py), as
+    the callback reads the validation loop's."""
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None:
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        if source is not None and source.is_defined():
+            try:
+                loader = source.dataloader()
+            except Exception:  # e.g. a datamodule whose train_dataloader() needs setup("fit")
+                loader = None
+    return _first_loader(loader)
+
+
+def _save_settings(module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: adds the reduction and the preset's settings to the loss's saved settings, so that a module
+    rebuilt from the state dict alone gets the same loss."""
+    key = prefix + "autobalance._extra_state"
+    params = module._autobalance_built() if isinstance(module, AutoBalanceMixin) else None
+    if params is not None and isinstance(state_dict.get(key), Mapping):
+        state_dict[key] = {**state_dict[key], "reduction": module.autobalance_reduction,
+                           "preset_kwargs": dict(params.preset_kwargs)}
+
+
+def _restore_from_state(module: Any, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: builds the loss from the saved counts when the module has none yet (a module whose
+    counts were found at setup, rebuilt with ``load_from_checkpoint`` or for ``trainer.test(ckpt_path=...)``)."""
+    if isinstance(module, AutoBalanceMixin) and prefix + "autobalance.class_counts" in state_dict:
+        module._autobalance_restore(state_dict, prefix)
+
 
 class AutoBalanceMixin:
     """Adds a learnable AutoBalance loss to a :class:`~pytorch_lightning.LightningModule`.
 
-    Put the mixin *before* ``LightningModule`` in the bases, call :meth:`configure_autobalance` in ``__init__``
-    and use :meth:`autobalance_loss` as the training loss. The loss parameters live in a submodule
-    (``self.autobalance``) as buffers: they are saved in the module's ``state_dict`` (so even a weights-only
-    checkpoint restores the learned loss) but are not ``nn.Parameter``\\ s, so the model's optimizer, including
-    LightningCLI's automatic one, never trains them. :class:`~lightning_autobalance.AutoBalanceCallback` updates
-    them.
+    Put the mixin *before* ``LightningModule`` in the bases and use :meth:`autobalance_loss` as the training loss;
+    add :class:`~lightning_autobalance.AutoBalanceCallback` to the Trainer. That is all a module needs: the class
+    counts are found when the Trainer sets the module up (see :meth:`configure_autobalance` for where from), saved
+    in the module's checkpoints, and restored by ``load_from_checkpoint``, ``trainer.test(ckpt_path=...)`` or
+    ``load_state_dict`` on a freshly built module. Call :meth:`configure_autobalance` (in ``__init__`` or in
+    ``setup``) only to choose another loss family or to give the counts yourself.
+
+    The loss parameters live in a submodule (``self.autobalance``) as buffers: they are saved in the module's
+    ``state_dict`` (so even a weights-only checkpoint restores the learned loss) but are not
+    ``nn.Parameter``\\ s, so the model's optimizer, including LightningCLI's automatic one, never trains them.
+    The callback updates them.
+
+    A module built around another's trained network (e.g. a stochastic-weight-averaging module made from a trained
+    one) takes the found loss with one line, ``swa_module.autobalance_like(trained_module)``.
 
     For the callback, the mixin also says how to read a batch (:meth:`autobalance_unpack`) and how to get logits
     from inputs (:meth:`autobalance_forward`); the defaults handle ``(x, y)``/``(x, y, g)`` batches and
-    ``self(x)``. Override them for other layouts.
+    ``self(x)``. Override them for other layouts. :attr:`autobalance_loss_calls` counts the calls of
+    :meth:`autobalance_loss` in training mode, which lets the callback tell a training step that never uses the
+    searched loss.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -124,11 +206,22 @@ class AutoBalanceMixin:
     """
 
     autobalance_reduction: Reduction = "mean"
+    autobalance_validate: bool = True
+    #: Calls of :meth:`autobalance_loss` while the module is in training mode (``self.training``), over its life.
+    #: :class:`~lightning_autobalance.AutoBalanceCallback` reads it to stop a fit whose training step never calls
+    #: the searched loss.
+    autobalance_loss_calls: int = 0
     _autobalance_record: bool = False  # class default: autobalance_loss must reach the RuntimeError below
+    _autobalance_recorded: Tensor | None = None
+    _autobalance_cache: tuple[Any, LossTables] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._autobalance_install_hooks()
 
     def configure_autobalance(
         self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None,
+        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None = None,
         preset: str = "la",
         search: Sequence[str] | str = ("offset",),
         parametrization: ParametrizationKind = "hierarchical",
@@ -140,17 +233,34 @@ class AutoBalanceMixin:
         freeze: bool = False,
         validate_inputs: bool = True,
         like: AutoBalanceMixin | None = None,
-    ) -> LossParametrization:
-        """Declares the class counts and the loss family to search; call it once in ``__init__``.
+        num_classes: int | None = None,
+    ) -> LossParametrization | None:
+        """Chooses the loss family to search and, optionally, the class counts; call it in ``__init__`` or ``setup``.
+
+        Optional: a module that never calls it searches the default family below on counts it finds itself.
+
+        **Where the counts come from.** Given ``class_counts`` win. Without them the loss is built when the Trainer
+        first needs it (the callback's ``setup``, or the first training step), from the first of: the datamodule's
+        ``class_counts`` attribute; a :class:`~lightning_autobalance.data.SearchSplit` (the result of
+        ``search_split``) stored on the datamodule; the labels of the training data (a ``targets`` attribute,
+        ``Subset``/``random_split`` chains, a ``TensorDataset``, or every sample read once). The counts are saved in
+        the module's ``state_dict``, so a module rebuilt from a checkpoint gets them back without data. Given
+        counts are compared once per fit with the training data's labels where those are cheap to read, with a
+        warning when their class frequencies disagree (e.g. counts in reversed order).
+
+        Calling it again with the same settings (e.g. from a ``setup`` that runs for every stage) keeps the loss
+        found so far.
 
         Args:
-            class_counts: training samples per class (``K`` values), or a ``G x K`` table per (group, class).
+            class_counts: training samples per class (``K`` values), or a ``G x K`` table per (group, class);
+                ``None`` (default): found at setup, see above.
             preset: the starting loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``, ``"class_balanced"``,
                 ``"inverse_frequency"`` or an alias; see :func:`~lightning_autobalance.losses.preset_tables`).
             search: which of ``"delta"``, ``"offset"``, ``"weight"`` the search may change. The default, the offsets
                 from a logit-adjustment start, is the setting that never did worse than logit adjustment in our
-                tuning (``docs/tuning.md``); the multiplicative ``delta`` has a hypergradient about the size of the
-                logits times that of the offsets and is best searched on its own learning rate.
+                tuning (``docs/tuning.md``); it is also indifferent to a ``forward`` that returns ``log_softmax``.
+                The multiplicative ``delta`` has a hypergradient about the size of the logits times that of the
+                offsets and is best searched on its own learning rate.
             parametrization: ``"hierarchical"`` (default: the dataset-level scalars gamma, tau, omega that move
                 every class together, plus a residual per class), ``"class"`` (one value per class), ``"groups"``
                 (bins of ``group_size`` classes by frequency) or ``"dataset"`` (the three scalars alone).
@@ -162,51 +272,219 @@ class AutoBalanceMixin:
             loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
             freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.
             validate_inputs: check labels, groups and logits on every call (one host synchronisation per step).
-            like: another module with the mixin whose loss to copy: its parametrisation, the values found so far,
-                its counts and reduction (e.g. an SWA or fine-tuning module built from a trained one, which then
-                continues from the found loss instead of a fresh preset). ``class_counts`` may then be ``None``;
-                ``freeze`` and ``validate_inputs`` still apply.
+            like: another module with the mixin whose loss to copy (see :meth:`autobalance_like`, the same).
+            num_classes: the number of classes ``K`` when the counts are found from the labels (a class absent
+                from the training data then gets a clear error instead of a shorter count list).
 
         Returns:
-            The parametrisation module, also available as ``self.autobalance``.
+            The parametrisation module (also ``self.autobalance``), or ``None`` while the counts are not known yet.
         """
         if reduction not in ("mean", "weighted_mean"):
             raise ValueError(f"reduction must be 'mean' or 'weighted_mean' for a training loss; got {reduction!r}.")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer or None; got {num_classes!r}.")
+        self._autobalance_install_hooks()
+        self.autobalance_validate = validate_inputs
         if like is not None:
-            source = like._require_autobalance()
-            if class_counts is not None:
-                given = as_count_table(class_counts, num_groups=source.num_groups)
-                if tuple(given.shape) != tuple(source.class_counts.shape):
-                    raise ValueError(f"class_counts has shape {tuple(given.shape)}, but the module given as `like` has "
-                                     f"{tuple(source.class_counts.shape)}; omit class_counts to copy that module's.")
-            params = copy.deepcopy(source)
-            reduction = like.autobalance_reduction
+            return self.autobalance_like(like, freeze=freeze, class_counts=class_counts)
+        config = {"preset": preset, "search": search, "parametrization": parametrization, "group_size": group_size,
+                  "num_groups": num_groups, "reduction": reduction,
+                  "preset_kwargs": dict(preset_kwargs) if preset_kwargs is not None else None,
+                  "loss_file": None if loss_file is None else str(loss_file), "freeze": bool(freeze),
+                  "num_classes": num_classes}
+        existing = self._autobalance_built()
+        same = existing is not None and self.__dict__.get("_autobalance_config") == config
+        if same and (class_counts is None or _same_counts(class_counts, existing, num_groups)):
+            return existing  # called again (e.g. setup for every stage): keep the loss found so far
+        self._autobalance_config = config
+        if class_counts is None and existing is not None and not self.__dict__.get("_autobalance_explicit"):
+            class_counts = existing.class_counts  # new settings on the counts found before
+            self._autobalance_explicit = False
         elif class_counts is None:
-            raise ValueError("configure_autobalance needs class_counts (one training count per class), or "
-                             "like=<a module configured with them> to copy its loss.")
-        elif loss_file is not None:
-            params, info = loss_from_file(loss_file, class_counts)
+            self._autobalance_drop()
+            return None  # found at setup (autobalance_parameters)
+        else:
+            self._autobalance_explicit = True
+        return self._autobalance_build(class_counts)
+
+    def autobalance_like(self, other: AutoBalanceMixin, freeze: bool = False,
+                         class_counts: Any = None) -> LossParametrization:
+        """Takes the loss of ``other``, another module with the mixin: its parametrisation, the values found so
+        far, its counts and reduction (a copy: later changes to either do not reach the other).
+
+        The one line a module built around another's trained network needs, e.g. stochastic weight averaging::
+
+            swa = SWAModule(trained.model)      # its __init__ ran a bare super().__init__(): a fresh loss
+            swa.autobalance_like(trained)       # now it trains on the loss the search found
+
+        Args:
+            other: a module with the mixin whose loss is built (e.g. after its fit).
+            freeze: freeze the copy (the callback, if any, will not change it).
+            class_counts: optional; must then have the shape of ``other``'s counts.
+
+        Raises:
+            ValueError: ``class_counts`` does not match ``other``'s, or ``other`` has no loss yet.
+        """
+        if not isinstance(other, AutoBalanceMixin):
+            raise ValueError(f"autobalance_like needs a module with AutoBalanceMixin; got {type(other).__name__}.")
+        source = other._autobalance_built()
+        if source is None:
+            raise ValueError(f"autobalance_like: {type(other).__name__} has no AutoBalance loss yet (its counts are "
+                             "found when a Trainer sets it up): call it after that module's fit.")
+        if class_counts is not None:
+            given = as_count_table(class_counts, num_groups=source.num_groups)
+            if tuple(given.shape) != tuple(source.class_counts.shape):
+                raise ValueError(f"class_counts has shape {tuple(given.shape)}, but the module given as `like` has "
+                                 f"{tuple(source.class_counts.shape)}; omit class_counts to copy that module's.")
+        self._autobalance_install_hooks()
+        params = copy.deepcopy(source)
+        params.frozen = bool(freeze)
+        self._autobalance_set(params, other.autobalance_reduction)
+        self._autobalance_config = {"like": True}
+        self._autobalance_explicit = True
+        return params
+
+    # -- building the loss ---------------------------------------------------------------------------------
+    def _autobalance_built(self) -> LossParametrization | None:
+        params = self.__dict__.get("_modules", {}).get("autobalance")
+        return params if isinstance(params, LossParametrization) else None
+
+    def _autobalance_drop(self) -> None:
+        self.__dict__.get("_modules", {}).pop("autobalance", None)
+        self._autobalance_cache = None
+
+    def _autobalance_settings(self) -> dict[str, Any]:
+        config = self.__dict__.get("_autobalance_config")
+        return dict(_DEFAULTS if config is None or config.get("like") else config)
+
+    def _autobalance_build(self, class_counts: Any) -> LossParametrization:
+        config = self._autobalance_settings()
+        reduction = config["reduction"]
+        if config["loss_file"] is not None:
+            params, info = loss_from_file(config["loss_file"], class_counts)
             reduction = info.get("reduction", reduction)
         else:
-            params = build_parametrization(parametrization, class_counts, preset=preset, search=search,
-                                           num_groups=num_groups, group_size=group_size, preset_kwargs=preset_kwargs)
-        params.frozen = bool(freeze)
-        self.autobalance = params
-        self.autobalance_reduction = reduction
-        self.autobalance_validate = validate_inputs
-        self._autobalance_cache: tuple[Any, LossTables] | None = None
-        self._autobalance_recorded: Tensor | None = None
-        self._autobalance_record = False
+            params = build_parametrization(config["parametrization"], class_counts, preset=config["preset"],
+                                           search=config["search"], num_groups=config["num_groups"],
+                                           group_size=config["group_size"], preset_kwargs=config["preset_kwargs"])
+        params.frozen = bool(config["freeze"])
+        self._autobalance_set(params, reduction)
         return params
+
+    def _autobalance_set(self, params: LossParametrization, reduction: str) -> None:
+        device = next((t.device for t in self.parameters()), None)  # type: ignore[attr-defined]
+        if device is not None:
+            params = params.to(device)
+        self.autobalance = params
+        self.autobalance_reduction = reduction  # type: ignore[assignment]
+        self._autobalance_cache = None
+        self._autobalance_recorded = None
+
+    def _autobalance_install_hooks(self) -> None:
+        """Registers the state-dict hooks that save the loss settings and rebuild the loss from a checkpoint."""
+        if self.__dict__.get("_autobalance_hooked") or "_state_dict_hooks" not in self.__dict__:
+            return
+        self.__dict__["_autobalance_hooked"] = True
+        self._register_state_dict_hook(_save_settings)  # type: ignore[attr-defined]
+        self._register_load_state_dict_pre_hook(_restore_from_state, with_module=True)  # type: ignore[attr-defined]
+
+    def _autobalance_restore(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """Builds the loss from a state dict's counts and settings when this module has none of its own yet."""
+        counts = state_dict[prefix + "autobalance.class_counts"]
+        saved = state_dict.get(prefix + "autobalance._extra_state")
+        saved = dict(saved) if isinstance(saved, Mapping) else {}
+        existing = self._autobalance_built()
+        if existing is not None:
+            fits = (tuple(existing.class_counts.shape) == tuple(counts.shape)
+                    and saved.get("kind", existing.kind) == existing.kind
+                    and list(saved.get("search", existing.search)) == list(existing.search))
+            if fits or self.__dict__.get("_autobalance_explicit"):
+                return  # the usual load (and its usual errors for counts given explicitly)
+        kind = saved.get("kind")
+        if kind not in ("hierarchical", "class", "groups", "dataset"):
+            kind = self._autobalance_settings()["parametrization"]
+        table = torch.as_tensor(counts).detach().cpu().double()
+        params = build_parametrization(
+            kind, table, preset=saved.get("preset", "ce"), search=saved.get("search", ()),
+            num_groups=int(table.shape[0]) if table.shape[0] > 1 else None,
+            group_size=int(saved.get("group_size", 1)), preset_kwargs=saved.get("preset_kwargs"))
+        self._autobalance_set(params, saved.get("reduction", self._autobalance_settings()["reduction"]))
+        self._autobalance_explicit = False
+
+    def _autobalance_trainer(self) -> Any:
+        return self.__dict__.get("_trainer")
+
+    def _autobalance_find_counts(self) -> tuple[list[int] | None, str, list[str]]:
+        """Class counts from what the attached Trainer has: ``(counts, where from, where it looked)``."""
+        trainer = self._autobalance_trainer()
+        if trainer is None:
+            return None, "", ["(not attached to a Trainer)"]
+        looked: list[str] = []
+        datamodule = getattr(trainer, "datamodule", None)
+        k = self._autobalance_settings().get("num_classes") or _int_or_none(getattr(datamodule, "num_classes", None))
+        if datamodule is not None:
+            try:
+                counts = getattr(datamodule, "class_counts", None)
+            except Exception:  # a property that needs what setup() has not made
+                counts = None
+            if counts is not None:
+                return [int(c) for c in torch.as_tensor(counts).flatten().tolist()], \
+                    f"{type(datamodule).__name__}.class_counts", looked
+            looked.append("the datamodule's `class_counts`")
+            splits = [v for v in vars(datamodule).values() if isinstance(v, SearchSplit)]
+            if len(splits) == 1:
+                return list(splits[0].class_counts), f"the SearchSplit on {type(datamodule).__name__}", looked
+            looked.append("a SearchSplit on the datamodule")
+        loader = _training_loader(trainer)
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            looked.append("the training data (none found)")
+            return None, "", looked
+        try:
+            labels = dataset_targets(dataset)
+        except (ValueError, TypeError) as err:
+            looked.append(f"the training data's labels ({err})")
+            return None, "", looked
+        if labels.size == 0:
+            looked.append("the training data (empty)")
+            return None, "", looked
+        top = int(labels.max()) + 1
+        counts = np.bincount(labels, minlength=max(k or 0, top)).tolist()
+        return counts, f"the labels of the training data ({len(labels)} samples)", looked
 
     # -- the loss ----------------------------------------------------------------------------------------
     def autobalance_parameters(self) -> LossParametrization:
-        """The loss parametrisation (``self.autobalance``), with a clear error when ``configure_autobalance`` was
-        never called."""
-        params = self.__dict__.get("_modules", {}).get("autobalance")
-        if not isinstance(params, LossParametrization):
-            raise RuntimeError(f"{type(self).__name__} uses AutoBalanceMixin but never called "
-                               "`self.configure_autobalance(class_counts=...)` in its __init__.")
+        """The loss parametrisation (``self.autobalance``), built from the counts found at setup if it is not
+        built yet (see :meth:`configure_autobalance`).
+
+        Raises:
+            RuntimeError: the counts are not known and cannot be found (e.g. outside a Trainer), saying where it
+                looked and what to do.
+        """
+        params = self._autobalance_built()
+        if params is not None:
+            return params
+        counts, source, looked = self._autobalance_find_counts()
+        if counts is None:
+            where = "; ".join(looked)
+            raise RuntimeError(f"{type(self).__name__} uses AutoBalanceMixin, but its class counts are not known: "
+                               f"looked in {where}. Give them with `self.configure_autobalance(class_counts=[...])`, "
+                               "a datamodule attribute `class_counts`, or training data with labels.")
+        settings = self._autobalance_settings()
+        missing = [c for c, n in enumerate(counts) if n == 0]
+        if missing:
+            raise RuntimeError(f"AutoBalance: {source} has no sample of classes {missing} (counts {counts}); every "
+                               "class needs training samples. If these classes do not exist, give "
+                               "configure_autobalance(num_classes=...) the real number; else give class_counts.")
+        if settings["num_groups"] is not None and settings["num_groups"] > 1:
+            raise RuntimeError("AutoBalance: with num_groups the (group, class) counts cannot be found from the "
+                               "labels; give configure_autobalance(class_counts=<a G x K table>).")
+        params = self._autobalance_build(counts)
+        self._autobalance_explicit = False
+        self._autobalance_found_from = source
+        rank_zero_info(f"AutoBalance: class counts {counts if len(counts) <= 20 else f'({len(counts)} classes)'} "
+                       f"from {source}.")
         return params
 
     _require_autobalance = autobalance_parameters  # the name used inside the package
@@ -240,30 +518,97 @@ class AutoBalanceMixin:
     def autobalance_loss(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
         """The AutoBalance training loss of a batch: ``w_{g,y} * CE(delta_g * logits + offset_g, y)``, averaged.
 
+        Call it in ``training_step`` on the model's outputs and return (or backpropagate) what it gives: the callback
+        searches this loss, so a training step that trains on another one is stopped with an error (see
+        :attr:`autobalance_loss_calls`).
+
         Args:
-            logits: the model's raw scores ``(N, K)`` before any softmax: not probabilities and not
-                log-probabilities. (``log_softmax`` outputs differ from the scores by a constant per sample, which
-                additive offsets and weights cannot see, but a ``delta`` other than 1 scales them and then the
-                loss is not the one intended; the mixin warns once when it sees such rows with a ``delta`` that is
-                not 1 or is searched.)
+            logits: the model's scores ``(N, K)``. Raw scores or ``log_softmax`` outputs: the two differ by a
+                constant per sample, which additive offsets and weights cannot see, so with the default search
+                (offsets only, ``delta`` 1) ``log_softmax`` is harmless. It matters only when ``delta`` is searched or
+                differs from 1 (presets ``"vs"``, ``"cdt"``): ``delta`` scales the scores, and the mixin then warns
+                once when it sees log-probabilities.
             target: labels ``(N,)`` in ``[0, K)``, ``K = len(class_counts)``.
             group: group indices ``(N,)`` in ``[0, G)`` when the loss has class x group tables.
 
         Raises:
-            ValueError: the logits do not have ``K = len(class_counts)`` columns.
+            ValueError: the logits do not have ``K`` columns.
+            RuntimeError: in training mode, logits that carry no gradient (detached, or computed under
+                ``torch.no_grad``), or losses from this method that never reached a backward pass on the last three
+                training calls: the model would not train on the searched loss.
         """
         params = self._require_autobalance()
         if logits.ndim != 2 or logits.shape[1] != params.num_classes:
+            found = self.__dict__.get("_autobalance_found_from")
+            hint = (f" The counts were found from {found}: if a class has no sample there, give "
+                    "configure_autobalance(num_classes=...) (or search_split(..., num_classes=...))."
+                    if found else " Pass one count per output of the model.")
             raise ValueError(f"autobalance_loss: the logits have shape {tuple(logits.shape)}, but "
                              f"configure_autobalance was given class_counts for {params.num_classes} classes: "
-                             f"expected (N, {params.num_classes}). Pass one count per output of the model.")
+                             f"expected (N, {params.num_classes})." + hint)
+        training = bool(getattr(self, "training", False))
+        if training:
+            self.autobalance_loss_calls = self.autobalance_loss_calls + 1
+        trainer = self._autobalance_trainer()
+        fitting = training and trainer is not None and bool(getattr(trainer, "training", False))
+        if fitting:
+            self._autobalance_check_wiring(logits)
+            self._autobalance_check_counts(params)
         if self.autobalance_validate and not getattr(self, "_autobalance_checked_logprobs", False):
             self._autobalance_checked_logprobs = True
             self._warn_if_log_probabilities(logits, params)
         if self._autobalance_record:
             self._autobalance_recorded = logits.detach()
-        return adjusted_cross_entropy(logits, target, *self.autobalance_tables(), group=group,
+        loss = adjusted_cross_entropy(logits, target, *self.autobalance_tables(), group=group,
                                       reduction=self.autobalance_reduction, validate=self.autobalance_validate)
+        if fitting and loss.requires_grad:
+            reached = [False]
+            loss.register_hook(functools.partial(_mark_reached, reached))
+            self.__dict__.setdefault("_autobalance_reached", []).append(reached)
+            del self.__dict__["_autobalance_reached"][:-_UNREACHED_LIMIT]
+        return loss
+
+    def _autobalance_check_wiring(self, logits: Tensor) -> None:
+        if torch.is_grad_enabled() and not logits.requires_grad:
+            raise RuntimeError("autobalance_loss: in training mode the logits carry no gradient (detached, or computed "
+                               "under torch.no_grad): the model would not train on the searched loss. Pass the "
+                               "model's outputs as they are, e.g. `self.autobalance_loss(self(x), y)`.")
+        kept = self.__dict__.get("_autobalance_reached", [])
+        if len(kept) >= _UNREACHED_LIMIT and not any(r[0] for r in kept):
+            kept.clear()
+            raise RuntimeError(f"autobalance_loss: the losses it returned on the last {_UNREACHED_LIMIT} training "
+                               "calls never reached a backward pass, so the model trains on another loss than the one "
+                               "searched. Return its value from training_step (or pass it to manual_backward).")
+
+    def _autobalance_check_counts(self, params: LossParametrization) -> None:
+        """Once per fit: given counts against the training data's labels, where those are cheap to read."""
+        trainer = self._autobalance_trainer()
+        if trainer is None or not self.__dict__.get("_autobalance_explicit") or params.num_groups > 1:
+            return
+        if self.__dict__.get("_autobalance_counts_checked") is trainer:
+            return
+        self._autobalance_counts_checked = trainer
+        loader = getattr(trainer, "train_dataloader", None)
+        loader = _first_loader(loader)
+        dataset = getattr(loader, "dataset", None)
+        labels = dataset_targets(dataset, read=False) if dataset is not None else None
+        if labels is None or labels.size == 0:
+            return
+        given = params.class_counts[0].double().cpu()
+        data = torch.as_tensor(np.bincount(labels, minlength=given.numel()), dtype=torch.float64)
+        if data.numel() != given.numel():
+            rank_zero_warn(f"AutoBalance: the loss has class counts for {given.numel()} classes, but the training "
+                           f"data has labels up to {data.numel() - 1}.")
+            return
+        p_given, p_data = given / given.sum(), data / data.sum()
+        both = (given >= 5) & (data >= 5)
+        ratio = torch.maximum(p_given / p_data.clamp(min=1e-12), p_data / p_given.clamp(min=1e-12))
+        if bool(((ratio > 2.0) & both).any()) or bool(((data == 0) != (given == 0)).any()):
+            show = 20
+            rank_zero_warn(f"AutoBalance: the class counts given to configure_autobalance "
+                           f"{[int(v) for v in given.tolist()[:show]]} disagree with the training data's labels "
+                           f"{[int(v) for v in data.tolist()[:show]]} (class frequencies more than 2x apart; e.g. "
+                           "counts in another order). Omit class_counts to have them found from the data.")
 
     def _warn_if_log_probabilities(self, logits: Tensor, params: LossParametrization) -> None:
         """Warns when every row of the first batch is a log-probability vector and ``delta`` matters."""
@@ -274,9 +619,10 @@ class AutoBalanceMixin:
             rows = torch.logsumexp(logits.detach().float(), dim=1)
             if bool((logits.detach() <= 0).all()) and bool((rows.abs() < 1e-3).all()):
                 rank_zero_warn("autobalance_loss: the model's outputs look like log-probabilities (every row's exp "
-                               "sums to 1, e.g. forward returns log_softmax). The loss scales the raw scores by a "
-                               "delta other than 1, so it should be given the scores before log_softmax; with "
-                               "log-probabilities the multiplicative adjustment is not the intended one.")
+                               "sums to 1, e.g. forward returns log_softmax). That matters here because delta is "
+                               "searched or differs from 1: delta scales the scores, so give the loss the scores "
+                               "before log_softmax. (With offsets only, the default search, log_softmax is "
+                               "harmless: it shifts every score of a sample by the same constant.)")
 
     def autobalance_loss_from_tables(self, logits: Tensor, target: Tensor, group: Tensor | None,
                                      tables: LossTables) -> Tensor:

@@ -265,7 +265,8 @@ def test_freeze_loss():
 def test_missing_configure_autobalance_raises():
     model = Net(configure=False)
     logits, target = _batch()
-    match = r"Net uses AutoBalanceMixin but never called `self.configure_autobalance\(class_counts=...\)`"
+    match = (r"Net uses AutoBalanceMixin, but its class counts are not known: looked in \(not attached to a "
+             r"Trainer\)\. Give them with `self\.configure_autobalance\(class_counts=\[\.\.\.\]\)`")
     with pytest.raises(RuntimeError, match=match):
         model.autobalance_loss(logits, target)
     with pytest.raises(RuntimeError, match=match):
@@ -529,8 +530,9 @@ def test_a_module_built_from_a_trained_one_copies_its_found_loss():
     assert float(trained.autobalance.alpha()["tau"]) == pytest.approx(0.9)
     with pytest.raises(ValueError, match=r"class_counts has shape \(1, 4\), but the module given as `like` has"):
         Net(configure=False).configure_autobalance([5, 4, 3, 2], like=trained)
-    with pytest.raises(ValueError, match=r"needs class_counts \(one training count per class\), or like="):
-        Net(configure=False).configure_autobalance(None)
+    assert Net(configure=False).configure_autobalance(None) is None  # counts found at setup (test_real_shapes.py)
+    with pytest.raises(ValueError, match=r"autobalance_like: Net has no AutoBalance loss yet"):
+        Net(configure=False).autobalance_like(Net(configure=False))
 
 
 def test_the_logits_hand_off_to_the_callback_is_public():
@@ -548,5 +550,205 @@ def test_the_logits_hand_off_to_the_callback_is_public():
     assert model.autobalance_recorded_logits is None
     model.autobalance_loss(logits, y)
     assert model.autobalance_recorded_logits is None
-    with pytest.raises(RuntimeError, match=r"never called `self\.configure_autobalance"):
+    with pytest.raises(RuntimeError, match=r"its class counts are not known"):
         Net(configure=False).autobalance_parameters()
+
+
+# ---------------------------------------------------------------- counts that arrive late
+
+
+class Bare(AutoBalanceMixin, pl.LightningModule):
+    """A module that never mentions counts: the mixin in the bases and the loss call, nothing else."""
+
+    def __init__(self, k: int = K, configure_in_setup: bool = False, **autobalance):
+        super().__init__()
+        self.layer = nn.Linear(D, k)
+        self.configure_in_setup = configure_in_setup
+        self.autobalance_kwargs = autobalance
+        if autobalance and not configure_in_setup:
+            self.configure_autobalance(**autobalance)
+
+    def setup(self, stage):
+        if self.configure_in_setup:  # the counts are known by now: the datamodule has been set up
+            self.configure_autobalance(self.trainer.datamodule.class_counts, **self.autobalance_kwargs)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.autobalance_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class CountsDataModule(pl.LightningDataModule):
+    """Makes its data in setup(), like most datamodules; optionally offers class_counts or a SearchSplit."""
+
+    def __init__(self, offer: str = "none", counts=COUNTS):
+        super().__init__()
+        self.offer, self.counts = offer, counts
+
+    def setup(self, stage):
+        from lightning_autobalance.data import search_split
+
+        x, y = _data(self.counts)
+        full = TensorDataset(x, y)
+        if self.offer == "split":
+            self.split = search_split(full)
+            self.train_set = self.split.lower
+        else:
+            self.train_set = full
+        if self.offer == "attribute":
+            self.class_counts = [2 * c for c in self.counts]  # a different scale: proves it was used
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=16, shuffle=True)
+
+
+@pytest.mark.parametrize(("offer", "expected"), [
+    ("none", COUNTS), ("attribute", [2 * c for c in COUNTS]), ("split", [32, 13, 6])])
+def test_counts_are_found_at_setup(offer, expected):
+    model = Bare()
+    assert model.autobalance_loss_calls == 0
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=CountsDataModule(offer))
+    assert model.autobalance.class_counts[0].tolist() == expected
+    assert model.autobalance.preset == "la" and model.autobalance.search == ("offset",)  # the defaults
+    assert model.autobalance_loss_calls == 2
+
+
+def test_counts_found_from_plain_training_dataloaders():
+    model = Bare(preset="ce", search=("offset", "weight"))  # settings without counts
+    assert model.configure_autobalance(preset="ce", search=("offset", "weight")) is None  # still pending
+    _fit(model, _loader(), steps=2)
+    assert model.autobalance.class_counts[0].tolist() == COUNTS and model.autobalance.preset == "ce"
+
+
+def test_configure_autobalance_from_setup_works_and_keeps_the_loss_across_stages():
+    model = Bare(configure_in_setup=True, preset="ce")
+    dm = CountsDataModule("attribute")
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert model.autobalance.class_counts[0].tolist() == [2 * c for c in COUNTS] and model.autobalance.preset == "ce"
+    with torch.no_grad():
+        model.autobalance.alpha()["tau"].fill_(0.7)
+    model.setup("test")  # a setup that runs for every stage calls it again: the loss found so far stays
+    assert float(model.autobalance.alpha()["tau"]) == pytest.approx(0.7)
+
+
+def test_found_counts_come_back_from_a_checkpoint(tmp_path):
+    model = Bare()
+    trainer = _fit(model, _loader(), steps=2)
+    with torch.no_grad():
+        model.autobalance.alpha()["tau"].fill_(0.6)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    # a fresh module, no data: load_from_checkpoint, load_state_dict and trainer.test(ckpt_path=...)
+    loaded = Bare.load_from_checkpoint(path)
+    assert loaded.autobalance.class_counts[0].tolist() == COUNTS
+    assert float(loaded.autobalance.alpha()["tau"]) == pytest.approx(0.6)
+    fresh = Bare()
+    fresh.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    torch.testing.assert_close(fresh.autobalance_tables().offset, model.autobalance_tables().offset)
+    # settings chosen without counts come back too
+    ce = Bare(preset="ce", search=("offset", "weight"), reduction="weighted_mean")
+    trainer = _fit(ce, _loader(), steps=1)
+    trainer.save_checkpoint(tmp_path / "ce.ckpt")
+    again = Bare()  # even a module whose __init__ would choose the defaults takes the saved settings
+    again.load_state_dict(torch.load(tmp_path / "ce.ckpt", weights_only=False)["state_dict"])
+    assert again.autobalance.preset == "ce" and again.autobalance.search == ("offset", "weight")
+    assert again.autobalance_reduction == "weighted_mean"
+
+
+def test_given_counts_win_and_are_checked_against_the_labels():
+    model = Bare(k=K)
+    model.configure_autobalance(list(reversed(COUNTS)))
+    with pytest.warns(UserWarning, match=r"class counts given to configure_autobalance \[8, 16, 40\] disagree with "
+                                         r"the training data's labels \[40, 16, 8\]"):
+        _fit(model, _loader(), steps=2)
+    assert model.autobalance.class_counts[0].tolist() == [8, 16, 40]  # given counts win
+    import warnings as _warnings
+
+    scaled = Bare(k=K)
+    scaled.configure_autobalance([2 * c for c in COUNTS])  # the same frequencies (e.g. the whole set's counts)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", UserWarning)
+        _warnings.filterwarnings("ignore", message=".*(workers|logging interval|LeafSpec).*")
+        _fit(scaled, _loader(), steps=1)
+
+
+def test_a_class_missing_from_the_training_data_is_named():
+    model = Bare(k=4)
+    model.configure_autobalance(num_classes=4)
+    with pytest.raises(RuntimeError, match=r"has no sample of classes \[3\].*configure_autobalance\(num_classes"):
+        _fit(model, _loader(), steps=1)
+    short = Bare(k=4)  # without num_classes: 3 counts, and the shape error says where they came from
+    with pytest.raises(ValueError, match=r"expected \(N, 3\)\. The counts were found from the labels of the training "
+                                         r"data \(64 samples\).*num_classes="):
+        _fit(short, _loader(), steps=1)
+
+
+def test_autobalance_like_takes_the_found_loss():
+    trained = Bare()
+    _fit(trained, _loader(), steps=1)
+    with torch.no_grad():
+        trained.autobalance.alpha()["tau"].fill_(0.8)
+    swa = Bare()
+    swa.autobalance_like(trained)
+    assert float(swa.autobalance.alpha()["tau"]) == pytest.approx(0.8) and not swa.loss_frozen
+    _fit(swa, _loader(), steps=1)  # kept through a fit (its counts are not looked for again)
+    assert float(swa.autobalance.alpha()["tau"]) == pytest.approx(0.8)
+
+
+# ---------------------------------------------------------------- no silent mis-wiring
+
+
+class Miswired(Bare):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if self.how == "old_criterion":
+            return F.cross_entropy(logits, y)
+        if self.how == "detached":
+            return self.autobalance_loss(logits.detach(), y) + 0 * logits.sum()
+        self.log("searched", self.autobalance_loss(logits, y))  # computed, then another loss returned
+        return F.cross_entropy(logits, y)
+
+
+def test_the_loss_calls_are_counted_for_the_callback():
+    model = Miswired("old_criterion")
+    _fit(model, _loader(), steps=3)
+    assert model.autobalance_loss_calls == 0  # the callback raises on this (it reads the counter)
+    model = Bare()
+    _fit(model, _loader(), steps=3)
+    assert model.autobalance_loss_calls == 3
+    model.eval()
+    model.autobalance_loss(*_batch())
+    assert model.autobalance_loss_calls == 3  # evaluation calls are not counted
+
+
+def test_detached_logits_are_an_error():
+    with pytest.raises(RuntimeError, match=r"in training mode the logits carry no gradient"):
+        _fit(Miswired("detached"), _loader(), steps=1)
+
+
+def test_a_searched_loss_that_never_reaches_backward_is_an_error():
+    with pytest.raises(RuntimeError, match=r"the losses it returned on the last 3 training calls never reached a "
+                                           r"backward pass.*Return its value from training_step"):
+        _fit(Miswired("logged_only"), _loader(), steps=5)
+
+
+def test_the_log_softmax_warning_says_when_it_matters():
+    model = Net(preset="la", search=("delta", "offset"))
+    x, y = _data()
+    with pytest.warns(UserWarning, match=r"That matters here because delta is searched.*With offsets only, the "
+                                         r"default search, log_softmax is harmless"):
+        model.autobalance_loss(F.log_softmax(model(x), dim=1), y)
