@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from lightning_autobalance.data import (
+    ColoredDigits,
     LongTailCIFAR10,
     LongTailCIFAR100,
     LongTailDigits,
+    LongTailDataModule,
     LongTailImageFolder,
     long_tail_counts,
     select_long_tail,
@@ -555,3 +557,80 @@ def test_folder_on_cifar10_jpeg_matches_cifar_module(cifar10_jpeg: Path, monkeyp
     assert paths[0].endswith(os.path.join("train", "airplane", "0000.jpg"))
     x, y = folder.train_dataset[len(paths) - 1]
     assert x.shape == (3, 32, 32) and y == 9
+
+
+# ---------------------------------------------------------------------------- the shared arguments through **kwargs
+_SHARED = {"imbalance_ratio": 7.5, "batch_size": 9, "seed": 3, "upper_fraction": 0.25, "search_split": True,
+           "upper_batch_size": 11, "val_source": "upper", "min_count": 3, "step_fraction": 0.4,
+           "upper_augment": False, "profile": "step", "fold_in_epoch": 2, "num_workers": 0}
+
+
+@pytest.mark.parametrize("cls, own", [
+    (LongTailCIFAR10, {"root": "cifar", "check_integrity": False}),
+    (LongTailCIFAR100, {"root": "cifar", "download": False}),
+    (LongTailImageFolder, {"root": "tree", "verify_images": False}),
+    (LongTailDigits, {"test_per_class": 20, "augment": True}),
+    (ColoredDigits, {"num_groups": 3, "correlation": 0.8}),
+])
+def test_base_arguments_reach_the_base_from_yaml(tmp_path: Path, cls: type, own: dict) -> None:
+    """The subclasses forward the base's arguments through ``**kwargs``; jsonargparse (LightningCLI's parser) follows
+    them into the base's signature, so a YAML config and ``--help`` still offer every one, typed, and they reach
+    the base's checks and attributes."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    config = {"data": {"class_path": f"{cls.__module__}.{cls.__name__}", "init_args": {**own, **_SHARED}}}
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="config")
+    parser.add_subclass_arguments(LongTailDataModule, "data")
+    dm = parser.instantiate(parser.parse_args(["--config", str(path)])).data
+    assert type(dm) is cls
+    for key, value in {**own, **_SHARED}.items():
+        assert dm.hparams[key] == value and getattr(dm, key) == value, key
+    # --help names every base argument with its type, for every subclass
+    help_text = _subclass_help(parser, cls)
+    for key in [*_SHARED, "device_resident"]:
+        if cls is ColoredDigits and key == "device_resident":
+            assert "--data.device_resident" not in help_text  # not taken: tinted per sample on the host
+        else:
+            assert f"--data.{key}" in help_text, key
+    # a bad value of a base argument is refused by the base's check, naming it
+    bad = {"data": {"class_path": config["data"]["class_path"], "init_args": {**own, "batch_size": 0}}}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="batch_size"):
+        parser.instantiate(parser.parse_args(["--config", str(path)]))
+
+
+def _subclass_help(parser, cls: type) -> str:
+    """What ``--data.help <class>`` prints."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parser.parse_args(["--data.help", f"{cls.__module__}.{cls.__name__}"])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("cls, expected", [
+    (LongTailDigits, {"batch_size": 64, "min_count": 2, "imbalance_ratio": 100.0}),
+    (ColoredDigits, {"batch_size": 64, "min_count": 2, "imbalance_ratio": 1.0}),
+    (LongTailCIFAR10, {"batch_size": 128, "min_count": 1, "imbalance_ratio": 100.0}),
+])
+def test_subclass_defaults_of_shared_arguments(cls: type, expected: dict) -> None:
+    """A subclass that changes a shared argument's default declares just that one; the rest are the base's."""
+    dm = cls()
+    assert {key: getattr(dm, key) for key in expected} == expected
+    assert (dm.seed, dm.upper_fraction, dm.val_source) == (0, 0.2, "test")
+
+
+def test_colored_digits_refuses_device_resident() -> None:
+    with pytest.raises(ValueError, match="device_resident"):
+        ColoredDigits(device_resident=True)
+
+
+def test_unknown_argument_is_refused() -> None:
+    with pytest.raises(TypeError, match="batchsize"):
+        LongTailDigits(batchsize=8)

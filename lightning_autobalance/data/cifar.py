@@ -1,7 +1,7 @@
 """CIFAR-10-LT and CIFAR-100-LT datamodules over torchvision's CIFAR readers."""
 
 import os
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,42 +36,8 @@ class _LongTailCIFAR(LongTailDataModule):
     _mean: ClassVar[tuple[float, float, float]]
     _std: ClassVar[tuple[float, float, float]]
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        check_integrity: bool = True,
-        imbalance_ratio: float = 100.0,
-        profile: Literal["exponential", "step"] = "exponential",
-        upper_fraction: float = 0.2,
-        search_split: bool = False,
-        batch_size: int = 128,
-        upper_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_source: Literal["test", "upper", "none"] = "test",
-        min_count: int = 1,
-        step_fraction: float = 0.5,
-        upper_augment: bool = True,
-        fold_in_epoch: int | None = None,
-        device_resident: bool = False,
-    ) -> None:
-        super().__init__(
-            imbalance_ratio=imbalance_ratio,
-            profile=profile,
-            upper_fraction=upper_fraction,
-            search_split=search_split,
-            batch_size=batch_size,
-            upper_batch_size=upper_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_source=val_source,
-            min_count=min_count,
-            step_fraction=step_fraction,
-            upper_augment=upper_augment,
-            fold_in_epoch=fold_in_epoch,
-            device_resident=device_resident,
-        )
+    def __init__(self, root: str = "data", download: bool = False, check_integrity: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
         self.root = os.path.expanduser(str(root))
@@ -140,20 +106,8 @@ class LongTailCIFAR10(_LongTailCIFAR):
         root: Folder that holds (or receives) ``cifar-10-batches-py``.
         download: Let torchvision download the release (about 170 MB) when missing.
         check_integrity: Check the release's md5 sums (set False only for hand-made data).
-        imbalance_ratio: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        profile: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        search_split: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        num_workers: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        seed: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        val_source: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        min_count: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        device_resident: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
+            ``search_split``, ``batch_size``, ``seed``, ...), with its defaults.
 
     Raises:
         FileNotFoundError: (when the counts are first computed) the data folder is missing.
@@ -181,20 +135,8 @@ class LongTailCIFAR100(_LongTailCIFAR):
         root: Folder that holds (or receives) ``cifar-100-python``.
         download: Let torchvision download the release (about 170 MB) when missing.
         check_integrity: Check the release's md5 sums (set False only for hand-made data).
-        imbalance_ratio: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        profile: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        search_split: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        num_workers: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        seed: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        val_source: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        min_count: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        device_resident: See :class:`~lightning_autobalance.data.LongTailDataModule`.
+        **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
+            ``search_split``, ``batch_size``, ``seed``, ...), with its defaults.
 
     Raises:
         FileNotFoundError: (when the counts are first computed) the data folder is missing.

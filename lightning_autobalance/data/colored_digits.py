@@ -57,19 +57,12 @@ class ColoredDigits(LongTailDataModule):
         test_per_class: test images per digit, >= 1.
         test_seed: seed of the choice of test images.
         augment: shift training images at random by up to one pixel.
-        imbalance_ratio: see :class:`LongTailDataModule` (default 1: classes as in the pool).
-        profile: see :class:`LongTailDataModule`.
-        upper_fraction: see :class:`LongTailDataModule` (here per (class, group) cell).
-        search_split: see :class:`LongTailDataModule`.
-        batch_size: see :class:`LongTailDataModule`.
-        upper_batch_size: see :class:`LongTailDataModule`.
-        num_workers: see :class:`LongTailDataModule`.
-        seed: seeds the groups, the long-tail choice and the split.
-        val_source: see :class:`LongTailDataModule`.
-        min_count: see :class:`LongTailDataModule`.
-        step_fraction: see :class:`LongTailDataModule`.
-        upper_augment: see :class:`LongTailDataModule`.
-        fold_in_epoch: see :class:`LongTailDataModule`.
+        imbalance_ratio: ``rho = n_max / n_min`` of the class profile, >= 1 (default 1: classes as in the pool).
+        batch_size: batch size of the training, validation and test dataloaders (default 64 here).
+        min_count: smallest per-class count of the profile, >= 1 (default 2 here).
+        **kwargs: the other arguments of :class:`LongTailDataModule` (``search_split``, ``seed``, ...), with its
+            defaults; here ``upper_fraction`` is taken per (class, group) cell and ``seed`` also seeds the groups.
+            ``device_resident`` is not taken (the images are tinted per sample on the host).
 
     Example:
         >>> dm = ColoredDigits(correlation=0.9)
@@ -90,34 +83,15 @@ class ColoredDigits(LongTailDataModule):
         test_seed: int = 0,
         augment: bool = False,
         imbalance_ratio: float = 1.0,
-        profile: Literal["exponential", "step"] = "exponential",
-        upper_fraction: float = 0.2,
-        search_split: bool = False,
         batch_size: int = 64,
-        upper_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_source: Literal["test", "upper", "none"] = "test",
         min_count: int = 2,
-        step_fraction: float = 0.5,
-        upper_augment: bool = True,
-        fold_in_epoch: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            imbalance_ratio=imbalance_ratio,
-            profile=profile,
-            upper_fraction=upper_fraction,
-            search_split=search_split,
-            batch_size=batch_size,
-            upper_batch_size=upper_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_source=val_source,
-            min_count=min_count,
-            step_fraction=step_fraction,
-            upper_augment=upper_augment,
-            fold_in_epoch=fold_in_epoch,
-        )
+        if "device_resident" in kwargs:
+            raise ValueError(f"{type(self).__name__} does not take device_resident (got {kwargs['device_resident']!r}): "
+                             "its images are tinted per sample on the host")
+        super().__init__(imbalance_ratio=imbalance_ratio, batch_size=batch_size, min_count=min_count,
+                         device_resident=False, **kwargs)
         self.task = check_choice("task", task, ("digits", "binary"))
         groups = check_int("num_groups", num_groups, 2)
         assert groups is not None

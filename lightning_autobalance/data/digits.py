@@ -1,6 +1,6 @@
 """Long-tailed scikit-learn digits: a tiny embedded benchmark that needs no download."""
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,20 +35,10 @@ class LongTailDigits(LongTailDataModule):
         test_seed: Seed of the choice of test images.
         augment: If True, training images are shifted at random by up to one pixel
             (zero padding before normalisation).
-        imbalance_ratio: See :class:`LongTailDataModule`.
-        profile: See :class:`LongTailDataModule`.
-        upper_fraction: See :class:`LongTailDataModule`.
-        search_split: See :class:`LongTailDataModule`.
-        batch_size: See :class:`LongTailDataModule`.
-        upper_batch_size: See :class:`LongTailDataModule`.
-        num_workers: See :class:`LongTailDataModule`.
-        seed: See :class:`LongTailDataModule`.
-        val_source: See :class:`LongTailDataModule`.
-        min_count: See above and :class:`LongTailDataModule`.
-        step_fraction: See :class:`LongTailDataModule`.
-        upper_augment: See :class:`LongTailDataModule`.
-        fold_in_epoch: See :class:`LongTailDataModule`.
-        device_resident: See :class:`LongTailDataModule`.
+        batch_size: Batch size of the training, validation and test dataloaders (default 64 here).
+        min_count: Smallest per-class count of the profile, >= 1 (default 2 here; see above).
+        **kwargs: The other arguments of :class:`LongTailDataModule` (``imbalance_ratio``, ``search_split``,
+            ``seed``, ...), with its defaults.
 
     Raises:
         ValueError: An argument is out of range; or, when the counts are first computed, a
@@ -68,37 +58,11 @@ class LongTailDigits(LongTailDataModule):
         test_per_class: int = 30,
         test_seed: int = 0,
         augment: bool = False,
-        imbalance_ratio: float = 100.0,
-        profile: Literal["exponential", "step"] = "exponential",
-        upper_fraction: float = 0.2,
-        search_split: bool = False,
         batch_size: int = 64,
-        upper_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_source: Literal["test", "upper", "none"] = "test",
         min_count: int = 2,
-        step_fraction: float = 0.5,
-        upper_augment: bool = True,
-        fold_in_epoch: int | None = None,
-        device_resident: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            imbalance_ratio=imbalance_ratio,
-            profile=profile,
-            upper_fraction=upper_fraction,
-            search_split=search_split,
-            batch_size=batch_size,
-            upper_batch_size=upper_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_source=val_source,
-            min_count=min_count,
-            step_fraction=step_fraction,
-            upper_augment=upper_augment,
-            fold_in_epoch=fold_in_epoch,
-            device_resident=device_resident,
-        )
+        super().__init__(batch_size=batch_size, min_count=min_count, **kwargs)
         self.test_per_class = check_int("test_per_class", test_per_class, 1)
         self.test_seed = check_int("test_seed", test_seed, 0)
         self.augment = check_bool("augment", augment)

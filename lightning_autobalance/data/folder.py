@@ -1,7 +1,7 @@
 """Long-tailed datamodule over image files: an ImageFolder tree or ImageNet-LT-style lists."""
 
 import os
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,21 +62,9 @@ class LongTailImageFolder(LongTailDataModule):
             the run uses opens as an image (PIL's header check, in parallel threads); a bad
             file is named then rather than when its batch is read. With ``cache_in_memory``
             every image is decoded there anyway, so this check is skipped.
-        imbalance_ratio: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        profile: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        search_split: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_batch_size: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        num_workers: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        seed: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        val_source: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        min_count: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        step_fraction: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        upper_augment: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        fold_in_epoch: See :class:`~lightning_autobalance.data.LongTailDataModule`.
-        device_resident: See :class:`~lightning_autobalance.data.LongTailDataModule`; only with ``image_size=None``
-            (the images are then decoded once, as with ``cache_in_memory``).
+        **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
+            ``search_split``, ``batch_size``, ``seed``, ...), with its defaults; ``device_resident`` only with
+            ``image_size=None`` (the images are then decoded once, as with ``cache_in_memory``).
 
     Raises:
         ValueError: At construction, a bad argument. When the counts are first computed:
@@ -103,37 +91,9 @@ class LongTailImageFolder(LongTailDataModule):
         image_size: int | None = None,
         cache_in_memory: bool = False,
         verify_images: bool = True,
-        imbalance_ratio: float = 100.0,
-        profile: Literal["exponential", "step"] = "exponential",
-        upper_fraction: float = 0.2,
-        search_split: bool = False,
-        batch_size: int = 128,
-        upper_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_source: Literal["test", "upper", "none"] = "test",
-        min_count: int = 1,
-        step_fraction: float = 0.5,
-        upper_augment: bool = True,
-        fold_in_epoch: int | None = None,
-        device_resident: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            imbalance_ratio=imbalance_ratio,
-            profile=profile,
-            upper_fraction=upper_fraction,
-            search_split=search_split,
-            batch_size=batch_size,
-            upper_batch_size=upper_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_source=val_source,
-            min_count=min_count,
-            step_fraction=step_fraction,
-            upper_augment=upper_augment,
-            fold_in_epoch=fold_in_epoch,
-            device_resident=device_resident,
-        )
+        super().__init__(**kwargs)
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
         for name, value in (("train_list", train_list), ("test_list", test_list)):
