@@ -29,6 +29,18 @@ class _LongTailCIFAR(LongTailDataModule):
 
     Training augmentation: ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``,
     ``Normalize`` with the dataset's mean and standard deviation; evaluation: ``Normalize``.
+
+    Args:
+        root: Folder that holds (or receives) the release's folder (``cifar-10-batches-py`` or
+            ``cifar-100-python``, see :attr:`data_folder`).
+        download: Let torchvision download the release (about 170 MB) when missing.
+        check_integrity: Check the release's md5 sums (set False only for hand-made data).
+        **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
+            ``search_split``, ``batch_size``, ``seed``, ...), with its defaults.
+
+    Raises:
+        FileNotFoundError: (when the counts are first computed) the data folder is missing.
+        RuntimeError: (idem) the release's files are missing or corrupted.
     """
 
     _reader: ClassVar[type[CIFAR10Reader] | type[CIFAR100Reader]]
@@ -102,16 +114,9 @@ class LongTailCIFAR10(_LongTailCIFAR):
     With the defaults (``imbalance_ratio=100``, exponential profile) the training set has
     12,406 images: 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50.
 
-    Args:
-        root: Folder that holds (or receives) ``cifar-10-batches-py``.
-        download: Let torchvision download the release (about 170 MB) when missing.
-        check_integrity: Check the release's md5 sums (set False only for hand-made data).
-        **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
-            ``search_split``, ``batch_size``, ``seed``, ...), with its defaults.
-
-    Raises:
-        FileNotFoundError: (when the counts are first computed) the data folder is missing.
-        RuntimeError: (idem) the release's files are missing or corrupted.
+    ``root`` holds (or receives, with ``download=True``) ``cifar-10-batches-py``; ``check_integrity`` checks the
+    release's md5 sums; every other argument is :class:`~lightning_autobalance.data.LongTailDataModule`'s. The
+    counts, first read, raise ``FileNotFoundError`` for a missing folder and ``RuntimeError`` for a corrupt one.
 
     Example:
         >>> dm = LongTailCIFAR10(root="~/data", imbalance_ratio=100)  # doctest: +SKIP
@@ -131,16 +136,9 @@ class LongTailCIFAR100(_LongTailCIFAR):
     With the defaults (``imbalance_ratio=100``) the training set has 10,847 images, from 500
     in class 0 down to 5 in class 99.
 
-    Args:
-        root: Folder that holds (or receives) ``cifar-100-python``.
-        download: Let torchvision download the release (about 170 MB) when missing.
-        check_integrity: Check the release's md5 sums (set False only for hand-made data).
-        **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
-            ``search_split``, ``batch_size``, ``seed``, ...), with its defaults.
-
-    Raises:
-        FileNotFoundError: (when the counts are first computed) the data folder is missing.
-        RuntimeError: (idem) the release's files are missing or corrupted.
+    ``root`` holds (or receives, with ``download=True``) ``cifar-100-python``; ``check_integrity`` checks the
+    release's md5 sums; every other argument is :class:`~lightning_autobalance.data.LongTailDataModule`'s. The
+    counts, first read, raise ``FileNotFoundError`` for a missing folder and ``RuntimeError`` for a corrupt one.
 
     Example:
         >>> dm = LongTailCIFAR100(root="~/data", search_split=True)  # doctest: +SKIP
