@@ -379,3 +379,22 @@ def test_loss_plot_draws_every_group_row_against_its_cells(tmp_path: Path, monke
         np.testing.assert_allclose(found.get_ydata(), lines[f"logit adjustment (tau=1), group {g}"].get_ydata())
         expected = np.log(np.array(sorted(row, reverse=True)) / sum(row))
         np.testing.assert_allclose(found.get_ydata(), expected - expected.mean(), rtol=1e-6)
+
+
+def test_cell_index_is_the_row_major_flattening_of_a_g_by_k_table() -> None:
+    """``cell_index`` numbers (group, class) cells as ``reshape(-1)`` of a ``G x K`` table does, for ints, NumPy
+    arrays and tensors; the group datamodule's cell counts use it."""
+    from lightning_autobalance.cells import cell_index
+
+    g, k = 3, 4
+    table = torch.arange(g * k).view(g, k) * 10
+    groups, labels = torch.meshgrid(torch.arange(g), torch.arange(k), indexing="ij")
+    flat = cell_index(groups.reshape(-1), labels.reshape(-1), k)
+    assert torch.equal(flat, torch.arange(g * k))
+    assert torch.equal(table.reshape(-1)[flat], table[groups.reshape(-1), labels.reshape(-1)])
+    assert cell_index(2, 3, k) == 11
+    assert np.array_equal(cell_index(np.array([0, 2]), np.array([1, 3]), k), np.array([1, 11]))
+    dm = ColoredDigits(num_groups=3, correlation=0.6)
+    counts = np.bincount(cell_index(dm.train_groups, np.asarray(dm.train_dataset.targets), dm.num_classes),
+                         minlength=3 * dm.num_classes).reshape(3, dm.num_classes)
+    assert counts.tolist() == dm.group_counts

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from lightning_autobalance.cells import cell_index
 from lightning_autobalance.data import profiles
 from lightning_autobalance.data._checks import check_bool, check_choice, check_int, check_real
 from lightning_autobalance.data.base import LongTailDataModule
@@ -130,7 +131,7 @@ class ColoredDigits(LongTailDataModule):
     def _cell_counts(self, indices: np.ndarray) -> list[list[int]]:
         assert self._pool_targets is not None and self._pool_groups is not None
         k, g = self.num_classes, self._num_groups
-        cells = self._pool_groups[indices] * k + self._pool_targets[indices]
+        cells = cell_index(self._pool_groups[indices], self._pool_targets[indices], k)
         return np.bincount(cells, minlength=g * k).reshape(g, k).astype(int).tolist()
 
     @property
@@ -215,7 +216,7 @@ class ColoredDigits(LongTailDataModule):
         kept = np.arange(targets.size, dtype=np.int64) if counts is None else profiles.select_long_tail(
             targets, counts, self.seed, class_names=names)
         groups = self._assign_groups(targets, kept, k)
-        cells = groups[kept] * k + targets[kept]
+        cells = cell_index(groups[kept], targets[kept], k)
         cell_names = self._cell_names(names)
         present = np.bincount(cells, minlength=self._num_groups * k)
         empty = [cell_names[j] for j in np.flatnonzero(present == 0)]
