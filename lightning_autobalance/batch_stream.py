@@ -141,6 +141,19 @@ class BatchStream:
             raise ValueError("The dataloader yields no batches (an empty dataset, or drop_last with fewer samples than "
                              "one batch); the search needs at least one batch of upper data on every process.")
 
+    def balance(self, labels: Tensor) -> None:
+        """Makes every pass class-balanced from now on (``labels``: the label of every sample of the dataset), as if
+        the stream had been built with them; a loader that cannot be re-sampled is left as it is."""
+        if self.sampler is None:
+            return
+        labels = torch.as_tensor(labels).long().flatten()
+        if labels.numel() != self.sampler.length:
+            raise ValueError(f"BatchStream.balance: {labels.numel()} labels for a dataset of {self.sampler.length} "
+                             "samples.")
+        self.sampler.labels = labels
+        self.balanced = True
+        self._iterator = None
+
     def batches_per_pass(self) -> int:
         if self.sampler is None:
             try:

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_autobalance.reduce import Reducer
 
 __all__ = [
     "PRESETS",
@@ -215,11 +216,13 @@ def preset_tables(
     return LossTables(delta.to(dtype), offset.to(dtype), weight.to(dtype))
 
 
-def check_loss_inputs(logits: Tensor, target: Tensor, group: Tensor | None = None, num_groups: int = 1) -> None:
+def check_loss_inputs(logits: Tensor, target: Tensor, group: Tensor | None = None, num_groups: int = 1,
+                      check_values: bool = True) -> None:
     """Validates logits, labels and group indices; raises ``ValueError`` naming what is wrong.
 
     Checks that ``logits`` is ``(N, K)`` and finite, that ``target`` holds ``N`` labels in ``[0, K)`` and
-    ``group`` (when given) ``N`` indices in ``[0, num_groups)``. The value checks cost one host synchronisation.
+    ``group`` (when given) ``N`` indices in ``[0, num_groups)``. The value checks cost one host synchronisation;
+    ``check_values=False`` checks shapes and dtypes only (read from the host, no synchronisation).
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (N, K); got {tuple(logits.shape)}.")
@@ -230,6 +233,8 @@ def check_loss_inputs(logits: Tensor, target: Tensor, group: Tensor | None = Non
             raise ValueError(f"{name} must have shape ({n},) to match the logits; got {tuple(values.shape)}.")
         if values.dtype.is_floating_point or values.dtype == torch.bool or values.is_complex():
             raise ValueError(f"{name} must hold integer {what} indices; got dtype {values.dtype}.")
+    if not check_values:
+        return
     ok = torch.isfinite(logits).all()
     for _, values, high, _ in checks:
         ok = ok & ((values >= 0) & (values < high)).all()
@@ -560,21 +565,19 @@ class FocalLoss(nn.Module):
 
 
 def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int,
-                     all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
-                     world_size: int = 1) -> tuple[Tensor, Tensor]:
+                     reducer: Reducer | None = None) -> tuple[Tensor, Tensor]:
     """Mean of ``losses`` within each unit (class, group or (class, group) cell) and which units occur.
 
-    With ``all_reduce_sum`` (a sum over ``world_size`` processes, called once on detached statistics), the means and
-    the presence are those of the union of all processes' samples, and the gradient of the means is scaled by
-    ``world_size`` so that its average over the processes (what DDP and the hypergradient's ``reduce`` take) is the
-    gradient of the means of the union.
+    With a ``reducer`` over several processes (its ``sum`` called once, on detached statistics), the means and the
+    presence are those of the union of all processes' samples, and the gradient of the means is scaled by the
+    number of processes so that its average over the processes (what DDP and the hypergradient's ``reduce`` take)
+    is the gradient of the means of the union. Nothing is read back to the host.
 
     Args:
         losses: per-sample losses ``(N,)``.
         index: unit of every sample ``(N,)`` in ``[0, num_units)``.
         num_units: number of units.
-        all_reduce_sum: sums a tensor over the processes and returns the result; ``None`` for this process only.
-        world_size: the number of processes that ``all_reduce_sum`` sums over.
+        reducer: a :class:`~lightning_autobalance.reduce.Reducer`; ``None`` for this process only.
 
     Returns:
         ``(means, present)``: ``means[j]`` is the mean over the samples of unit ``j`` (0 where it has none) and
@@ -586,16 +589,12 @@ def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int,
     """
     sums = torch.zeros(num_units, dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
     counts = torch.bincount(index, minlength=num_units).to(losses.dtype)
-    if all_reduce_sum is not None:
-        total = all_reduce_sum(torch.stack([sums.detach(), counts]))
+    world_size = 1 if reducer is None else reducer.world_size
+    if reducer is not None and world_size > 1:
+        total = reducer.sum(torch.stack([sums.detach(), counts]))
         scaled = world_size * sums  # value: the sums of all processes; gradient: world_size x this process's
         sums, counts = scaled + (total[0] - scaled).detach(), total[1]
     return sums / counts.clamp_min(1.0), counts > 0
-
-
-def _distributed_sum(t: Tensor) -> Tensor:
-    dist.all_reduce(t)
-    return t
 
 
 class GroupDROLoss(nn.Module):
@@ -608,8 +607,10 @@ class GroupDROLoss(nn.Module):
     contribute 0), as the authors' code does. Evaluation calls do not move ``q``. No generalisation adjustment
     (``C / sqrt(n_g)``) is applied. ``q`` is a buffer (checkpointed).
 
-    Under ``torch.distributed`` with several processes (DDP), a training call sums the per-unit loss sums and counts
-    over the processes (one ``all_reduce``, so every process must make the same training calls): ``q`` moves by the
+    With a ``reducer`` over several processes (the default, :meth:`Reducer.torch_distributed
+    <lightning_autobalance.reduce.Reducer.torch_distributed>`, sums over the ``torch.distributed`` group when one is
+    initialised, as under DDP), a training call sums the per-unit loss sums and counts over the processes (one
+    collective call, so every process must make the same training calls): ``q`` moves by the
     unit losses of the union of the batches and stays identical on every process, and the loss's gradient is
     scaled so that DDP's average over processes is the gradient of ``sum_j q_j L_j`` on the union.
 
@@ -618,6 +619,8 @@ class GroupDROLoss(nn.Module):
         num_groups: ``G``.
         step_size: ``eta_q`` of the exponentiated-gradient step on ``q`` (the paper uses 0.01).
         over: ``"cell"``, ``"group"`` or ``"class"``.
+        reducer: combines the per-unit statistics over processes during training
+            (:class:`~lightning_autobalance.reduce.Reducer`; default: the ``torch.distributed`` group, if any).
 
     Example:
         >>> criterion = GroupDROLoss(num_classes=2, num_groups=2)
@@ -627,8 +630,12 @@ class GroupDROLoss(nn.Module):
     """
 
     def __init__(self, num_classes: int, num_groups: int, step_size: float = 0.01,
-                 over: Literal["cell", "group", "class"] = "cell") -> None:
+                 over: Literal["cell", "group", "class"] = "cell", reducer: Reducer | None = None) -> None:
         super().__init__()
+        if reducer is not None and not isinstance(reducer, Reducer):
+            raise ValueError(f"reducer must be a lightning_autobalance.reduce.Reducer or None; got "
+                             f"{type(reducer).__name__}.")
+        self.reducer = reducer if reducer is not None else Reducer.torch_distributed()
         if num_classes < 1 or num_groups < 1:
             raise ValueError(f"num_classes and num_groups must be positive; got {num_classes}, {num_groups}.")
         if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
@@ -651,8 +658,7 @@ class GroupDROLoss(nn.Module):
             assert group is not None
             index = group if self.over == "group" else group * self.num_classes + target
         training = self.training and torch.is_grad_enabled()
-        world = dist.get_world_size() if training and dist.is_available() and dist.is_initialized() else 1
-        means, _ = unit_mean_losses(losses, index, self.q.numel(), _distributed_sum if world > 1 else None, world)
+        means, _ = unit_mean_losses(losses, index, self.q.numel(), self.reducer if training else None)
         if training:
             with torch.no_grad():
                 q = self.q.double() * torch.exp(self.step_size * means.detach().double())

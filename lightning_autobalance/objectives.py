@@ -31,24 +31,32 @@ sample (the group datamodules split per (class, group) cell for that reason).
 **Multiple processes.** ``balanced_ce`` is a plain mean over samples with weights fixed from counts, so the mean
 of its gradients over processes is its gradient on the union of their batches. The other objectives are nonlinear
 in per-unit means (a log-sum-exp, a maximum, a gap), so averaging what every process computes on its own batch
-would only approximate them. Inside :func:`across_processes` (the callback enters it under DDP) they sum the
-per-unit loss sums and counts over processes first (one collective call per evaluation): every process gets the
-objective of the union of the batches, and a gradient that, averaged over processes, is its exact gradient there.
-A unit counts as present when any process has it. A user's own callable objective is evaluated per process and
-its gradients averaged, which is exact for a mean over samples.
+would only approximate them. Built with a :class:`~lightning_autobalance.reduce.Reducer` over several processes
+(the callback passes its own), they sum the per-unit loss sums and counts over processes first (one collective call
+per evaluation): every process gets the objective of the union of the batches, and a gradient that, averaged over
+processes, is its exact gradient there. A unit counts as present when any process has it. A user's own callable
+objective is evaluated per process and its gradients averaged, which is exact for a mean over samples.
+
+**No host reads.** With ``validate=False`` (how :class:`UpperObjective` builds them for the callback, which checks
+the labels and groups of the upper data once, at setup) no objective reads anything back from the device: absent
+units are masked with ``torch.where``, not by indexing. ``validate=True`` (the default for direct use) checks the
+values of every batch (one host read) and warns when an equal-opportunity batch has no gap to measure;
+``missing="raise"`` reads whether every unit is present.
+
+**As a value.** :class:`UpperObjective` holds what to build (a name of :data:`OBJECTIVES`, an objective class, or
+a ready callable) with its settings, validated when it is constructed; it builds the objective from the upper
+data's counts. :class:`~lightning_autobalance.AutoBalanceCallback` takes one (or a name, or a mapping
+``{"name": ..., **settings}``) and knows no objective by name.
 
 Plain PyTorch; nothing of Lightning.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import itertools
 import math
+import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -56,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_autobalance.losses import as_count_table, check_loss_inputs, unit_mean_losses
+from lightning_autobalance.reduce import Reducer
 
 __all__ = [
     "OBJECTIVES",
@@ -63,8 +72,8 @@ __all__ = [
     "BlendedObjective",
     "EqualOpportunityGap",
     "WorstClassLoss",
+    "UpperObjective",
     "WorstGroupLoss",
-    "across_processes",
     "balanced_cross_entropy",
     "blended_objective",
     "build_objective",
@@ -110,44 +119,24 @@ def _count_table(counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, num_g
     return table
 
 
-_PROCESSES: ContextVar[tuple[Callable[[Tensor], Tensor], int] | None] = ContextVar("autobalance_processes",
-                                                                                   default=None)
+def _unit_means(losses: Tensor, index: Tensor, num_units: int, reducer: Reducer | None) -> tuple[Tensor, Tensor]:
+    """``unit_mean_losses`` of this batch, or of the union of all processes' batches with a ``reducer``."""
+    return unit_mean_losses(losses, index, num_units, reducer)
 
 
-@contextlib.contextmanager
-def across_processes(all_reduce_sum: Callable[[Tensor], Tensor], world_size: int) -> Iterator[None]:
-    """Makes the per-unit objectives exact over several processes while the context is active.
+class _OnDevice:
+    """Copies of a host tensor on the devices (and dtypes) it is used on, made once each."""
 
-    Inside it, ``worst_group_loss`` / ``worst_class``, ``equal_opportunity_gap`` (and blends of them) sum their
-    per-unit loss sums and sample counts over the processes with ``all_reduce_sum`` before taking means. The value
-    is then that of the union of all processes' batches on every process, and the gradient is scaled so that its
-    mean over the processes (what the hypergradient's ``reduce`` takes) is the exact gradient on the union. Every
-    process must evaluate the objective the same number of times (collective calls in the same order).
+    def __init__(self, tensor: Tensor) -> None:
+        self.host = tensor
+        self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    Args:
-        all_reduce_sum: sums a tensor over the processes and returns the result (e.g. a wrapper of
-            ``torch.distributed.all_reduce`` or ``trainer.strategy.reduce(t, reduce_op="sum")``); it is given
-            detached tensors only.
-        world_size: the number of processes.
-
-    Example:
-        >>> with across_processes(lambda t: t, world_size=1):  # one process: the identity
-        ...     worst_group_loss(torch.zeros(2, 2), torch.tensor([0, 1]), over="class")
-        tensor(0.6931)
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer; got {world_size!r}.")
-    token = _PROCESSES.set((all_reduce_sum, world_size))
-    try:
-        yield
-    finally:
-        _PROCESSES.reset(token)
-
-
-def _unit_means(losses: Tensor, index: Tensor, num_units: int) -> tuple[Tensor, Tensor]:
-    """``unit_mean_losses`` of this batch, or of the union of all processes' batches inside ``across_processes``."""
-    all_reduce_sum, world_size = _PROCESSES.get() or (None, 1)
-    return unit_mean_losses(losses, index, num_units, all_reduce_sum, world_size)
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+        key = (device, dtype or self.host.dtype)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self.host.to(device).to(key[1])
+        return copy
 
 
 def _units(over: str, num_classes: int, num_groups: int) -> int:
@@ -177,14 +166,15 @@ def _check_num_groups(num_groups: Any) -> int | None:
 
 
 def _check_batch(logits: Tensor, target: Tensor, group: Tensor | None, num_groups: int | None, needs_group: bool,
-                 what: str) -> int:
-    """Validates a batch (shapes, label and group ranges); returns the number of groups."""
+                 what: str, validate: bool = True) -> int:
+    """Validates a batch (shapes always; label and group ranges, one host read, with ``validate``); returns the
+    number of groups."""
     if needs_group and group is None:
         raise ValueError(f"{what} needs the group of every sample: batches must be (x, y, g).")
-    if group is not None and num_groups is None:
+    if validate and group is not None and num_groups is None:
         raise ValueError(f"{what} needs num_groups to check the group indices.")
     g = num_groups or 1
-    check_loss_inputs(logits, target, group if needs_group else None, g)
+    check_loss_inputs(logits, target, group if needs_group else None, g, check_values=validate)
     return g
 
 
@@ -236,6 +226,9 @@ class BalancedCrossEntropy:
             ``"cell"``: weights ``N / (G K n_{g,y})`` (the mean over (class, group) cells), which needs the count
             table and batches with groups.
         num_groups: the number of groups ``G`` for ``over="cell"`` (default: the rows of ``class_counts``).
+        reducer: accepted so that every objective is built alike; not needed (a mean over samples: the average of
+            the processes' gradients is its gradient on the union of their batches).
+        validate: accepted likewise; the labels are checked by ``cross_entropy`` itself.
 
     Example:
         >>> objective = BalancedCrossEntropy([90, 9, 1])
@@ -246,7 +239,7 @@ class BalancedCrossEntropy:
     uses_groups = False
 
     def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, over: Over = "class",
-                 num_groups: int | None = None) -> None:
+                 num_groups: int | None = None, *, reducer: Reducer | None = None, validate: bool = True) -> None:
         self.check_settings(over=over, num_groups=num_groups)
         self.over = over
         table = _count_table(class_counts, num_groups if over == "cell" else None)
@@ -261,7 +254,8 @@ class BalancedCrossEntropy:
             self.class_weight = table.sum() / (table.numel() * table)
         else:
             self.class_weight = counts.sum() / (counts.numel() * counts)
-        # float64 here; cast to the (float32 or wider) dtype of the loss when used
+        # float64 here; copied to a device once (then cast there to the float32 or wider dtype of the loss)
+        self._weight = _OnDevice(self.class_weight)
 
     @staticmethod
     def check_settings(over: Any = "class", num_groups: Any = None) -> None:
@@ -273,7 +267,7 @@ class BalancedCrossEntropy:
         if self.over == "cell" and group is None:
             raise ValueError("balanced_ce over (class, group) cells needs the group of every sample: batches must be "
                              "(x, y, g).")
-        return balanced_cross_entropy(logits, target, self.class_weight.to(logits.device),
+        return balanced_cross_entropy(logits, target, self._weight.on(logits.device),
                                       group if self.over == "cell" else None)
 
     def __repr__(self) -> str:
@@ -286,17 +280,23 @@ class BalancedCrossEntropy:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _soft_max(values: Tensor, mode: str, temperature: float, fraction: float) -> Tensor:
-    """``T log mean exp(v / T)`` (``"lse"``), the CVaR at ``fraction`` (``"cvar"``) or the maximum (``"max"``)."""
-    m = values.numel()
+def _soft_max(values: Tensor, present: Tensor, mode: str, temperature: float, fraction: float) -> Tensor:
+    """Over the units ``present``: ``T log mean exp(v / T)`` (``"lse"``), the CVaR at ``fraction`` (``"cvar"``) or
+    the maximum (``"max"``). Absent units are masked with ``torch.where`` (no indexing by a mask: nothing is read
+    back from the device)."""
+    m = present.sum().to(values.dtype)
     if mode == "lse":
-        return temperature * (torch.logsumexp(values / temperature, dim=0) - math.log(m))
+        scaled = torch.where(present, values / temperature, torch.full_like(values, -math.inf))
+        log_m = m.double().log().to(values.dtype)  # as math.log of the count, rounded once
+        return temperature * (torch.logsumexp(scaled, dim=0) - log_m)
     if mode == "max":
-        return values.max()
+        return torch.where(present, values, torch.full_like(values, -math.inf)).max()
     # CVaR: the mean of the largest fraction of the m values, the boundary value counted fractionally.
-    ordered = torch.sort(values, descending=True).values
+    ordered = torch.sort(torch.where(present, values, torch.full_like(values, -math.inf)), descending=True).values
+    rank = torch.arange(values.numel(), dtype=values.dtype, device=values.device)
+    ordered = torch.where(rank < m, ordered, torch.zeros_like(ordered))
     mass = fraction * m
-    weights = torch.clamp(mass - torch.arange(m, dtype=values.dtype, device=values.device), 0.0, 1.0)
+    weights = torch.clamp(mass - rank, 0.0, 1.0)
     return (weights * ordered).sum() / mass
 
 
@@ -311,6 +311,7 @@ def worst_group_loss(
     fraction: float = 0.2,
     missing: Missing = "mask",
     validate: bool = True,
+    reducer: Reducer | None = None,
 ) -> Tensor:
     """A smooth maximum over classes, groups or (label, group) cells of their mean cross-entropy in the batch.
 
@@ -331,8 +332,10 @@ def worst_group_loss(
         mode: ``"lse"``, ``"cvar"`` or ``"max"``.
         temperature: ``T > 0`` of ``"lse"``.
         fraction: CVaR level in ``(0, 1]``.
-        missing: a unit absent from the batch is left out (``"mask"``) or raises (``"raise"``).
-        validate: check shapes and index ranges (one host synchronisation).
+        missing: a unit absent from the batch is left out (``"mask"``) or raises (``"raise"``, one host read).
+        validate: check the label and group ranges (one host read); shapes are always checked.
+        reducer: the objective of the union of the processes' batches
+            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: this batch).
 
     Example:
         >>> logits, y, g = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 1] * 4)
@@ -342,17 +345,14 @@ def worst_group_loss(
     WorstGroupLoss.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
                                   num_groups=num_groups)
     k = logits.shape[-1]
-    if validate:
-        g = _check_batch(logits, target, group, num_groups, over != "class", f"worst-{over} objective")
-    else:
-        g = num_groups or 1
+    g = _check_batch(logits, target, group, num_groups, over != "class", f"worst-{over} objective", validate)
     units = _units(over, k, g)
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = _unit_means(losses, _unit_index(over, target, group, k), units)
+    means, present = _unit_means(losses, _unit_index(over, target, group, k), units, reducer)
     if missing == "raise" and not bool(present.all()):
         names = [_unit_name(over, j, k) for j in (~present).nonzero().flatten().tolist()]
         raise _missing_error(f"worst-{over} objective", names, batch=True)
-    return _soft_max(means[present], mode, temperature, fraction)
+    return _soft_max(means, present, mode, temperature, fraction)
 
 
 class WorstGroupLoss:
@@ -367,6 +367,9 @@ class WorstGroupLoss:
         fraction: CVaR level in ``(0, 1]``.
         missing: ``"mask"`` (units absent from a batch are left out) or ``"raise"``.
         num_groups: ``G`` (default: the rows of ``class_counts``).
+        reducer: makes it the objective of the union of the processes' batches
+            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: each process's own batch).
+        validate: check the label and group ranges of every batch (one host read; see :func:`worst_group_loss`).
 
     Example:
         >>> objective = WorstGroupLoss([[20, 2], [2, 20]], over="cell", temperature=0.5)
@@ -375,12 +378,15 @@ class WorstGroupLoss:
     """
 
     requires_all_classes = True
+    counts_per_cell = True
 
     def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, over: Over = "cell",
                  mode: Literal["lse", "cvar", "max"] = "lse", temperature: float = 0.1, fraction: float = 0.2,
-                 missing: Missing = "mask", num_groups: int | None = None) -> None:
+                 missing: Missing = "mask", num_groups: int | None = None, *, reducer: Reducer | None = None,
+                 validate: bool = True) -> None:
         self.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
                             num_groups=num_groups)
+        self.reducer, self.validate = reducer, bool(validate)
         table = _count_table(class_counts, num_groups)
         self.class_counts = table.sum(dim=0)
         self.num_classes = table.shape[1]
@@ -411,7 +417,7 @@ class WorstGroupLoss:
 
     def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
         return worst_group_loss(logits, target, group, self.num_groups, self.over, self.mode, self.temperature,
-                                self.fraction, self.missing)
+                                self.fraction, self.missing, self.validate, self.reducer)
 
     def __repr__(self) -> str:
         setting = f"temperature={self.temperature}" if self.mode == "lse" else f"fraction={self.fraction}"
@@ -433,6 +439,7 @@ def equal_opportunity_gap(
     labels: Sequence[int] | None = None,
     missing: Missing = "mask",
     validate: bool = True,
+    reducer: Reducer | None = None,
 ) -> Tensor:
     """A differentiable surrogate of the difference of equal opportunity (DEO) between groups.
 
@@ -450,8 +457,15 @@ def equal_opportunity_gap(
     ``labels=[1]`` is the classic equal-opportunity gap (true-positive rates); every label (the default) also
     counts the gap of the negative label (false-positive rates), as equalised odds does.
 
-    When no requested label has two groups in the batch, the gap is 0 (attached to the logits) and a warning says
-    so.
+    When no requested label has two groups in the batch, the gap is 0 (attached to the logits); with ``validate``
+    a warning says so. Labels and groups are masked with ``torch.where``: without ``validate`` (which reads the
+    label and group ranges back) and ``missing="raise"`` nothing is read back from the device.
+
+    Args:
+        labels: the labels whose gaps are averaged: class indices, or a boolean mask of ``K`` entries (default:
+            every label).
+        reducer: the objective of the union of the processes' batches
+            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: this batch).
 
     Raises:
         ValueError: for bad settings or indices, or (with ``missing="raise"``) when a requested (label, group) cell
@@ -462,39 +476,48 @@ def equal_opportunity_gap(
         >>> equal_opportunity_gap(logits, y, g, num_groups=2) >= 0
         tensor(True)
     """
-    EqualOpportunityGap.check_settings(gap=gap, pairs=pairs, missing=missing, num_groups=num_groups, labels=labels)
+    mask_given = isinstance(labels, Tensor)
+    EqualOpportunityGap.check_settings(gap=gap, pairs=pairs, missing=missing, num_groups=num_groups,
+                                       labels=None if mask_given else labels)
     k = logits.shape[-1]
-    if validate:
-        _check_batch(logits, target, group, num_groups, True, "The equal-opportunity objective")
-        if labels is not None and any(not 0 <= y < k for y in labels):
-            raise ValueError(f"labels must lie in [0, {k}); got {list(labels)}.")
+    _check_batch(logits, target, group, num_groups, True, "The equal-opportunity objective", validate)
+    if validate and labels is not None and not mask_given and any(not 0 <= y < k for y in labels):
+        raise ValueError(f"labels must lie in [0, {k}); got {list(labels)}.")
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = _unit_means(losses, group * k + target, num_groups * k)
+    means, present = _unit_means(losses, group * k + target, num_groups * k, reducer)
     means, present = means.view(num_groups, k), present.view(num_groups, k)
-    wanted = list(range(k)) if labels is None else list(dict.fromkeys(int(y) for y in labels))
+    if mask_given:
+        wanted = labels.to(device=means.device, dtype=torch.bool)  # type: ignore[union-attr]
+    else:
+        wanted = torch.zeros(k, dtype=torch.bool, device=means.device)
+        if labels is None:
+            wanted = ~wanted
+        else:
+            wanted[torch.as_tensor(list(labels), dtype=torch.long, device=means.device)] = True
     if missing == "raise":
-        absent = [f"(label {y}, group {g_})" for g_ in range(num_groups) for y in wanted if not bool(present[g_, y])]
+        absent = [f"(label {y}, group {g_})" for g_ in range(num_groups) for y in range(k)
+                  if bool(wanted[y]) and not bool(present[g_, y])]
         if absent:
             raise _missing_error("The equal-opportunity objective", absent, batch=True)
-    present_host = present.cpu()
-    gaps = []
-    for y in wanted:
-        rows = present_host[:, y].nonzero().flatten().tolist()
-        if len(rows) < 2:
-            continue
-        values = means[rows, y]
-        if pairs == "max":
-            diffs = (values.max() - values.min()).reshape(1)
-        else:
-            left, right = zip(*itertools.combinations(range(len(rows)), 2))
-            diffs = (values[list(left)] - values[list(right)]).abs()
-        gaps.append((diffs.square() if gap == "square" else diffs).mean())
-    if not gaps:
+    valid = wanted & (present.sum(dim=0) >= 2)  # labels with samples of two groups or more
+    if pairs == "max":
+        high = torch.where(present, means, torch.full_like(means, -math.inf)).amax(dim=0)
+        low = torch.where(present, means, torch.full_like(means, math.inf)).amin(dim=0)
+        diffs = torch.where(valid, high - low, torch.zeros_like(high))
+        gaps = diffs.square() if gap == "square" else diffs
+    else:
+        both = present.unsqueeze(0) & present.unsqueeze(1)  # (G, G, K): groups g and h both have label y
+        both = both & torch.ones(num_groups, num_groups, dtype=torch.bool, device=means.device).triu(1).unsqueeze(-1)
+        diffs = (means.unsqueeze(1) - means.unsqueeze(0)).abs()
+        diffs = diffs.square() if gap == "square" else diffs
+        pair_counts = both.sum(dim=(0, 1)).to(means.dtype)
+        gaps = torch.where(both, diffs, torch.zeros_like(diffs)).sum(dim=(0, 1)) / pair_counts.clamp_min(1.0)
+    gaps = torch.where(valid, gaps, torch.zeros_like(gaps))
+    if validate and not bool(valid.any()):
         warnings.warn("The equal-opportunity objective: no label in this upper batch has samples of two groups, so no "
                       "gap can be measured and the batch contributes 0; use larger upper batches (upper_batch_size) "
                       "or missing='raise'.", stacklevel=2)
-        return (means * 0.0).sum()  # zero, but attached to the logits
-    return torch.stack(gaps).mean()
+    return gaps.sum() / valid.sum().to(gaps.dtype).clamp_min(1.0)  # 0 (attached to the logits) without a gap
 
 
 class EqualOpportunityGap:
@@ -508,6 +531,9 @@ class EqualOpportunityGap:
         labels: the labels whose gaps are averaged (default: all).
         missing: ``"mask"`` (a label with fewer than two groups in the batch is left out) or ``"raise"``.
         num_groups: ``G`` (default: the rows of ``class_counts``).
+        reducer: makes it the objective of the union of the processes' batches
+            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: each process's own batch).
+        validate: check the label and group ranges of every batch and warn when it has no gap (one host read).
 
     Example:
         >>> objective = EqualOpportunityGap([[20, 2], [2, 20]])
@@ -517,11 +543,13 @@ class EqualOpportunityGap:
 
     requires_all_classes = True
     uses_groups = True
+    counts_per_cell = True
 
     def __init__(self, class_counts: Sequence[Sequence[int]] | Tensor, gap: Literal["abs", "square"] = "abs",
                  pairs: Literal["max", "mean"] = "max", labels: Sequence[int] | None = None, missing: Missing = "mask",
-                 num_groups: int | None = None) -> None:
+                 num_groups: int | None = None, *, reducer: Reducer | None = None, validate: bool = True) -> None:
         self.check_settings(gap=gap, pairs=pairs, missing=missing, num_groups=num_groups, labels=labels)
+        self.reducer, self.validate = reducer, bool(validate)
         table = _count_table(class_counts, num_groups)
         self.class_counts = table.sum(dim=0)
         self.num_groups, self.num_classes = table.shape
@@ -537,6 +565,9 @@ class EqualOpportunityGap:
         if absent:
             raise _missing_error("The equal-opportunity objective", absent, batch=False)
         self.gap, self.pairs, self.missing = gap, pairs, missing
+        wanted = torch.zeros(k, dtype=torch.bool)
+        wanted[list(range(k) if self.labels is None else self.labels)] = True
+        self._wanted = _OnDevice(wanted)  # the labels as a mask, copied to a device once
 
     @staticmethod
     def check_settings(gap: Any = "abs", pairs: Any = "max", missing: Any = "mask", num_groups: Any = None,
@@ -554,8 +585,8 @@ class EqualOpportunityGap:
         if group is None:
             raise ValueError("The equal-opportunity objective needs the group of every sample: batches must be "
                              "(x, y, g).")
-        return equal_opportunity_gap(logits, target, group, self.num_groups, self.gap, self.pairs, self.labels,
-                                     self.missing)
+        return equal_opportunity_gap(logits, target, group, self.num_groups, self.gap, self.pairs,
+                                     self._wanted.on(logits.device), self.missing, self.validate, self.reducer)
 
     def __repr__(self) -> str:
         return (f"EqualOpportunityGap(gap={self.gap!r}, pairs={self.pairs!r}, labels={self.labels}, "
@@ -589,7 +620,9 @@ class BlendedObjective:
         fairness: a name or a callable (default ``"deo"``).
         accuracy_kwargs: settings of a named accuracy objective.
         fairness_kwargs: settings of a named fairness objective.
-        num_groups: ``G``, handed to named parts that take it.
+        num_groups: ``G``, handed to both named parts.
+        reducer: handed to both named parts (:class:`~lightning_autobalance.reduce.Reducer`).
+        validate: handed to both named parts.
 
     Example:
         >>> objective = BlendedObjective([[20, 2], [2, 20]], lam=0.5, fairness="worst_group")
@@ -597,16 +630,19 @@ class BlendedObjective:
         0
     """
 
+    counts_per_cell = True
+
     def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, lam: float = 0.5,
                  accuracy: str | Objective = "balanced_ce", fairness: str | Objective = "deo",
                  accuracy_kwargs: Mapping[str, Any] | None = None, fairness_kwargs: Mapping[str, Any] | None = None,
-                 num_groups: int | None = None) -> None:
+                 num_groups: int | None = None, *, reducer: Reducer | None = None, validate: bool = True) -> None:
         self.check_settings(lam=lam, accuracy=accuracy, fairness=fairness, accuracy_kwargs=accuracy_kwargs,
                             fairness_kwargs=fairness_kwargs, num_groups=num_groups)
         self.lam = float(lam)
         common = {} if num_groups is None else {"num_groups": num_groups}
-        self.accuracy = build_objective(accuracy, class_counts, **_with_groups(accuracy, common, accuracy_kwargs))
-        self.fairness = build_objective(fairness, class_counts, **_with_groups(fairness, common, fairness_kwargs))
+        self.accuracy, self.fairness = (
+            UpperObjective(part, **_with_groups(part, common, kwargs))._make(class_counts, reducer, validate)
+            for part, kwargs in ((accuracy, accuracy_kwargs), (fairness, fairness_kwargs)))
         self.requires_all_classes = any(getattr(o, "requires_all_classes", False)
                                         for o in (self.accuracy, self.fairness))
         self.uses_groups = any(getattr(o, "uses_groups", False) for o in (self.accuracy, self.fairness))
@@ -641,10 +677,9 @@ class BlendedObjective:
 
 
 def _with_groups(part: Any, common: dict[str, Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A named part's settings with the blend's ``num_groups`` (every named objective takes it)."""
     out = dict(kwargs or {})
-    if isinstance(part, str) and "num_groups" in inspect.signature(OBJECTIVES[resolve_objective(part)]).parameters:
-        out = {**common, **out}
-    return out
+    return {**common, **out} if isinstance(part, str) else out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -663,10 +698,12 @@ class WorstClassLoss(WorstGroupLoss):
 
     def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, over: Over = "class",
                  mode: Literal["lse", "cvar", "max"] = "lse", temperature: float = 0.1, fraction: float = 0.2,
-                 missing: Missing = "mask", num_groups: int | None = None) -> None:
+                 missing: Missing = "mask", num_groups: int | None = None, *, reducer: Reducer | None = None,
+                 validate: bool = True) -> None:
         self.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
                             num_groups=num_groups)
-        super().__init__(class_counts, "class", mode, temperature, fraction, missing, num_groups)
+        super().__init__(class_counts, "class", mode, temperature, fraction, missing, num_groups, reducer=reducer,
+                         validate=validate)
 
     @staticmethod
     def check_settings(over: Any = "class", mode: Any = "lse", temperature: Any = 0.1, fraction: Any = 0.2,
@@ -701,6 +738,150 @@ def resolve_objective(name: str) -> str:
     return key
 
 
+class _Scalar:
+    """Calls a user's objective and checks that it returns a scalar tensor, with a message that names it."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+
+    def __call__(self, logits: Tensor, target: Tensor, group: Tensor | None) -> Tensor:
+        out = self.objective(logits, target, group)
+        if not isinstance(out, Tensor) or out.ndim != 0:
+            what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+            raise ValueError(f"The upper objective {self.objective!r} returned {what}; it must return a scalar "
+                             "(0-dimensional) tensor that depends on the logits, e.g. the mean of per-sample losses "
+                             "(`.mean()`).")
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.objective)
+
+
+class UpperObjective:
+    """The upper objective as a value: what to build from the upper data's counts, and its settings, validated here.
+
+    Args:
+        objective: a name from :data:`OBJECTIVES` (``"balanced_ce"``, ``"worst_class"``, ``"worst_group"``,
+            ``"deo"``, ``"blend"``; aliases accepted), one of the objective classes (any class whose first argument
+            is the upper counts), or a ready callable ``objective(logits, target, group) -> scalar`` (used as it is:
+            it takes no settings).
+        **settings: the settings of a named objective or class (e.g. ``temperature=0.1`` for ``"worst_class"``,
+            ``lam=0.5, fairness="deo"`` for ``"blend"``), checked now by the class's own ``check_settings``.
+
+    :meth:`build` makes the objective from the counts, with the :class:`~lightning_autobalance.reduce.Reducer` of the
+    run. :meth:`coerce` also accepts a name or a mapping ``{"name": ..., **settings}`` (a YAML group or a Hydra
+    ``DictConfig``).
+
+    Example:
+        >>> spec = UpperObjective("worst_class", temperature=0.5)
+        >>> spec.build([20, 5, 2])  # checked to return a scalar; shown as the objective it wraps
+        WorstGroupLoss(over='class', mode='lse', temperature=0.5, num_groups=1)
+        >>> UpperObjective.coerce({"name": "blend", "lam": 2.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: lam (the weight of the fairness objective) must lie in [0, 1]; got 2.0.
+    """
+
+    def __init__(self, objective: str | type | Objective = "balanced_ce", **settings: Any) -> None:
+        self.name: str | None = None
+        self.builder: type | None = None
+        self.objective: Objective | None = None
+        if isinstance(objective, str):
+            self.name = resolve_objective(objective)
+            self.builder = OBJECTIVES[self.name]  # type: ignore[assignment]
+        elif isinstance(objective, type):
+            self.builder = objective
+        elif callable(objective):
+            if settings:
+                raise ValueError(f"A callable upper objective takes no settings (they are only for a named objective "
+                                 f"or an objective class); got {sorted(settings)} beside {objective!r}.")
+            self.objective = objective
+        else:
+            raise ValueError(f"objective must be a name from {sorted(OBJECTIVES)}, an objective class or a callable "
+                             f"objective(logits, target, group) -> scalar; got {type(objective).__name__}.")
+        self.settings = dict(settings)
+        checker = getattr(self.builder, "check_settings", None)
+        if checker is not None:
+            try:
+                checker(**self.settings)
+            except TypeError as err:  # a setting the objective does not take (Python names the first)
+                found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+                unknown = [found.group(1)] if found else sorted(self.settings)
+                raise ValueError(f"The objective {self.describe()} takes no argument {unknown} ({err}).") from err
+
+    @classmethod
+    def coerce(cls, value: Any) -> UpperObjective:
+        """An :class:`UpperObjective` from itself, a name, a class, a callable, or a mapping
+        ``{"name": <name>, **settings}`` (``"objective"`` is read as ``"name"``), validated alike."""
+        if isinstance(value, UpperObjective):
+            return value
+        if isinstance(value, Mapping):
+            settings = {str(k): v for k, v in value.items()}
+            name = settings.pop("name", settings.pop("objective", "balanced_ce"))
+            return cls(name, **settings)
+        return cls(value)
+
+    @property
+    def is_named(self) -> bool:
+        """Whether the objective is built from counts (a name or a class), not a ready callable."""
+        return self.builder is not None
+
+    @property
+    def counts_per_cell(self) -> bool:
+        """Whether it is built from (group, class) counts when the upper batches carry groups."""
+        return bool(getattr(self.builder, "counts_per_cell", False)) or self.settings.get("over") == "cell"
+
+    @property
+    def requires_all_classes(self) -> bool:
+        """Whether every class needs upper samples (every built objective; a callable that says so)."""
+        return self.is_named or bool(getattr(self.objective, "requires_all_classes", False))
+
+    @property
+    def num_groups(self) -> int | None:
+        """The number of groups its settings give (``None`` when they give none)."""
+        return self.settings.get("num_groups")
+
+    def build(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, reducer: Reducer | None = None,
+              validate: bool = True) -> Objective:
+        """The objective for these upper counts (``K`` class counts or a ``G x K`` table), wrapped in a check that
+        it returns a scalar tensor (the wrapper's ``objective`` is the objective itself).
+
+        Args:
+            class_counts: the counts of the upper data.
+            reducer: combines the per-unit statistics over processes (``None``: one process).
+            validate: whether the built objective checks the label and group ranges of every batch (a host read
+                each call; the callback checks the upper data once instead and builds with ``False``).
+
+        Raises:
+            ValueError: for units the objective needs that the counts lack.
+        """
+        return _Scalar(self._make(class_counts, reducer, validate))
+
+    def _make(self, class_counts: Any, reducer: Reducer | None = None, validate: bool = True) -> Objective:
+        """The objective itself (:meth:`build` wraps it in a check that it returns a scalar)."""
+        if self.objective is not None:
+            return self.objective
+        assert self.builder is not None
+        return self.builder(class_counts, **self.settings, reducer=reducer, validate=validate)
+
+    def describe(self) -> str:
+        """The objective's name (or class or callable) for messages."""
+        if self.name is not None:
+            return repr(self.name)
+        return self.builder.__name__ if self.builder is not None else repr(self.objective)
+
+    def __repr__(self) -> str:
+        what = self.describe()
+        settings = "".join(f", {k}={v!r}" for k, v in self.settings.items())
+        return f"UpperObjective({what}{settings})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UpperObjective) and (self.name, self.builder, self.objective, self.settings) == (
+            other.name, other.builder, other.objective, other.settings)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def check_objective(objective: str | Objective, **kwargs: Any) -> None:
     """Checks a named objective and its settings without any counts (e.g. when a callback is constructed).
 
@@ -708,20 +889,7 @@ def check_objective(objective: str | Objective, **kwargs: Any) -> None:
         ValueError: for an unknown name, an argument the objective does not take, or a bad setting (``lam`` outside
             ``[0, 1]``, a temperature ``<= 0``, ...).
     """
-    if callable(objective) and not isinstance(objective, str):
-        if kwargs:
-            raise ValueError("objective_kwargs are only for a named objective; a callable objective takes none.")
-        return
-    key = resolve_objective(objective)
-    builder = OBJECTIVES[key]
-    parameters = dict(inspect.signature(builder).parameters)
-    parameters.pop("class_counts", None)
-    unknown = [k for k in kwargs if k not in parameters]
-    if unknown:
-        raise ValueError(f"The objective {key!r} takes no argument {unknown}; its settings are {sorted(parameters)}.")
-    checker = getattr(builder, "check_settings", None)
-    if checker is not None:
-        checker(**kwargs)
+    UpperObjective(objective, **kwargs)
 
 
 def build_objective(objective: str | Objective, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
@@ -737,7 +905,7 @@ def build_objective(objective: str | Objective, class_counts: Sequence[int] | Se
     Raises:
         ValueError: for an unknown name, bad settings, or units the objective needs that the counts lack.
     """
-    check_objective(objective, **kwargs)
-    if callable(objective) and not isinstance(objective, str):
+    if callable(objective) and not isinstance(objective, (str, type)):
+        UpperObjective(objective, **kwargs)  # a callable takes no settings
         return objective
-    return OBJECTIVES[resolve_objective(objective)](class_counts, **kwargs)
+    return UpperObjective(objective, **kwargs)._make(class_counts)

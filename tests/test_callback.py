@@ -344,7 +344,7 @@ def test_resume_with_the_default_schedule_is_identical(tmp_path):
     model, callback, train = setup()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
     _trainer([callback, ckpt_cb], max_epochs=4, enable_checkpointing=True).fit(model, train)
-    assert callback._upper.balanced and callback._interval == 1 and callback.hyper_steps == 39
+    assert callback.upper.stream.balanced and callback.schedule.interval == 1 and callback.hyper_steps == 39
     final_alpha, final_state = _alpha(model), callback.state_dict()
     resumed_model, resumed_cb, train = setup()
     _trainer([resumed_cb], max_epochs=4).fit(resumed_model, train, ckpt_path=tmp_path / "epoch=1.ckpt")
@@ -559,7 +559,15 @@ def test_many_classes_are_logged_as_summaries(tmp_path):
     ({"every_n_steps": 0}, "every_n_steps must be at least 1"),
     ({"train_batches": 0}, "train_batches and upper_batches must be at least 1"),
     ({"upper_source": "dataloader"}, "needs an upper_dataloader"),
-    ({"estimator": {"method": "cg"}}, "estimator must be an lightning_autobalance.Estimator"),
+    ({"estimator": 3}, "estimator must be a lightning_autobalance.Estimator or a mapping"),
+    ({"estimator": {"method": "newton"}}, "method must be one of"),
+    ({"estimator": {"methd": "cg"}}, r"estimator: unknown settings \['methd'\]"),
+    ({"schedule": {"every_n_steps": 0}}, "every_n_steps must be at least 1"),
+    ({"schedule": {"every_n_steps": 2}, "start_step": 0}, "give schedule=... or its settings by name"),
+    ({"upper": {"source": "dataloader"}}, "needs an upper_dataloader"),
+    ({"hyper_optimizer": {"lr": -1.0}}, "hyper_lr must be positive"),
+    ({"objective": {"name": "worst_class", "temperature": 0}}, "temperature must be a positive"),
+    ({"objective": lambda f, t, g: f.sum(), "objective_kwargs": {"lam": 0.5}}, "only for a named objective"),
     ({"hyper_lr": 0.1, "hyper_optimizer": functools.partial(torch.optim.SGD, lr=0.1)},
      r"give hyper_lr \(0.1\) or hyper_optimizer, not both"),
 ])
@@ -869,11 +877,12 @@ def test_shrinkage_pulls_residuals_to_their_start_by_upper_count():
     params = PerClass([30, 20, 10], preset="la", search="offset")
     with torch.no_grad():
         params.alpha()["offset"].fill_(1.0)
-    callback._shrink_counts = params.free_value_counts(torch.tensor([40.0, 4.0, 0.0]))
-    callback._shrink(params, lr=0.1)
+    update = callback.hyper_optimizer.build(params.alpha(), None,
+                                            params.free_value_counts(torch.tensor([40.0, 4.0, 0.0])))
+    update.shrink(params.alpha(), lr=0.1)
     # factor max(0, 1 - lr * shrinkage / max(n, 1)): 1 - 0.2/40, 1 - 0.2/4, 1 - 0.2/1
     torch.testing.assert_close(params.alpha()["offset"], torch.tensor([[0.995, 0.95, 0.8]]))
-    callback._shrink(params, lr=10.0)  # never past the start
+    update.shrink(params.alpha(), lr=10.0)  # never past the start
     assert float(params.alpha()["offset"].min()) >= 0.0 and float(params.alpha()["offset"][0, 2]) == 0.0
 
 
@@ -912,13 +921,13 @@ def test_class_balanced_upper_batches_and_equal_class_weights():
     model = Net(preset="ce", search="offset")
     callback = AutoBalanceCallback(upper_dataloader=small_batches)
     _trainer([callback], max_epochs=1).fit(model, _train_loader())
-    assert callback._upper.balanced
+    assert callback.upper.stream.balanced
     torch.testing.assert_close(callback._objective_fn.objective.class_weight, torch.ones(3, dtype=torch.float64))
     # one batch holds the whole upper split: it is used whole, with inverse-frequency weights
     model = Net(preset="ce", search="offset")
     callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y), batch_size=64))
     _trainer([callback], max_epochs=1).fit(model, _train_loader())
-    assert not callback._upper.balanced
+    assert not callback.upper.stream.balanced
     torch.testing.assert_close(callback._objective_fn.objective.class_weight,
                                torch.tensor([50 / 120, 50 / 24, 50 / 6], dtype=torch.float64))
 

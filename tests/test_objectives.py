@@ -15,8 +15,8 @@ from lightning_autobalance.objectives import (
     BalancedCrossEntropy,
     BlendedObjective,
     EqualOpportunityGap,
+    UpperObjective,
     WorstGroupLoss,
-    across_processes,
     balanced_cross_entropy,
     blended_objective,
     build_objective,
@@ -24,6 +24,7 @@ from lightning_autobalance.objectives import (
     equal_opportunity_gap,
     worst_group_loss,
 )
+from lightning_autobalance.reduce import Reducer
 
 DT = torch.float64
 K, G, N = 3, 2, 48
@@ -358,9 +359,10 @@ ACROSS = [
 
 
 @pytest.mark.parametrize(("name", "kwargs"), ACROSS)
-def test_across_processes_gives_the_objective_of_the_union(name: str, kwargs: dict) -> None:
-    """Two simulated processes (halves of one batch, some cells absent from a half) inside across_processes:
-    each gets the value on the union, and the mean of their gradients is the gradient on the union (float64)."""
+def test_a_reducer_gives_the_objective_of_the_union(name: str, kwargs: dict) -> None:
+    """Two simulated processes (halves of one batch, some cells absent from a half), each with a Reducer that adds
+    the other's statistics: each gets the value on the union, and the mean of their gradients is the gradient on the
+    union (float64)."""
     torch.manual_seed(0)
     k, world = 3, 2
     target = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 2, 1, 0, 1])
@@ -372,41 +374,81 @@ def test_across_processes_gives_the_objective_of_the_union(name: str, kwargs: di
     exact = objective(union, target, group)
     (exact_grad,) = torch.autograd.grad(exact, union)
     halves = [slice(0, 5), slice(5, None)]  # the first half has no sample of group 1
-    # What each process would send to the all-reduce, recorded with one process (the identity reduction).
+    # What each process would send to the all-reduce, recorded with a reduction that returns it unchanged.
     sent: list[list[torch.Tensor]] = []
     for h in halves:
         calls: list[torch.Tensor] = []
-        with across_processes(lambda t, calls=calls: calls.append(t.clone()) or t, world_size=1), \
-                warnings.catch_warnings():
+        recording = Reducer(world, sum=lambda t, calls=calls: calls.append(t.clone()) or t)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            objective(logits[h], target[h], group[h])
+            UpperObjective(name, **kwargs).build(cells.tolist(), recording)(logits[h], target[h], group[h])
         sent.append(calls)
     grad = torch.zeros_like(logits)
     naive = []
     for rank, h in enumerate(halves):
         received = iter(sent[1 - rank])
+        reducer = Reducer(world, sum=lambda t, received=received: t + next(received))
         part = logits[h].clone().requires_grad_(True)
-        with across_processes(lambda t, received=received: t + next(received), world_size=world):
-            value = objective(part, target[h], group[h])
+        value = UpperObjective(name, **kwargs).build(cells.tolist(), reducer, validate=False)(part, target[h],
+                                                                                              group[h])
         torch.testing.assert_close(value, exact.detach(), rtol=1e-12, atol=1e-12)
         (grad[h],) = torch.autograd.grad(value, part)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the first half alone has no equal-opportunity gap to measure
             naive.append(float(objective(logits[h], target[h], group[h])))
     torch.testing.assert_close(grad / world, exact_grad, rtol=1e-10, atol=1e-12)
-    # Without the context, the mean of the per-process values is not the union's value (the test has teeth).
+    # Without the reducer, the mean of the per-process values is not the union's value (the test has teeth).
     assert abs(sum(naive) / world - float(exact)) > 1e-3
 
 
-def test_across_processes_checks_world_size_and_restores() -> None:
-    with pytest.raises(ValueError, match="world_size must be a positive integer; got 0"), \
-            across_processes(lambda t: t, world_size=0):
-        pass
+def test_reducer_checks_world_size_and_is_used_only_when_given() -> None:
+    with pytest.raises(ValueError, match="world_size must be a positive integer; got 0"):
+        Reducer(world_size=0)
+    with pytest.raises(ValueError, match="needs a sum"):
+        Reducer(world_size=2)
     logits, target = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     before = worst_group_loss(logits, target, over="class")
     calls: list[torch.Tensor] = []
-    with across_processes(lambda t: calls.append(t) or 2 * t, world_size=2):  # a second process, same batch
-        torch.testing.assert_close(worst_group_loss(logits, target, over="class"), before)
+    twice = Reducer(2, sum=lambda t: calls.append(t) or 2 * t)  # a second process with the same batch
+    torch.testing.assert_close(worst_group_loss(logits, target, over="class", reducer=twice), before)
     assert len(calls) == 1
     torch.testing.assert_close(worst_group_loss(logits, target, over="class"), before)
-    assert len(calls) == 1  # the context is gone: no more reductions
+    assert len(calls) == 1  # no reducer given: no reduction
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [*ACROSS, ("balanced_ce", {}), ("worst_group", {"mode": "lse"}),
+                                              ("deo", {"pairs": "mean"}), ("worst_class", {"mode": "cvar"})])
+def test_built_for_the_callback_reads_nothing_back(name: str, kwargs: dict, monkeypatch) -> None:
+    """Built with validate=False, every objective is computed on the device alone: no host read, no .cpu(), no
+    nonzero, no indexing by a boolean mask (a device synchronisation each on a GPU), and the same value."""
+    logits, y, g = _batch(seed=3)
+    y, g = y[:10], g[:10]  # some units absent
+    logits = logits[:10]
+    spec = UpperObjective(name, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checked = spec.build([[8] * K] * G)(logits, y, g)
+    calls: list[str] = []
+
+    def record(attr):
+        original = getattr(torch.Tensor, attr)
+
+        def wrapper(t, *args, **kw):
+            if attr == "__getitem__":
+                index = args[0] if args else None
+                parts = index if isinstance(index, tuple) else (index,)
+                if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                    calls.append("boolean mask")
+            else:
+                calls.append(attr)
+            return original(t, *args, **kw)
+        return wrapper
+
+    objective = spec.build([[8] * K] * G, Reducer(), validate=False)  # built from counts on the host, at setup
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nonzero", "__getitem__"):
+        monkeypatch.setattr(torch.Tensor, attr, record(attr))
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **kw: calls.append("torch.nonzero"))
+    value = objective(logits, y, g)
+    monkeypatch.undo()
+    assert calls == []
+    torch.testing.assert_close(value, checked, rtol=0, atol=0)

@@ -1,0 +1,295 @@
+"""``UpperData``: where the search's held-out ("upper") batches come from, as one value.
+
+An :class:`UpperData` holds the settings (where to look, an explicit dataloader, known counts, class-balanced
+batches); at the start of a fit :meth:`UpperData.setup` finds the loader (the datamodule's or the module's
+``upper_dataloader()``, the one given, or the validation data), checks that every process has batches, learns the
+upper counts per class (and per (group, class) cell when the batches carry groups) and the label of every sample,
+and opens its :class:`~lightning_autobalance.batch_stream.BatchStream` once.
+
+This is the callback's side of the data: it reads the Trainer (its datamodule, its validation loader, its
+strategy's ``all_gather``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_autobalance.batch_stream import BatchStream
+
+__all__ = ["UpperData", "UpperSource", "preserve_random_state"]
+
+UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
+_SOURCES = ("auto", "datamodule", "dataloader", "val")
+
+
+@contextlib.contextmanager
+def preserve_random_state(device: torch.device) -> Iterator[None]:
+    """Restores torch (CPU and the current CUDA device), Python and NumPy random states after the block."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"The upper data has labels from {int(labels.min())} to {int(labels.max())}, but the loss has "
+                         f"{num_classes} classes (class_counts given to configure_autobalance has {num_classes} "
+                         f"entries): expected labels in [0, {num_classes}). Give one count per class of the data.")
+
+
+class UpperData:
+    """The upper data's settings, and after :meth:`setup` what was found.
+
+    Args:
+        source: where upper batches come from: ``"datamodule"`` (its ``upper_dataloader()`` hook, or the
+            LightningModule's), ``"dataloader"`` (``dataloader`` below), ``"val"`` (the validation dataloader, with
+            a warning: the loss is then tuned on the data that is used to judge it) or ``"auto"`` (the first of
+            these that exists).
+        dataloader: an explicit upper dataloader.
+        class_counts: class counts of the upper data (default: from the datamodule, the dataset's ``targets``, or
+            by reading the labels once).
+        balanced: draw class-balanced upper batches (every class equally often; the named objectives then weigh
+            classes equally) when the upper split is larger than one batch and its batches carry no groups.
+
+    Example:
+        >>> UpperData.coerce({"source": "val"}).source
+        'val'
+        >>> UpperData(source="dataloader")
+        Traceback (most recent call last):
+        ...
+        ValueError: upper_source='dataloader' needs an upper_dataloader.
+    """
+
+    def __init__(self, source: UpperSource = "auto", dataloader: Any = None, class_counts: list[int] | None = None,
+                 balanced: bool = True) -> None:
+        if source not in _SOURCES:
+            raise ValueError(f"upper_source must be 'auto', 'datamodule', 'dataloader' or 'val'; got {source!r}.")
+        if source == "dataloader" and dataloader is None:
+            raise ValueError("upper_source='dataloader' needs an upper_dataloader.")
+        if class_counts is not None and (isinstance(class_counts, (str, bytes)) or any(
+                isinstance(c, bool) or int(c) != c or c < 0 for c in class_counts)):
+            raise ValueError(f"upper_class_counts must be whole numbers >= 0, one per class; got {class_counts!r}.")
+        self.source, self.dataloader, self.class_counts, self.balanced = source, dataloader, class_counts, balanced
+        #: after :meth:`setup`: the stream of upper batches, the counts per class and per (group, class) cell
+        self.stream: BatchStream | None = None
+        self.counts: list[int] | None = None
+        self.cells: list[list[int]] | None = None
+        self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The settings (what a run's fingerprint records)."""
+        return {"source": self.source, "dataloader": self.dataloader, "class_counts": self.class_counts,
+                "balanced": self.balanced}
+
+    def __repr__(self) -> str:
+        return (f"UpperData(source={self.source!r}, dataloader={self.dataloader!r}, class_counts={self.class_counts}, "
+                f"balanced={self.balanced})")
+
+    @classmethod
+    def coerce(cls, value: Any) -> UpperData:
+        """An :class:`UpperData` from itself, ``None`` (the default), a dataloader, or a mapping of its settings (a
+        YAML group, a Hydra ``DictConfig``), validated alike."""
+        if value is None:
+            return cls()
+        if isinstance(value, UpperData):
+            return value
+        if isinstance(value, Mapping):
+            settings = {str(k): v for k, v in value.items()}
+            known = {"source", "dataloader", "class_counts", "balanced"}
+            unknown = sorted(set(settings) - known)
+            if unknown:
+                raise ValueError(f"upper: unknown settings {unknown}; expected some of {sorted(known)}.")
+            if settings.get("class_counts") is not None:
+                settings["class_counts"] = list(settings["class_counts"])
+            return cls(**settings)
+        if hasattr(value, "__iter__") and hasattr(value, "dataset"):
+            return cls(dataloader=value)
+        raise ValueError(f"upper must be a lightning_autobalance.UpperData, a mapping of its settings or a "
+                         f"DataLoader; got {type(value).__name__}.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool,
+              num_groups: int | None) -> tuple[Any, Any]:
+        """Finds the loader, opens the stream, learns the counts; returns ``(objective_table, shrink_table)``: the
+        counts the objective is built from (equal per class when batches are class-balanced) and those that inform
+        each loss parameter (``None`` each when unknown).
+
+        Args:
+            trainer: the Trainer of the fit.
+            pl_module: the :class:`~lightning_autobalance.AutoBalanceMixin` module.
+            seed: seeds the order of upper batches.
+            wants_cells: the objective is built from (group, class) counts when the batches carry groups.
+            num_groups: the groups the objective's settings give, if any.
+
+        Raises:
+            RuntimeError: no upper data, or a process without upper batches.
+            ValueError: counts that do not fit the loss.
+        """
+        params = pl_module.autobalance_parameters()
+        loader = self._find_loader(trainer, pl_module)
+        # Every process must learn about a process without upper data, or the others would wait for it forever.
+        try:
+            self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size)
+            batches, error = self.stream.batches_per_pass(), None
+        except ValueError as err:
+            batches, error = 0, err
+        _check_ranks_agree(trainer, batches)
+        if error is not None:
+            raise error
+        counts, cells = self._counts(trainer, pl_module, loader, wants_cells, num_groups)
+        num_classes = params.num_classes
+        if counts is not None and len(counts) != num_classes:
+            raise ValueError(f"The upper data's class counts have {len(counts)} entries, but class_counts given to "
+                             f"configure_autobalance has {num_classes}: they must have one entry per class.")
+        if cells is not None and params.num_groups > 1 and len(cells) != params.num_groups:
+            raise ValueError(f"The upper data has {len(cells)} groups, the loss has num_groups={params.num_groups}.")
+        self.counts, self.cells = counts, cells
+        table: Any = cells if cells is not None else counts
+        shrink_table = table
+        if self.balanced and cells is None and batches > 1:
+            self.stream.balance(self._labels(trainer, pl_module, loader, num_classes))
+            if self.stream.balanced and table is not None:
+                table = [1 if n > 0 else 0 for n in table]  # every class is drawn equally often
+        return table, shrink_table
+
+    def missing_classes(self) -> list[int]:
+        """The classes without upper samples (after :meth:`setup`; empty when the counts are unknown)."""
+        return [c for c, n in enumerate(self.counts or []) if n == 0]
+
+    def _find_loader(self, trainer: pl.Trainer, pl_module: Any) -> Any:
+        source = self.source
+        if self.dataloader is not None and source in ("auto", "dataloader"):
+            return self.dataloader
+        if source in ("auto", "datamodule"):
+            for owner in (trainer.datamodule, pl_module):
+                hook = getattr(owner, "upper_dataloader", None)
+                if callable(hook):
+                    return hook()
+            if source == "datamodule":
+                raise RuntimeError("upper_source='datamodule' but neither the datamodule nor the LightningModule "
+                                   "has an upper_dataloader() method.")
+        # The validation data as the Trainer resolves it: fit(val_dataloaders=...), the datamodule's or the module's.
+        # Private (no public accessor before the validation loop runs); guarded by tests/test_lightning_private.py.
+        val = None
+        data_source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        if data_source.is_defined():
+            with contextlib.suppress(NotImplementedError, pl.utilities.exceptions.MisconfigurationException):
+                val = data_source.dataloader()
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        if val is None:
+            raise RuntimeError("AutoBalanceCallback found no upper data: give the datamodule (or the LightningModule) "
+                               "an upper_dataloader() method, pass upper_dataloader=..., or provide a validation "
+                               "dataloader.")
+        rank_zero_warn("AutoBalanceCallback is using the validation dataloader as upper data: the loss will be "
+                       "tuned on the data used to judge it. Prefer a held-out split (upper_dataloader).")
+        return val
+
+    def _counts(self, trainer: pl.Trainer, pl_module: Any, loader: Any, wants_cells: bool,
+                num_groups: int | None) -> tuple[list[int] | None, list[list[int]] | None]:
+        """Class counts of the upper data and, when its batches carry groups, its ``G x K`` (group, class) counts.
+
+        From ``class_counts``, the datamodule's ``upper_class_counts`` / ``upper_group_counts``, the dataset's
+        ``targets`` / ``groups`` attributes, or by reading the labels (and groups) once.
+        """
+        params = pl_module.autobalance_parameters()
+        datamodule = trainer.datamodule
+        from_datamodule = loader is not self.dataloader
+        groups = params.num_groups if params.num_groups > 1 else num_groups
+        if groups is None and from_datamodule:
+            groups = getattr(datamodule, "num_groups", None)
+        counts: list[int] | None = None
+        cells: list[list[int]] | None = None
+        if self.class_counts is not None:
+            counts = [int(c) for c in self.class_counts]
+        elif from_datamodule and getattr(datamodule, "upper_class_counts", None) is not None:
+            counts = [int(c) for c in datamodule.upper_class_counts]
+        if from_datamodule and getattr(datamodule, "upper_group_counts", None) is not None:
+            cells = [[int(c) for c in row] for row in datamodule.upper_group_counts]
+        if counts is None or (cells is None and (params.num_groups > 1 or wants_cells)):
+            read_counts, cells = self._read_groups(pl_module, loader, params.num_classes, groups)
+            counts = read_counts if counts is None else counts
+        return counts, cells
+
+    def _labels(self, trainer: pl.Trainer, pl_module: Any, loader: Any, num_classes: int) -> Tensor:
+        """The label of every upper sample in dataset order: the datamodule's ``upper_targets``, the dataset's
+        ``targets``, or read once."""
+        dataset = getattr(loader, "dataset", None)
+        targets = None
+        if loader is not self.dataloader:
+            targets = getattr(trainer.datamodule, "upper_targets", None)
+        if targets is None:
+            targets = getattr(dataset, "targets", None)
+        if targets is None or dataset is None or len(targets) != len(dataset):
+            return self._read_labels(pl_module, loader, num_classes)[0]
+        return torch.as_tensor(targets).long().flatten()
+
+    def _read_labels(self, pl_module: Any, loader: Any, num_classes: int) -> tuple[Tensor, Tensor | None]:
+        """Labels (and groups) of the whole upper dataset, read once per loader (counts and class-balanced batches
+        both need them)."""
+        if self._labels_read is not None and self._labels_read[0] is loader:
+            return self._labels_read[1], self._labels_read[2]
+        dataset = getattr(loader, "dataset", None)
+        parts, group_parts = [], []
+        # Read the whole dataset (not one process's shard) in order; a loader draws from the global RNG.
+        reader = loader
+        if dataset is not None:
+            reader = DataLoader(dataset, batch_size=256, collate_fn=getattr(loader, "collate_fn", None))
+        with preserve_random_state(torch.device("cpu")):
+            for batch in reader:
+                _, y, g = pl_module.autobalance_unpack(batch)
+                parts.append(torch.as_tensor(y).long().cpu())
+                if g is not None:
+                    group_parts.append(torch.as_tensor(g).long().cpu())
+        labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
+        _check_labels(labels, num_classes)
+        self._labels_read = (loader, labels, groups)
+        return labels, groups
+
+    def _read_groups(self, pl_module: Any, loader: Any, num_classes: int,
+                     num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
+        """Reads the labels (and groups) of the upper data: from the dataset's ``targets`` and ``groups`` attributes,
+        or by reading the whole dataset once."""
+        dataset = getattr(loader, "dataset", None)
+        targets = getattr(dataset, "targets", None)
+        group_ids = getattr(dataset, "groups", None)
+        if targets is not None:
+            labels = torch.as_tensor(targets).long().flatten()
+            groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
+        else:
+            labels, groups = self._read_labels(pl_module, loader, num_classes)
+        _check_labels(labels, num_classes)
+        counts = torch.bincount(labels, minlength=num_classes).tolist()
+        if groups is None or groups.numel() != labels.numel():
+            return counts, None
+        if groups.numel() and groups.min() < 0:
+            raise ValueError("The upper data has negative group indices.")
+        g = int(num_groups) if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
+        if groups.numel() and groups.max() >= g:
+            raise ValueError(f"The upper data has group indices outside [0, {g}) ({g} groups).")
+        cells = torch.bincount(groups * num_classes + labels, minlength=g * num_classes).view(g, num_classes)
+        return counts, cells.tolist()
+
+
+def _check_ranks_agree(trainer: pl.Trainer, batches: int) -> None:
+    if trainer.world_size <= 1:
+        return
+    sizes = trainer.strategy.all_gather(torch.tensor([batches], device=trainer.strategy.root_device)).flatten()
+    if int(sizes.min()) == 0 or int(sizes.min()) != int(sizes.max()):
+        raise RuntimeError(f"Every process needs upper data, and the same number of upper batches; got "
+                           f"{sizes.tolist()} batches per pass across ranks.")
