@@ -159,7 +159,7 @@ class UpperData:
             raise ValueError(f"The upper data has {len(cells)} groups, the loss has num_groups={params.num_groups}.")
         self.counts, self.cells = counts, cells
         table: Any = cells if cells is not None else counts
-        shrink_table = table
+        shrink_table = table if params.num_groups > 1 else counts  # a per-class loss: per-class counts inform it
         if self.balanced and cells is None and batches > 1:
             self.stream.balance(self._labels(trainer, pl_module, loader, num_classes))
             if self.stream.balanced and table is not None:

@@ -4,7 +4,7 @@ Usage: python tests/_ddp_script.py MODE OUT_JSON [options]
 
 Modes:
   hypergrad            hypergradient of 2 ranks (torch.distributed, each on its half) vs one process on the union,
-                       for every method and for the per-unit objectives (inside across_processes); group
+                       for every method and for the per-unit objectives (built with one Reducer); group
                        DRO's q and averaged gradient against one process on the union
   fit                  Trainer(strategy=..., devices=2) with AutoBalanceCallback; loss parameters of every rank
   resume               fit to --epochs with checkpoints (--ckpt-dir), or resume from --resume to --epochs
@@ -33,8 +33,9 @@ from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
 from lightning_autobalance.batch_stream import ShardSampler
 from lightning_autobalance.hypergradient import Batch, hypergradient
 from lightning_autobalance.losses import GroupDROLoss, adjusted_cross_entropy, unit_mean_losses
-from lightning_autobalance.objectives import across_processes, build_objective
+from lightning_autobalance.objectives import UpperObjective, build_objective
 from lightning_autobalance.parametrization import PerClass
+from lightning_autobalance.reduce import Reducer
 
 warnings.filterwarnings("ignore")
 COUNTS = [60, 24, 8]
@@ -102,7 +103,7 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
         report[name] = {"rel_diff": float((a - b).norm() / b.norm()), "norm": float(b.norm()),
                         "ranks_identical": all(torch.equal(gathered[0], t) for t in gathered),
                         "objective_diff": float(abs(multi.objective - single.objective))}
-    # The nonlinear (per-unit) objectives, exact across processes inside across_processes. Upper data with two
+    # The nonlinear (per-unit) objectives, exact across processes with a Reducer. Upper data with two
     # groups; groups and counts chosen so that every (label, group) cell occurs in the union.
     gu = torch.arange(len(yu)) % 2
     cells = torch.zeros(2, 3, dtype=torch.long).index_put_((gu, yu), torch.ones(len(yu), dtype=torch.long),
@@ -114,11 +115,12 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
         "deo": ("deo", {}),
         "blend": ("blend", {"lam": 0.5, "accuracy": "worst_group", "fairness": "deo"}),
     }
+    reducer = Reducer(world, sum=all_reduce_sum)  # the one reducer: the hypergradient's mean and the objectives' sums
     for name, (objective_name, kwargs) in settings.items():
         upper_objective = build_objective(objective_name, cells.tolist(), **kwargs)
-        with across_processes(all_reduce_sum, world):
-            multi = hypergradient(net, param.alpha(), param.tables, train_loss, upper_objective, [mine], [mine_g],
-                                  reduce=reduce, product="jvp")
+        across = UpperObjective(objective_name, **kwargs).build(cells.tolist(), reducer, validate=False)
+        multi = hypergradient(net, param.alpha(), param.tables, train_loss, across, [mine], [mine_g],
+                              reduce=reducer, product="jvp")
         single = hypergradient(net, param.alpha(), param.tables, train_loss, upper_objective, [Batch(x, y)],
                                [Batch(xu, yu, gu)], product="jvp")
         a = torch.cat([v.flatten() for v in multi.grad.values()])

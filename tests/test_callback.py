@@ -950,12 +950,15 @@ def test_callback_and_mixin_under_the_unified_lightning_package():
 # ---------------------------------------------------------------------------------------------------------------
 
 _CORE = ("callback.py", "hypergradient.py", "objectives.py", "losses.py", "parametrization.py", "mixin.py",
-         "classifier.py", "estimator.py")
+         "classifier.py", "estimator.py", "schedule.py", "upper_data.py", "hyper_optimizer.py", "step_log.py",
+         "reduce.py")
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nonzero", "__getitem__")
 
 
 class _HostReads:
-    """Records, while active, every host read of a tensor (``item``, ``tolist``, ``bool``, ``float``, ``int``) made
-    from the package's core files, with the line that made it. On a GPU each such read would wait for the device.
+    """Records, while active, every device synchronisation a tensor operation would cost on a GPU: a host read
+    (``item``, ``tolist``, ``bool``, ``float``, ``int``), ``.cpu()``, ``nonzero`` and indexing by a boolean mask,
+    made from the package's files or from Lightning's (the progress bar and loggers), with the line that made it.
     Reads made by the data pipeline (samplers, batch streams: host tensors by design) and by ``torch.optim`` (its
     step counters live on the host unless ``capturable``) are not counted."""
 
@@ -963,48 +966,97 @@ class _HostReads:
         self.reads: list[str] = []
         self.active = False
 
+    def install(self, monkeypatch) -> None:
+        for name in _READS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name))
+        original = torch.nonzero
+        monkeypatch.setattr(torch, "nonzero", lambda *a, **k: self._note("torch.nonzero") or original(*a, **k))
+
+    def _note(self, name) -> None:
+        if not self.active:
+            return
+        import traceback
+
+        stack = traceback.extract_stack()[:-2]
+        if "torch/optim/" in stack[-1].filename:
+            return
+        for frame in reversed(stack):
+            if "lightning_autobalance" in frame.filename:
+                if frame.filename.endswith(_CORE):
+                    self.reads.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {name}")
+                return
+            if "pytorch_lightning" in frame.filename or "lightning/pytorch" in frame.filename:
+                self.reads.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {name}")
+                return
+
     def _wrap(self, name):
         original = getattr(torch.Tensor, name)
         probe = self
 
         def wrapper(tensor, *args, **kwargs):
-            if probe.active:
-                import traceback
-
-                stack = traceback.extract_stack()[:-1]
-                if "torch/optim/" in stack[-1].filename:
-                    return original(tensor, *args, **kwargs)
-                for frame in reversed(stack):
-                    if "lightning_autobalance" in frame.filename:
-                        if frame.filename.endswith(_CORE):
-                            probe.reads.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {name}")
-                        break
+            if name != "__getitem__":
+                probe._note(name)
+            elif probe.active:
+                index = args[0] if args else None
+                parts = index if isinstance(index, tuple) else (index,)
+                if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                    probe._note("boolean mask")
             return original(tensor, *args, **kwargs)
 
         return wrapper
 
 
-@pytest.mark.parametrize(("product", "max_norm", "logger"), [("auto", None, False), ("jvp", 1.0, True)])
-def test_a_hyper_step_makes_no_host_read(product, max_norm, logger, tmp_path, monkeypatch):
+class _WatchOptimizerSteps(Callback):
+    """Activates the probe for every whole optimizer step: from the callbacks' ``on_before_optimizer_step`` (the
+    hyper step) through the model's optimizer step, to the end of the batch (Lightning's logging of it)."""
+
+    def __init__(self, probe: _HostReads) -> None:
+        self.probe = probe
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.probe.active = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.probe.active = False
+
+
+def _group_upper_loader(n: int = 90) -> DataLoader:
+    x, y = _blobs([n // K] * K, seed=2)
+    g = torch.arange(len(y)) % 2
+    return DataLoader(TensorDataset(x, y, g), batch_size=45)
+
+
+@pytest.mark.parametrize(("estimator", "objective", "settings"), [
+    (Estimator(), "balanced_ce", {}),
+    (Estimator(product="jvp"), "balanced_ce", {"max_norm": 1.0, "logger": True}),
+    (Estimator(method="neumann", terms=2, curvature="hessian", damping=0.1), "balanced_ce", {}),
+    (Estimator(method="cg", cg_iterations=3), "worst_class", {}),
+    (Estimator(method="unroll", eta=0.1), "worst_class", {"mode": "cvar"}),
+    (Estimator(), "worst_group", {"groups": True}),
+    (Estimator(), "deo", {"groups": True, "logger": True, "progress_bar": True}),
+    (Estimator(method="cg"), "blend", {"groups": True, "fairness": "worst_group"}),
+    (Estimator(), "balanced_ce", {"precision": "bf16-mixed", "train_batches": 2, "upper_batches": 2}),
+])
+def test_an_optimizer_step_with_a_hyper_step_makes_no_host_read(estimator, objective, settings, tmp_path,
+                                                                 monkeypatch):
+    """Every estimator, every named objective, several batches, clipping, bf16 autocast, loggers and the progress bar:
+    the whole optimizer step of a hyper step (not only the hyper step) reads nothing back from the device. (float16
+    needs a GPU: its scaler's scale is passed as a device tensor; tests/test_precision.py runs it there.)"""
+    settings = dict(settings)
+    logger, progress_bar = settings.pop("logger", False), settings.pop("progress_bar", False)
+    groups, precision = settings.pop("groups", False), settings.pop("precision", "32-true")
+    batches = {k: settings.pop(k) for k in ("train_batches", "upper_batches") if k in settings}
+    max_norm = settings.pop("max_norm", None)
     torch.manual_seed(0)
-    model = Net(search=("offset", "weight"))
-    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader(),
-                                   estimator=Estimator(product=product), max_norm=max_norm)
+    model = Net(search=("offset", "weight"), validate_inputs=False)
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, estimator=estimator, objective=objective,
+                                   objective_kwargs=settings or None, max_norm=max_norm, **batches,
+                                   upper_dataloader=_group_upper_loader() if groups else _upper_loader())
     probe = _HostReads()
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, probe._wrap(name))
-    inner = callback._hyper_step
-
-    def watched(trainer, pl_module):
-        probe.active = True
-        try:
-            inner(trainer, pl_module)
-        finally:
-            probe.active = False
-
-    monkeypatch.setattr(callback, "_hyper_step", watched)
-    kwargs = {"logger": CSVLogger(tmp_path, name="run")} if logger else {}
-    _trainer([callback], max_steps=5, **kwargs).fit(model, _train_loader())
+    probe.install(monkeypatch)
+    options = {"logger": CSVLogger(tmp_path, name="run")} if logger else {}
+    options.update(enable_progress_bar=progress_bar, precision=precision)
+    _trainer([_WatchOptimizerSteps(probe), callback], max_steps=5, **options).fit(model, _train_loader())
     monkeypatch.undo()
     assert callback.hyper_steps == 5 and callback.skipped_steps == 0
     assert sorted(set(probe.reads)) == []
@@ -1012,3 +1064,43 @@ def test_a_hyper_step_makes_no_host_read(product, max_norm, logger, tmp_path, mo
         with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get("autobalance/objective")]
         assert len(rows) == 5 and all(math.isfinite(float(r["autobalance/hypergrad_norm"])) for r in rows)
+
+
+def test_the_probe_sees_a_read_in_the_optimizer_step(monkeypatch):
+    """The probe has teeth: a read in the module's optimizer step (here indexing by a boolean mask in the module's
+    on_before_optimizer_step) is recorded."""
+
+    class Reading(Net):
+        def on_before_optimizer_step(self, optimizer):
+            loss_params = self.autobalance.alpha()["offset"]
+            _ = loss_params[loss_params > 0]
+
+    probe = _HostReads()
+    probe.install(monkeypatch)
+    model = Reading(search=("offset",), validate_inputs=False)
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader())
+    _trainer([_WatchOptimizerSteps(probe), callback], max_steps=2).fit(model, _train_loader())
+    monkeypatch.undo()
+    assert any("boolean mask" in r for r in probe.reads), probe.reads
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. no silent mis-wiring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class OwnCriterion(Net):
+    """The mixin and the callback added, but training_step still uses its own criterion."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def test_a_module_training_with_its_own_criterion_stops_with_one_line():
+    model = OwnCriterion()
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader())
+    with pytest.raises(RuntimeError, match=r"call self\.autobalance_loss\(logits, y\) in training_step") as info:
+        _trainer([callback], max_steps=3).fit(model, _train_loader())
+    assert "\n" not in str(info.value)
+    assert callback.hyper_steps == 0  # the loss parameters never moved on a model that does not train on them

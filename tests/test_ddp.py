@@ -43,7 +43,7 @@ def test_two_rank_hypergradient_equals_one_process_on_the_union(tmp_path):
 @pytest.mark.parametrize(("strategy", "objective"), [("ddp_spawn", "balanced_ce"), ("ddp", "balanced_ce"),
                                                     ("ddp", "worst_class")])
 def test_loss_parameters_identical_on_every_rank(tmp_path, strategy, objective):
-    # worst_class: the callback's across_processes path (a sum over processes inside the objective)
+    # worst_class: the objective built with the callback's Reducer (a sum over processes inside it)
     report = run("fit", tmp_path / "fit.json", "--strategy", strategy, "--objective", objective)
     assert report["world_size"] == 2 and report["hyper_steps"] == report["global_step"] == 12
     rank0, rank1 = report["alpha"]
