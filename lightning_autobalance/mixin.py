@@ -165,7 +165,9 @@ def _restore_from_state(module: Any, state_dict: Mapping[str, Any], prefix: str,
 class AutoBalanceMixin:
     """Adds a learnable AutoBalance loss to a :class:`~pytorch_lightning.LightningModule`.
 
-    Put the mixin *before* ``LightningModule`` in the bases and use :meth:`autobalance_loss` as the training loss;
+    Put the mixin *before* ``LightningModule`` in the bases (after it, call :meth:`configure_autobalance` in
+    ``__init__``, with or without counts, so that a fresh module can load a checkpoint) and use
+    :meth:`autobalance_loss` as the training loss;
     add :class:`~lightning_autobalance.AutoBalanceCallback` to the Trainer. That is all a module needs: the class
     counts are found when the Trainer sets the module up (see :meth:`configure_autobalance` for where from), saved
     in the module's checkpoints, and restored by ``load_from_checkpoint``, ``trainer.test(ckpt_path=...)`` or
@@ -376,6 +378,7 @@ class AutoBalanceMixin:
         device = next((t.device for t in self.parameters()), None)  # type: ignore[attr-defined]
         if device is not None:
             params = params.to(device)
+        self._autobalance_install_hooks()
         self.autobalance = params
         self.autobalance_reduction = reduction  # type: ignore[assignment]
         self._autobalance_cache = None

@@ -752,3 +752,30 @@ def test_the_log_softmax_warning_says_when_it_matters():
     with pytest.warns(UserWarning, match=r"That matters here because delta is searched.*With offsets only, the "
                                          r"default search, log_softmax is harmless"):
         model.autobalance_loss(F.log_softmax(model(x), dim=1), y)
+
+
+def test_mixin_after_lightning_module_with_configure_and_no_counts(tmp_path):
+    """After LightningModule in the bases the mixin's __init__ does not run; configure_autobalance() (no counts)
+    in __init__ is then what lets a fresh module load a checkpoint."""
+
+    class After(pl.LightningModule, AutoBalanceMixin):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(D, K)
+            self.configure_autobalance()
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.autobalance_loss(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = After()
+    trainer = _fit(model, _loader(), steps=1)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    loaded = After.load_from_checkpoint(tmp_path / "after.ckpt")
+    assert loaded.autobalance.class_counts[0].tolist() == COUNTS
