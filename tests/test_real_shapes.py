@@ -161,3 +161,31 @@ def test_the_private_training_data_source_the_mixin_reads():
         source = trainer.fit_loop._data_source
         assert isinstance(trainer.fit_loop, loops._FitLoop)
         assert callable(source.is_defined) and callable(source.dataloader)
+
+
+class ConfiguredInSetup(PassedIn):
+    """configure_autobalance called from setup(), where a datamodule's counts exist (after the callback's setup)."""
+
+    def setup(self, stage):
+        self.configure_autobalance(self.trainer.datamodule.class_counts, preset="ce")
+
+
+class SplitInSetup(pl.LightningDataModule):
+    def setup(self, stage):
+        lower, upper, _ = _split()
+        self.lower, self.upper = lower.dataset, upper.dataset
+        self.class_counts = [48, 16, 6]
+
+    def train_dataloader(self):
+        return DataLoader(self.lower, batch_size=16, shuffle=True)
+
+    def upper_dataloader(self):
+        return DataLoader(self.upper, batch_size=32)
+
+
+def test_configure_autobalance_called_from_setup_with_the_callback():
+    model = ConfiguredInSetup(_net())
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0)
+    _trainer(callback, steps=4).fit(model, datamodule=SplitInSetup())
+    assert model.autobalance.preset == "ce" and model.autobalance.class_counts[0].tolist() == [48, 16, 6]
+    assert callback.hyper_steps == 4 and float(model.autobalance.alpha()["tau"]) != 0.0
