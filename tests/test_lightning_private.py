@@ -76,3 +76,13 @@ def test_update_dataloader():
     loader = DataLoader(TensorDataset(torch.arange(6)), batch_size=4, collate_fn=lambda b: b)
     remade = update(loader, SequentialSampler(range(6)))
     assert remade.batch_size == 4 and remade.collate_fn is loader.collate_fn
+
+
+def test_grad_scaler_keeps_its_scale_as_a_tensor():
+    """The callback reads the float16 loss scale as ``GradScaler._scale`` (a tensor, no host read) once the scaler
+    has scaled a loss; ``get_scale()`` would read it back to the host."""
+    import torch
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale(torch.ones(()))
+    assert isinstance(scaler._scale, torch.Tensor) and float(scaler._scale) == 256.0 == scaler.get_scale()
