@@ -73,6 +73,19 @@ def test_every_readme_command_is_known() -> None:
     assert not unknown, f"README commands this test cannot run: {unknown}"
 
 
+def test_the_readme_is_short_and_every_table_row_has_its_command() -> None:
+    """The README is for users (about 150 lines; the lab notebook is docs/results.md), and each row of its results
+    table names the command that produced it (``# row N`` after the command), so rows can be added one at a time."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 155
+    rows = re.findall(r"^\| (\d+[a-z]?) \|", text, re.M)
+    assert len(rows) >= 5
+    commands = "\n".join(readme_commands())
+    missing = [row for row in rows if not re.search(rf"# row {row}\b", text)]
+    assert not missing, f"table rows without a command: {missing}"
+    assert "quality.py" in commands and "docs/recipes.md" in text
+
+
 # ------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -109,7 +122,7 @@ def _tiny_cli(words: list[str], out: Path, data: dict[str, Path]) -> list[str]:
     if "cifar10_lt.yaml" in config:
         extra += ["--data.init_args.root", str(data["cifar"]), "--data.init_args.check_integrity", "false",
                   "--data.init_args.imbalance_ratio", "10", "--data.init_args.batch_size", "16",
-                  "--data.init_args.num_workers", "0", "--model.warmup_epochs", "0"]
+                  "--data.init_args.num_workers", "0", "--model.lr_scheduler.init_args.warmup_epochs", "0"]
     if "one_phase" in config and "fit" in words:
         extra += ["--trainer.max_epochs", "2", "--data.init_args.fold_in_epoch", "1"]
     if "--one_phase" in words:
