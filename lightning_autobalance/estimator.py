@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from lightning_autobalance.coerce import mapping_settings
+
 __all__ = ["CURVATURES", "PRODUCTS", "SOLVERS", "Curvature", "Estimator", "ProductMode"]
 
 Curvature = Literal["gauss_newton", "hessian"]
@@ -114,11 +116,6 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            settings = {str(k): v for k, v in value.items()}
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(settings) - known)
-            if unknown:
-                raise ValueError(f"estimator: unknown settings {unknown}; expected some of {sorted(known)}.")
-            return cls(**settings)
+            return cls(**mapping_settings(value, (f.name for f in fields(cls)), "estimator"))
         raise ValueError(f"estimator must be a lightning_autobalance.Estimator or a mapping of its settings (e.g. "
                          f"{{'method': 'cg'}}); got {type(value).__name__}.")

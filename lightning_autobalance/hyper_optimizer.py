@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_autobalance.coerce import mapping_settings
+
 __all__ = ["HyperOptimizer", "HyperUpdate", "OptimizerCallable", "SchedulerCallable"]
 
 OptimizerCallable = Callable[[Iterable], Optimizer]
@@ -95,13 +97,7 @@ class HyperOptimizer:
         if isinstance(value, HyperOptimizer):
             return value
         if isinstance(value, Mapping):
-            settings = {str(k): v for k, v in value.items()}
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(settings) - known)
-            if unknown:
-                raise ValueError(f"hyper_optimizer: unknown settings {unknown}; expected some of {sorted(known)} "
-                                 "(or a callable params -> Optimizer).")
-            return cls(**settings)
+            return cls(**mapping_settings(value, (f.name for f in fields(cls)), "hyper_optimizer"))
         if callable(value):
             return cls(optimizer=value)
         raise ValueError(f"hyper_optimizer must be a callable params -> Optimizer, a HyperOptimizer or a mapping of "

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lightning_autobalance.coerce import mapping_settings
+
 __all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "Schedule", "auto_interval"]
 
 #: The automatic schedule never takes a hyper step more often than this many optimizer steps apart once the run is
@@ -123,12 +125,7 @@ class Schedule:
         if isinstance(value, Schedule):
             return value
         if isinstance(value, Mapping):
-            settings = {str(k): v for k, v in value.items()}
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(settings) - known)
-            if unknown:
-                raise ValueError(f"schedule: unknown settings {unknown}; expected some of {sorted(known)}.")
-            return cls(**settings)
+            return cls(**mapping_settings(value, (f.name for f in fields(cls)), "schedule"))
         raise ValueError(f"schedule must be a lightning_autobalance.Schedule or a mapping of its settings; got "
                          f"{type(value).__name__}.")
 

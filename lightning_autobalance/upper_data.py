@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_autobalance.batch_stream import BatchStream
+from lightning_autobalance.coerce import mapping_settings
 
 __all__ = ["UpperData", "UpperSource", "preserve_random_state"]
 
@@ -108,11 +109,7 @@ class UpperData:
         if isinstance(value, UpperData):
             return value
         if isinstance(value, Mapping):
-            settings = {str(k): v for k, v in value.items()}
-            known = {"source", "dataloader", "class_counts", "balanced"}
-            unknown = sorted(set(settings) - known)
-            if unknown:
-                raise ValueError(f"upper: unknown settings {unknown}; expected some of {sorted(known)}.")
+            settings = mapping_settings(value, ("source", "dataloader", "class_counts", "balanced"), "upper")
             if settings.get("class_counts") is not None:
                 settings["class_counts"] = list(settings["class_counts"])
             return cls(**settings)
