@@ -30,20 +30,15 @@ from typing_extensions import override
 from lightning_autobalance.batch_stream import BatchStream
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.hyper_optimizer import (
-    HyperOptimizer,
-    HyperUpdate,
-    LrSchedule,
-    OptimizerCallable,
-    SchedulerCallable,
-)
+from lightning_autobalance.flat_settings import flat_settings, settings_value
+from lightning_autobalance.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.mixin import AutoBalanceMixin
 from lightning_autobalance.objectives import Objective, UpperObjective
 from lightning_autobalance.reduce import Reducer
 from lightning_autobalance.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
 from lightning_autobalance.step_log import StepLog, parameter_figures
-from lightning_autobalance.upper_data import UpperData, UpperSource, preserve_random_state
+from lightning_autobalance.upper_data import UpperData, preserve_random_state
 
 __all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
 
@@ -68,61 +63,6 @@ def _sharded_strategies() -> tuple[type, ...]:
 
 
 _UNSUPPORTED = _sharded_strategies()
-
-
-def _flat_settings(every_n_steps: int | None = None, target_hyper_steps: int | None = None,
-                   start_epoch: int | None = None, start_step: int | None = None, stop_epoch: int | None = None,
-                   stop_step: int | None = None, warmup_fraction: float | None = None, hyper_lr: float | None = None,
-                   hyper_scheduler: SchedulerCallable | None = None, hyper_lr_schedule: LrSchedule | None = None,
-                   shrinkage: float | None = None, max_norm: float | None = None,
-                   objective_kwargs: dict[str, Any] | None = None, upper_source: UpperSource | None = None,
-                   upper_class_counts: list[int] | None = None,
-                   balanced_upper: bool | None = None) -> dict[str, dict[str, Any]]:
-    """The settings of the callback's values by their flat names (the form of earlier versions and of YAML
-    ``init_args``), grouped by the value they belong to; ``None`` is "not given".
-
-    Args:
-        every_n_steps: :attr:`Schedule.every_n_steps <lightning_autobalance.Schedule>`.
-        target_hyper_steps: ``Schedule.target_hyper_steps``.
-        start_epoch: ``Schedule.start_epoch``.
-        start_step: ``Schedule.start_step``.
-        stop_epoch: ``Schedule.stop_epoch``.
-        stop_step: ``Schedule.stop_step``.
-        warmup_fraction: ``Schedule.warmup_fraction``.
-        hyper_lr: ``HyperOptimizer.lr``.
-        hyper_scheduler: ``HyperOptimizer.scheduler``.
-        hyper_lr_schedule: ``HyperOptimizer.lr_schedule``.
-        shrinkage: ``HyperOptimizer.shrinkage``.
-        max_norm: ``HyperOptimizer.max_norm``.
-        objective_kwargs: the settings of a named ``objective``.
-        upper_source: ``UpperData.source``.
-        upper_class_counts: ``UpperData.class_counts``.
-        balanced_upper: ``UpperData.balanced``.
-    """
-    given = {k: v for k, v in locals().items() if v is not None}
-    groups: dict[str, dict[str, Any]] = {"schedule": {}, "hyper": {}, "objective": {}, "upper": {}}
-    renames = {"hyper_lr": ("hyper", "lr"), "hyper_scheduler": ("hyper", "scheduler"),
-               "hyper_lr_schedule": ("hyper", "lr_schedule"), "shrinkage": ("hyper", "shrinkage"),
-               "max_norm": ("hyper", "max_norm"), "upper_source": ("upper", "source"),
-               "upper_class_counts": ("upper", "class_counts"), "balanced_upper": ("upper", "balanced")}
-    for name, value in given.items():
-        if name == "objective_kwargs":
-            if not isinstance(value, Mapping):
-                raise ValueError(f"objective_kwargs must be a mapping of settings; got {type(value).__name__}.")
-            groups["objective"].update(value)
-        else:
-            group, key = renames.get(name, ("schedule", name))
-            groups[group][key] = value
-    return groups
-
-
-def _value(cls: Any, value: Any, flat: dict[str, Any], name: str) -> Any:
-    """``cls.coerce(value)``, or ``cls(**flat)`` for settings given by their flat names (not both)."""
-    if not flat:
-        return cls.coerce(value)
-    if value is not None:
-        raise ValueError(f"give {name}=... or its settings by name ({', '.join(sorted(flat))}), not both.")
-    return cls(**flat)
 
 
 def _autobalance_forward(module: Any, inputs: Any) -> Tensor:
@@ -227,13 +167,13 @@ class AutoBalanceCallback(Callback):
         **flat: Any,
     ) -> None:
         super().__init__()
-        groups = _flat_settings(**flat)
+        groups = flat_settings(**flat)
         if train_batches < 1 or upper_batches < 1:
             raise ValueError(f"train_batches and upper_batches must be at least 1; got {train_batches}, "
                              f"{upper_batches}.")
         if log_max_classes < 0:
             raise ValueError(f"log_max_classes must be >= 0; got {log_max_classes}.")
-        self.schedule: Schedule = _value(Schedule, schedule, groups["schedule"], "schedule")
+        self.schedule: Schedule = settings_value(Schedule, schedule, groups["schedule"], "schedule")
         self.estimator = Estimator.coerce(estimator)
         if groups["objective"] and isinstance(objective, (UpperObjective, Mapping)):
             raise ValueError("give objective_kwargs only with an objective given by name or class.")
@@ -241,9 +181,9 @@ class AutoBalanceCallback(Callback):
                           else UpperObjective.coerce(objective))
         if upper_dataloader is not None:
             groups["upper"]["dataloader"] = upper_dataloader
-        self.upper: UpperData = _value(UpperData, upper, groups["upper"], "upper")
+        self.upper: UpperData = settings_value(UpperData, upper, groups["upper"], "upper")
         if isinstance(hyper_optimizer, (HyperOptimizer, Mapping)) or not groups["hyper"]:
-            self.hyper_optimizer = _value(HyperOptimizer, hyper_optimizer, groups["hyper"], "hyper_optimizer")
+            self.hyper_optimizer = settings_value(HyperOptimizer, hyper_optimizer, groups["hyper"], "hyper_optimizer")
         else:  # an optimizer callable (or none) with its settings by their flat names
             self.hyper_optimizer = HyperOptimizer(optimizer=hyper_optimizer, **groups["hyper"])
         self.train_batches, self.upper_batches = train_batches, upper_batches
