@@ -38,31 +38,12 @@ from lightning_autobalance.objectives import Objective, UpperObjective
 from lightning_autobalance.reduce import Reducer
 from lightning_autobalance.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
 from lightning_autobalance.step_log import StepLog, parameter_figures
+from lightning_autobalance.strategies import SHARDED_STRATEGIES
 from lightning_autobalance.upper_data import UpperData, preserve_random_state
 
 __all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
 
 
-def _sharded_strategies() -> tuple[type, ...]:
-    """Strategies the hypergradient cannot run under (the model sharded across processes, or XLA), from
-    ``pytorch_lightning`` and, when installed, the unified ``lightning`` package (separate classes)."""
-    import importlib
-
-    found: list[type] = []
-    for package in ("pytorch_lightning.strategies", "lightning.pytorch.strategies"):
-        try:
-            module = importlib.import_module(package)
-        except ImportError:
-            continue
-        for name in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
-                     "SingleDeviceXLAStrategy"):
-            cls = getattr(module, name, None)
-            if isinstance(cls, type):
-                found.append(cls)
-    return tuple(found)
-
-
-_UNSUPPORTED = _sharded_strategies()
 
 
 def _autobalance_forward(module: Any, inputs: Any) -> Tensor:
@@ -256,7 +237,7 @@ class AutoBalanceCallback(Callback):
             raise TypeError(f"AutoBalanceCallback needs a LightningModule that inherits AutoBalanceMixin; "
                             f"{type(pl_module).__name__} does not. Add the mixin and call configure_autobalance().")
         params = pl_module.autobalance_parameters()
-        if isinstance(trainer.strategy, _UNSUPPORTED):
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
             raise RuntimeError(f"AutoBalanceCallback does not support the sharded strategy "
                                f"{type(trainer.strategy).__name__}: the hypergradient needs the whole model on every "
                                "process. Use strategy='ddp' (or 'ddp_spawn') or a single device.")
@@ -437,12 +418,8 @@ class AutoBalanceCallback(Callback):
             why = "the loss is frozen"
         elif self.skipped_steps:
             why = f"all {self.skipped_steps} hyper steps had a non-finite hypergradient and were skipped"
-        elif trainer.global_step <= schedule.first:
-            why = (f"the fit ended at optimizer step {trainer.global_step}, before the search starts (step "
-                   f"{schedule.first}: see start_epoch / start_step / warmup_fraction)")
         else:
-            why = (f"no optimizer step in [{schedule.first}, {trainer.global_step}) was due (every "
-                   f"{schedule.interval} steps; see every_n_steps, stop_epoch / stop_step)")
+            why = schedule.why_no_step(trainer.global_step)
         rank_zero_warn(f"AutoBalance made no hyper step in this fit: {why}. The loss is unchanged. For a short fit "
                        "use AutoBalanceCallback(warmup_fraction=0.0) or a smaller every_n_steps.")
 

@@ -206,6 +206,14 @@ class Schedule:
                              "would then be tuned on data the model trains on). Leave stop_epoch/stop_step unset: "
                              "the search stops at the fold-in by itself.")
 
+    def why_no_step(self, final_step: int) -> str:
+        """Why a fit that ended at optimizer step ``final_step`` had no step due, for a warning."""
+        if final_step <= self.first:
+            return (f"the fit ended at optimizer step {final_step}, before the search starts (step {self.first}: see "
+                    "start_epoch / start_step / warmup_fraction)")
+        return (f"no optimizer step in [{self.first}, {final_step}) was due (every {self.interval} steps; see "
+                "every_n_steps, stop_epoch / stop_step)")
+
     def summary(self) -> str:
         """One line on the plan, for the start of a fit."""
         how = "every_n_steps" if self.every_n_steps else "auto"
