@@ -296,16 +296,18 @@ class AutoBalanceMixin:
                   "loss_file": None if loss_file is None else str(loss_file), "freeze": bool(freeze),
                   "num_classes": num_classes}
         existing = self._autobalance_built()
-        same = existing is not None and self.__dict__.get("_autobalance_config") == config
+        previous = self.__dict__.get("_autobalance_config") or {}
+        same = existing is not None and previous == config
         if same and (class_counts is None or _same_counts(class_counts, existing, num_groups)):
             return existing  # called again (e.g. setup for every stage): keep the loss found so far
+        if class_counts is None and existing is not None and previous.get("like"):
+            return existing  # a loss taken with autobalance_like stays (e.g. a setup() that configures again)
+        if class_counts is None and existing is None:
+            self._autobalance_config = config
+            return None  # the counts are found at setup (autobalance_parameters)
         self._autobalance_config = config
-        if class_counts is None and existing is not None and not self.__dict__.get("_autobalance_explicit"):
-            class_counts = existing.class_counts  # new settings on the counts found before
-            self._autobalance_explicit = False
-        elif class_counts is None:
-            self._autobalance_drop()
-            return None  # found at setup (autobalance_parameters)
+        if class_counts is None:
+            class_counts = existing.class_counts  # new settings on the counts known before
         else:
             self._autobalance_explicit = True
         return self._autobalance_build(class_counts)
@@ -351,10 +353,6 @@ class AutoBalanceMixin:
     def _autobalance_built(self) -> LossParametrization | None:
         params = self.__dict__.get("_modules", {}).get("autobalance")
         return params if isinstance(params, LossParametrization) else None
-
-    def _autobalance_drop(self) -> None:
-        self.__dict__.get("_modules", {}).pop("autobalance", None)
-        self._autobalance_cache = None
 
     def _autobalance_settings(self) -> dict[str, Any]:
         config = self.__dict__.get("_autobalance_config")

@@ -702,6 +702,12 @@ def test_autobalance_like_takes_the_found_loss():
     assert float(swa.autobalance.alpha()["tau"]) == pytest.approx(0.8) and not swa.loss_frozen
     _fit(swa, _loader(), steps=1)  # kept through a fit (its counts are not looked for again)
     assert float(swa.autobalance.alpha()["tau"]) == pytest.approx(0.8)
+    swa.configure_autobalance()  # e.g. a setup() that configures again: the loss taken stays
+    assert float(swa.autobalance.alpha()["tau"]) == pytest.approx(0.8)
+    swa.configure_autobalance([4, 2, 1], preset="ce")  # counts given: a new loss
+    assert swa.autobalance.preset == "ce" and swa.autobalance.class_counts[0].tolist() == [4, 2, 1]
+    swa.configure_autobalance(preset="vs")  # new settings without counts: rebuilt on the counts known
+    assert swa.autobalance.preset == "vs" and swa.autobalance.class_counts[0].tolist() == [4, 2, 1]
 
 
 # ---------------------------------------------------------------- no silent mis-wiring
