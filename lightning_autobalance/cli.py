@@ -136,11 +136,16 @@ class AutoBalanceCLI(LightningCLI):
 
 
 def _root_message(err: BaseException) -> str:
-    """The message of the innermost exception of a chain (the constructor's own ``ValueError``), on one line."""
+    """The message of the innermost exception of a chain (the constructor's own ``ValueError``), on one line.
+
+    The chain is followed as Python prints it: through ``raise ... from err`` (``__cause__``) and an exception raised
+    while handling another (``__context__``), but not past ``raise ... from None`` (``__suppress_context__``), where
+    the library put its own message over an internal one (e.g. ``int('1.5')``'s ``invalid literal``).
+    """
     seen = {id(err)}
     root = err
     while True:
-        nxt = root.__cause__ or root.__context__
+        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
         if nxt is None or id(nxt) in seen:
             break
         seen.add(id(nxt))

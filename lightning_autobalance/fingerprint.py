@@ -9,7 +9,9 @@ another configuration's stage and the pipeline refuses to touch it.
 
 Everything is reduced to JSON values by :func:`describe`: callables and classes by their import path, partials by
 their function and arguments, tensors and arrays by their values (or a digest when large), other objects by their
-class, so that two runs of the same configuration give equal fingerprints and no memory address gets in.
+class, so that two runs of the same configuration give equal fingerprints and no memory address gets in. Path
+arguments (a data ``root``, a ``loss_file``, list files: :func:`resolve_paths`) are recorded resolved, so that one
+folder named by a relative and by an absolute path gives one fingerprint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import functools
 import hashlib
 import inspect
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["IGNORED_TRAINER_KEYS", "callback_settings", "changes", "describe", "file_digest"]
+__all__ = ["IGNORED_TRAINER_KEYS", "callback_settings", "changes", "describe", "file_digest", "resolve_paths"]
 
 #: Trainer arguments that do not change what a stage computes (display, logging, where files go), left out.
 IGNORED_TRAINER_KEYS = frozenset({
@@ -37,6 +40,42 @@ IGNORED_TRAINER_KEYS = frozenset({
 #: Datamodule arguments that change how fast data arrives, not which data: left out.
 IGNORED_DATA_KEYS = frozenset({"num_workers", "verify_images"})
 _LARGE = 4096
+#: Objects described by their public attributes are followed this deep; modules, datasets and loaders (state, not
+#: settings) are described by their class only.
+_MAX_DEPTH = 3
+_OPAQUE: tuple[type, ...] = (torch.nn.Module, torch.utils.data.Dataset, torch.utils.data.DataLoader,
+                             torch.utils.data.Sampler)
+#: Argument names whose values are file or folder paths (also any name ending in ``_dir``, ``_file``, ``_path``,
+#: ``_root`` or ``_list``): :func:`resolve_paths` records them resolved.
+PATH_KEYS = frozenset({"root", "path", "dir", "file", "loss_file", "train_list", "test_list", "data_dir"})
+_PATH_SUFFIXES = ("_dir", "_file", "_path", "_root", "_list")
+
+
+def _is_path_key(key: Any) -> bool:
+    name = str(key).lower()
+    return name in PATH_KEYS or name.endswith(_PATH_SUFFIXES)
+
+
+def _resolved(value: str | os.PathLike[str]) -> str:
+    return str(Path(os.path.expanduser(os.fspath(value))).resolve())
+
+
+def resolve_paths(value: Any, key: Any = None) -> Any:
+    """``value`` with every path argument (a string or ``Path`` under a name of :data:`PATH_KEYS`, at any depth of
+    nested mappings and lists) made absolute with symlinks resolved, so that one folder given as a relative or an
+    absolute path gives one fingerprint.
+
+    Example:
+        >>> resolve_paths({"root": "data", "lr": 0.1})["root"] == str(Path("data").resolve())
+        True
+    """
+    if isinstance(value, Mapping):
+        return {k: resolve_paths(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [resolve_paths(v, key) for v in value]
+    if isinstance(value, Path) or (isinstance(value, str) and value and "://" not in value and _is_path_key(key)):
+        return _resolved(value)
+    return value
 
 
 def _path_of(obj: Any) -> str:
@@ -45,7 +84,7 @@ def _path_of(obj: Any) -> str:
     return f"{module}.{name}"
 
 
-def describe(value: Any) -> Any:
+def describe(value: Any, _depth: int = 0) -> Any:
     """``value`` as plain JSON data, the same for equal configurations.
 
     Example:
@@ -61,11 +100,11 @@ def describe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+        return {str(k): describe(v, _depth) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
                 if not str(k).startswith("_")}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [describe(v) for v in items]
+        return [describe(v, _depth) for v in items]
     if isinstance(value, (torch.Tensor, np.ndarray)):
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
         if array.size > _LARGE:
@@ -74,15 +113,21 @@ def describe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return describe(value.item())
     if isinstance(value, functools.partial):
-        return {"partial": describe(value.func), "args": describe(list(value.args)),
-                "keywords": describe(dict(value.keywords))}
+        return {"partial": describe(value.func), "args": describe(list(value.args), _depth),
+                "keywords": describe(dict(value.keywords), _depth)}
     if inspect.isclass(value) or inspect.isroutine(value):
         return _path_of(value)
     if dataclasses.is_dataclass(value):
-        return {"class": _path_of(type(value)), "fields": describe(dataclasses.asdict(value))}
+        return {"class": _path_of(type(value)), "fields": describe(dataclasses.asdict(value), _depth)}
     hparams = getattr(value, "hparams", None)
     if isinstance(hparams, Mapping):
-        return {"class": _path_of(type(value)), "hparams": describe(dict(hparams))}
+        return {"class": _path_of(type(value)), "hparams": describe(dict(hparams), _depth)}
+    if _depth < _MAX_DEPTH and hasattr(value, "__dict__") and not isinstance(value, _OPAQUE):
+        # A settings object of another kind (e.g. an upper objective: its name, its loss class, its arguments):
+        # its public attributes, so that two of one class with other settings differ.
+        return {"class": _path_of(type(value)),
+                "attributes": {k: describe(v, _depth + 1) for k, v in sorted(vars(value).items())
+                               if not k.startswith("_")}}
     return {"class": _path_of(type(value))}
 
 

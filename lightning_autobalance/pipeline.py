@@ -27,12 +27,17 @@ the model's and datamodule's arguments for that stage, the data's class counts, 
 training, the epochs, the seed, the search's settings, the loss file a retraining uses, the library version; see
 :mod:`lightning_autobalance.fingerprint`). A rerun compares it before any training: equal means skip or resume,
 different means a one-line refusal naming what changed and the two ways out (another ``output_dir``, or
-``restart`` with the stage's name or ``all``: that stage, and those built on it, train again from scratch). A
-resumed stage therefore never loads an optimizer or scheduler built from another configuration. An unreadable
-``result.json`` or ``last.ckpt`` is named in a warning, moved aside (``*.corrupt``) and replaced by the fallback:
-the previous epoch's checkpoint (``previous.ckpt``), else a fresh start. One run per ``output_dir`` at a time
-(:class:`~lightning_autobalance.output_lock.OutputLock`; a lock left by a killed run is taken over). A stage's
-``fit_time_s`` is its total over interruptions (``attempts`` counts them), up to its last checkpoint in each.
+``--restart STAGE`` / ``--restart all``: that stage, and those built on it, train again from scratch). The guard
+fails closed: a stage folder holding work (a result or a checkpoint) whose fingerprint is missing or unreadable is
+refused the same way, never reused. Paths are compared resolved (a folder given as a relative or an absolute path is
+the same folder). A resumed stage therefore never loads an optimizer or scheduler built from another configuration.
+Checkpoints are read with ``weights_only=True`` (tensors and plain values only): a pickled object in an output
+folder never runs. An unreadable ``result.json``, ``last.ckpt`` or found loss file is named in a warning, moved
+aside (``*.corrupt``) and replaced by the fallback: the previous epoch's checkpoint (``previous.ckpt``), else a fresh
+start (a search's loss file is exported again from the search's checkpoint). Every argument is checked before
+anything is written. One run per ``output_dir`` at a time (:class:`~lightning_autobalance.output_lock.OutputLock`;
+a lock left by a killed run is taken over). A stage's ``fit_time_s`` is its total over interruptions (``attempts``
+counts them), up to its last checkpoint in each.
 
 Models and datamodules are re-created from their saved hyperparameters with a few overrides, so the model class
 must take ``class_counts``, ``num_classes``, ``loss``, ``preset``, ``search``, ``loss_file`` and ``freeze_loss``
@@ -41,13 +46,15 @@ must take ``class_counts``, ``num_classes``, ``loss``, ``preset``, ``search``, `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
+import logging
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +70,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.data._checks import counts_disagreement, non_finite_sample
 from lightning_autobalance.data.fold_in import DEFAULT_FOLD_IN, fold_in_epoch
 from lightning_autobalance.fingerprint import (
     IGNORED_DATA_KEYS,
@@ -71,6 +79,7 @@ from lightning_autobalance.fingerprint import (
     changes,
     describe,
     file_digest,
+    resolve_paths,
 )
 from lightning_autobalance.losses import load_loss_tables, preset_tables
 from lightning_autobalance.output_lock import OutputFolderInUse, OutputLock
@@ -229,10 +238,15 @@ def _resume_checkpoint(name: str, checkpoints: Path) -> str | None:
         if not candidate.is_file():
             continue
         try:
-            torch.load(candidate, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated, empty, not a checkpoint
+            # Tensors and plain values only: the stage's own checkpoints hold nothing else, and a pickled object
+            # placed in the output folder (shared, downloaded, restored) must not run.
+            torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, empty, not a checkpoint, holds pickled objects
             aside = candidate.with_name(candidate.name + ".corrupt")
-            rank_zero_warn(f"[{name}] the checkpoint {candidate} cannot be read ({type(err).__name__}); it is moved to "
+            why = type(err).__name__
+            if "weights_only" in str(err).lower() or "unsupported global" in str(err).lower():
+                why += ": it holds pickled Python objects besides tensors and plain values, which are not loaded"
+            rank_zero_warn(f"[{name}] the checkpoint {candidate} cannot be read ({why}); it is moved to "
                            f"{aside.name} and the stage resumes from an older checkpoint if there is one, else from "
                            "the start.")
             if rank_zero_only.rank == 0:
@@ -290,7 +304,7 @@ def _fit_and_test(name: str, model: pl.LightningModule, datamodule: pl.Lightning
     ckpt = _resume_checkpoint(name, stage_dir / "checkpoints") if resume else None
     if ckpt:
         rank_zero_info(f"[{name}] resuming from {ckpt}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     clock = next(c for c in trainer.callbacks if isinstance(c, _FitClock))
     result: dict[str, Any] = {"method": name, "fit_time_s": clock.total(), "attempts": clock.attempts}
     if test:
@@ -323,14 +337,35 @@ def _warm_up(model: pl.LightningModule, datamodule: pl.LightningDataModule, trai
     if not single or trainer_kwargs.get("num_nodes", 1) != 1 or trainer_kwargs.get("devices", 1) not in (1, "1"):
         return
     keep = {k: trainer_kwargs[k] for k in ("accelerator", "precision") if k in trainer_kwargs}
-    trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         devices=1, **keep)
-    trainer.fit(_clone(model, search=()), datamodule=_data(datamodule, search_split=False))
+    with _quiet_lightning():  # an internal step the user did not ask for: none of Lightning's info lines
+        trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             devices=1, **keep)
+        trainer.fit(_clone(model, search=()), datamodule=_data(datamodule, search_split=False))
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's and Fabric's info lines (``Running in `fast_dev_run` mode``, the device summary) held back;
+    warnings still shown."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric",
+                                                     "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Writes through a temporary file and a rename: a crash or a full disk leaves the old file or the new one,
+    never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def run_pipeline(
@@ -347,7 +382,7 @@ def run_pipeline(
     seed: int | None = None,
     one_phase: bool = False,
     fold_in: float = DEFAULT_FOLD_IN,
-    restart: Sequence[str] = (),
+    restart: Sequence[str] | str = (),
     write_config: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Runs the search-then-retrain method and the baselines; returns (and writes) the results.
@@ -373,20 +408,30 @@ def run_pipeline(
         one_phase: also run the one-phase mode (row ``one_phase``): ``retrain_epochs`` epochs in one fit
             that learns the loss on the split until the fold-in and then trains on everything with it.
         fold_in: the share of the one-phase run's epochs searched before the upper part is folded in, in (0, 1).
-        restart: stages to train again from scratch (their folders are removed first), or ``["all"]``; a stage
-            built on a restarted one (the retraining on the search's loss) is restarted with it.
+        restart: stages to train again from scratch (their folders are removed first), or ``"all"``: a list of
+            names, or one name (``"search"``, ``"all"``, or names separated by commas); a stage built on a restarted
+            one (the retraining on the search's loss) is restarted with it.
         write_config: called with ``<output_dir>/config.yaml`` once the run is accepted (output folder free, no
             stage of another configuration in it), e.g. to save the resolved configuration there.
 
     Returns:
         The content of ``results.json``.
+
+    Raises:
+        PipelineSetupError: before anything is written: a bad argument (epochs below 1, a negative seed, ...), a bad
+            image or non-finite upper data, an output folder that cannot be used or holds another configuration's
+            stages (see ``restart``), an output folder in use by another run.
     """
+    search_epochs, retrain_epochs, seed = _check_arguments(search, baselines, search_epochs, retrain_epochs, resume,
+                                                           plot, seed, one_phase, dict(trainer_kwargs or {}))
+    restart = [restart] if isinstance(restart, str) else list(restart or [])
+    restart = [part.strip() for item in restart for part in str(item).split(",") if part.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise PipelineSetupError(f"Unknown baselines {unknown}; expected names from {sorted(BASELINES)}.")
     if not search and not baselines and not one_phase:
         raise PipelineSetupError("Nothing to run: search=False, one_phase=False and no baselines.")
-    if not 0.0 < float(fold_in) < 1.0:
+    if isinstance(fold_in, bool) or not isinstance(fold_in, (int, float)) or not 0.0 < float(fold_in) < 1.0:
         raise PipelineSetupError(f"fold_in must lie in (0, 1) (the share of the one-phase run's epochs searched "
                                  f"before the upper part is folded in); got {fold_in}.")
     for key in ("search_split",):
@@ -394,6 +439,8 @@ def run_pipeline(
             raise PipelineSetupError(f"The pipeline needs a datamodule with a `{key}` argument (a LongTailDataModule); "
                                      f"{type(datamodule).__name__} has none in its hyperparameters.")
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise PipelineSetupError(f"output_dir {out} is a file, not a folder: give a folder path.")
     kwargs = dict(trainer_kwargs or {})
     fold_epoch = 0
     if one_phase:
@@ -404,7 +451,15 @@ def run_pipeline(
         fold_epoch = fold_in_epoch(int(epochs), fold_in)
     seed = int(torch.initial_seed() % 2**31) if seed is None else int(seed)
     full = _data(datamodule, search_split=False)
-    counts = _counts(model, full)
+    try:
+        counts = _counts(model, full)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:  # the data's own checks (a bad image, a bad list)
+        raise PipelineSetupError(" ".join(str(err).split()) or type(err).__name__) from err
+    given = dict(getattr(model, "hparams", {}) or {}).get("class_counts")
+    disagreement = counts_disagreement(given, counts["class_counts"], "the model template's class_counts",
+                                       f"those of {type(datamodule).__name__}'s own labels")
+    if disagreement:
+        rank_zero_warn(disagreement + " The pipeline builds every stage's model with the data's counts.")
     if counts.get("group_counts") is None and any(b in _GROUP_BASELINES for b in baselines):
         raise PipelineSetupError(f"The baselines {[b for b in baselines if b in _GROUP_BASELINES]} need groups: a "
                                  "datamodule with group_counts (e.g. ColoredDigits) and a model that takes "
@@ -413,6 +468,7 @@ def run_pipeline(
     plan: list[_Stage] = []
     if search:
         split = _data(datamodule, search_split=True)
+        _check_upper_data(split)
         plan.append(_Stage("search", {**_counts(model, split), "loss": "autobalance"}, {"search_split": True},
                            search=True, test=False, prepared=split))
         plan.append(_Stage("autobalance", {**counts, "loss": "autobalance", "loss_file": str(found),
@@ -425,7 +481,6 @@ def run_pipeline(
     for name in baselines:
         plan.append(_Stage(name, {**counts, **BASELINES[name], "search": (), "loss_file": None, "freeze_loss": False},
                            {"search_split": False}))
-    restart = list(restart or [])
     names = [st.name for st in plan]
     unknown = [r for r in restart if r != "all" and r not in names]
     if unknown:
@@ -441,12 +496,68 @@ def run_pipeline(
                 rank_zero_info(f"Took over the lock {lock.path} left by a run that is gone ({lock.taken_over}).")
     except OutputFolderInUse as err:
         raise PipelineSetupError(str(err)) from None
+    except OSError as err:  # read-only, a file on the way, no space
+        raise PipelineSetupError(f"output_dir {out} cannot be used: {err.strerror or err}"
+                                 f"{f' ({err.filename})' if err.filename else ''}; give a folder this run can "
+                                 "write to.") from None
     try:
         return _run_plan(plan, recompute, out, found, model, datamodule, kwargs, full, counts, seed, search_epochs,
                          retrain_epochs, resume, plot, fold_epoch, write_config)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_arguments(search: Any, baselines: Any, search_epochs: Any, retrain_epochs: Any, resume: Any, plot: Any,
+                     seed: Any, one_phase: Any, trainer_kwargs: dict[str, Any]) -> tuple[int | None, int | None,
+                                                                                     int | None]:
+    """Every argument of :func:`run_pipeline` that Lightning would only reject (or silently accept) once a stage
+    starts, checked before anything is written; returns the epochs and the seed as ints."""
+
+    def whole(name: str, value: Any, low: int, high: int | None = None, what: str = "") -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+                high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise PipelineSetupError(f"{name} must be a whole number {bound}{what}; got {value!r}.")
+        return int(value)
+
+    for name, value in (("search", search), ("resume", resume), ("plot", plot), ("one_phase", one_phase)):
+        if not isinstance(value, bool):
+            raise PipelineSetupError(f"{name} must be true or false; got {value!r}.")
+    if isinstance(baselines, str) or not all(isinstance(b, str) for b in baselines):
+        raise PipelineSetupError(f"baselines must be a list of names (e.g. [ce, la]); got {baselines!r}.")
+    search_epochs = whole("search_epochs", search_epochs, 1, what=" (or None for the trainer's max_epochs)")
+    retrain_epochs = whole("retrain_epochs", retrain_epochs, 1, what=" (or None for the trainer's max_epochs)")
+    seed = whole("seed", seed, 0, 2**32 - 1, " (or None for the seed in force)")
+    max_epochs = trainer_kwargs.get("max_epochs")
+    users = ([] if not search or search_epochs is not None else ["the search"]) + (
+        [] if (not baselines and not search and not one_phase) or retrain_epochs is not None
+        else ["the retraining and the baselines"])
+    if users and max_epochs is not None:
+        unlimited = max_epochs == -1 and trainer_kwargs.get("max_steps", -1) not in (None, -1)
+        if not unlimited and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+            raise PipelineSetupError(f"trainer.max_epochs={max_epochs!r} trains nothing, yet {' and '.join(users)} "
+                                     "take their epochs from it: give max_epochs >= 1 (or search_epochs / "
+                                     "retrain_epochs).")
+    return search_epochs, retrain_epochs, seed
+
+
+def _check_upper_data(split: Any) -> None:
+    """Refuses upper data (the held-out part the search tunes the loss on) that holds NaN or infinity: every hyper
+    step would be skipped. Only data held in memory is looked at (no decoding, no device copy)."""
+    if getattr(split, "device_resident", False) or not hasattr(split, "upper_dataset"):
+        return
+    try:
+        upper = split.upper_dataset
+    except (RuntimeError, ValueError, AttributeError):  # no upper part after all: the callback will say so
+        return
+    where = non_finite_sample(upper)
+    if where is not None:
+        raise PipelineSetupError(f"The upper data of {type(split).__name__} (the held-out part the search tunes the "
+                                 f"loss on) holds non-finite values: {where}. Every hyper step would be skipped; fix "
+                                 "the data.")
 
 
 @dataclass
@@ -472,8 +583,9 @@ def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any]
         "library": __version__,
         "seed": seed,
         "epochs": epochs if epochs is not None else kwargs.get("max_epochs"),
-        "model": {"class": describe(type(model)), "hparams": describe({**dict(model.hparams), **st.model})},
-        "data": {"class": describe(type(datamodule)), "hparams": describe({**data, **st.data}),
+        "model": {"class": describe(type(model)),
+                  "hparams": describe(resolve_paths({**dict(model.hparams), **st.model}))},
+        "data": {"class": describe(type(datamodule)), "hparams": describe(resolve_paths({**data, **st.data})),
                  "class_counts": describe(full.class_counts)},
         "trainer": describe({k: v for k, v in kwargs.items() if k not in IGNORED_TRAINER_KEYS}),
     }
@@ -487,25 +599,63 @@ def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any]
     return fp
 
 
+def _way_out(name: str) -> str:
+    """The two ways out of a refused stage folder, in forms the command line parses."""
+    return f"Use another output_dir, or restart it from scratch with --restart {name} (or --restart all)."
+
+
+def _work_in(stage_dir: Path) -> list[str]:
+    """What a stage folder holds that a rerun would reuse: its result and its checkpoints."""
+    found = [stage_dir / "result.json", *sorted((stage_dir / "checkpoints").glob("*.ckpt"))]
+    return [p.name for p in found if p.is_file()]
+
+
 def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any]) -> None:
-    """Refuses a stage folder that holds another configuration's stage (compares ``fingerprint.json``)."""
+    """Refuses a stage folder that holds another configuration's stage (compares ``fingerprint.json``), and one that
+    holds work (a result, a checkpoint) it cannot check: no fingerprint, or one that cannot be read. Fails closed."""
     recorded = stage_dir / "fingerprint.json"
+    work = _work_in(stage_dir)
     if not recorded.is_file():
-        if (stage_dir / "result.json").is_file() or (stage_dir / "checkpoints" / "last.ckpt").is_file():
-            rank_zero_info(f"[{st.name}] {stage_dir} has no fingerprint (written by an earlier version): reused as "
-                           "it is.")
+        if work:
+            raise PipelineSetupError(f"{stage_dir} holds work of the stage '{st.name}' ({', '.join(work)}) but no "
+                                     "fingerprint.json, so it cannot be checked against this configuration. "
+                                     + _way_out(st.name))
         return
-    old = _read_json(recorded, "the stage is checked no further")
-    if old is None:
-        return
+    try:
+        old = json.loads(recorded.read_text())
+        if not isinstance(old, dict):
+            raise ValueError(f"a JSON {type(old).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        if not work:  # nothing to reuse: the stage starts and writes its fingerprint again
+            return
+        raise PipelineSetupError(f"{recorded} cannot be read ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:80]}), so the work in {stage_dir} ({', '.join(work)}) "
+                                 "cannot be checked against this configuration. " + _way_out(st.name)) from None
     if "inputs" not in fp:
         old.pop("inputs", None)
     diff = changes(old, fp)
     if diff:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        raise PipelineSetupError(f"{stage_dir} holds the stage '{st.name}' of another configuration ({shown}). Use "
-                                 f"another output_dir, or restart it from scratch with --restart {st.name} (or "
-                                 "--restart all).")
+        raise PipelineSetupError(f"{stage_dir} holds the stage '{st.name}' of another configuration ({shown}). "
+                                 + _way_out(st.name))
+
+
+def _loss_file_ok(name: str, path: Path) -> bool:
+    """Whether a finished search's loss file reads back; when not, a warning names it as damaged (or missing), it is
+    moved aside and the stage is finished again from its checkpoint, which exports it again."""
+    try:
+        load_loss_tables(path)
+        return True
+    except (OSError, ValueError) as err:
+        aside = path.with_name(path.name + ".corrupt")
+        damaged = path.is_file()
+        rank_zero_warn(f"[{name}] the search's loss file {path} "
+                       + (f"is damaged ({' '.join(str(err).split())[:160]}); it is moved to {aside.name} and"
+                          if damaged else "is missing;")
+                       + " the search is finished again from its checkpoint, which writes it again.")
+        if damaged and rank_zero_only.rank == 0:
+            path.replace(aside)
+        return False
 
 
 def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, model: Any, datamodule: Any,
@@ -514,6 +664,9 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
               write_config: Callable[[Path], None] | None) -> dict[str, Any]:
     def epochs_of(st: _Stage) -> int | None:
         return search_epochs if st.name == "search" else retrain_epochs
+
+    def loss_file(st: _Stage) -> Path:
+        return found if st.name == "search" else out / st.name / "found_loss.yaml"
 
     # Before any training: clear what is restarted, refuse folders of another configuration.
     for st in plan:
@@ -546,6 +699,8 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
             done = stage_dir / "result.json"
             if done.is_file():
                 result = _read_json(done, "the stage is finished again from its checkpoint")
+                if result is not None and st.search and not _loss_file_ok(st.name, loss_file(st)):
+                    result = None
                 if result is not None:
                     rank_zero_info(f"[{st.name}] already done ({done}); skipped")
                     return result
@@ -557,7 +712,7 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
         trainer = _stage_trainer(kwargs, stage_dir, epochs_of(st), search=st.search)
         result = _fit_and_test(st.name, model_, dm_, trainer, stage_dir, resume, test=st.test)
         if st.search:
-            loss_path = found if st.name == "search" else stage_dir / "found_loss.yaml"
+            loss_path = loss_file(st)
             if trainer.is_global_zero:
                 model_.export_loss(loss_path)
             cb = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
@@ -707,7 +862,7 @@ class AutoBalanceTrainer(pl.Trainer):
         seed: int | None = None,
         one_phase: bool = False,
         fold_in: float = DEFAULT_FOLD_IN,
-        restart: list[str] | None = None,
+        restart: list[str] | str | None = None,
     ) -> dict[str, Any]:
         """Search the loss, retrain with it, train the baselines, test all and write results.json.
 
@@ -726,8 +881,9 @@ class AutoBalanceTrainer(pl.Trainer):
                 the split for the first ``fold_in`` share of its epochs, then trains on everything with it (row
                 ``one_phase``).
             fold_in: share of the one-phase run searched before the upper part joins training, in (0, 1).
-            restart: stages to train again from scratch (e.g. ``[search]``, which restarts the retraining with it,
-                or ``[all]``); a rerun refuses a stage folder of another configuration otherwise.
+            restart: stages to train again from scratch: one name (``--restart search``, which restarts the
+                retraining with it, or ``--restart all``) or a list (``--restart [search, la]``); a rerun refuses a
+                stage folder of another configuration otherwise.
         """
         if datamodule is None:
             raise PipelineSetupError("pipeline needs a datamodule (a LongTailDataModule).")

@@ -403,7 +403,7 @@ def test_folder_unreadable_image(tree: Path) -> None:
     position = lazy.train_dataset.paths.index(str(bad))
     with pytest.raises(RuntimeError, match=r"cannot read image file .*0000\.png"):
         lazy.train_dataset[position]
-    with pytest.raises(RuntimeError, match=r"cannot read image file .*cat.*0000\.png"):
+    with pytest.raises(RuntimeError, match=r"cannot be opened: .*cat.*0000\.png"):  # checked before decoding too
         LongTailImageFolder(str(tree), already_long_tailed=True, cache_in_memory=True).setup("fit")
 
 

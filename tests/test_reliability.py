@@ -94,7 +94,7 @@ def test_restarting_the_search_restarts_the_retraining_on_its_loss(tmp_path: Pat
     fp = json.loads((out / "autobalance" / "fingerprint.json").read_text())
     assert set(fp["inputs"]) == {"found_loss.yaml"}
     search_fp = json.loads((out / "search" / "fingerprint.json").read_text())
-    assert search_fp["autobalance"]["settings"]["every_n_steps"] == 2
+    assert search_fp["autobalance"]["settings"]["schedule"]["fields"]["every_n_steps"] == 2
     main(["pipeline", "--config", DIGITS, *QUICK, *tiny, "--trainer.callbacks.init_args.hyper_lr", "0.1",
           "--baselines", "[]", "--restart", "[search]", "--output_dir", str(out)])
     fp2 = json.loads((out / "autobalance" / "fingerprint.json").read_text())
@@ -138,7 +138,7 @@ def test_fit_time_adds_up_over_interruptions(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated interruption"):
         _run(out, crash_at(2))
-    state = torch.load(out / "la" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "la" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     before = state["callbacks"]["autobalance-pipeline-fit-clock"]["fit_time_s"]
     assert before > 0
     row = _run(out)["rows"][0]

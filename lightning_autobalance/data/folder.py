@@ -11,7 +11,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from lightning_autobalance.data import profiles, transforms
 from lightning_autobalance.data._checks import check_bool, check_int
 from lightning_autobalance.data.base import LongTailDataModule
-from lightning_autobalance.data.file_dataset import ImageFileDataset, decode_image
+from lightning_autobalance.data.file_dataset import ImageFileDataset, bad_images, decode_image
 from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
 
 __all__ = ["LongTailImageFolder"]
@@ -58,10 +58,11 @@ class LongTailImageFolder(LongTailDataModule):
         already_long_tailed: Keep the training data's own counts.
         image_size: None for 32x32 CIFAR-style data, else the side of the ImageNet-style crop.
         cache_in_memory: Decode once and keep the images in memory.
-        verify_images: Check, when the datasets are built (before training), that every image
-            the run uses opens as an image (PIL's header check, in parallel threads); a bad
-            file is named then rather than when its batch is read. With ``cache_in_memory``
-            every image is decoded there anyway, so this check is skipped.
+        verify_images: Check, when the counts are first read (before any training), that every
+            image the run uses is one: it opens as an image, passes PIL's ``verify()``, and a
+            JPEG decodes at 1/8 scale (which finds one cut short); in parallel threads, each
+            file once per process. A bad file (corrupt, truncated, not an image despite its
+            suffix) is named then, by path, rather than when its batch is read.
         **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
             ``search_split``, ``batch_size``, ``seed``, ...), with its defaults; ``device_resident`` only with
             ``image_size=None`` (the images are then decoded once, as with ``cache_in_memory``).
@@ -72,8 +73,8 @@ class LongTailImageFolder(LongTailDataModule):
             list line or a label out of range (naming the file and line), a class with
             fewer images than the profile asks for.
         FileNotFoundError: (idem) a missing folder, list file or listed image.
-        RuntimeError: An image that cannot be decoded (naming the file): when the datasets are
-            built with ``verify_images`` or ``cache_in_memory``, else when it is read.
+        RuntimeError: An image that cannot be used (naming the file): when the counts are first
+            read with ``verify_images``, else when it is decoded.
 
     Example:
         >>> dm = LongTailImageFolder("~/.cache/lightning-autobalance/cifar10-jpeg")  # doctest: +SKIP
@@ -279,24 +280,26 @@ class LongTailImageFolder(LongTailDataModule):
             return torch.stack(images) if images else torch.empty(0, 3, *_CIFAR_SIZE, dtype=torch.uint8)
         return images
 
-    def _verify(self, paths: list[str], what: str) -> None:
-        """Opens every file as an image (header check), in threads; names the bad ones."""
-        if self._in_memory or not self.verify_images:
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        from PIL import Image
-
-        def check(path: str) -> str | None:
+    def _ensure_plan(self) -> None:
+        """The plan, then (once) the check of every image it uses (see ``verify_images``): a bad file is named when
+        the counts are first read, before any training."""
+        first = self._kept is None
+        super()._ensure_plan()
+        if first and self._kept is not None:
             try:
-                with Image.open(path) as image:
-                    image.verify()
-            except Exception as err:  # not an image, a broken header, unreadable
-                return f"{path} ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
-            return None
+                self._verify([self._train_paths[i] for i in self._kept.tolist()], "training")
+                if self._test_files is not None:  # read already: validation uses the test set
+                    self._verify(self._test_files[0], "test")
+            except RuntimeError:
+                self._kept = None  # a later access checks again rather than going on with the bad files
+                raise
 
-        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-            bad = [b for b in pool.map(check, paths) if b is not None]
+    def _verify(self, paths: list[str], what: str) -> None:
+        """Checks every file as an image (:func:`~lightning_autobalance.data.file_dataset.check_image`), in
+        threads; names the bad ones."""
+        if not self.verify_images:
+            return
+        bad = bad_images(paths)
         if bad:
             raise RuntimeError(
                 f"LongTailImageFolder: {len(bad)} of the {len(paths)} {what} images cannot be opened: "
@@ -305,11 +308,8 @@ class LongTailImageFolder(LongTailDataModule):
             )
 
     def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
-        self._ensure_plan()
+        self._ensure_plan()  # which checked every image the run trains on
         assert self._pool_targets is not None and self._kept is not None
-        if not getattr(self, "_verified", False):  # every image the run trains on, once
-            self._verify([self._train_paths[i] for i in self._kept.tolist()], "training")
-            self._verified = True
         targets = self._pool_targets[indices]
         if not self._in_memory:
             paths = [self._train_paths[i] for i in indices.tolist()]
