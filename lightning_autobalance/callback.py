@@ -30,7 +30,7 @@ from typing_extensions import override
 from lightning_autobalance.batch_stream import BatchStream
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.flat_settings import flat_settings, settings_value
+from lightning_autobalance.flat_settings import callback_values, flat_settings
 from lightning_autobalance.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.mixin import AutoBalanceMixin
@@ -154,19 +154,9 @@ class AutoBalanceCallback(Callback):
                              f"{upper_batches}.")
         if log_max_classes < 0:
             raise ValueError(f"log_max_classes must be >= 0; got {log_max_classes}.")
-        self.schedule: Schedule = settings_value(Schedule, schedule, groups["schedule"], "schedule")
         self.estimator = Estimator.coerce(estimator)
-        if groups["objective"] and isinstance(objective, (UpperObjective, Mapping)):
-            raise ValueError("give objective_kwargs only with an objective given by name or class.")
-        self.objective = (UpperObjective(objective, **groups["objective"]) if groups["objective"]
-                          else UpperObjective.coerce(objective))
-        if upper_dataloader is not None:
-            groups["upper"]["dataloader"] = upper_dataloader
-        self.upper: UpperData = settings_value(UpperData, upper, groups["upper"], "upper")
-        if isinstance(hyper_optimizer, (HyperOptimizer, Mapping)) or not groups["hyper"]:
-            self.hyper_optimizer = settings_value(HyperOptimizer, hyper_optimizer, groups["hyper"], "hyper_optimizer")
-        else:  # an optimizer callable (or none) with its settings by their flat names
-            self.hyper_optimizer = HyperOptimizer(optimizer=hyper_optimizer, **groups["hyper"])
+        self.schedule, self.objective, self.upper, self.hyper_optimizer = callback_values(
+            groups, schedule, objective, upper, hyper_optimizer, upper_dataloader)
         self.train_batches, self.upper_batches = train_batches, upper_batches
         self.log_max_classes, self.seed = log_max_classes, seed
 

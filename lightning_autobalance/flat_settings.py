@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_autobalance.hyper_optimizer import LrSchedule, SchedulerCallable
-from lightning_autobalance.upper_data import UpperSource
+from lightning_autobalance.hyper_optimizer import HyperOptimizer, LrSchedule, SchedulerCallable
+from lightning_autobalance.objectives import UpperObjective
+from lightning_autobalance.schedule import Schedule
+from lightning_autobalance.upper_data import UpperData, UpperSource
 
-__all__ = ["flat_settings", "settings_value"]
+__all__ = ["callback_values", "flat_settings", "settings_value"]
 
 
 def flat_settings(every_n_steps: int | None = None, target_hyper_steps: int | None = None,
@@ -71,3 +73,26 @@ def settings_value(cls: Any, value: Any, flat: dict[str, Any], name: str) -> Any
     if value is not None:
         raise ValueError(f"give {name}=... or its settings by name ({', '.join(sorted(flat))}), not both.")
     return cls(**flat)
+
+
+def callback_values(groups: dict[str, dict[str, Any]], schedule: Any, objective: Any, upper: Any,
+                    hyper_optimizer: Any, upper_dataloader: Any) -> tuple[Schedule, UpperObjective, UpperData,
+                                                                          HyperOptimizer]:
+    """The callback's values from its arguments and the settings :func:`flat_settings` grouped.
+
+    Raises:
+        ValueError: a value given both whole and by its flat settings, or a bad setting.
+    """
+    schedule = settings_value(Schedule, schedule, groups["schedule"], "schedule")
+    if groups["objective"] and isinstance(objective, (UpperObjective, Mapping)):
+        raise ValueError("give objective_kwargs only with an objective given by name or class.")
+    objective = (UpperObjective(objective, **groups["objective"]) if groups["objective"]
+                 else UpperObjective.coerce(objective))
+    if upper_dataloader is not None:
+        groups["upper"]["dataloader"] = upper_dataloader
+    upper = settings_value(UpperData, upper, groups["upper"], "upper")
+    if isinstance(hyper_optimizer, (HyperOptimizer, Mapping)) or not groups["hyper"]:
+        hyper_optimizer = settings_value(HyperOptimizer, hyper_optimizer, groups["hyper"], "hyper_optimizer")
+    else:  # an optimizer callable (or none) with its settings by their flat names
+        hyper_optimizer = HyperOptimizer(optimizer=hyper_optimizer, **groups["hyper"])
+    return schedule, objective, upper, hyper_optimizer

@@ -1104,3 +1104,70 @@ def test_a_module_training_with_its_own_criterion_stops_with_one_line():
         _trainer([callback], max_steps=3).fit(model, _train_loader())
     assert "\n" not in str(info.value)
     assert callback.hyper_steps == 0  # the loss parameters never moved on a model that does not train on them
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. values: plain mappings (Hydra, jsonargparse), the flat names, an overridden schedule, the progress bar
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mapping(**settings):
+    """A read-only mapping that is not a ``dict`` (Hydra's ``DictConfig`` is a ``MutableMapping``, not a dict)."""
+    import types
+
+    return types.MappingProxyType(dict(settings))
+
+
+def test_every_value_accepts_a_plain_mapping():
+    callback = AutoBalanceCallback(schedule=_mapping(every_n_steps=3, start_step=0),
+                                   estimator=_mapping(method="cg", cg_iterations=4),
+                                   objective=_mapping(name="worst_class", temperature=0.5),
+                                   upper=_mapping(source="val", balanced=False),
+                                   hyper_optimizer=_mapping(lr=0.05, shrinkage=0.0))
+    assert callback.schedule.every_n_steps == 3 and callback.schedule.start_step == 0
+    assert callback.estimator == Estimator(method="cg", cg_iterations=4)
+    assert callback.objective.name == "worst_class" and callback.objective.settings == {"temperature": 0.5}
+    assert callback.upper.source == "val" and not callback.upper.balanced
+    assert callback.hyper_optimizer.lr == 0.05 and callback.hyper_optimizer.shrinkage == 0.0
+
+
+def test_flat_names_give_the_same_values_as_the_values():
+    from lightning_autobalance import HyperOptimizer, Schedule, UpperObjective
+
+    flat = AutoBalanceCallback(every_n_steps=3, start_epoch=2, hyper_lr=0.05, shrinkage=1.0, objective="worst_group",
+                               objective_kwargs={"over": "group"}, upper_source="val", balanced_upper=False)
+    whole = AutoBalanceCallback(schedule=Schedule(every_n_steps=3, start_epoch=2),
+                                hyper_optimizer=HyperOptimizer(lr=0.05, shrinkage=1.0),
+                                objective=UpperObjective("worst_group", over="group"),
+                                upper={"source": "val", "balanced": False})
+    assert flat.schedule == whole.schedule and flat.hyper_optimizer == whole.hyper_optimizer
+    assert flat.objective == whole.objective
+    assert flat.upper.hparams == whole.upper.hparams
+    assert flat.state_key == whole.state_key
+
+
+def test_an_overridden_should_step_decides_the_hyper_steps():
+    from lightning_autobalance import Schedule
+
+    class EvenEpochs(Schedule):
+        def should_step(self, step: int, epoch: int) -> bool:
+            return epoch % 2 == 0
+
+    seen = []
+
+    class Spy(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((trainer.current_epoch, callback.hyper_steps))
+
+    callback = AutoBalanceCallback(schedule=EvenEpochs(), upper_dataloader=_upper_loader())
+    _trainer([callback, Spy()], max_epochs=3).fit(Net(), _train_loader())
+    per_epoch = len(_train_loader())
+    assert callback.hyper_steps == 2 * per_epoch  # epochs 0 and 2
+    assert [h for e, h in seen if e == 1] == [per_epoch] * per_epoch  # none in epoch 1
+
+
+def test_the_objective_reaches_the_progress_bar_once_an_epoch():
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader())
+    trainer = _trainer([callback], max_epochs=2, enable_progress_bar=True)
+    trainer.fit(Net(), _train_loader())
+    assert trainer.progress_bar_metrics["hyper_obj"] == pytest.approx(callback.last_objective)
