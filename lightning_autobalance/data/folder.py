@@ -16,7 +16,6 @@ from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
 
 __all__ = ["LongTailImageFolder"]
 
-_CIFAR_SIZE = (32, 32)
 
 
 class LongTailImageFolder(LongTailDataModule):
@@ -41,8 +40,8 @@ class LongTailImageFolder(LongTailDataModule):
 
     With ``already_long_tailed=True`` the training data's own counts are used as they are.
 
-    Transforms: with ``image_size=None`` images are decoded at 32x32 (resized when they
-    differ) and get CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip,
+    Transforms: with ``image_size=None`` images are decoded at 32x32 (``cifar_size``; resized
+    when they differ) and get CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip,
     CIFAR-10 mean/std); with an integer, ``RandomResizedCrop(image_size)`` and flip for
     training, ``Resize(int(image_size * 256 / 224))`` and ``CenterCrop(image_size)`` for
     evaluation, ImageNet mean/std.
@@ -57,6 +56,13 @@ class LongTailImageFolder(LongTailDataModule):
         n_max: Count of class 0 in the profile; None means the largest training class.
         already_long_tailed: Keep the training data's own counts.
         image_size: None for 32x32 CIFAR-style data, else the side of the ImageNet-style crop.
+        cifar_size: With ``image_size=None``, the side of the CIFAR-style images: every image is
+            decoded and resized (PIL bilinear, antialiased) to ``cifar_size x cifar_size`` and
+            augmented with ``RandomCrop(cifar_size, padding=max(1, cifar_size // 8))`` and flip
+            (32: the usual 32x32 with padding 4; e.g. 16 for a fast CPU benchmark at 16x16).
+        train_augment: Whether training images get the random augmentation (crop and flip, or the
+            resized crop); False trains on the images as they are, which fits the training set
+            quickly (a terminal-phase benchmark). The upper part follows it (and ``upper_augment``).
         cache_in_memory: Decode once and keep the images in memory.
         verify_images: Check, when the counts are first read (before any training), that every
             image the run uses is one: it opens as an image, passes PIL's ``verify()``, and a
@@ -90,6 +96,8 @@ class LongTailImageFolder(LongTailDataModule):
         n_max: int | None = None,
         already_long_tailed: bool = False,
         image_size: int | None = None,
+        cifar_size: int = 32,
+        train_augment: bool = True,
         cache_in_memory: bool = False,
         verify_images: bool = True,
         **kwargs: Any,
@@ -110,6 +118,11 @@ class LongTailImageFolder(LongTailDataModule):
         if self.already_long_tailed and self.n_max is not None:
             raise ValueError("n_max must be None with already_long_tailed=True (the data's own counts are used)")
         self.image_size = check_int("image_size", image_size, 1, allow_none=True)
+        self.cifar_size = check_int("cifar_size", cifar_size, 2)
+        if self.image_size is not None and self.cifar_size != 32:
+            raise ValueError(f"cifar_size applies to CIFAR-style data (image_size=None) only; got cifar_size="
+                             f"{self.cifar_size} with image_size={self.image_size}")
+        self.train_augment = check_bool("train_augment", train_augment)
         self.cache_in_memory = check_bool("cache_in_memory", cache_in_memory)
         self.verify_images = check_bool("verify_images", verify_images)
         if self.device_resident and self.image_size is not None:
@@ -266,18 +279,21 @@ class LongTailImageFolder(LongTailDataModule):
 
     # ------------------------------------------------------------------ datasets
     def _transform(self, train: bool) -> Any:
+        train = train and self.train_augment
         if self.image_size is None:
-            return transforms.cifar_transform(transforms.CIFAR10_MEAN, transforms.CIFAR10_STD, train=train)
+            return transforms.cifar_transform(transforms.CIFAR10_MEAN, transforms.CIFAR10_STD, train=train,
+                                              size=self.cifar_size, padding=max(1, self.cifar_size // 8))
         return transforms.imagenet_transform(self.image_size, train=train)
 
     @property
     def _decode_size(self) -> tuple[int, int] | None:
-        return _CIFAR_SIZE if self.image_size is None else None
+        return (self.cifar_size, self.cifar_size) if self.image_size is None else None
 
     def _decoded(self, paths: list[str]) -> torch.Tensor | list[torch.Tensor]:
         images = [decode_image(path, self._decode_size) for path in paths]
         if self.image_size is None:
-            return torch.stack(images) if images else torch.empty(0, 3, *_CIFAR_SIZE, dtype=torch.uint8)
+            side = self.cifar_size
+            return torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
         return images
 
     def _ensure_plan(self) -> None:
@@ -319,7 +335,8 @@ class LongTailImageFolder(LongTailDataModule):
                 self._cache[i] = decode_image(self._train_paths[i], self._decode_size)
         images: torch.Tensor | list[torch.Tensor] = [self._cache[i] for i in indices.tolist()]
         if self.image_size is None:
-            images = torch.stack(images) if images else torch.empty(0, 3, *_CIFAR_SIZE, dtype=torch.uint8)
+            side = self.cifar_size
+            images = torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
         return InMemoryImageDataset(images, targets, self._transform(augment))
 
     def _build_test_dataset(self) -> Dataset[Any]:
