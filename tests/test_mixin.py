@@ -785,3 +785,14 @@ def test_mixin_after_lightning_module_with_configure_and_no_counts(tmp_path):
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     loaded = After.load_from_checkpoint(tmp_path / "after.ckpt")
     assert loaded.autobalance.class_counts[0].tolist() == COUNTS
+
+
+def test_log_softmax_is_harmless_with_offsets_only():
+    """What docs/recipes.md promises a tutorial module that keeps log_softmax: with offsets (and weights) searched
+    and delta 1, the loss and its gradient are those of the raw scores."""
+    model = Net(preset="la", search=("offset", "weight"))
+    _randomize(model, seed=2)
+    x, y = _data()
+    raw = model(x).detach().requires_grad_(True)
+    logp = F.log_softmax(raw, dim=1)
+    torch.testing.assert_close(model.autobalance_loss(logp, y), model.autobalance_loss(raw, y))
