@@ -3,10 +3,12 @@ every value the callback takes (``Estimator``, ``Schedule``, ``HyperOptimizer``,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
-__all__ = ["mapping_settings"]
+__all__ = ["coerce_value", "mapping_settings"]
+
+T = TypeVar("T")
 
 
 def mapping_settings(value: Mapping[Any, Any], known: Iterable[str], what: str) -> dict[str, Any]:
@@ -26,3 +28,30 @@ def mapping_settings(value: Mapping[Any, Any], known: Iterable[str], what: str) 
     if unknown:
         raise ValueError(f"{what}: unknown settings {unknown}; expected some of {known}.")
     return settings
+
+
+def coerce_value(cls: type[T], value: Any, what: str, known: Iterable[str],
+                 other: tuple[str, Callable[[Any], T | None]] | None = None) -> T:
+    """``cls`` from itself, ``None`` (its defaults), a mapping of its settings, or (``other``: a description and a
+    converter returning ``None`` when it does not apply) another form; raises ``ValueError`` naming what was given.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Rate:
+        ...     lr: float = 0.1
+        >>> coerce_value(Rate, {"lr": 0.5}, "rate", ["lr"]), coerce_value(Rate, None, "rate", ["lr"])
+        (Rate(lr=0.5), Rate(lr=0.1))
+    """
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**mapping_settings(value, known, what))
+    converted = other[1](value) if other is not None else None
+    if converted is not None:
+        return converted
+    also = f", {other[0]}" if other is not None else ""
+    raise ValueError(f"{what} must be a lightning_autobalance.{cls.__name__}{also} or a mapping of its settings; got "
+                     f"{type(value).__name__}.")

@@ -7,11 +7,11 @@ group (``estimator: {method: cg, cg_iterations: 10}``). It is validated here, on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from lightning_autobalance.coerce import mapping_settings
+from lightning_autobalance.coerce import coerce_value
 
 __all__ = ["CURVATURES", "PRODUCTS", "SOLVERS", "Curvature", "Estimator", "ProductMode"]
 
@@ -111,11 +111,4 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
         Raises:
             ValueError: for another type, a key that is not a field, or a bad setting.
         """
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**mapping_settings(value, (f.name for f in fields(cls)), "estimator"))
-        raise ValueError(f"estimator must be a lightning_autobalance.Estimator or a mapping of its settings (e.g. "
-                         f"{{'method': 'cg'}}); got {type(value).__name__}.")
+        return coerce_value(cls, value, "estimator", (f.name for f in fields(cls)))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_autobalance.coerce import mapping_settings
+from lightning_autobalance.coerce import coerce_value
 
 __all__ = ["HyperOptimizer", "HyperUpdate", "OptimizerCallable", "SchedulerCallable"]
 
@@ -92,16 +92,8 @@ class HyperOptimizer:
     def coerce(cls, value: Any) -> HyperOptimizer:
         """A :class:`HyperOptimizer` from itself, ``None`` (the default), an optimizer callable, or a mapping of its
         settings (a YAML group, a Hydra ``DictConfig``), validated alike."""
-        if value is None:
-            return cls()
-        if isinstance(value, HyperOptimizer):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**mapping_settings(value, (f.name for f in fields(cls)), "hyper_optimizer"))
-        if callable(value):
-            return cls(optimizer=value)
-        raise ValueError(f"hyper_optimizer must be a callable params -> Optimizer, a HyperOptimizer or a mapping of "
-                         f"its settings; got {type(value).__name__}.")
+        return coerce_value(cls, value, "hyper_optimizer", (f.name for f in fields(cls)),
+                            ("a callable params -> Optimizer", lambda v: cls(optimizer=v) if callable(v) else None))
 
     def optimizer_fn(self) -> OptimizerCallable:
         """The callable that builds the optimizer (a partial, not a closure: ``ddp_spawn`` pickles callbacks)."""

@@ -44,7 +44,7 @@ class Reducer:
         ValueError: Reducer: world_size=2 needs a sum(t) callable that sums over the processes.
     """
 
-    def __init__(self, world_size: int = 1, sum: Callable[[Tensor], Tensor] | None = None,  # noqa: A002
+    def __init__(self, world_size: int = 1, sum: Callable[[Tensor], Tensor] | None = None,
                  mean: Callable[[Tensor], Tensor] | None = None) -> None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"Reducer: world_size must be a positive integer; got {world_size!r}.")

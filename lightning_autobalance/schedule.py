@@ -12,11 +12,10 @@ Plain Python; nothing of Lightning (the callback hands in the run's length and e
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lightning_autobalance.coerce import mapping_settings
+from lightning_autobalance.coerce import coerce_value
 
 __all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "Schedule", "auto_interval"]
 
@@ -120,14 +119,7 @@ class Schedule:
     def coerce(cls, value: Any) -> Schedule:
         """A :class:`Schedule` from itself, ``None`` (the default), or a mapping of its settings (a YAML group, a
         Hydra ``DictConfig``), validated alike."""
-        if value is None:
-            return cls()
-        if isinstance(value, Schedule):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**mapping_settings(value, (f.name for f in fields(cls)), "schedule"))
-        raise ValueError(f"schedule must be a lightning_autobalance.Schedule or a mapping of its settings; got "
-                         f"{type(value).__name__}.")
+        return coerce_value(cls, value, "schedule", (f.name for f in fields(cls)))
 
     # ------------------------------------------------------------------------------------------------------------
     def bounds(self) -> tuple[tuple[str, int], list[tuple[str, int]]]:

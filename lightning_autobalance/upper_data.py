@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_autobalance.batch_stream import BatchStream
-from lightning_autobalance.coerce import mapping_settings
+from lightning_autobalance.coerce import coerce_value
 
 __all__ = ["UpperData", "UpperSource", "preserve_random_state"]
 
@@ -83,6 +83,7 @@ class UpperData:
         if class_counts is not None and (isinstance(class_counts, (str, bytes)) or any(
                 isinstance(c, bool) or int(c) != c or c < 0 for c in class_counts)):
             raise ValueError(f"upper_class_counts must be whole numbers >= 0, one per class; got {class_counts!r}.")
+        class_counts = None if class_counts is None else [int(c) for c in class_counts]
         self.source, self.dataloader, self.class_counts, self.balanced = source, dataloader, class_counts, balanced
         #: after :meth:`setup`: the stream of upper batches, the counts per class and per (group, class) cell
         self.stream: BatchStream | None = None
@@ -104,19 +105,8 @@ class UpperData:
     def coerce(cls, value: Any) -> UpperData:
         """An :class:`UpperData` from itself, ``None`` (the default), a dataloader, or a mapping of its settings (a
         YAML group, a Hydra ``DictConfig``), validated alike."""
-        if value is None:
-            return cls()
-        if isinstance(value, UpperData):
-            return value
-        if isinstance(value, Mapping):
-            settings = mapping_settings(value, ("source", "dataloader", "class_counts", "balanced"), "upper")
-            if settings.get("class_counts") is not None:
-                settings["class_counts"] = list(settings["class_counts"])
-            return cls(**settings)
-        if hasattr(value, "__iter__") and hasattr(value, "dataset"):
-            return cls(dataloader=value)
-        raise ValueError(f"upper must be a lightning_autobalance.UpperData, a mapping of its settings or a "
-                         f"DataLoader; got {type(value).__name__}.")
+        return coerce_value(cls, value, "upper", ("source", "dataloader", "class_counts", "balanced"),
+                            ("a DataLoader", lambda v: cls(dataloader=v) if hasattr(v, "dataset") else None))
 
     # ------------------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool,
