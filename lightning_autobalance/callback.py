@@ -82,7 +82,8 @@ class AutoBalanceCallback(Callback):
     The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
     in the precision plugin's forward context, from and back to the training loop's random state; the
     loss-parameter arithmetic stays in float32 or wider. A non-finite hypergradient skips that step with a warning.
-    A hyper step reads nothing back from the device (under any estimator, objective, float16 or DDP): its figures
+    A hyper step reads nothing back from the device (under any estimator, objective, float16 or DDP; only an
+    objective set to ``missing="raise"`` reads whether its units are present): its figures
     (objective, hypergradient norm, loss parameters) reach loggers in one transfer at the end of each epoch, every 64
     hyper steps and at the end of the fit, and the progress bar shows ``hyper_obj`` once an epoch. Under DDP one
     :class:`~lightning_autobalance.reduce.Reducer` averages every linear piece over the processes and sums the
@@ -105,8 +106,8 @@ class AutoBalanceCallback(Callback):
             ``objective(logits, target, group) -> scalar``. Objectives given by name or class are built at setup from
             the counts of the upper data (per (group, class) cell when its batches carry groups).
         upper: where upper batches come from (:class:`~lightning_autobalance.UpperData`: ``source``,
-            ``dataloader``, ``class_counts``, ``balanced``). Default: the datamodule's or module's
-            ``upper_dataloader()``, else ``upper_dataloader``, else the validation data (with a warning).
+            ``dataloader``, ``class_counts``, ``balanced``). Default: the dataloader given, else the datamodule's
+            or module's ``upper_dataloader()``, else the validation data (with a warning).
         hyper_optimizer: how the loss parameters move: a callable ``params -> torch.optim.Optimizer`` (from YAML:
             ``class_path: torch.optim.SGD`` with ``init_args``), or a :class:`~lightning_autobalance.HyperOptimizer`
             (``optimizer``, ``lr``, ``scheduler``, ``lr_schedule``, ``shrinkage``, ``max_norm``). Default: Adam, lr
