@@ -79,7 +79,7 @@ def main() -> None:
         else:
             dm = synthetic()
         model = ImbalancedClassifier("resnet32", num_classes=dm.num_classes, class_counts=dm.class_counts,
-                                     channels_last=True, warmup_epochs=0)
+                                     channels_last=True)
         timer = EpochTimer()
         callback = AutoBalanceCallback(every_n_steps=10, start_step=0)
         trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1,

@@ -64,8 +64,9 @@ def scaled_epochs(scale: float) -> list[str]:
     e = {k: (tuple(max(1, round(m * scale)) for m in v) if isinstance(v, tuple) else max(1, round(v * scale)))
          for k, v in EPOCHS.items()}
     return ["--search_epochs", str(e["search_epochs"]), "--retrain_epochs", str(e["retrain_epochs"]),
-            "--model.milestones", json.dumps(list(e["milestones"])), "--model.drw_epoch", str(e["drw_epoch"]),
-            "--model.warmup_epochs", str(EPOCHS["warmup_epochs"] * scale)]
+            "--model.lr_scheduler.init_args.milestones", json.dumps(list(e["milestones"])),
+            "--model.drw_epoch", str(e["drw_epoch"]),
+            "--model.lr_scheduler.init_args.warmup_epochs", str(EPOCHS["warmup_epochs"] * scale)]
 
 
 def run_args(row: str, seed: int, out: Path, args: argparse.Namespace) -> list[str]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -283,7 +284,7 @@ def datamodule(args: argparse.Namespace, seed: int, search: bool, augment: bool,
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(lr=args.lr, momentum=0.9, weight_decay=args.wd, lr_schedule="cosine")
+    return dict(optimizer=functools.partial(torch.optim.SGD, lr=args.lr, momentum=0.9, weight_decay=args.wd))
 
 
 @torch.no_grad()

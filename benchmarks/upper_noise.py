@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import time
@@ -73,9 +74,10 @@ def main() -> None:
     dm.setup("fit")
     pl.seed_everything(args.seed, verbose=False)
     network = "digits_net" if args.data == "digits" else "resnet32"
+    sgd = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4} if args.data == "digits" else \
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4}
     model = ImbalancedClassifier(network, num_classes=dm.num_classes, class_counts=dm.class_counts, preset="la",
-                                 search=("offset",), lr=0.05 if args.data == "digits" else 0.1,
-                                 weight_decay=5e-4 if args.data == "digits" else 2e-4, lr_schedule="cosine")
+                                 search=("offset",), optimizer=functools.partial(torch.optim.SGD, **sgd))
     pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, datamodule=dm)
     model.train()

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from typing_extensions import override
 
 from lightning_autobalance.data.profiles import head_medium_tail
 from lightning_autobalance.losses import FocalLoss, GroupDROLoss, LDAMLoss, Reduction
+from lightning_autobalance.lr_schedule import WarmupDecayLR
 from lightning_autobalance.metrics import GroupErrors
 from lightning_autobalance.mixin import AutoBalanceMixin
 from lightning_autobalance.models import NormedLinear, build_network
@@ -26,15 +27,38 @@ __all__ = ["ImbalancedClassifier"]
 LossName = Literal["autobalance", "ldam", "focal", "group_dro"]
 
 
+def _check_optimization(optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Builds the optimizer and scheduler once on a throw-away parameter, so that a bad setting (a negative learning
+    rate, a missing scheduler argument) is reported at construction, not when training starts."""
+    for name, value in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+        if value is not None and not callable(value):
+            raise ValueError(f"{name} must be a callable (from YAML: a class_path such as torch.optim.SGD with its "
+                             f"init_args) or None; got {value!r}.")
+    probe = [nn.Parameter(torch.zeros(1))]
+    try:
+        opt = optimizer(probe) if optimizer is not None else torch.optim.SGD(probe, lr=0.1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"optimizer: {err}") from err
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must return a torch.optim.Optimizer; it returned a {type(opt).__name__}.")
+    if lr_scheduler is not None:
+        try:
+            lr_scheduler(opt)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"lr_scheduler: {err}") from err
+
+
 class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
     """A classifier trained with an AutoBalance loss (or the LDAM-DRW / focal / group DRO baselines), with long-tail
     and group metrics.
 
-    The optimiser and schedule default to the paper's: SGD with momentum, a linear warm-up, then step decay or
-    cosine annealing, stepped every optimizer step. Validation and test log the balanced error (``1 -`` the
-    macro-averaged recall, i.e. torchmetrics' ``MulticlassAccuracy(average="macro")``), the error on head,
-    medium and tail classes, and (up to ``log_max_classes`` classes) the error of every class. At test time the
-    raw logits are used: the loss adjustment shapes training only.
+    The optimiser and schedule are LightningCLI callables (``class_path`` plus ``init_args`` in YAML); by default
+    SGD (``lr=0.1, momentum=0.9, weight_decay=2e-4``) under :class:`~lightning_autobalance.lr_schedule.WarmupDecayLR`
+    (cosine annealing to 0 over the run, stepped every optimizer step; the paper's linear warm-up and step decay are
+    its ``warmup_epochs``, ``schedule="step"``, ``milestones`` and ``lr_decay``). Validation and test log the
+    balanced error (``1 -`` the macro-averaged recall, i.e. torchmetrics' ``MulticlassAccuracy(average="macro")``),
+    the error on head, medium and tail classes, and (up to ``log_max_classes`` classes) the error of every class. At
+    test time the raw logits are used: the loss adjustment shapes training only.
 
     With groups (``num_groups >= 2``, batches ``(x, y, g)``) the loss tables are ``G x K`` (from ``group_counts``
     when given, so presets see the counts of every (group, class) cell) and validation and test also log the group
@@ -69,15 +93,14 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         drw_epoch: epoch from which LDAM uses class-balanced weights (``None``: never).
         focal_gamma: focal-loss exponent.
         dro_step_size: step size of the group weights of ``loss="group_dro"``.
-        optimizer: a callable ``params -> Optimizer`` replacing the default SGD.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        nesterov: Nesterov momentum.
-        lr_schedule: ``"step"``, ``"cosine"`` or ``"constant"`` after the warm-up.
-        warmup_epochs: epochs of linear warm-up (may be fractional).
-        milestones: epochs at which ``"step"`` multiplies the learning rate by ``lr_decay``.
-        lr_decay: the step factor.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``; in YAML a ``class_path``
+            such as ``torch.optim.SGD`` with its ``init_args``). None: ``torch.optim.SGD(params, lr=0.1,
+            momentum=0.9, weight_decay=2e-4)``.
+        lr_scheduler: a callable ``optimizer -> LRScheduler`` (LightningCLI's ``LRSchedulerCallable``). A
+            :class:`~lightning_autobalance.lr_schedule.WarmupDecayLR` is sized to the run (``fit_to_run``) and
+            stepped every optimizer step; any other scheduler is stepped every epoch (a ``ReduceLROnPlateau``
+            watches ``val/balanced_error``). None: ``WarmupDecayLR(optimizer)`` (cosine to 0 over the run, no
+            warm-up); for a constant rate give ``WarmupDecayLR`` with ``schedule: constant``.
         channels_last: use the ``channels_last`` memory format for image inputs (faster convolutions on CPU).
         log_max_classes: log the error of every class up to this many classes.
 
@@ -108,15 +131,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         drw_epoch: int | None = 160,
         focal_gamma: float = 1.0,
         dro_step_size: float = 0.01,
-        optimizer: Callable[[Iterable], Optimizer] | None = None,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 2e-4,
-        nesterov: bool = False,
-        lr_schedule: Literal["step", "cosine", "constant"] = "cosine",
-        warmup_epochs: float = 0.0,
-        milestones: Sequence[int] = (160, 180),
-        lr_decay: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
         log_max_classes: int = 100,
     ) -> None:
@@ -143,15 +159,12 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             loss_counts = group_counts
         if loss == "group_dro" and not num_groups:
             raise ValueError("loss='group_dro' needs groups: give num_groups (and batches (x, y, g)).")
-        if lr <= 0 or weight_decay < 0 or warmup_epochs < 0 or not 0 < lr_decay <= 1:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0 and 0 < lr_decay <= 1; got {lr}, "
-                             f"{weight_decay}, {warmup_epochs}, {lr_decay}.")
-        if lr_schedule not in ("step", "cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'step', 'cosine' or 'constant'; got {lr_schedule!r}.")
+        _check_optimization(optimizer, lr_scheduler)
         self.save_hyperparameters()
         self.network = build_network(network, num_classes) if isinstance(network, str) else network(num_classes)
         self.loss_name = loss
         self.optimizer_fn = optimizer
+        self.lr_scheduler_fn = lr_scheduler
         searched = search if loss == "autobalance" else ()
         self.configure_autobalance(loss_counts, preset=preset if loss == "autobalance" else "ce", search=searched,
                                    parametrization=parametrization, group_size=group_size, num_groups=num_groups,
@@ -276,31 +289,33 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_fn is not None:
             optimizer = self.optimizer_fn(params)
         else:
-            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
-                                        nesterov=hp.nesterov)
-        trainer = self._trainer
-        total = trainer.estimated_stepping_batches if trainer is not None else math.inf
-        epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs not in (None, -1) else None
-        if not math.isfinite(total) or not epochs:
+            optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4)
+        trainer = self._attached_trainer()
+        total = getattr(trainer, "estimated_stepping_batches", math.inf) if trainer is not None else math.inf
+        max_epochs = getattr(trainer, "max_epochs", None)
+        epochs = max_epochs if max_epochs not in (None, -1) else None
+        known = math.isfinite(total) and bool(epochs)
+        if self.lr_scheduler_fn is None and not known:  # a run of unknown length: the optimizer's own rate throughout
             return optimizer
-        steps_per_epoch = max(total / epochs, 1.0)
-        warmup, schedule, milestones, decay = hp.warmup_epochs, hp.lr_schedule, sorted(hp.milestones), hp.lr_decay
-
-        def factor(step: int) -> float:
-            epoch = step / steps_per_epoch
-            if warmup > 0 and epoch < warmup:
-                return (epoch + 1.0 / steps_per_epoch) / warmup
-            if schedule == "cosine":
-                progress = min((epoch - warmup) / max(epochs - warmup, 1e-8), 1.0)
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            if schedule == "step":
-                return decay ** sum(epoch >= m for m in milestones)
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = self.lr_scheduler_fn(optimizer) if self.lr_scheduler_fn is not None else WarmupDecayLR(optimizer)
+        if not isinstance(scheduler, WarmupDecayLR):  # in the scheduler's own units: stepped every epoch
+            config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config["monitor"] = "val/balanced_error"
+            return {"optimizer": optimizer, "lr_scheduler": config}
+        if not known:
+            return optimizer
+        assert epochs is not None
+        scheduler.fit_to_run(max(total / epochs, 1.0), epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _attached_trainer(self) -> pl.Trainer | None:
+        """The trainer this module is attached to, or None (built outside a fit, e.g. to be exported)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's "... is not attached to a `Trainer`"
+            return None

@@ -93,9 +93,9 @@ class AutoBalanceCLI(LightningCLI):
                 # The pipeline re-creates the model for every stage from its hyperparameters, so an optimizer
                 # patched onto this instance would be silently dropped.
                 raise ValueError(f"`pipeline` does not take {' or '.join('--' + k for k in given)}: it builds a "
-                                 "new model for every stage from the `model` arguments. Set the optimizer there "
-                                 "(model.lr, model.momentum, model.weight_decay, model.lr_schedule, or "
-                                 "model.optimizer with a class_path such as torch.optim.AdamW).")
+                                 "new model for every stage from the `model` arguments. Set them there: "
+                                 "model.optimizer and model.lr_scheduler, each a class_path (such as "
+                                 "torch.optim.AdamW, lightning_autobalance.lr_schedule.WarmupDecayLR) with init_args.")
             return
         super()._add_configure_optimizers_method_to_model(subcommand)
 

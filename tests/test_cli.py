@@ -119,8 +119,13 @@ def test_example_config_parses(name: str, capsys: pytest.CaptureFixture) -> None
         assert callback["class_path"] == "lightning_autobalance.AutoBalanceCallback"
     if name.startswith("cifar"):
         model = config["model"]
-        assert (model["lr"], model["momentum"], model["weight_decay"]) == (0.1, 0.9, 1e-4)
-        assert (model["lr_schedule"], model["warmup_epochs"], model["milestones"]) == ("step", 5, [160, 180])
+        optimizer, schedule = model["optimizer"], model["lr_scheduler"]
+        assert optimizer["class_path"] == "torch.optim.SGD"
+        sgd = {key: optimizer["init_args"][key] for key in ("lr", "momentum", "weight_decay", "nesterov")}
+        assert sgd == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+        assert schedule["class_path"] == "lightning_autobalance.lr_schedule.WarmupDecayLR"
+        assert schedule["init_args"] == {"schedule": "step", "warmup_epochs": 5, "milestones": [160, 180],
+                                         "lr_decay": 0.1}
         assert (config["search_epochs"], config["retrain_epochs"]) == (300, 200)
         assert config["trainer"]["callbacks"][0]["init_args"]["start_epoch"] == 120
     if name in ("cifar10_lt", "cifar100_lt"):

@@ -7,6 +7,7 @@ distribution of crop offsets and flips; fits, one-phase runs and the pipeline wo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -169,7 +170,8 @@ def test_device_resident_refusals(tmp_path: Path):
 def test_a_search_fits_on_device_resident_digits(tmp_path: Path):
     pl.seed_everything(0)
     dm = LongTailDigits(imbalance_ratio=10, search_split=True, batch_size=32, device_resident=True)
-    model = ImbalancedClassifier("digits_net", dm.num_classes, dm.class_counts, preset="la", lr=0.05)
+    model = ImbalancedClassifier("digits_net", dm.num_classes, dm.class_counts, preset="la",
+                                 optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=2e-4))
     callback = AutoBalanceCallback(every_n_steps=2, start_epoch=0)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
@@ -199,7 +201,7 @@ def test_pipeline_on_a_device_resident_image_folder(tmp_path: Path):
           "--data.init_args.root", str(tmp_path / "data"), "--data.init_args.imbalance_ratio", "6",
           "--data.init_args.batch_size", "16", "--data.init_args.device_resident", "true",
           "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.every_n_steps", "1",
-          "--trainer.callbacks.init_args.max_norm", "1.0", "--model.warmup_epochs", "0",
+          "--trainer.callbacks.init_args.max_norm", "1.0", "--model.lr_scheduler.init_args.warmup_epochs", "0",
           "--search_epochs", "1", "--retrain_epochs", "1", "--baselines", "[la]", "--output_dir", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["rows"]] == ["autobalance", "la"]

@@ -4,6 +4,7 @@ group DRO and group-balanced baselines, the callback with group objectives, and 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def _trainer(callbacks=(), **kwargs) -> pl.Trainer:
 
 def _model(dm: ColoredDigits, **kwargs) -> ImbalancedClassifier:
     net = lambda k: DigitsNet(k, in_features=192, hidden=32)  # noqa: E731
-    options = {"preset": "la", "search": ("offset",), "lr": 0.05}
+    options = {"preset": "la", "search": ("offset",),
+               "optimizer": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=2e-4)}
     options.update(kwargs)
     return ImbalancedClassifier(net, dm.num_classes, dm.class_counts, num_groups=dm.num_groups,
                                 group_counts=dm.group_counts, **options)
@@ -233,7 +235,7 @@ def _group_blobs(cells, seed=0):
 class BlobNet(ImbalancedClassifier):
     def __init__(self, **kwargs):
         super().__init__(lambda k: DigitsNet(k, in_features=2, hidden=8, depth=1), 2, [60, 60], num_groups=2,
-                         group_counts=[[54, 6], [6, 54]], lr=0.1, **kwargs)
+                         group_counts=[[54, 6], [6, 54]], **kwargs)
         self.steps_run = 0
 
     def training_step(self, batch, batch_idx):

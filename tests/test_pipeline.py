@@ -172,7 +172,7 @@ def test_fake_cifar10_folder_through_the_cli(tmp_path: Path, one_thread: None) -
         "--trainer.callbacks.init_args.start_epoch", "0",
         "--trainer.callbacks.init_args.every_n_steps", "2",
         "--trainer.callbacks.init_args.max_norm", "1.0",  # hyper steps on an untrained network and noise images
-        "--model.warmup_epochs", "0",
+        "--model.lr_scheduler.init_args.warmup_epochs", "0",
         "--search_epochs", "1",
         "--retrain_epochs", "1",
         "--baselines", "[ce]",

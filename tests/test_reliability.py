@@ -79,11 +79,11 @@ def test_resume_never_loads_another_configs_optimizer(tmp_path: Path, capsys: py
     """A stage that crashed at lr 0.5 is not resumed with lr 0.05: its checkpoint holds the old optimizer."""
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        _run(out, "--model.lr", "0.5", crash_at(1))
+        _run(out, "--model.optimizer.init_args.lr", "0.5", crash_at(1))
     assert (out / "la" / "checkpoints" / "last.ckpt").is_file()
-    err = _refused(capsys, out, "--model.lr", "0.05")
-    assert "model.hparams.lr: 0.5 -> 0.05" in err
-    results = _run(out, "--model.lr", "0.05", "--restart", "[all]")
+    err = _refused(capsys, out, "--model.optimizer.init_args.lr", "0.05")
+    assert "model.hparams.optimizer.init_args.lr: 0.5 -> 0.05" in err
+    results = _run(out, "--model.optimizer.init_args.lr", "0.05", "--restart", "[all]")
     assert results["rows"][0]["attempts"] == 1  # from scratch, not resumed
 
 

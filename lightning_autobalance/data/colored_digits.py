@@ -89,8 +89,8 @@ class ColoredDigits(LongTailDataModule):
         **kwargs: Any,
     ) -> None:
         if "device_resident" in kwargs:
-            raise ValueError(f"{type(self).__name__} does not take device_resident (got {kwargs['device_resident']!r}): "
-                             "its images are tinted per sample on the host")
+            raise ValueError(f"{type(self).__name__} does not take device_resident (got "
+                             f"{kwargs['device_resident']!r}): its images are tinted per sample on the host")
         super().__init__(imbalance_ratio=imbalance_ratio, batch_size=batch_size, min_count=min_count,
                          device_resident=False, **kwargs)
         self.task = check_choice("task", task, ("digits", "binary"))
