@@ -181,15 +181,23 @@ class LongTailDataModule(pl.LightningDataModule):
             kept = np.arange(targets.size, dtype=np.int64)
         else:
             kept = profiles.select_long_tail(targets, counts, self.seed, class_names=names)
+        strata, strata_names = self._strata(targets, kept, list(names))
         if self.search_split:
             lower_pos, upper_pos = profiles.split_per_class(
-                targets[kept], self.upper_fraction, self.seed, class_names=names
+                strata, self.upper_fraction, self.seed, class_names=strata_names
             )
             lower, upper = kept[lower_pos], kept[upper_pos]
         else:
             lower, upper = kept, None
         self._pool_targets, self._class_names = targets, list(names)
         self._lower, self._upper, self._kept = lower, upper, kept
+
+    def _strata(self, targets: np.ndarray, kept: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+        """What the search split is made per, for the kept samples: one stratum id each (``0 .. S - 1``, every
+        stratum present) and the strata's names for messages. The default is the class; a subclass with finer cells
+        (:class:`~lightning_autobalance.data.ColoredDigits`: class x group) overrides it, and may check its cells
+        here (it runs whether or not ``search_split`` is on)."""
+        return targets[kept], names
 
     def _counts_of(self, indices: np.ndarray) -> list[int]:
         assert self._pool_targets is not None

@@ -204,17 +204,10 @@ class ColoredDigits(LongTailDataModule):
         colours = ["red", "green", "blue", "yellow", "magenta", "cyan"]
         return [f"class {name} in group {h} ({colours[h]})" for h in range(self._num_groups) for name in class_names]
 
-    def _ensure_plan(self) -> None:
-        """Pool, kept samples and their groups, and the search split per (class, group) cell."""
-        if self._kept is not None:
-            return
-        targets, names = self._load_pool()
-        targets = np.asarray(targets, dtype=np.int64)
+    def _strata(self, targets: np.ndarray, kept: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The kept samples' groups (assigned here, seeded) and their (class, group) cells, which the search split is
+        made per; every cell must have a sample."""
         k = len(names)
-        pool_counts = np.bincount(targets, minlength=k).tolist()
-        counts = self._profile_counts(pool_counts)
-        kept = np.arange(targets.size, dtype=np.int64) if counts is None else profiles.select_long_tail(
-            targets, counts, self.seed, class_names=names)
         groups = self._assign_groups(targets, kept, k)
         cells = cell_index(groups[kept], targets[kept], k)
         cell_names = self._cell_names(names)
@@ -226,14 +219,8 @@ class ColoredDigits(LongTailDataModule):
                 f"{' and more' if len(empty) > 4 else ''} (correlation={self.correlation}); every (class, group) "
                 "cell needs samples: lower the correlation or keep more samples per class"
             )
-        if self.search_split:
-            lower_pos, upper_pos = profiles.split_per_class(cells, self.upper_fraction, self.seed,
-                                                            class_names=cell_names)
-            lower, upper = kept[lower_pos], kept[upper_pos]
-        else:
-            lower, upper = kept, None
-        self._pool_targets, self._class_names, self._pool_groups = targets, list(names), groups
-        self._lower, self._upper, self._kept = lower, upper, kept
+        self._pool_groups = groups
+        return cells, cell_names
 
     # ------------------------------------------------------------------ datasets
     def _transform(self, augment: bool) -> v2.Compose | None:
