@@ -99,8 +99,9 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         lr_scheduler: a callable ``optimizer -> LRScheduler`` (LightningCLI's ``LRSchedulerCallable``). A
             :class:`~lightning_autobalance.lr_schedule.WarmupDecayLR` is sized to the run (``fit_to_run``) and
             stepped every optimizer step; any other scheduler is stepped every epoch (a ``ReduceLROnPlateau``
-            watches ``val/balanced_error``). None: ``WarmupDecayLR(optimizer)`` (cosine to 0 over the run, no
-            warm-up); for a constant rate give ``WarmupDecayLR`` with ``schedule: constant``.
+            watches its own ``monitor`` when it has one, as LightningCLI's does, else ``val/balanced_error``).
+            None: ``WarmupDecayLR(optimizer)`` (cosine to 0 over the run, no warm-up); for a constant rate give
+            ``WarmupDecayLR`` with ``schedule: constant``.
         channels_last: use the ``channels_last`` memory format for image inputs (faster convolutions on CPU).
         log_max_classes: log the error of every class up to this many classes.
 
@@ -305,7 +306,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         if not isinstance(scheduler, WarmupDecayLR):  # in the scheduler's own units: stepped every epoch
             config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                config["monitor"] = "val/balanced_error"
+                config["monitor"] = getattr(scheduler, "monitor", None) or "val/balanced_error"  # Lightning's has one
             return {"optimizer": optimizer, "lr_scheduler": config}
         if not known:
             return optimizer

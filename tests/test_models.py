@@ -450,6 +450,11 @@ def test_classifier_other_schedulers_step_every_epoch() -> None:
                                    lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
     config = plateau.configure_optimizers()["lr_scheduler"]  # built without a trainer too: its own units
     assert config["monitor"] == "val/balanced_error" and config["interval"] == "epoch"
+    from pytorch_lightning.cli import ReduceLROnPlateau
+
+    watched = ImbalancedClassifier("digits_net", 3, [10, 5, 2],
+                                   lr_scheduler=functools.partial(ReduceLROnPlateau, monitor="val/head_error"))
+    assert watched.configure_optimizers()["lr_scheduler"]["monitor"] == "val/head_error"
 
 
 @pytest.mark.parametrize("kwargs, match", [
