@@ -11,7 +11,8 @@ batches) and the head ``theta = (W, b)`` (``K x d`` plus ``K``), the head's trai
 
 .. math::
 
-    \\theta^*(\\alpha) = \\arg\\min_\\theta\\; L_{train}(X\\,W^\\top + b;\\; \\alpha) + \\tfrac{\\lambda}{2}\\|\\theta\\|^2
+    \\theta^*(\\alpha) = \\arg\\min_\\theta\\; L_{train}(X W^\\top + b; \\alpha)
+    + \\tfrac{\\lambda}{2}\\|\\theta\\|^2
 
 is strongly convex for the adjusted cross-entropy under weight decay ``lambda > 0``. Its solution is found by
 Newton's method; then, by the implicit function theorem,
@@ -50,14 +51,15 @@ from lightning_autobalance.random_state import from_state
 if TYPE_CHECKING:  # for annotations only: hypergradient imports this module to register the method
     from lightning_autobalance.hypergradient import Problem
 
-__all__ = ["FeatureMemory", "HeadResult", "find_head", "head_hypergradient", "head_solver", "solve_head"]
+__all__ = ["FeatureMemory", "HeadResult", "find_head", "head_hypergradient", "head_parameters", "head_solver",
+           "solve_head"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 Reduce = Callable[[Tensor], Tensor]
 
 #: step sizes tried along each Newton direction (all at once, so that choosing one reads nothing to the host)
-_STEPS = tuple(2.0 ** -j for j in range(12)) + (0.0,)
+_STEPS = (*(2.0 ** -j for j in range(12)), 0.0)
 
 
 def find_head(module: nn.Module, name: str | None = None) -> str:
@@ -101,7 +103,9 @@ class FeatureMemory:
                                           or (self.group is None) != (group is None)
                                           or self.features.device != features.device):
             self.features = self.target = self.group = None
-        cat = (lambda old, new: new if old is None else torch.cat([old, new])[-self.capacity:])
+        def cat(old: Tensor | None, new: Tensor) -> Tensor:
+            return new if old is None else torch.cat([old, new])[-self.capacity:]
+
         self.features = cat(self.features, features.detach())
         self.target = cat(self.target, target.detach())
         self.group = None if group is None else cat(self.group, group.detach())
@@ -114,7 +118,7 @@ class HeadResult:
     Attributes:
         grad: ``dU(theta*(alpha))/dalpha`` by name (float32 or wider).
         objective: the upper objective at the equilibrium head ``theta*``.
-        theta: the equilibrium head, flat: ``W`` row by row, then ``b`` (if any).
+        theta: the equilibrium head, flat: ``K`` rows ``(w_k, b_k)`` (``w_k`` alone without a bias).
         grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device
             tensor.
     """
@@ -125,11 +129,9 @@ class HeadResult:
     grad_norm: Tensor = field(repr=False)
 
 
-def _head_logits(theta: Tensor, features: Tensor, num_classes: int, bias: bool) -> Tensor:
-    d = features.shape[1]
-    w = theta[: num_classes * d].view(num_classes, d)
-    out = features @ w.T
-    return out + theta[num_classes * d:] if bias else out
+def _augment(features: Tensor, bias: bool) -> Tensor:
+    """``[x, 1]`` rows when the head has a bias, else ``x``: the head is then ``logits = X_aug theta^T``."""
+    return torch.cat([features, features.new_ones(features.shape[0], 1)], 1) if bias else features
 
 
 def _mean(value: Tensor, reduce: Reduce | None) -> Tensor:
@@ -138,35 +140,60 @@ def _mean(value: Tensor, reduce: Reduce | None) -> Tensor:
 
 @dataclass(frozen=True)
 class _HeadProblem:
-    features: Tensor
+    """The head's training problem on fixed features. ``theta`` is flat, ``K`` rows of ``(w_k, b_k)``.
+
+    The training loss must be a sum over samples of per-sample terms of the logits (any normalisation by a
+    label-dependent constant is fine), as every loss of the family is: then its Hessian in the logits is block
+    diagonal, ``A_i`` (``K x K``) per sample, and the head's Hessian is ``sum_i A_i (x) x_i x_i^T`` (``x_i`` with
+    the bias's 1), formed from ``K`` Hessian-vector products in the logits and one contraction over samples.
+    """
+
+    features: Tensor  # (N, m): augmented with a column of ones when there is a bias
     target: Tensor
     group: Tensor | None
     tables: LossTables
     train_loss: TrainLoss
     weight_decay: float
     num_classes: int
-    bias: bool
     reduce: Reduce | None
 
     def logits(self, theta: Tensor) -> Tensor:
-        return _head_logits(theta, self.features, self.num_classes, self.bias)
+        return self.features @ theta.view(self.num_classes, -1).T
 
     def data_loss(self, theta: Tensor) -> Tensor:
         return self.train_loss(self.logits(theta), self.target, self.group, self.tables)
 
     def loss(self, theta: Tensor) -> Tensor:
-        return self.data_loss(theta) + 0.5 * self.weight_decay * (theta * theta).sum()
+        return _mean(self.data_loss(theta), self.reduce) + 0.5 * self.weight_decay * (theta * theta).sum()
+
+    def _logit_grad(self, logits: Tensor) -> Tensor:
+        return torch.func.grad(lambda f: self.train_loss(f, self.target, self.group, self.tables))(logits)
 
     def gradient(self, theta: Tensor) -> Tensor:
-        g = torch.func.grad(self.data_loss)(theta)
+        g = (self._logit_grad(self.logits(theta)).T @ self.features).reshape(-1)
         return _mean(g, self.reduce) + self.weight_decay * theta
 
+    def blocks(self, theta: Tensor) -> Tensor:
+        """``A_i = d^2 loss / d f_i^2`` for every sample, ``(N, K, K)``: one logits-space Hessian-vector product
+        per class (the direction ``e_k`` in every sample's logits)."""
+        logits = self.logits(theta).detach()
+        eye = torch.eye(self.num_classes, dtype=logits.dtype, device=logits.device)
+        directions = eye.unsqueeze(1).expand(-1, logits.shape[0], -1)  # (K, N, K)
+
+        def column(direction: Tensor) -> Tensor:
+            return torch.func.jvp(self._logit_grad, (logits,), (direction,))[1]
+
+        return torch.func.vmap(column)(directions).permute(1, 2, 0)  # (N, K, K): [i, b, a] = A_i[b, a]
+
     def hessian(self, theta: Tensor) -> Tensor:
-        h = torch.func.hessian(self.data_loss)(theta)
+        x = self.features
+        h = torch.einsum("nab,nc,nd->acbd", self.blocks(theta), x, x).reshape(theta.numel(), theta.numel())
         return _mean(h, self.reduce) + self.weight_decay * torch.eye(theta.numel(), dtype=h.dtype, device=h.device)
 
-    def hvp(self, theta: Tensor, vec: Tensor) -> Tensor:
-        _, hv = torch.func.jvp(torch.func.grad(self.data_loss), (theta,), (vec,))
+    def hvp(self, theta: Tensor, vec: Tensor, blocks: Tensor | None = None) -> Tensor:
+        blocks = self.blocks(theta) if blocks is None else blocks
+        u = self.logits(vec)  # J vec: the logits are linear in theta
+        hv = (torch.einsum("nab,nb->na", blocks, u).T @ self.features).reshape(-1)
         return _mean(hv, self.reduce) + self.weight_decay * vec
 
 
@@ -197,7 +224,8 @@ def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dens
         if shift:
             h = h + shift * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         return torch.linalg.solve(h, rhs)
-    return _cg(lambda v: problem.hvp(theta, v) + shift * v, rhs, cg_iterations)
+    blocks = problem.blocks(theta)
+    return _cg(lambda v: problem.hvp(theta, v, blocks) + shift * v, rhs, cg_iterations)
 
 
 def solve_head(problem: _HeadProblem, theta: Tensor, steps: int, dense_limit: int = 4096,
@@ -249,11 +277,13 @@ def head_hypergradient(
         upper_features, upper_target, upper_group: the same for the upper objective.
         alpha: the free loss parameters by name (not modified).
         tables_fn: maps ``alpha`` to the loss tables, differentiably.
-        train_loss: ``train_loss(logits, target, group, tables) -> scalar``, a mean over samples.
+        train_loss: ``train_loss(logits, target, group, tables) -> scalar``: a sum of per-sample terms (each
+            loss of the family, any reduction), see :class:`_HeadProblem`.
         objective: ``objective(logits, target, group) -> scalar`` on the upper samples.
-        theta: the starting head, flat (``W`` row by row, then ``b``); e.g. the network's current head.
+        theta: the starting head, flat: ``K`` rows ``(w_k, b_k)`` (``w_k`` alone without a bias); e.g. the
+            network's current head (:func:`head_parameters`).
         num_classes: ``K``, the rows of ``W``.
-        bias: whether ``theta`` ends with a bias of ``K`` entries.
+        bias: whether each row of ``theta`` ends with the class's bias.
         weight_decay: ``lambda > 0``, the L2 coefficient of the head's training problem (the model optimizer's
             weight decay): it makes the problem strongly convex, so that ``theta*`` exists.
         damping: ``mu >= 0`` added to the Hessian in the implicit solve only.
@@ -271,12 +301,12 @@ def head_hypergradient(
     wide = torch.promote_types(features.dtype, torch.float32)
     with torch.no_grad():
         tables = LossTables(*(t.detach().to(wide) for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
-    problem = _HeadProblem(features.detach().to(wide), target, group, tables, train_loss, float(weight_decay),
-                           num_classes, bias, reduce)
+    problem = _HeadProblem(_augment(features.detach().to(wide), bias), target, group, tables, train_loss,
+                           float(weight_decay), num_classes, reduce)
     with torch.enable_grad():
         theta_star = solve_head(problem, theta.detach().to(wide), steps, dense_limit, cg_iterations)
-        upper = _HeadProblem(upper_features.detach().to(wide), upper_target, upper_group, tables, train_loss, 0.0,
-                             num_classes, bias, reduce)
+        upper = _HeadProblem(_augment(upper_features.detach().to(wide), bias), upper_target, upper_group, tables,
+                             train_loss, 0.0, num_classes, reduce)
 
         def upper_value(t: Tensor) -> Tensor:
             return objective(upper.logits(t), upper_target, upper_group)
@@ -290,10 +320,17 @@ def head_hypergradient(
     return HeadResult(grad=grad, objective=value.detach(), theta=theta_star.detach(), grad_norm=grad_norm)
 
 
+def head_parameters(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A linear head's parameters flat, in the layout of :func:`head_hypergradient`: ``K`` rows ``(w_k, b_k)``."""
+    rows = weight.detach() if bias is None else torch.cat([weight.detach(), bias.detach().unsqueeze(1)], 1)
+    return rows.reshape(-1)
+
+
 def _mixed(problem: _HeadProblem, theta: Tensor, p: Tensor, alpha: Mapping[str, Tensor],
            tables_fn: Callable[[Mapping[str, Tensor]], LossTables], train_loss: TrainLoss) -> dict[str, Tensor]:
     """``d^2 L_train / d alpha d theta . p``: the gradient in ``alpha`` of ``<d L_train/d f, J p>``."""
-    leaf = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32)).requires_grad_(True) for k, v in alpha.items()}
+    wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in alpha.items()}
+    leaf = {k: v.detach().to(wide[k]).requires_grad_(True) for k, v in alpha.items()}
     tables = tables_fn(leaf)
     f = problem.logits(theta).detach().requires_grad_(True)
     u = problem.logits(p).detach()  # J p: the logits are linear in theta
@@ -357,7 +394,7 @@ def head_solver(problem: Problem) -> HeadResult:
         train = (train_mem.features, train_mem.target, train_mem.group)
         upper = (upper_mem.features, upper_mem.target, upper_mem.group)
     assert train[0] is not None and upper[0] is not None
-    current = torch.cat([w.reshape(-1)] + ([b.reshape(-1)] if b is not None else [])).detach()
+    current = head_parameters(w, b)
     previous = memory.get("theta")
     start = previous if previous is not None and previous.shape == current.shape else current
     result = head_hypergradient(

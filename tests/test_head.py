@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.head import FeatureMemory, _HeadProblem, find_head, head_hypergradient, solve_head
+from lightning_autobalance.head import (
+    FeatureMemory,
+    _augment,
+    _HeadProblem,
+    find_head,
+    head_hypergradient,
+    head_parameters,
+    solve_head,
+)
 from lightning_autobalance.hypergradient import Batch, hypergradient
 from lightning_autobalance.losses import LossTables, adjusted_cross_entropy
 from lightning_autobalance.parametrization import PerClass
@@ -46,30 +54,33 @@ def _data(seed=0, n=48, m=30):
     return x, y, xu, yu
 
 
+def _linear(x, theta, bias=True):
+    """The head's logits in the layout under test: K rows (w_k, b_k), written out independently."""
+    rows = theta.view(K, D + 1 if bias else D)
+    return x @ rows[:, :D].T + (rows[:, D] if bias else 0.0)
+
+
 def _lbfgs_head(x, y, tables, wd, bias=True):
     """The head's equilibrium by L-BFGS and plain Newton polishing (not the solver under test), to round-off."""
     theta = torch.zeros(K * D + (K if bias else 0), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-16,
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=60, tolerance_grad=1e-13, tolerance_change=1e-16,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        w = theta[:K * D].view(K, D)
-        logits = x @ w.T + (theta[K * D:] if bias else 0.0)
+        logits = _linear(x, theta, bias)
         loss = _train_loss(logits, y, None, tables) + 0.5 * wd * (theta * theta).sum()
         loss.backward()
         return loss
 
-    for _ in range(2):
-        opt.step(closure)
+    opt.step(closure)
     # polish: plain Newton steps with autograd's dense Hessian from L-BFGS's point (quadratic convergence there)
 
     def loss_of(t):
-        w = t[:K * D].view(K, D)
-        return _train_loss(x @ w.T + (t[K * D:] if bias else 0.0), y, None, tables) + 0.5 * wd * (t * t).sum()
+        return _train_loss(_linear(x, t, bias), y, None, tables) + 0.5 * wd * (t * t).sum()
 
     t = theta.detach()
-    for _ in range(3):
+    for _ in range(4):
         g = torch.autograd.functional.jacobian(loss_of, t)
         t = t - torch.linalg.solve(torch.autograd.functional.hessian(loss_of, t), g)
     return t
@@ -86,8 +97,7 @@ def test_head_hypergradient_matches_finite_differences_of_the_resolved_equilibri
     def upper_at(a):
         tables = LossTables(*param.tables(a))
         theta = _lbfgs_head(x, y, tables, wd, bias)
-        w = theta[:K * D].view(K, D)
-        return objective(xu @ w.T + (theta[K * D:] if bias else 0.0), yu, None)
+        return objective(_linear(xu, theta, bias), yu, None)
 
     res = head_hypergradient(x, y, None, xu, yu, None, alpha, param.tables, _train_loss, objective,
                              torch.zeros(K * D + (K if bias else 0), dtype=torch.float64), K, bias, wd, steps=30)
@@ -104,33 +114,35 @@ def test_head_hypergradient_matches_finite_differences_of_the_resolved_equilibri
     torch.testing.assert_close(res.objective, upper_at(alpha), rtol=1e-9, atol=1e-12)
 
 
-def test_head_hessian_is_the_kronecker_closed_form():
+def test_head_hessian_is_autograds_and_the_kronecker_closed_form():
     x, y, _, _ = _data(1)
     param = PerClass([36, 9, 3], preset="vs", search=("delta", "offset")).double()
     tables = LossTables(*param.tables(param.alpha()))
     wd = 0.01
-    problem = _HeadProblem(x, y, None, tables, _train_loss, wd, K, True, None)
+    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, wd, K, None)
     theta = torch.randn(K * D + K, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     hessian = problem.hessian(theta)
+    # autograd's dense Hessian of the flat loss (no structure used)
+    dense = torch.autograd.functional.hessian(
+        lambda t: _train_loss(_linear(x, t), y, None, tables) + 0.5 * wd * (t * t).sum(), theta)
+    torch.testing.assert_close(hessian, dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem.hvp(theta, theta.flip(0)), dense @ theta.flip(0), rtol=1e-10, atol=1e-12)
     # closed form: mean_i w_y [Dl (diag p - p p^T) Dl] (x) [x;1][x;1]^T + wd I, in the layout (class, feature+1)
     delta, offset, weight = (t[0] for t in tables)
     xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    w = theta[:K * D].view(K, D)
-    z = delta * (x @ w.T + theta[K * D:]) + offset
+    z = delta * _linear(x, theta) + offset
     p = z.softmax(1)
     a = weight[y].view(-1, 1, 1) * delta.view(1, K, 1) * (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)) \
         * delta.view(1, 1, K)
     closed = torch.einsum("nab,nc,nd->acbd", a, xa, xa).reshape(K * (D + 1), K * (D + 1)) / len(x)
     closed = closed + wd * torch.eye(K * (D + 1), dtype=x.dtype)
-    # reorder ours: W row by row (class, feature), then b (class) -> (class, feature+1)
-    order = torch.tensor([k * D + j if j < D else K * D + k for k in range(K) for j in range(D + 1)])
-    torch.testing.assert_close(hessian[order][:, order], closed, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hessian, closed, rtol=1e-10, atol=1e-12)
 
 
 def test_newton_reaches_the_equilibrium_and_cg_agrees_with_the_dense_solve():
     x, y, _, _ = _data(2)
     tables = LossTables(*PerClass([36, 9, 3], preset="la").double().tables(PerClass([36, 9, 3]).double().alpha()))
-    problem = _HeadProblem(x, y, None, tables, _train_loss, 0.02, K, True, None)
+    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, 0.02, K, None)
     start = torch.zeros(K * D + K, dtype=torch.float64)
     dense = solve_head(problem, start, steps=12)
     assert problem.gradient(dense).norm() < 1e-10
@@ -164,7 +176,7 @@ def test_through_hypergradient_equals_the_functional_core_on_the_network_feature
     res = hypergradient(net, param.alpha(), param.tables, _train_loss, objective, [Batch(x, y)], [Batch(xu, yu)], est)
     with torch.no_grad():
         feats, ufeats = net.body(x), net.body(xu)
-    theta = torch.cat([net.fc.weight.reshape(-1), net.fc.bias]).detach()
+    theta = head_parameters(net.fc.weight, net.fc.bias)
     ref = head_hypergradient(feats, y, None, ufeats, yu, None, param.alpha(), param.tables, _train_loss, objective,
                              theta, K, True, 0.03, steps=20)
     for k in ref.grad:
