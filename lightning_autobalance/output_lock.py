@@ -163,7 +163,8 @@ class OutputLock:
                 except OSError:
                     holder = None
                 if holder is None or holder.get("host") != me["host"] or _alive(holder["pid"]):
-                    raise self._in_use(holder, elsewhere=holder is not None and holder.get("host") != me["host"])
+                    raise self._in_use(holder, elsewhere=holder is not None and holder.get("host") != me["host"]) \
+                        from None
                 self.taken_over = holder
                 self.path.unlink(missing_ok=True)
                 continue

@@ -19,7 +19,7 @@ PROCESSES = 8
 TRIALS = 20
 
 
-def _contend(folders: list[str], barrier, results) -> None:  # noqa: ANN001 - multiprocessing objects
+def _contend(folders: list[str], barrier, results) -> None:
     """One contender: for every folder, wait for the others, try to take its lock, report, hold it until every
     contender has tried, then release."""
     for trial, folder in enumerate(folders):
