@@ -289,7 +289,7 @@ def main() -> None:
     emit("|---|---|---|")
     for epochs in args.schedules:
         window = int(0.8 * epochs * 78)
-        every = auto_interval(window, AutoBalanceCallback().target_hyper_steps, 20)
+        every = auto_interval(window, AutoBalanceCallback().schedule.target_hyper_steps, 20)
         ratio = epoch_overhead(device, args.epoch_steps, args.epoch_repeats, every)
         emit(f"| {epochs} epochs ({window // every} hyper steps) | every {every} steps | {ratio:.3f} |")
     emit(f"({args.epoch_steps}-step epochs timed through Trainer, median of {args.epoch_repeats})")
