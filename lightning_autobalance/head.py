@@ -104,7 +104,7 @@ class FeatureMemory:
                                           or self.features.device != features.device):
             self.features = self.target = self.group = None
         def cat(old: Tensor | None, new: Tensor) -> Tensor:
-            return new if old is None else torch.cat([old, new])[-self.capacity:]
+            return (new if old is None else torch.cat([old, new]))[-self.capacity:]
 
         self.features = cat(self.features, features.detach())
         self.target = cat(self.target, target.detach())
@@ -372,27 +372,20 @@ def head_solver(problem: Problem) -> HeadResult:
     w, b = problem.params.get(prefix + "weight"), problem.params.get(prefix + "bias")
     if w is None:
         raise ValueError(f"The head {name!r} has no trainable weight; the 'head' method searches through it.")
-    capacity = max(int(getattr(est, "head_memory", 0)), 1)
     memory = problem.fmodel.memory.setdefault("head", {})
-    train_mem = memory.get("train")
-    if train_mem is None or train_mem.capacity != capacity:
-        train_mem = memory["train"] = FeatureMemory(capacity)
-        memory["upper"] = FeatureMemory(capacity)
-    upper_mem = memory["upper"]
-    for batch in problem.train_batches:
-        train_mem.add(_features(problem, head, batch), batch.target, batch.group)
-    for batch in problem.upper_batches:
-        upper_mem.add(_features(problem, head, batch), batch.target, batch.group)
-    if getattr(est, "head_memory", 0) == 0:  # only the current batches
-        n_train = sum(b.target.shape[0] for b in problem.train_batches)
-        n_upper = sum(b.target.shape[0] for b in problem.upper_batches)
-        train = (train_mem.features[-n_train:], train_mem.target[-n_train:],
-                 None if train_mem.group is None else train_mem.group[-n_train:])
-        upper = (upper_mem.features[-n_upper:], upper_mem.target[-n_upper:],
-                 None if upper_mem.group is None else upper_mem.group[-n_upper:])
-    else:
-        train = (train_mem.features, train_mem.target, train_mem.group)
-        upper = (upper_mem.features, upper_mem.target, upper_mem.group)
+    kept = int(getattr(est, "head_memory", 0))
+    sides = {}
+    for side, batches in (("train", problem.train_batches), ("upper", problem.upper_batches)):
+        # the current batches' rows plus, with head_memory > 0, the newest rows kept from earlier hyper steps
+        mem = memory.get(side)
+        if mem is None or mem.capacity != max(kept, 1):
+            mem = memory[side] = FeatureMemory(max(kept, 1))
+        if not kept:
+            mem = FeatureMemory(sum(b.target.shape[0] for b in batches))
+        for batch in batches:
+            mem.add(_features(problem, head, batch), batch.target, batch.group)
+        sides[side] = (mem.features, mem.target, mem.group)
+    train, upper = sides["train"], sides["upper"]
     assert train[0] is not None and upper[0] is not None
     current = head_parameters(w, b)
     previous = memory.get("theta")

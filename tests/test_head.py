@@ -173,7 +173,12 @@ def test_through_hypergradient_equals_the_functional_core_on_the_network_feature
     xu, yu = torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % K
     objective = _balanced_ce([4, 4, 4])
     est = Estimator(method="head", weight_decay=0.03, head_memory=0, head_steps=20)
-    res = hypergradient(net, param.alpha(), param.tables, _train_loss, objective, [Batch(x, y)], [Batch(xu, yu)], est)
+    from lightning_autobalance.hypergradient import FunctionalModel
+
+    fmodel = FunctionalModel(net)
+    for _ in range(2):  # head_memory=0: every call sees its own batches only, not the previous call's
+        res = hypergradient(fmodel, param.alpha(), param.tables, _train_loss, objective, [Batch(x, y)],
+                            [Batch(xu, yu)], est)
     with torch.no_grad():
         feats, ufeats = net.body(x), net.body(xu)
     theta = head_parameters(net.fc.weight, net.fc.bias)
