@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_autobalance.cells import cell_index
 from lightning_autobalance.reduce import Reducer
 
 __all__ = [
@@ -656,7 +657,7 @@ class GroupDROLoss(nn.Module):
             index = target
         else:
             assert group is not None
-            index = group if self.over == "group" else group * self.num_classes + target
+            index = group if self.over == "group" else cell_index(group, target, self.num_classes)
         training = self.training and torch.is_grad_enabled()
         means, _ = unit_mean_losses(losses, index, self.q.numel(), self.reducer if training else None)
         if training:

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_autobalance.cells import cell_index
+
 __all__ = ["GroupErrors", "group_report"]
 
 
@@ -91,7 +93,7 @@ class GroupErrors(Metric):
         k, g = self.num_classes, self.num_groups
         if target.numel() and (target.min() < 0 or target.max() >= k or group.min() < 0 or group.max() >= g):
             raise ValueError(f"labels must lie in [0, {k}) and groups in [0, {g}).")
-        cell = (group.long() * k + target.long()).to(self.total.device)
+        cell = cell_index(group.long(), target.long(), k).to(self.total.device)
         self.total += torch.bincount(cell, minlength=g * k).view(g, k)
         hits = (preds.to(target.device) == target).to(self.total.device)
         self.correct += torch.bincount(cell[hits], minlength=g * k).view(g, k)

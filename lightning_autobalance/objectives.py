@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_autobalance.cells import cell_index
 from lightning_autobalance.losses import as_count_table, check_loss_inputs, unit_mean_losses
 from lightning_autobalance.reduce import Reducer
 
@@ -182,7 +183,7 @@ def _unit_index(over: str, target: Tensor, group: Tensor | None, num_classes: in
     if over == "class":
         return target
     assert group is not None
-    return group if over == "group" else group * num_classes + target
+    return group if over == "group" else cell_index(group, target, num_classes)
 
 
 def _missing_error(what: str, names: list[str], batch: bool) -> ValueError:
@@ -484,7 +485,7 @@ def equal_opportunity_gap(
     if validate and labels is not None and not mask_given and any(not 0 <= y < k for y in labels):
         raise ValueError(f"labels must lie in [0, {k}); got {list(labels)}.")
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = _unit_means(losses, group * k + target, num_groups * k, reducer)
+    means, present = _unit_means(losses, cell_index(group, target, k), num_groups * k, reducer)
     means, present = means.view(num_groups, k), present.view(num_groups, k)
     if mask_given:
         wanted = labels.to(device=means.device, dtype=torch.bool)  # type: ignore[union-attr]
