@@ -488,8 +488,6 @@ class AutoBalanceMixin:
                        f"from {source}.")
         return params
 
-    _require_autobalance = autobalance_parameters  # the name used inside the package
-
     # -- the hand-off to the callback ---------------------------------------------------------------------
     def autobalance_request_logits(self, enabled: bool = True) -> None:
         """Asks :meth:`autobalance_loss` to keep (detached) the logits it is given until the next request.
@@ -508,7 +506,7 @@ class AutoBalanceMixin:
 
     def autobalance_tables(self) -> LossTables:
         """The current loss tables (detached; cached until the loss parameters change)."""
-        params = self._require_autobalance()
+        params = self.autobalance_parameters()
         watched = [*params.alpha().values(), params.base_delta, params.base_offset, params.base_weight]
         key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in watched)
         if self._autobalance_cache is None or self._autobalance_cache[0] != key:
@@ -538,7 +536,7 @@ class AutoBalanceMixin:
                 ``torch.no_grad``), or losses from this method that never reached a backward pass on the last three
                 training calls: the model would not train on the searched loss.
         """
-        params = self._require_autobalance()
+        params = self.autobalance_parameters()
         if logits.ndim != 2 or logits.shape[1] != params.num_classes:
             found = self.__dict__.get("_autobalance_found_from")
             hint = (f" The counts were found from {found}: if a class has no sample there, give "
@@ -643,14 +641,14 @@ class AutoBalanceMixin:
     # -- freezing, export, import ------------------------------------------------------------------------
     def freeze_loss(self) -> None:
         """Freezes the loss parameters: the callback leaves them alone (e.g. for retraining)."""
-        self._require_autobalance().frozen = True
+        self.autobalance_parameters().frozen = True
 
     def unfreeze_loss(self) -> None:
-        self._require_autobalance().frozen = False
+        self.autobalance_parameters().frozen = False
 
     @property
     def loss_frozen(self) -> bool:
-        return self._require_autobalance().frozen
+        return self.autobalance_parameters().frozen
 
     def export_loss(self, path: str | Path) -> Path:
         """Writes the found loss (YAML or JSON by suffix).
@@ -660,7 +658,7 @@ class AutoBalanceMixin:
         instead of the search split) rebuilds the preset on those counts and adds the searched deviation to it
         (see :func:`loss_from_file`).
         """
-        params = self._require_autobalance()
+        params = self.autobalance_parameters()
         with torch.no_grad():
             tables = params.retraining_tables()
         counts = params.class_counts
@@ -679,7 +677,7 @@ class AutoBalanceMixin:
         Raises:
             ValueError: if the file's number of classes or groups differs from this module's.
         """
-        params = self._require_autobalance()
+        params = self.autobalance_parameters()
         new, info = loss_from_file(path, params.class_counts)
         if new.base_delta.shape != params.base_delta.shape:
             raise ValueError(f"Loss file {str(path)!r} holds tables of shape {tuple(new.base_delta.shape)} "
@@ -696,5 +694,5 @@ class AutoBalanceMixin:
         These are the tables :meth:`export_loss` writes: for frequency bins, the bin values interpolated to classes.
         """
         with torch.no_grad():
-            tables = self._require_autobalance().retraining_tables()
+            tables = self.autobalance_parameters().retraining_tables()
         return AdjustedCrossEntropy(*(t.float().cpu() for t in tables), reduction=self.autobalance_reduction)
