@@ -44,17 +44,22 @@ class ShardSampler(Sampler[int]):
 
     Pads to equal shard lengths like ``DistributedSampler`` (``drop_last=False``), so every rank has the same
     number of samples and therefore the same batch sizes. With ``labels`` every pass is class-balanced
-    (:func:`class_balanced_order`).
+    (:func:`class_balanced_order`). With ``subset`` (dataset indices) only those samples are drawn: ``length`` and
+    ``labels`` then describe the subset, and the sampler yields ``subset[i]``.
     """
 
     def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 labels: Tensor | None = None) -> None:
+                 labels: Tensor | None = None, subset: Tensor | None = None) -> None:
         if length < 1:
             raise ValueError("ShardSampler needs a non-empty dataset.")
         if labels is not None and labels.numel() != length:
             raise ValueError(f"ShardSampler: {labels.numel()} labels for a dataset of {length} samples.")
+        if subset is not None and torch.as_tensor(subset).numel() != length:
+            raise ValueError(f"ShardSampler: a subset of {torch.as_tensor(subset).numel()} indices for length "
+                             f"{length}.")
         self.length, self.seed, self.rank, self.world_size, self.shuffle = length, seed, rank, world_size, shuffle
         self.labels = None if labels is None else torch.as_tensor(labels).long().flatten()
+        self.subset = None if subset is None else torch.as_tensor(subset).long().flatten().tolist()
         self.epoch = 0
         self.start = 0
 
@@ -81,7 +86,8 @@ class ShardSampler(Sampler[int]):
         order += order[: total - len(order)] if total > len(order) else []
         while len(order) < total:  # tiny datasets with more ranks than samples
             order += order[: total - len(order)]
-        return order[self.rank:total:self.world_size]
+        mine = order[self.rank:total:self.world_size]
+        return mine if self.subset is None else [self.subset[i] for i in mine]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start:])
@@ -103,8 +109,9 @@ class BatchStream:
         rank: this process's rank.
         world_size: number of processes.
         shuffle: shuffle within each pass.
-        labels: the label of every sample of the dataset: each pass is then class-balanced
-            (:func:`class_balanced_order`; every class equally often, small classes repeated).
+        labels: the label of every sample drawn (of ``subset`` when given, else of the dataset): each pass is then
+            class-balanced (:func:`class_balanced_order`; every class equally often, small classes repeated).
+        subset: draw only these dataset indices (e.g. all but a held-back part); ``None`` draws them all.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -115,7 +122,7 @@ class BatchStream:
     """
 
     def __init__(self, dataloader: DataLoader, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, labels: Tensor | None = None) -> None:
+                 shuffle: bool = True, labels: Tensor | None = None, subset: Tensor | None = None) -> None:
         self.source = dataloader
         self.epoch = 0
         self.position = 0
@@ -126,6 +133,9 @@ class BatchStream:
         custom_batches = getattr(dataloader, "batch_size", None) is None
         if dataset is None or isinstance(dataset, IterableDataset) or custom_batches or not isinstance(dataset, Sized):
             self.balanced = False
+            if subset is not None:
+                raise ValueError("Holding back part of the upper data needs a map-style dataset the stream can sample "
+                                 "by index; this dataloader (an iterable dataset or a custom batch sampler) cannot.")
             warnings.warn("This dataloader cannot be re-sampled (iterable dataset or custom batch sampler): it is read "
                           "as it is, so resuming will not reproduce the same batches and it is not sharded.",
                           stacklevel=2)
@@ -134,7 +144,8 @@ class BatchStream:
             # arguments) around a new sampler; guarded by tests/test_lightning_private.py.
             from lightning_fabric.utilities.data import _update_dataloader
 
-            self.sampler = ShardSampler(len(dataset), seed, rank, world_size, shuffle, labels=labels)
+            length = len(dataset) if subset is None else torch.as_tensor(subset).numel()
+            self.sampler = ShardSampler(length, seed, rank, world_size, shuffle, labels=labels, subset=subset)
             self.loader = _update_dataloader(dataloader, self.sampler)
             self.balanced = labels is not None
         if self.batches_per_pass() == 0:
@@ -142,8 +153,9 @@ class BatchStream:
                              "one batch); the search needs at least one batch of upper data on every process.")
 
     def balance(self, labels: Tensor) -> None:
-        """Makes every pass class-balanced from now on (``labels``: the label of every sample of the dataset), as if
-        the stream had been built with them; a loader that cannot be re-sampled is left as it is."""
+        """Makes every pass class-balanced from now on (``labels``: the label of every sample drawn, those of the
+        subset when there is one), as if the stream had been built with them; a loader that cannot be re-sampled is
+        left as it is."""
         if self.sampler is None:
             return
         labels = torch.as_tensor(labels).long().flatten()

@@ -4,7 +4,8 @@ An :class:`UpperData` holds the settings (where to look, an explicit dataloader,
 batches); at the start of a fit :meth:`UpperData.setup` finds the loader (the datamodule's or the module's
 ``upper_dataloader()``, the one given, or the validation data), checks that every process has batches, learns the
 upper counts per class (and per (group, class) cell when the batches carry groups) and the label of every sample,
-and opens its :class:`~lightning_autobalance.batch_stream.BatchStream` once.
+and opens its :class:`~lightning_autobalance.batch_stream.BatchStream` once. With ``holdout`` it keeps part of the
+upper data away from the stream for the held-back check (:mod:`lightning_autobalance.guard`).
 
 This is the callback's side of the data: it reads the Trainer (its datamodule, its validation loader, its
 strategy's ``all_gather``).
@@ -22,10 +23,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lightning_autobalance.batch_stream import BatchStream
+from lightning_autobalance.cells import cell_index
 from lightning_autobalance.coerce import coerce_value
+from lightning_autobalance.guard import holdout_split
 
 __all__ = ["UpperData", "UpperSource", "preserve_random_state"]
 
@@ -64,6 +67,10 @@ class UpperData:
             by reading the labels once).
         balanced: draw class-balanced upper batches (every class equally often; the named objectives then weigh
             classes equally) when the upper split is larger than one batch and its batches carry no groups.
+        holdout: the share of the upper data held back from the search (stratified per class, or per (group,
+            class) cell; a class with one sample stays in the search) for the callback's held-back check, which keeps
+            the found loss only when it beats its start there (:mod:`lightning_autobalance.guard`). ``0`` (the
+            default) holds nothing back and makes no check.
 
     Example:
         >>> UpperData.coerce({"source": "val"}).source
@@ -75,7 +82,7 @@ class UpperData:
     """
 
     def __init__(self, source: UpperSource = "auto", dataloader: Any = None, class_counts: list[int] | None = None,
-                 balanced: bool = True) -> None:
+                 balanced: bool = True, holdout: float = 0.0) -> None:
         if source not in _SOURCES:
             raise ValueError(f"upper_source must be 'auto', 'datamodule', 'dataloader' or 'val'; got {source!r}.")
         if source == "dataloader" and dataloader is None:
@@ -83,29 +90,37 @@ class UpperData:
         if class_counts is not None and (isinstance(class_counts, (str, bytes)) or any(
                 isinstance(c, bool) or int(c) != c or c < 0 for c in class_counts)):
             raise ValueError(f"upper_class_counts must be whole numbers >= 0, one per class; got {class_counts!r}.")
+        if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
+            raise ValueError(f"holdout must be a share of the upper data in [0, 1) (0: no held-back check); got "
+                             f"{holdout!r}.")
         class_counts = None if class_counts is None else [int(c) for c in class_counts]
         self.source, self.dataloader, self.class_counts, self.balanced = source, dataloader, class_counts, balanced
+        self.holdout = float(holdout)
         #: after :meth:`setup`: the stream of upper batches, the counts per class and per (group, class) cell
         self.stream: BatchStream | None = None
         self.counts: list[int] | None = None
         self.cells: list[list[int]] | None = None
+        #: after :meth:`setup` with ``holdout``: the held-back dataset indices, and the loader they came from
+        self.held_back: Tensor | None = None
+        self._held_back_labels: Tensor | None = None
+        self._loader: Any = None
         self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
 
     @property
     def hparams(self) -> dict[str, Any]:
         """The settings (what a run's fingerprint records)."""
         return {"source": self.source, "dataloader": self.dataloader, "class_counts": self.class_counts,
-                "balanced": self.balanced}
+                "balanced": self.balanced, "holdout": self.holdout}
 
     def __repr__(self) -> str:
         return (f"UpperData(source={self.source!r}, dataloader={self.dataloader!r}, class_counts={self.class_counts}, "
-                f"balanced={self.balanced})")
+                f"balanced={self.balanced}, holdout={self.holdout})")
 
     @classmethod
     def coerce(cls, value: Any) -> UpperData:
         """An :class:`UpperData` from itself, ``None`` (the default), a dataloader, or a mapping of its settings (a
         YAML group, a Hydra ``DictConfig``), validated alike."""
-        return coerce_value(cls, value, "upper", ("source", "dataloader", "class_counts", "balanced"),
+        return coerce_value(cls, value, "upper", ("source", "dataloader", "class_counts", "balanced", "holdout"),
                             ("a DataLoader", lambda v: cls(dataloader=v) if hasattr(v, "dataset") else None))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -127,17 +142,24 @@ class UpperData:
             ValueError: counts that do not fit the loss.
         """
         params = pl_module.autobalance_parameters()
-        loader = self._find_loader(trainer, pl_module)
+        loader = self._loader = self._find_loader(trainer, pl_module)
+        search = self._split(pl_module, loader, seed, params.num_classes) if self.holdout else None
         # Every process must learn about a process without upper data, or the others would wait for it forever.
         try:
-            self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size)
+            self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
+                                      subset=search)
             batches, error = self.stream.batches_per_pass(), None
         except ValueError as err:
             batches, error = 0, err
         _check_ranks_agree(trainer, batches)
         if error is not None:
             raise error
-        counts, cells = self._counts(trainer, pl_module, loader, wants_cells, num_groups)
+        if search is None:
+            counts, cells = self._counts(trainer, pl_module, loader, wants_cells, num_groups)
+        else:  # the counts of the part the search sees
+            labels, groups = self._labels_groups(pl_module, loader, params.num_classes)
+            counts, cells = _count_table(labels[search], None if groups is None else groups[search],
+                                         params.num_classes, params.num_groups if params.num_groups > 1 else num_groups)
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
             raise ValueError(f"The upper data's class counts have {len(counts)} entries, but class_counts given to "
@@ -148,10 +170,41 @@ class UpperData:
         table: Any = cells if cells is not None else counts
         shrink_table = table if params.num_groups > 1 else counts  # a per-class loss: per-class counts inform it
         if self.balanced and cells is None and batches > 1:
-            self.stream.balance(self._labels(trainer, pl_module, loader, num_classes))
+            labels = self._labels(trainer, pl_module, loader, num_classes)
+            self.stream.balance(labels if search is None else labels[search])
             if self.stream.balanced and table is not None:
                 table = [1 if n > 0 else 0 for n in table]  # every class is drawn equally often
         return table, shrink_table
+
+    def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int) -> Tensor:
+        """Chooses the held-back samples (:attr:`held_back`); returns the indices the search draws from."""
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or getattr(loader, "batch_size", None) is None or not hasattr(dataset, "__getitem__"):
+            raise ValueError(f"UpperData(holdout={self.holdout}) needs a map-style upper dataset with a plain batch "
+                             "size, so that part of it can be held back by index; this upper dataloader has none.")
+        labels, groups = self._labels_groups(pl_module, loader, num_classes)
+        search, held = holdout_split(labels, self.holdout, seed=seed, groups=groups, num_classes=num_classes)
+        if held.numel() == 0:
+            raise ValueError(f"UpperData(holdout={self.holdout}) holds nothing back: every class of the upper data has "
+                             f"one sample ({labels.numel()} samples), and one sample stays with the search. Use more "
+                             "upper data or holdout=0 (no held-back check).")
+        self.held_back, self._held_back_labels = held, labels[held]
+        return search
+
+    def held_back_loader(self) -> DataLoader:
+        """A loader over the held-back samples (after :meth:`setup` with ``holdout``), in order, with the upper
+        loader's batch size and collate function."""
+        if self.held_back is None or self._loader is None:
+            raise RuntimeError("UpperData.held_back_loader: nothing is held back (holdout=0, or before setup).")
+        loader = self._loader
+        return DataLoader(Subset(loader.dataset, self.held_back.tolist()), batch_size=loader.batch_size,
+                          collate_fn=loader.collate_fn)
+
+    def held_back_labels(self) -> Tensor:
+        """The labels of the held-back samples (after :meth:`setup` with ``holdout``)."""
+        if self._held_back_labels is None:
+            raise RuntimeError("UpperData.held_back_labels: nothing is held back (holdout=0, or before setup).")
+        return self._held_back_labels
 
     def missing_classes(self) -> list[int]:
         """The classes without upper samples (after :meth:`setup`; empty when the counts are unknown)."""
@@ -252,25 +305,36 @@ class UpperData:
                      num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
         """Reads the labels (and groups) of the upper data: from the dataset's ``targets`` and ``groups`` attributes,
         or by reading the whole dataset once."""
+        labels, groups = self._labels_groups(pl_module, loader, num_classes)
+        return _count_table(labels, groups, num_classes, num_groups)
+
+    def _labels_groups(self, pl_module: Any, loader: Any, num_classes: int) -> tuple[Tensor, Tensor | None]:
+        """Labels and groups of the whole upper dataset: its ``targets`` and ``groups`` attributes, else read once."""
         dataset = getattr(loader, "dataset", None)
         targets = getattr(dataset, "targets", None)
         group_ids = getattr(dataset, "groups", None)
-        if targets is not None:
+        if targets is not None and dataset is not None and len(targets) == len(dataset):
             labels = torch.as_tensor(targets).long().flatten()
             groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
         else:
             labels, groups = self._read_labels(pl_module, loader, num_classes)
         _check_labels(labels, num_classes)
-        counts = torch.bincount(labels, minlength=num_classes).tolist()
-        if groups is None or groups.numel() != labels.numel():
-            return counts, None
-        if groups.numel() and groups.min() < 0:
-            raise ValueError("The upper data has negative group indices.")
-        g = int(num_groups) if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
-        if groups.numel() and groups.max() >= g:
-            raise ValueError(f"The upper data has group indices outside [0, {g}) ({g} groups).")
-        cells = torch.bincount(groups * num_classes + labels, minlength=g * num_classes).view(g, num_classes)
-        return counts, cells.tolist()
+        return labels, groups
+
+
+def _count_table(labels: Tensor, groups: Tensor | None, num_classes: int,
+                 num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
+    """Counts per class and, with groups, per (group, class) cell."""
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    if groups is None or groups.numel() != labels.numel():
+        return counts, None
+    if groups.numel() and groups.min() < 0:
+        raise ValueError("The upper data has negative group indices.")
+    g = int(num_groups) if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
+    if groups.numel() and groups.max() >= g:
+        raise ValueError(f"The upper data has group indices outside [0, {g}) ({g} groups).")
+    cells = torch.bincount(cell_index(groups, labels, num_classes), minlength=g * num_classes).view(g, num_classes)
+    return counts, cells.tolist()
 
 
 def _check_ranks_agree(trainer: pl.Trainer, batches: int) -> None:

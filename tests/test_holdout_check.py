@@ -1,0 +1,188 @@
+"""The held-back check (lightning_autobalance/guard.py, UpperData(holdout=...), the callback's check).
+
+References are independent: the heads' equilibria are re-solved with L-BFGS and autograd Newton (tests/test_head.py's
+solver, not the one under test); the split is checked by counting.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import linear_module
+from test_head import _balanced_ce, _data, _lbfgs_head, _linear, _train_loss
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, UpperData
+from lightning_autobalance.batch_stream import BatchStream, ShardSampler
+from lightning_autobalance.guard import CheckResult, compare_losses, head_weight_decay, holdout_split
+from lightning_autobalance.losses import LossTables
+
+K = 3
+
+
+def _tables(offset):
+    return LossTables(torch.ones(K, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64),
+                      torch.ones(K, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the split
+# ---------------------------------------------------------------------------------------------------------------
+def test_holdout_split_is_stratified_disjoint_and_keeps_one_per_class_for_the_search():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2 + [3])
+    search, held = holdout_split(labels, 0.5, seed=3)
+    assert sorted(search.tolist() + held.tolist()) == list(range(labels.numel()))
+    assert torch.bincount(labels[held], minlength=4).tolist() == [5, 2, 1, 0]  # floor(0.5 n), >= 1, <= n - 1
+    assert torch.bincount(labels[search], minlength=4).tolist() == [5, 3, 1, 1]
+    again, _ = holdout_split(labels, 0.5, seed=3)
+    other, _ = holdout_split(labels, 0.5, seed=4)
+    assert torch.equal(again, search) and not torch.equal(other, search)
+    # per (group, class) cell: each cell split on its own
+    groups = torch.tensor([0, 1] * 5 + [0] * 5 + [0, 1] + [0])
+    _, held_cells = holdout_split(labels, 0.5, seed=0, groups=groups)
+    cells = groups * 4 + labels
+    assert torch.bincount(cells[held_cells], minlength=8).tolist() == [2, 2, 0, 0, 2, 0, 0, 0]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_holdout_split_refuses_a_share_outside_the_open_interval(fraction):
+    with pytest.raises(ValueError, match=r"holdout must be a share in \(0, 1\)"):
+        holdout_split(torch.tensor([0, 0, 1, 1]), fraction)
+
+
+def test_upper_data_holdout_is_validated_at_construction():
+    with pytest.raises(ValueError, match=r"holdout must be a share of the upper data in \[0, 1\)"):
+        UpperData(holdout=1.0)
+    with pytest.raises(ValueError, match="holdout"):
+        UpperData(holdout=True)
+    assert UpperData.coerce({"holdout": 0.5}).holdout == 0.5
+
+
+def test_batch_stream_over_a_subset_never_draws_the_rest_and_balances_the_subset():
+    labels = torch.tensor([0] * 12 + [1] * 4)
+    loader = DataLoader(TensorDataset(torch.arange(16), labels), batch_size=4)
+    subset = torch.tensor([0, 1, 2, 3, 4, 5, 12, 13])
+    stream = BatchStream(loader, seed=0, labels=labels[subset], subset=subset)
+    drawn = torch.cat([stream.next()[0] for _ in range(12)])
+    assert set(drawn.tolist()) <= set(subset.tolist())
+    assert set(drawn.tolist()) == set(subset.tolist())  # every sample of the subset is drawn
+    counts = torch.bincount(labels[drawn], minlength=2)
+    assert counts[0] == counts[1]  # class-balanced over the subset
+    with pytest.raises(ValueError, match="a subset of 3 indices for length 8"):
+        ShardSampler(8, subset=torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the comparison, against independently re-solved equilibria (float64)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+def test_compare_losses_scores_each_loss_at_its_independently_solved_equilibrium(bias):
+    x, y, xu, yu = _data(seed=1)
+    wd = 0.05
+    objective = _balanced_ce([10, 10, 10])
+    losses = [_tables([0.0, 0.0, 0.0]), _tables([-1.2, 0.4, 1.5])]
+    theta0 = torch.zeros(K * (x.shape[1] + (1 if bias else 0)), dtype=torch.float64)
+    values = compare_losses(x, y, None, xu, yu, None, losses, _train_loss, objective, theta0, K, bias, wd, steps=25)
+    for tables, value in zip(losses, values):
+        head = _lbfgs_head(x, y, tables, wd, bias)
+        expected = objective(_linear(xu, head, bias), yu, None)
+        torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-10)
+    assert values[0] != values[1]
+
+
+def test_compare_losses_needs_weight_decay():
+    x, y, xu, yu = _data()
+    with pytest.raises(ValueError, match="needs weight_decay > 0"):
+        compare_losses(x, y, None, xu, yu, None, [_tables([0, 0, 0])], _train_loss, _balanced_ce([1, 1, 1]),
+                       torch.zeros(15, dtype=torch.float64), K, True, 0.0)
+
+
+def test_check_result_keeps_only_a_strict_improvement():
+    assert CheckResult(1.0, 0.9, 10).keep and not CheckResult(1.0, 1.0, 10).keep
+    assert "goes back to its start" in CheckResult(1.0, 1.2, 4).describe()
+
+
+def test_head_weight_decay_reads_the_group_holding_the_head():
+    head, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD([{"params": other.parameters(), "weight_decay": 0.0},
+                           {"params": head.parameters(), "weight_decay": 3e-4}], lr=0.1)
+    assert head_weight_decay(opt.param_groups, head.weight) == 3e-4
+    assert head_weight_decay(opt.param_groups[:1], head.weight) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the callback: check at the end of the search, the start put back when the found loss loses
+# ---------------------------------------------------------------------------------------------------------------
+def _module(weight_decay=1e-3):
+    base = linear_module(AutoBalanceMixin, pl.LightningModule, in_features=4)
+
+    class Module(base):  # type: ignore[misc, valid-type]
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=weight_decay)
+
+    return Module
+
+
+def _loaders(seed=0):
+    x, y, xu, yu = _data(seed=seed, n=48, m=30)
+    train = DataLoader(TensorDataset(x.float(), y), batch_size=16, shuffle=False)
+    upper = DataLoader(TensorDataset(xu.float(), yu), batch_size=8)
+    return train, upper
+
+
+def _fit(callback, weight_decay=1e-3, epochs=3):
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    model = _module(weight_decay)([36, 9, 3], preset="la", search=("offset",))
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback(upper)])
+    start = {k: v.detach().clone() for k, v in model.autobalance_parameters().alpha().items()}
+    trainer.fit(model, train_dataloaders=train)
+    return model, trainer.callbacks[0], start
+
+
+def _callback(hyper_lr):
+    def make(upper):
+        return AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5), warmup_fraction=0.0,
+                                   every_n_steps=1, hyper_lr=hyper_lr)
+    return make
+
+
+def test_the_check_runs_once_at_the_end_and_its_decision_matches_the_loss_left():
+    model, cb, start = _fit(_callback(0.5))
+    result = cb.check_result
+    assert isinstance(result, CheckResult) and result.samples == 15  # half of 10 per class held back
+    alpha = model.autobalance_parameters().alpha()
+    moved = any(not torch.equal(alpha[k], start[k]) for k in start)
+    assert moved == result.keep  # kept: the found loss stays; lost: exactly the start is back
+    if not result.keep:
+        assert all(torch.equal(alpha[k], start[k]) for k in start)
+    assert cb.state_dict()["check"] == {"start": result.start, "found": result.found, "samples": 15}
+
+
+def test_a_found_loss_that_loses_on_the_held_back_part_is_replaced_by_its_start(monkeypatch):
+    # Force a found loss far from anything sensible (an enormous hyper step), then check that the start comes back.
+    model, cb, start = _fit(_callback(50.0))
+    result = cb.check_result
+    assert result is not None and result.found > result.start and not result.keep
+    alpha = model.autobalance_parameters().alpha()
+    assert all(torch.equal(alpha[k], start[k]) for k in start)
+
+
+def test_the_check_refuses_a_model_without_weight_decay_before_training():
+    with pytest.raises(ValueError, match="needs weight decay on the head"):
+        _fit(_callback(0.5), weight_decay=0.0)
+
+
+def test_a_holdout_that_holds_nothing_back_is_an_error_at_setup():
+    x = torch.randn(3, 4)
+    upper = DataLoader(TensorDataset(x, torch.tensor([0, 1, 2])), batch_size=3)
+    train, _ = _loaders()
+    model = _module()([36, 9, 3], preset="la", search=("offset",))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5))])
+    with pytest.raises(ValueError, match="holds nothing back: every class of the upper data has one sample"):
+        trainer.fit(model, train_dataloaders=train)
