@@ -538,12 +538,15 @@ class AutoBalanceMixin:
         """
         params = self.autobalance_parameters()
         if logits.ndim != 2 or logits.shape[1] != params.num_classes:
-            found = self.__dict__.get("_autobalance_found_from")
+            explicit = bool(self.__dict__.get("_autobalance_explicit"))
+            found = None if explicit else self.__dict__.get("_autobalance_found_from")
             hint = (f" The counts were found from {found}: if a class has no sample there, give "
                     "configure_autobalance(num_classes=...) (or search_split(..., num_classes=...))."
                     if found else " Pass one count per output of the model.")
-            raise ValueError(f"autobalance_loss: the logits have shape {tuple(logits.shape)}, but "
-                             f"configure_autobalance was given class_counts for {params.num_classes} classes: "
+            source = (f"configure_autobalance was given class_counts for {params.num_classes} classes" if explicit
+                      else f"the loss has {params.num_classes} classes" + (" (its counts found at setup)" if found
+                                                                             else ""))
+            raise ValueError(f"autobalance_loss: the logits have shape {tuple(logits.shape)}, but {source}: "
                              f"expected (N, {params.num_classes})." + hint)
         training = bool(getattr(self, "training", False))
         if training:
