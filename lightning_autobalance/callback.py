@@ -31,7 +31,7 @@ from lightning_autobalance.batch_stream import BatchStream
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.estimator import Estimator
 from lightning_autobalance.flat_settings import callback_values, flat_settings
-from lightning_autobalance.guard import CheckResult, check_found_loss, find_head, head_weight_decay
+from lightning_autobalance.guard import CheckResult, HeldBackCheck
 from lightning_autobalance.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.mixin import AutoBalanceMixin
@@ -176,10 +176,7 @@ class AutoBalanceCallback(Callback):
         self._loss_calls: int | None = None  # the module's autobalance_loss calls at the previous optimizer step
         self._warned_frozen = False
         self._resumed_at = 0
-        self._start_alpha: dict[str, Tensor] | None = None
-        self._check_decay = 0.0
-        #: the held-back check's figures (``UpperData(holdout=...)``), once it has run
-        self.check_result: CheckResult | None = None
+        self._check = HeldBackCheck()
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -278,9 +275,9 @@ class AutoBalanceCallback(Callback):
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
-        self._start_alpha = {k: v.detach().clone() for k, v in params.alpha().items()}
-        if self.upper.holdout:
-            self._check_decay = self._weight_decay(trainer, pl_module)
+        if self.upper.holdout:  # before any training: a model without weight decay is refused here
+            self._check.begin(pl_module, params.alpha(), [g for o in trainer.optimizers for g in o.param_groups],
+                              self.estimator.weight_decay, self.estimator.head)
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -406,56 +403,41 @@ class AutoBalanceCallback(Callback):
                           on_epoch=True)
         end = self.schedule.end
         if (end is not None and trainer.global_step >= end) or trainer.current_epoch + 1 >= (trainer.max_epochs or 0):
-            self._check(trainer, pl_module, log=True)  # before this epoch's checkpoint: it holds the loss kept
-
-    def _weight_decay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """The head's weight decay for the held-back check: the estimator's, else the model optimizer's."""
-        if self.estimator.weight_decay:
-            return float(self.estimator.weight_decay)
-        weight = dict(pl_module.named_modules())[find_head(pl_module, self.estimator.head)].weight
-        found = [d for opt in trainer.optimizers if (d := head_weight_decay(opt.param_groups, weight)) is not None]
-        if not found or not found[0] > 0:
-            raise ValueError("UpperData(holdout=...) checks the found loss at the classifier head's equilibrium, which "
-                             "needs weight decay on the head: give the model optimizer weight_decay > 0 for it, or "
-                             "set Estimator(weight_decay=...).")
-        return found[0]
+            self._run_check(trainer, pl_module, log=True)  # before this epoch's checkpoint: it holds the loss kept
 
     def should_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether the held-back check runs now (once a fit, when the search is over): ``UpperData(holdout > 0)``,
         hyper steps made in this fit and the loss not frozen. Override to decide otherwise."""
-        return bool(self.upper.holdout and self.check_result is None and self._start_alpha is not None
+        return bool(self.upper.holdout and self._check.result is None and self._check.start_alpha is not None
                     and self._log.fit_attempted - self._log.fit_skipped > 0
                     and not pl_module.autobalance_parameters().frozen)  # type: ignore[attr-defined]
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool = False) -> None:
+    def _run_check(self, trainer: pl.Trainer, pl_module: Any, log: bool = False) -> None:
         """The held-back check (:mod:`lightning_autobalance.guard`): keeps the found loss only when it beats its
         start on the upper samples the search never saw; otherwise puts the start back."""
         self._read(trainer)
         if not self.should_check(trainer, pl_module):
             return
-        assert self._start_alpha is not None and self.upper.held_back is not None
-        held_back = self.upper.held_back_loader()
-        counts = torch.bincount(self.upper.held_back_labels(), minlength=pl_module.autobalance_parameters().num_classes)
-        objective = self.objective.build(counts.clamp(min=1).tolist(), None, validate=False)  # absent classes: no rows
-        loader = trainer.train_dataloader
+        params = pl_module.autobalance_parameters()
+        counts = torch.bincount(self.upper.held_back_labels(), minlength=params.num_classes).clamp(min=1)
+        objective = self.objective.build(counts.tolist(), None, validate=False)  # an absent class has no rows
         with preserve_random_state(pl_module.device):
-            result = check_found_loss(pl_module, pl_module.autobalance_parameters(),  # type: ignore[attr-defined]
-                                      self._start_alpha, loader, held_back, objective, self._check_decay,
-                                      self.estimator.head, trainer.strategy.batch_to_device,
-                                      None if self._reducer.is_local else self._reducer)
-        self.check_result = result
-        if not result.keep:
-            with torch.no_grad():
-                for name, value in pl_module.autobalance_parameters().alpha().items():  # type: ignore[attr-defined]
-                    value.copy_(self._start_alpha[name])
+            result = self._check.run(pl_module, params, trainer.train_dataloader, self.upper.held_back_loader(),
+                                     objective, self.estimator.head, trainer.strategy.batch_to_device,
+                                     None if self._reducer.is_local else self._reducer)
         rank_zero_info(f"AutoBalance: {result.describe()}.")
         if log and trainer.loggers:
             pl_module.log_dict({"autobalance/check_start": result.start, "autobalance/check_found": result.found},
-                               logger=True, on_step=False, on_epoch=True)
+                               on_step=False, on_epoch=True)
+
+    @property
+    def check_result(self) -> CheckResult | None:
+        """The held-back check's figures (``UpperData(holdout=...)``), once it has run."""
+        return self._check.result
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer, pl_module)
+        self._run_check(trainer, pl_module)
         self._read(trainer)
         log, schedule = self._log, self.schedule
         if log.fit_attempted - log.fit_skipped > 0 or self._update is None or trainer.sanity_checking:
@@ -485,7 +467,7 @@ class AutoBalanceCallback(Callback):
             "scheduler": update["scheduler"],
             "upper_stream": self.upper.stream.state_dict() if self.upper.stream is not None else None,
             "train_stream": self._train.state_dict() if self._train is not None else self._train_state,
-            "check": None if self.check_result is None else vars(self.check_result).copy(),
+            "check": self._check.state_dict(),
         }
 
     @override
@@ -493,8 +475,7 @@ class AutoBalanceCallback(Callback):
         # Lightning restores callbacks before on_fit_start, where the optimizer is built: apply it there.
         self._pending = dict(state_dict)
         self._log.restore(int(state_dict.get("hyper_steps", 0)), int(state_dict.get("skipped_steps", 0)))
-        check = state_dict.get("check")
-        self.check_result = None if check is None else CheckResult(**check)
+        self._check.load_state_dict(state_dict.get("check"))
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if self._update is not None:

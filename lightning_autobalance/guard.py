@@ -14,7 +14,9 @@ the loss here: the check is about the loss's effect where it acts most directly,
 the training data and a few small solves, and it knows nothing of Lightning.
 
 :func:`holdout_split` chooses the held-back part (stratified per class, or per (group, class) cell);
-:func:`compare_losses` scores the losses; :func:`read_features` reads a head's inputs from batches.
+:func:`compare_losses` scores the losses; :func:`read_features` reads a head's inputs from batches;
+:func:`check_found_loss` puts them together for an AutoBalance module; :class:`HeldBackCheck` is the check's state
+over a fit (what the callback keeps and checkpoints).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from lightning_autobalance.cells import cell_index
 from lightning_autobalance.head import _augment, _HeadProblem, find_head, head_parameters, solve_head
 from lightning_autobalance.losses import LossTables
 
-__all__ = ["CheckResult", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split", "read_features"]
+__all__ = ["CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split",
+           "read_features"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -235,3 +238,56 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
         pair = reduce(pair)
     start_value, found_value = pair.tolist()
     return CheckResult(start_value, found_value, int(held[1].numel()))
+
+
+class HeldBackCheck:
+    """The held-back check over one fit: the loss parameters it started from, the head's weight decay, the result.
+
+    :meth:`begin` at the start of the fit, :meth:`run` once the search is over (it puts the start back when the found
+    loss loses), :meth:`state_dict` / :meth:`load_state_dict` so that a resumed fit neither runs it twice nor forgets
+    its result.
+    """
+
+    def __init__(self) -> None:
+        self.start_alpha: dict[str, Tensor] | None = None
+        self.weight_decay = 0.0
+        self.result: CheckResult | None = None
+
+    def begin(self, module: nn.Module, alpha: dict[str, Tensor], param_groups: Iterable[dict[str, Any]],
+              weight_decay: float = 0.0, head: str | None = None) -> None:
+        """Records the start; the weight decay is ``weight_decay`` when ``> 0``, else that of the optimizer group
+        holding the head's weight (:func:`head_weight_decay`).
+
+        Raises:
+            ValueError: when neither gives the head a weight decay ``> 0`` (the head's equilibrium would not exist):
+                before any training time is spent.
+        """
+        self.start_alpha = {k: v.detach().clone() for k, v in alpha.items()}
+        if not weight_decay:
+            weight = dict(module.named_modules())[find_head(module, head)].weight
+            weight_decay = head_weight_decay(param_groups, weight) or 0.0
+        if not weight_decay > 0:
+            raise ValueError("UpperData(holdout=...) checks the found loss at the classifier head's equilibrium, which "
+                             "needs weight decay on the head: give the model optimizer weight_decay > 0 for it, or "
+                             "set Estimator(weight_decay=...).")
+        self.weight_decay = float(weight_decay)
+
+    def run(self, module: nn.Module, params: Any, train_batches: Iterable[Any], held_back_batches: Iterable[Any],
+            objective: Objective, head: str | None = None, to_device: Callable[[Any], Any] | None = None,
+            reduce: Callable[[Tensor], Tensor] | None = None) -> CheckResult:
+        """:func:`check_found_loss`; when the found loss loses, the start is copied back into ``params.alpha()``."""
+        assert self.start_alpha is not None, "HeldBackCheck.run before begin"
+        result = check_found_loss(module, params, self.start_alpha, train_batches, held_back_batches, objective,
+                                  self.weight_decay, head, to_device, reduce)
+        if not result.keep:
+            with torch.no_grad():
+                for name, value in params.alpha().items():
+                    value.copy_(self.start_alpha[name])
+        self.result = result
+        return result
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.result is None else vars(self.result).copy()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.result = None if state is None else CheckResult(**state)

@@ -186,3 +186,13 @@ def test_a_holdout_that_holds_nothing_back_is_an_error_at_setup():
                          callbacks=[AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5))])
     with pytest.raises(ValueError, match="holds nothing back: every class of the upper data has one sample"):
         trainer.fit(model, train_dataloaders=train)
+
+
+def test_the_search_never_draws_a_held_back_sample_and_a_resumed_fit_keeps_the_result():
+    model, cb, _ = _fit(_callback(0.5))
+    drawn = set(cb.upper.stream.sampler.subset)
+    held = set(cb.upper.held_back.tolist())
+    assert held and not drawn & held and len(drawn | held) == 30
+    restored = AutoBalanceCallback(upper=UpperData(holdout=0.5))
+    restored.load_state_dict(cb.state_dict())
+    assert restored.check_result == cb.check_result  # a resumed fit does not run the check again
