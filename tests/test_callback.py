@@ -951,7 +951,7 @@ def test_callback_and_mixin_under_the_unified_lightning_package():
 
 _CORE = ("callback.py", "hypergradient.py", "objectives.py", "losses.py", "parametrization.py", "mixin.py",
          "classifier.py", "estimator.py", "schedule.py", "upper_data.py", "hyper_optimizer.py", "step_log.py",
-         "reduce.py")
+         "reduce.py", "head.py")
 _READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nonzero", "__getitem__")
 
 
@@ -1031,6 +1031,7 @@ def _group_upper_loader(n: int = 90) -> DataLoader:
     (Estimator(product="jvp"), "balanced_ce", {"max_norm": 1.0, "logger": True}),
     (Estimator(method="neumann", terms=2, curvature="hessian", damping=0.1), "balanced_ce", {}),
     (Estimator(method="cg", cg_iterations=3), "worst_class", {}),
+    (Estimator(method="head", weight_decay=1e-3, head_steps=2, head_memory=64), "balanced_ce", {}),
     (Estimator(method="unroll", eta=0.1), "worst_class", {"mode": "cvar"}),
     (Estimator(), "worst_group", {"groups": True}),
     (Estimator(), "deo", {"groups": True, "logger": True, "progress_bar": True}),

@@ -137,9 +137,11 @@ def _tiny_quality(words: list[str], tmp: Path, data: dict[str, Path]) -> list[st
              "--la-taus", "1.0", "--vs-gammas", "0.15", "--vs-taus", "1.0"]
     if "one_phase" in words:  # a one-phase run needs an epoch to search and one after the fold-in
         extra.append("--set=--retrain_epochs=2")
-    if any("cifar10_lt_jpeg" in w for w in words):
+    if any("cifar10_lt_jpeg" in w or "terminal_phase" in w for w in words):
         extra += [f"--set=--data.init_args.root={data['jpeg']}", "--set=--data.init_args.batch_size=16",
                   "--set=--data.init_args.imbalance_ratio=10"]
+    if any("terminal_phase" in w for w in words):  # its profile asks for 2000 images of the largest class
+        extra.append("--set=--data.init_args.n_max=20")
     return extra
 
 
