@@ -32,6 +32,7 @@ from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.estimator import Estimator
 from lightning_autobalance.flat_settings import callback_values, flat_settings
 from lightning_autobalance.guard import CheckResult, HeldBackCheck
+from lightning_autobalance.head import find_head
 from lightning_autobalance.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.mixin import AutoBalanceMixin
@@ -42,7 +43,11 @@ from lightning_autobalance.step_log import StepLog, parameter_figures
 from lightning_autobalance.strategies import SHARDED_STRATEGIES
 from lightning_autobalance.upper_data import UpperData, preserve_random_state
 
-__all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
+__all__ = ["CHECK_WEIGHT_DECAY", "MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
+
+#: the head's weight decay in the held-back check when neither the model optimizer nor the estimator gives one (only
+#: with the default ``UpperData(holdout=None)``; an explicit ``holdout`` then refuses the fit)
+CHECK_WEIGHT_DECAY = 5e-4
 
 
 
@@ -238,8 +243,13 @@ class AutoBalanceCallback(Callback):
             rank_zero_warn("The AutoBalance loss has nothing to search (search=() or a loaded loss): the callback "
                            "will do nothing.")
         objective = self.objective
+        try:
+            find_head(pl_module, self.estimator.head)
+            checkable = None if params.num_free() else "the loss has nothing to search"
+        except ValueError:
+            checkable = "the module has no nn.Linear head"
         table, shrink_table = self.upper.setup(trainer, pl_module, self.seed, objective.counts_per_cell,
-                                               objective.num_groups)
+                                               objective.num_groups, checkable)
         missing = self.upper.missing_classes()
         if missing and objective.requires_all_classes:
             k = params.num_classes
@@ -275,9 +285,12 @@ class AutoBalanceCallback(Callback):
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
-        if self.upper.holdout:  # before any training: a model without weight decay is refused here
-            self._check.begin(pl_module, params.alpha(), [g for o in trainer.optimizers for g in o.param_groups],
-                              self.estimator.weight_decay, self.estimator.head)
+        if self.upper.held_back is not None:  # before any training: an explicit holdout needs weight decay
+            fallback = None if self.upper.holdout is not None else CHECK_WEIGHT_DECAY
+            if self._check.begin(pl_module, params.alpha(), [g for o in trainer.optimizers for g in o.param_groups],
+                                 self.estimator.weight_decay, self.estimator.head, fallback):
+                rank_zero_info(f"AutoBalance: the classifier head has no weight decay; the held-back check trains its "
+                               f"heads with weight decay {CHECK_WEIGHT_DECAY}.")
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -406,9 +419,11 @@ class AutoBalanceCallback(Callback):
             self._run_check(trainer, pl_module, log=True)  # before this epoch's checkpoint: it holds the loss kept
 
     def should_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Whether the held-back check runs now (once a fit, when the search is over): ``UpperData(holdout > 0)``,
-        hyper steps made in this fit and the loss not frozen. Override to decide otherwise."""
-        return bool(self.upper.holdout and self._check.result is None and self._check.start_alpha is not None
+        """Whether the held-back check runs now (once a fit, when the search is over): upper data held back
+        (:class:`~lightning_autobalance.UpperData` ``holdout``), hyper steps made in this fit and the loss not frozen.
+        Override to decide otherwise."""
+        return bool(self.upper.held_back is not None and self._check.result is None
+                    and self._check.start_alpha is not None
                     and self._log.fit_attempted - self._log.fit_skipped > 0
                     and not pl_module.autobalance_parameters().frozen)  # type: ignore[attr-defined]
 
@@ -419,8 +434,7 @@ class AutoBalanceCallback(Callback):
         if not self.should_check(trainer, pl_module):
             return
         params = pl_module.autobalance_parameters()
-        counts = torch.bincount(self.upper.held_back_labels(), minlength=params.num_classes).clamp(min=1)
-        objective = self.objective.build(counts.tolist(), None, validate=False)  # an absent class has no rows
+        objective = self.objective.build(self.upper.held_back_table(params.num_classes), None, validate=False)
         with preserve_random_state(pl_module.device):
             result = self._check.run(pl_module, params, trainer.train_dataloader, self.upper.held_back_loader(),
                                      objective, self.estimator.head, trainer.strategy.batch_to_device,

@@ -27,7 +27,7 @@ def flat_settings(every_n_steps: int | None = None, target_hyper_steps: int | No
                    shrinkage: float | None = None, max_norm: float | None = None,
                    objective_kwargs: dict[str, Any] | None = None, upper_source: UpperSource | None = None,
                    upper_class_counts: list[int] | None = None,
-                   balanced_upper: bool | None = None) -> dict[str, dict[str, Any]]:
+                   balanced_upper: bool | None = None, holdout: float | None = None) -> dict[str, dict[str, Any]]:
     """The settings of the callback's values by their flat names (the form of earlier versions and of YAML
     ``init_args``), grouped by the value they belong to; ``None`` is "not given".
 
@@ -48,13 +48,15 @@ def flat_settings(every_n_steps: int | None = None, target_hyper_steps: int | No
         upper_source: ``UpperData.source``.
         upper_class_counts: ``UpperData.class_counts``.
         balanced_upper: ``UpperData.balanced``.
+        holdout: ``UpperData.holdout``.
     """
     given = {k: v for k, v in locals().items() if v is not None}
     groups: dict[str, dict[str, Any]] = {"schedule": {}, "hyper": {}, "objective": {}, "upper": {}}
     renames = {"hyper_lr": ("hyper", "lr"), "hyper_scheduler": ("hyper", "scheduler"),
                "hyper_lr_schedule": ("hyper", "lr_schedule"), "shrinkage": ("hyper", "shrinkage"),
                "max_norm": ("hyper", "max_norm"), "upper_source": ("upper", "source"),
-               "upper_class_counts": ("upper", "class_counts"), "balanced_upper": ("upper", "balanced")}
+               "upper_class_counts": ("upper", "class_counts"), "balanced_upper": ("upper", "balanced"),
+               "holdout": ("upper", "holdout")}
     for name, value in given.items():
         if name == "objective_kwargs":
             if not isinstance(value, Mapping):

@@ -152,8 +152,8 @@ class CheckResult:
 def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
                    check_features: Tensor, check_target: Tensor, check_group: Tensor | None,
                    tables: Sequence[LossTables], train_loss: TrainLoss, objective: Objective, theta: Tensor,
-                   num_classes: int, bias: bool, weight_decay: float, steps: int = 30,
-                   dense_limit: int = 4096, cg_iterations: int = 200) -> list[Tensor]:
+                   num_classes: int, bias: bool, weight_decay: float, steps: int = 10,
+                   dense_limit: int = 4096, cg_iterations: int = 50) -> list[Tensor]:
     """The upper objective on the check samples at the head's equilibrium under each loss of ``tables``.
 
     For every entry of ``tables`` the head ``theta = (W, b)`` is trained to its equilibrium on the training
@@ -203,7 +203,7 @@ def head_weight_decay(param_groups: Iterable[dict[str, Any]], weight: Tensor) ->
 def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tensor],
                      train_batches: Iterable[Any], held_back_batches: Iterable[Any], objective: Objective,
                      weight_decay: float, head: str | None = None, to_device: Callable[[Any], Any] | None = None,
-                     reduce: Callable[[Tensor], Tensor] | None = None, steps: int = 30) -> CheckResult:
+                     reduce: Callable[[Tensor], Tensor] | None = None, steps: int = 10) -> CheckResult:
     """The held-back check of an :class:`~lightning_autobalance.AutoBalanceMixin` module's current (found) loss
     against ``start_alpha``: :func:`read_features` on both data, then :func:`compare_losses`.
 
@@ -252,25 +252,33 @@ class HeldBackCheck:
         self.start_alpha: dict[str, Tensor] | None = None
         self.weight_decay = 0.0
         self.result: CheckResult | None = None
+        self._restored_start: dict[str, Tensor] | None = None
 
     def begin(self, module: nn.Module, alpha: dict[str, Tensor], param_groups: Iterable[dict[str, Any]],
-              weight_decay: float = 0.0, head: str | None = None) -> None:
+              weight_decay: float = 0.0, head: str | None = None, fallback: float | None = None) -> bool:
         """Records the start; the weight decay is ``weight_decay`` when ``> 0``, else that of the optimizer group
-        holding the head's weight (:func:`head_weight_decay`).
+        holding the head's weight (:func:`head_weight_decay`), else ``fallback``. Returns whether the fallback was
+        used.
 
         Raises:
-            ValueError: when neither gives the head a weight decay ``> 0`` (the head's equilibrium would not exist):
+            ValueError: when none gives the head a weight decay ``> 0`` (the head's equilibrium would not exist):
                 before any training time is spent.
         """
-        self.start_alpha = {k: v.detach().clone() for k, v in alpha.items()}
+        restored = self._restored_start  # a resumed fit starts where the interrupted one started, not at its checkpoint
+        self.start_alpha = {k: (restored[k] if restored is not None and k in restored else v.detach()).clone().to(v)
+                            for k, v in alpha.items()}
+        used_fallback = False
         if not weight_decay:
             weight = dict(module.named_modules())[find_head(module, head)].weight
             weight_decay = head_weight_decay(param_groups, weight) or 0.0
+        if not weight_decay > 0 and fallback is not None:
+            weight_decay, used_fallback = fallback, True
         if not weight_decay > 0:
             raise ValueError("UpperData(holdout=...) checks the found loss at the classifier head's equilibrium, which "
                              "needs weight decay on the head: give the model optimizer weight_decay > 0 for it, or "
                              "set Estimator(weight_decay=...).")
         self.weight_decay = float(weight_decay)
+        return used_fallback
 
     def run(self, module: nn.Module, params: Any, train_batches: Iterable[Any], held_back_batches: Iterable[Any],
             objective: Objective, head: str | None = None, to_device: Callable[[Any], Any] | None = None,
@@ -286,8 +294,13 @@ class HeldBackCheck:
         self.result = result
         return result
 
-    def state_dict(self) -> dict[str, Any] | None:
-        return None if self.result is None else vars(self.result).copy()
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": None if self.result is None else vars(self.result).copy(),
+                "start_alpha": None if self.start_alpha is None else {k: v.detach().cpu().clone()
+                                                                      for k, v in self.start_alpha.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        self.result = None if state is None else CheckResult(**state)
+        state = state or {}
+        result = state.get("result")
+        self.result = None if result is None else CheckResult(**result)
+        self._restored_start = state.get("start_alpha")

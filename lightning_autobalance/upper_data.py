@@ -21,16 +21,19 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_autobalance.batch_stream import BatchStream
 from lightning_autobalance.cells import cell_index
 from lightning_autobalance.coerce import coerce_value
 from lightning_autobalance.guard import holdout_split
 
-__all__ = ["UpperData", "UpperSource", "preserve_random_state"]
+__all__ = ["AUTO_HOLDOUT", "UpperData", "UpperSource", "preserve_random_state"]
+
+#: the share of the upper data held back for the check when ``UpperData(holdout=None)`` (the default)
+AUTO_HOLDOUT = 0.5
 
 UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
 _SOURCES = ("auto", "datamodule", "dataloader", "val")
@@ -69,8 +72,10 @@ class UpperData:
             classes equally) when the upper split is larger than one batch and its batches carry no groups.
         holdout: the share of the upper data held back from the search (stratified per class, or per (group,
             class) cell; a class with one sample stays in the search) for the callback's held-back check, which keeps
-            the found loss only when it beats its start there (:mod:`lightning_autobalance.guard`). ``0`` (the
-            default) holds nothing back and makes no check.
+            the found loss only when it beats its start there (:mod:`lightning_autobalance.guard`). ``None`` (the
+            default): :data:`AUTO_HOLDOUT` where the check can run (a map-style upper dataset with a plain batch
+            size, a class with two upper samples, an ``nn.Linear`` head), else nothing held back, with a message.
+            ``0``: no check. A share given explicitly is an error where the check cannot run.
 
     Example:
         >>> UpperData.coerce({"source": "val"}).source
@@ -82,7 +87,7 @@ class UpperData:
     """
 
     def __init__(self, source: UpperSource = "auto", dataloader: Any = None, class_counts: list[int] | None = None,
-                 balanced: bool = True, holdout: float = 0.0) -> None:
+                 balanced: bool = True, holdout: float | None = None) -> None:
         if source not in _SOURCES:
             raise ValueError(f"upper_source must be 'auto', 'datamodule', 'dataloader' or 'val'; got {source!r}.")
         if source == "dataloader" and dataloader is None:
@@ -90,12 +95,13 @@ class UpperData:
         if class_counts is not None and (isinstance(class_counts, (str, bytes)) or any(
                 isinstance(c, bool) or int(c) != c or c < 0 for c in class_counts)):
             raise ValueError(f"upper_class_counts must be whole numbers >= 0, one per class; got {class_counts!r}.")
-        if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
-            raise ValueError(f"holdout must be a share of the upper data in [0, 1) (0: no held-back check); got "
-                             f"{holdout!r}.")
+        if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, (int, float))
+                                    or not 0.0 <= holdout < 1.0):
+            raise ValueError(f"holdout must be a share of the upper data in [0, 1) (0: no held-back check; None: "
+                             f"{AUTO_HOLDOUT} where the check can run); got {holdout!r}.")
         class_counts = None if class_counts is None else [int(c) for c in class_counts]
         self.source, self.dataloader, self.class_counts, self.balanced = source, dataloader, class_counts, balanced
-        self.holdout = float(holdout)
+        self.holdout = None if holdout is None else float(holdout)
         #: after :meth:`setup`: the stream of upper batches, the counts per class and per (group, class) cell
         self.stream: BatchStream | None = None
         self.counts: list[int] | None = None
@@ -103,6 +109,7 @@ class UpperData:
         #: after :meth:`setup` with ``holdout``: the held-back dataset indices, and the loader they came from
         self.held_back: Tensor | None = None
         self._held_back_labels: Tensor | None = None
+        self._held_back_groups: Tensor | None = None
         self._loader: Any = None
         self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
 
@@ -125,7 +132,7 @@ class UpperData:
 
     # ------------------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool,
-              num_groups: int | None) -> tuple[Any, Any]:
+              num_groups: int | None, checkable: str | None = None) -> tuple[Any, Any]:
         """Finds the loader, opens the stream, learns the counts; returns ``(objective_table, shrink_table)``: the
         counts the objective is built from (equal per class when batches are class-balanced) and those that inform
         each loss parameter (``None`` each when unknown).
@@ -136,6 +143,8 @@ class UpperData:
             seed: seeds the order of upper batches.
             wants_cells: the objective is built from (group, class) counts when the batches carry groups.
             num_groups: the groups the objective's settings give, if any.
+            checkable: why the module cannot be checked (no ``nn.Linear`` head), or ``None``: with the default
+                ``holdout=None`` nothing is then held back.
 
         Raises:
             RuntimeError: no upper data, or a process without upper batches.
@@ -143,7 +152,10 @@ class UpperData:
         """
         params = pl_module.autobalance_parameters()
         loader = self._loader = self._find_loader(trainer, pl_module)
-        search = self._split(pl_module, loader, seed, params.num_classes) if self.holdout else None
+        self.held_back = self._held_back_labels = None
+        share = self.holdout if self.holdout is not None else self._auto_share(pl_module, loader, params.num_classes,
+                                                                                checkable)
+        search = self._split(pl_module, loader, seed, params.num_classes, share) if share else None
         # Every process must learn about a process without upper data, or the others would wait for it forever.
         try:
             self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
@@ -176,19 +188,33 @@ class UpperData:
                 table = [1 if n > 0 else 0 for n in table]  # every class is drawn equally often
         return table, shrink_table
 
-    def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int) -> Tensor:
+    def _auto_share(self, pl_module: Any, loader: Any, num_classes: int, checkable: str | None) -> float:
+        """:data:`AUTO_HOLDOUT` when the held-back check can run here, else 0 (and says why, once)."""
+        why = checkable or _not_indexable(loader)
+        if why is None:
+            labels, groups = self._labels_groups(pl_module, loader, num_classes)
+            if holdout_split(labels, AUTO_HOLDOUT, groups=groups, num_classes=num_classes)[1].numel() == 0:
+                why = "every class of the upper data has one sample"
+        if why is not None:
+            rank_zero_info(f"AutoBalance: no held-back check ({why}); the search uses all the upper data and its "
+                           "found loss is kept as it is.")
+            return 0.0
+        return AUTO_HOLDOUT
+
+    def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int, share: float) -> Tensor:
         """Chooses the held-back samples (:attr:`held_back`); returns the indices the search draws from."""
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None or getattr(loader, "batch_size", None) is None or not hasattr(dataset, "__getitem__"):
-            raise ValueError(f"UpperData(holdout={self.holdout}) needs a map-style upper dataset with a plain batch "
-                             "size, so that part of it can be held back by index; this upper dataloader has none.")
+        why = _not_indexable(loader)
+        if why is not None:
+            raise ValueError(f"UpperData(holdout={share}) needs a map-style upper dataset with a plain batch size, so "
+                             f"that part of it can be held back by index; {why}. Use holdout=0 (no held-back check).")
         labels, groups = self._labels_groups(pl_module, loader, num_classes)
-        search, held = holdout_split(labels, self.holdout, seed=seed, groups=groups, num_classes=num_classes)
+        search, held = holdout_split(labels, share, seed=seed, groups=groups, num_classes=num_classes)
         if held.numel() == 0:
-            raise ValueError(f"UpperData(holdout={self.holdout}) holds nothing back: every class of the upper data has "
+            raise ValueError(f"UpperData(holdout={share}) holds nothing back: every class of the upper data has "
                              f"one sample ({labels.numel()} samples), and one sample stays with the search. Use more "
                              "upper data or holdout=0 (no held-back check).")
         self.held_back, self._held_back_labels = held, labels[held]
+        self._held_back_groups = None if groups is None else groups[held]
         return search
 
     def held_back_loader(self) -> DataLoader:
@@ -200,11 +226,17 @@ class UpperData:
         return DataLoader(Subset(loader.dataset, self.held_back.tolist()), batch_size=loader.batch_size,
                           collate_fn=loader.collate_fn)
 
-    def held_back_labels(self) -> Tensor:
-        """The labels of the held-back samples (after :meth:`setup` with ``holdout``)."""
+    def held_back_table(self, num_classes: int) -> list[int] | list[list[int]]:
+        """The held-back samples' counts in the shape the objective was built from at :meth:`setup` (per (group,
+        class) cell when the upper data has cells, else per class), a class or cell without samples counted as 1
+        (it has no rows to weigh)."""
         if self._held_back_labels is None:
-            raise RuntimeError("UpperData.held_back_labels: nothing is held back (holdout=0, or before setup).")
-        return self._held_back_labels
+            raise RuntimeError("UpperData.held_back_table: nothing is held back (holdout=0, or before setup).")
+        counts, cells = _count_table(self._held_back_labels, self._held_back_groups, num_classes,
+                                     None if self.cells is None else len(self.cells))
+        if self.cells is not None and cells is not None:
+            return [[max(c, 1) for c in row] for row in cells]
+        return [max(c, 1) for c in counts]
 
     def missing_classes(self) -> list[int]:
         """The classes without upper samples (after :meth:`setup`; empty when the counts are unknown)."""
@@ -320,6 +352,16 @@ class UpperData:
             labels, groups = self._read_labels(pl_module, loader, num_classes)
         _check_labels(labels, num_classes)
         return labels, groups
+
+
+def _not_indexable(loader: Any) -> str | None:
+    """Why part of this loader's dataset cannot be held back by index (``None`` when it can)."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        return "the upper data is not a map-style dataset"
+    if getattr(loader, "batch_size", None) is None:
+        return "the upper dataloader has a custom batch sampler"
+    return None
 
 
 def _count_table(labels: Tensor, groups: Tensor | None, num_classes: int,

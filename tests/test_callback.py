@@ -172,7 +172,7 @@ def sgd(lr: float, momentum: float = 0.9):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
-SEARCH = {"every_n_steps": 1, "start_step": 0, "hyper_optimizer": sgd(0.05)}
+SEARCH = {"every_n_steps": 1, "start_step": 0, "hyper_optimizer": sgd(0.05), "holdout": 0}  # the search alone
 EPOCHS = 10  # 12 steps per epoch: 120 optimizer and 120 hyper steps
 
 
@@ -254,7 +254,7 @@ def _resume_setup():
     x, y = _blobs(COUNTS, seed=11)
     train = DataLoader(TensorDataset(x, y), batch_size=32, sampler=EpochSeededSampler(len(y), seed=3))
     callback = AutoBalanceCallback(
-        every_n_steps=2, start_step=3, train_batches=2, upper_batches=1, hyper_optimizer=sgd(0.05),
+        holdout=0, every_n_steps=2, start_step=3, train_batches=2, upper_batches=1, hyper_optimizer=sgd(0.05),
         hyper_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7),
         upper_dataloader=_upper_loader(seed=1, batch_size=16))  # 6 upper batches per pass: positions matter
     torch.manual_seed(5)
@@ -764,7 +764,7 @@ def test_several_train_and_upper_batches_per_hyper_step():
     torch.manual_seed(0)
     model = Net(bn=True, dropout=0.2, search=("delta", "offset"))
     start = _alpha(model)
-    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, train_batches=3, upper_batches=2,
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=2, start_step=0, train_batches=3, upper_batches=2,
                                    upper_dataloader=_upper_loader(batch_size=20))  # 5 batches per pass
     _trainer([callback], max_steps=8).fit(model, _train_loader())
     assert callback.hyper_steps == 4 and callback.skipped_steps == 0
@@ -786,7 +786,8 @@ def test_methods_run_inside_a_fit(method, extra):
     torch.manual_seed(0)
     model = Net(bn=True, dropout=0.2, search=("delta", "offset", "weight"))
     start = _alpha(model)
-    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, estimator=Estimator(method=method, terms=2, **extra),
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=2, start_step=0,
+                                   estimator=Estimator(method=method, terms=2, **extra),
                                    upper_dataloader=_upper_loader())
     _trainer([callback], max_steps=6).fit(model, _train_loader())
     assert callback.hyper_steps == 3 and callback.skipped_steps == 0
@@ -803,7 +804,7 @@ def test_difference_product_agrees_with_jvp_under_dropout(dropout):
     for product in ("difference", "jvp"):
         torch.manual_seed(0)
         model = Net(bn=True, dropout=dropout, search=("delta", "offset", "weight"))
-        callback = AutoBalanceCallback(every_n_steps=1, start_step=0, estimator=Estimator(product=product),
+        callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, estimator=Estimator(product=product),
                                        hyper_optimizer=sgd(0.05, 0.0), upper_dataloader=_upper_loader())
         _trainer([callback], max_steps=3).fit(model, _train_loader())
         found[product] = _alpha(model)
@@ -938,7 +939,7 @@ def test_callback_and_mixin_under_the_unified_lightning_package():
     from conftest import linear_module
 
     model = linear_module(AutoBalanceMixin, L.LightningModule, in_features=D)(COUNTS, preset="ce", search="offset")
-    callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
+    callback = AutoBalanceCallback(holdout=0, upper_dataloader=_upper_loader())
     L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]).fit(model, _train_loader())
     assert callback.hyper_steps == 20
@@ -1050,7 +1051,7 @@ def test_an_optimizer_step_with_a_hyper_step_makes_no_host_read(estimator, objec
     max_norm = settings.pop("max_norm", None)
     torch.manual_seed(0)
     model = Net(search=("offset", "weight"), validate_inputs=False)
-    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, estimator=estimator, objective=objective,
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, estimator=estimator, objective=objective,
                                    objective_kwargs=settings or None, max_norm=max_norm, **batches,
                                    upper_dataloader=_group_upper_loader() if groups else _upper_loader())
     probe = _HostReads()

@@ -284,7 +284,7 @@ def test_groups_missing_from_the_upper_data_fail_at_setup():
 
 
 def test_a_non_scalar_objective_gets_a_clear_message():
-    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, objective=lambda f, t, g: F.cross_entropy(
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, objective=lambda f, t, g: F.cross_entropy(
         f, t, reduction="none"), upper_dataloader=DataLoader(_group_blobs([[10, 10], [10, 10]]), batch_size=40))
     with pytest.raises(ValueError, match=r"upper objective .* returned a tensor of shape \(40,\); it must return a "
                                          "scalar"):
@@ -297,7 +297,7 @@ def test_fit_with_groups_and_the_blended_objective(tmp_path):
     model = _model(dm)
     assert model.autobalance.alpha()["offset"].shape == (2, 2)
     start = model.autobalance.alpha()["offset"].clone()
-    callback = AutoBalanceCallback(every_n_steps=2, start_step=0, objective="blend",
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=2, start_step=0, objective="blend",
                                    objective_kwargs={"lam": 0.5, "accuracy_kwargs": {"over": "cell"}})
     trainer = _trainer([callback], max_steps=12, logger=CSVLogger(tmp_path, name="", version="logs"),
                        log_every_n_steps=1, limit_val_batches=2, val_check_interval=6)

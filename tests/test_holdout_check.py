@@ -159,7 +159,8 @@ def test_the_check_runs_once_at_the_end_and_its_decision_matches_the_loss_left()
     assert moved == result.keep  # kept: the found loss stays; lost: exactly the start is back
     if not result.keep:
         assert all(torch.equal(alpha[k], start[k]) for k in start)
-    assert cb.state_dict()["check"] == {"start": result.start, "found": result.found, "samples": 15}
+    assert cb.state_dict()["check"]["result"] == {"start": result.start, "found": result.found, "samples": 15}
+    assert all(torch.equal(cb.state_dict()["check"]["start_alpha"][k], start[k]) for k in start)
 
 
 def test_a_found_loss_that_loses_on_the_held_back_part_is_replaced_by_its_start(monkeypatch):
@@ -189,10 +190,56 @@ def test_a_holdout_that_holds_nothing_back_is_an_error_at_setup():
 
 
 def test_the_search_never_draws_a_held_back_sample_and_a_resumed_fit_keeps_the_result():
-    model, cb, _ = _fit(_callback(0.5))
+    _, cb, _ = _fit(_callback(0.5))
     drawn = set(cb.upper.stream.sampler.subset)
     held = set(cb.upper.held_back.tolist())
     assert held and not drawn & held and len(drawn | held) == 30
     restored = AutoBalanceCallback(upper=UpperData(holdout=0.5))
     restored.load_state_dict(cb.state_dict())
     assert restored.check_result == cb.check_result  # a resumed fit does not run the check again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the default (holdout=None): the check where it can run, nothing held back (and a message) where it cannot
+# ---------------------------------------------------------------------------------------------------------------
+def _default_fit(weight_decay, upper=None, caplog=None):
+    torch.manual_seed(0)
+    train, default_upper = _loaders()
+    model = _module(weight_decay)([36, 9, 3], preset="la", search=("offset",))
+    cb = AutoBalanceCallback(upper_dataloader=upper or default_upper, warmup_fraction=0.0, every_n_steps=1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(model, train_dataloaders=train)
+    return cb
+
+
+def test_by_default_half_the_upper_data_is_held_back_and_checked():
+    assert UpperData().holdout is None
+    cb = _default_fit(1e-3)
+    assert cb.upper.held_back is not None and cb.upper.held_back.numel() == 15
+    assert cb.check_result is not None and cb.check_result.samples == 15
+
+
+def test_by_default_a_head_without_weight_decay_is_checked_with_the_fallback(caplog):
+    with caplog.at_level("INFO"):
+        cb = _default_fit(0.0)
+    assert cb.check_result is not None and cb._check.weight_decay == 5e-4
+    assert "has no weight decay; the held-back check trains its heads with weight decay 0.0005" in caplog.text
+
+
+def test_by_default_an_upper_split_with_one_sample_per_class_is_searched_whole(caplog):
+    upper = DataLoader(TensorDataset(torch.randn(3, 4), torch.tensor([0, 1, 2])), batch_size=3)
+    with caplog.at_level("INFO"):
+        cb = _default_fit(1e-3, upper)
+    assert cb.upper.held_back is None and cb.check_result is None and cb.hyper_steps > 0
+    assert "no held-back check (every class of the upper data has one sample)" in caplog.text
+
+
+def test_holdout_zero_holds_nothing_back():
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    model = _module(1e-3)([36, 9, 3], preset="la", search=("offset",))
+    cb = AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0), warmup_fraction=0.0, every_n_steps=1)
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
+    assert cb.upper.held_back is None and cb.check_result is None and cb.hyper_steps > 0
