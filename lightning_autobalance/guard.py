@@ -35,6 +35,9 @@ from lightning_autobalance.losses import LossTables
 __all__ = ["CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split",
            "read_features"]
 
+#: the most training rows the check reads (a shuffled loader gives a random sample of that size)
+TRAIN_ROWS = 65536
+
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -84,8 +87,8 @@ def holdout_split(labels: Tensor, fraction: float, seed: int = 0, groups: Tensor
 
 def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
                   unpack: Callable[[Any], tuple[Any, Tensor, Tensor | None]],
-                  forward: Callable[[Any], Any] | None = None,
-                  to_device: Callable[[Any], Any] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                  forward: Callable[[Any], Any] | None = None, to_device: Callable[[Any], Any] | None = None,
+                  max_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The inputs of ``head`` (flattened), labels and groups over ``batches``, with ``module`` in evaluation mode and
     no gradient (its mode is restored after).
 
@@ -96,6 +99,7 @@ def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
         unpack: ``batch -> (inputs, target, group or None)``.
         forward: ``inputs -> logits`` (default: ``module(inputs)``).
         to_device: moves a batch where ``module`` is (default: leaves it).
+        max_rows: stop once this many rows are read (``None``: read every batch).
     """
     seen: list[Tensor] = []
     handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().flatten(1)))
@@ -115,6 +119,8 @@ def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
                 targets.append(torch.as_tensor(target).long().to(seen[-1].device))
                 if group is not None:
                     groups.append(torch.as_tensor(group).long().to(seen[-1].device))
+                if max_rows is not None and sum(f.shape[0] for f in features) >= max_rows:
+                    break
     finally:
         handle.remove()
         module.train(training)
@@ -225,7 +231,7 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
     layer = dict(module.named_modules())[name]
     forward = module.autobalance_forward  # type: ignore[attr-defined]
     unpack = module.autobalance_unpack  # type: ignore[attr-defined]
-    train = read_features(module, layer, train_batches, unpack, forward, to_device)
+    train = read_features(module, layer, train_batches, unpack, forward, to_device, max_rows=TRAIN_ROWS)
     held = read_features(module, layer, held_back_batches, unpack, forward, to_device)
     with torch.no_grad():
         start = params.tables({k: v.detach() for k, v in start_alpha.items()})

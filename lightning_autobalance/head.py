@@ -58,6 +58,9 @@ TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 Reduce = Callable[[Tensor], Tensor]
 
+#: the most entries of the per-sample logit Hessians (N x K x K) formed at once; beyond, Hessian-vector products
+_BLOCKS_LIMIT = 2 ** 24
+
 #: step sizes tried along each Newton direction (all at once, so that choosing one reads nothing to the host)
 _STEPS = (*(2.0 ** -j for j in range(12)), 0.0)
 
@@ -191,9 +194,15 @@ class _HeadProblem:
         return _mean(h, self.reduce) + self.weight_decay * torch.eye(theta.numel(), dtype=h.dtype, device=h.device)
 
     def hvp(self, theta: Tensor, vec: Tensor, blocks: Tensor | None = None) -> Tensor:
-        blocks = self.blocks(theta) if blocks is None else blocks
+        """``H vec``: with ``blocks`` (:meth:`blocks`) by contraction, else by one Jacobian-vector product of the
+        logits' gradient (memory ``O(N K)``, not the blocks' ``O(N K^2)``: the form for many classes)."""
         u = self.logits(vec)  # J vec: the logits are linear in theta
-        hv = (torch.einsum("nab,nb->na", blocks, u).T @ self.features).reshape(-1)
+        if blocks is None:
+            logits = self.logits(theta).detach()
+            au = torch.func.jvp(self._logit_grad, (logits,), (u,))[1]
+        else:
+            au = torch.einsum("nab,nb->na", blocks, u)
+        hv = (au.T @ self.features).reshape(-1)
         return _mean(hv, self.reduce) + self.weight_decay * vec
 
 
@@ -224,7 +233,8 @@ def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dens
         if shift:
             h = h + shift * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         return torch.linalg.solve_ex(h, rhs)[0]  # solve_ex: no check that syncs a CUDA device with the host
-    blocks = problem.blocks(theta)
+    # the per-sample blocks when they are small (reused by every iteration), else a product per iteration
+    blocks = problem.blocks(theta) if problem.features.shape[0] * problem.num_classes ** 2 <= _BLOCKS_LIMIT else None
     return _cg(lambda v: problem.hvp(theta, v, blocks) + shift * v, rhs, cg_iterations)
 
 

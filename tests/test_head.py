@@ -155,6 +155,26 @@ def test_newton_reaches_the_equilibrium_and_cg_agrees_with_the_dense_solve():
     assert problem.loss(solve_head(problem, far, steps=1)) <= problem.loss(far)
 
 
+def test_hessian_vector_products_without_blocks_match_the_dense_hessian(monkeypatch):
+    """The product by a Jacobian-vector product of the logits' gradient (used when N K^2 is large) equals the product
+    with the per-sample blocks and with autograd's dense Hessian; the iterative solve agrees either way."""
+    import lightning_autobalance.head as head_module
+
+    x, y, _, _ = _data(3)
+    tables = LossTables(*PerClass([36, 9, 3], preset="la").double().tables(PerClass([36, 9, 3]).double().alpha()))
+    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, 0.02, K, None)
+    theta = torch.randn(K * D + K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    vec = torch.randn_like(theta)
+    dense = torch.autograd.functional.hessian(problem.loss, theta) @ vec
+    torch.testing.assert_close(problem.hvp(theta, vec), dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem.hvp(theta, vec, problem.blocks(theta)), dense, rtol=1e-10, atol=1e-12)
+    start = torch.zeros_like(theta)
+    with_blocks = solve_head(problem, start, steps=8, dense_limit=0, cg_iterations=2 * start.numel())
+    monkeypatch.setattr(head_module, "_BLOCKS_LIMIT", 0)
+    without = solve_head(problem, start, steps=8, dense_limit=0, cg_iterations=2 * start.numel())
+    torch.testing.assert_close(without, with_blocks, rtol=1e-7, atol=1e-8)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()

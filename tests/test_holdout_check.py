@@ -243,3 +243,17 @@ def test_holdout_zero_holds_nothing_back():
     pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
     assert cb.upper.held_back is None and cb.check_result is None and cb.hyper_steps > 0
+
+
+def test_read_features_reads_the_head_inputs_in_eval_mode_and_stops_at_max_rows():
+    from lightning_autobalance.guard import read_features
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Dropout(0.5), torch.nn.Linear(5, 3))
+    net.train()
+    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.arange(40) % 3), batch_size=8)
+    feats, target, group = read_features(net, net[2], loader, lambda b: (b[0], b[1], None), max_rows=20)
+    assert feats.shape == (24, 5) and target.tolist() == (torch.arange(24) % 3).tolist() and group is None
+    with torch.no_grad():
+        expected = net[0](torch.cat([b[0] for b in list(loader)[:3]]))  # dropout off: evaluation mode
+    torch.testing.assert_close(feats, expected)
+    assert net.training  # its mode is restored
