@@ -85,6 +85,14 @@ class AutoBalanceCallback(Callback):
     at its :class:`~lightning_autobalance.data.fold_in.FoldInSampler`'s fold-in epoch). At the start of fit it says
     how many hyper steps it plans; at the end it warns when it made none, and why.
 
+    By default half of the upper data (per class) is held back from the search, and once the search is over the
+    found loss is checked against the loss it started from: the classifier head is trained to its equilibrium on the
+    training features with each, and the found loss stays only if its head scores better on the held-back half;
+    otherwise the start is put back (:mod:`lightning_autobalance.guard`; ``check_result`` has the figures,
+    ``should_check`` can be overridden, ``UpperData(holdout=0)`` turns it off). Where the check cannot run (an
+    iterable upper dataset, one upper sample per class, no ``nn.Linear`` head) the search uses all the upper data, with
+    a message.
+
     The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
     in the precision plugin's forward context, from and back to the training loop's random state; the
     loss-parameter arithmetic stays in float32 or wider. A non-finite hypergradient skips that step with a warning.
@@ -112,8 +120,9 @@ class AutoBalanceCallback(Callback):
             ``objective(logits, target, group) -> scalar``. Objectives given by name or class are built at setup from
             the counts of the upper data (per (group, class) cell when its batches carry groups).
         upper: where upper batches come from (:class:`~lightning_autobalance.UpperData`: ``source``,
-            ``dataloader``, ``class_counts``, ``balanced``). Default: the dataloader given, else the datamodule's
-            or module's ``upper_dataloader()``, else the validation data (with a warning).
+            ``dataloader``, ``class_counts``, ``balanced``, ``holdout``). Default: the dataloader given, else the
+            datamodule's or module's ``upper_dataloader()``, else the validation data (with a warning), half of it
+            held back for the check where it can run.
         hyper_optimizer: how the loss parameters move: a callable ``params -> torch.optim.Optimizer`` (from YAML:
             ``class_path: torch.optim.SGD`` with ``init_args``), or a :class:`~lightning_autobalance.HyperOptimizer`
             (``optimizer``, ``lr``, ``scheduler``, ``lr_schedule``, ``shrinkage``, ``max_norm``). Default: Adam, lr
