@@ -43,7 +43,8 @@ def measure(tree: Path, args: argparse.Namespace) -> dict[str, float]:
     code = _PROBE.format(tree=tree, threads=args.threads, repeats=args.repeats, epoch_steps=args.epoch_steps,
                          every=args.every)
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
