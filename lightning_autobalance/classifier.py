@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -25,6 +27,62 @@ from lightning_autobalance.parametrization import ParametrizationKind
 __all__ = ["ImbalancedClassifier"]
 
 LossName = Literal["autobalance", "ldam", "focal", "group_dro"]
+#: A training criterion given as a value: ``criterion(logits, target, group) -> scalar tensor``.
+Criterion = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+_LOSS_NAMES = ("autobalance", "ldam", "focal", "group_dro")
+#: The arguments that configure a loss given by name, with their defaults (a loss given as a value carries its own).
+_PER_LOSS_DEFAULTS: dict[str, Any] = {"ldam_max_margin": 0.5, "ldam_scale": 30.0, "drw_epoch": 160,
+                                      "focal_gamma": 1.0, "dro_step_size": 0.01}
+#: What the hyperparameters (and so the checkpoints) hold in place of a loss given as a Python object.
+_UNSAVED_LOSS = "<loss object not saved: "
+
+
+def _check_loss(loss: Any, num_classes: int, num_groups: int | None) -> None:
+    """Validates ``loss``: one of the names, or a criterion ``(logits, target, group) -> scalar`` that fits the
+    classes and groups of the model (for the package's own :class:`LDAMLoss` and :class:`GroupDROLoss`)."""
+    example = "e.g. lightning_autobalance.losses.FocalLoss(gamma=2.0)"
+    if isinstance(loss, str):
+        if loss.startswith(_UNSAVED_LOSS):
+            raise ValueError(f"loss={loss!r}: this model was built with a loss object, which its hyperparameters (and "
+                             "checkpoints) do not hold. Give the loss again, e.g. "
+                             "ImbalancedClassifier.load_from_checkpoint(path, loss=FocalLoss(gamma=2.0)); its state "
+                             "(e.g. GroupDROLoss's q) is then restored from the checkpoint.")
+        if loss not in _LOSS_NAMES:
+            raise ValueError(f"loss must be 'autobalance', 'ldam', 'focal' or 'group_dro', or a criterion object "
+                             f"({example}); got {loss!r}.")
+        return
+    if inspect.isclass(loss):
+        raise ValueError(f"loss must be a criterion object, not a class: got the class {loss.__qualname__}; "
+                         f"construct it ({loss.__name__}(...)).")
+    if not callable(loss):
+        raise ValueError(f"loss must be one of 'autobalance', 'ldam', 'focal', 'group_dro' or a criterion: an "
+                         f"nn.Module or callable criterion(logits, target, group) -> scalar tensor ({example}); got "
+                         f"a {type(loss).__name__}: {loss!r}.")
+    target = loss.forward if isinstance(loss, nn.Module) else loss
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a signature: taken as it is
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None, None, None)
+        except TypeError as err:
+            raise ValueError(f"loss: a criterion is called as criterion(logits, target, group) (group is None for "
+                             f"(x, y) batches); {type(loss).__name__} with signature {signature} cannot be: {err}. A "
+                             f"two-argument loss can be wrapped: lambda logits, target, group: loss(logits, target)."
+                             ) from err
+    if isinstance(loss, LDAMLoss) and loss.margins.numel() != num_classes:
+        raise ValueError(f"loss: the LDAMLoss was built for {loss.margins.numel()} classes (its class_counts) but "
+                         f"num_classes is {num_classes}.")
+    if isinstance(loss, GroupDROLoss):
+        if loss.over != "class" and not num_groups:
+            raise ValueError(f"loss: a GroupDROLoss over={loss.over!r} needs groups: give num_groups (and batches "
+                             "(x, y, g)).")
+        if loss.num_classes != num_classes or (loss.over != "class" and loss.num_groups != num_groups):
+            raise ValueError(f"loss: the GroupDROLoss was built for num_classes={loss.num_classes}, "
+                             f"num_groups={loss.num_groups} but the model has num_classes={num_classes}, "
+                             f"num_groups={num_groups}.")
 
 
 def _check_optimization(optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None) -> None:
@@ -71,9 +129,26 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             with its ``init_args``) or a name known to :func:`~lightning_autobalance.models.build_network`.
         num_classes: number of classes (linked from the datamodule by the CLI).
         class_counts: training samples per class (linked from the datamodule by the CLI).
-        loss: ``"autobalance"`` (the searchable family), ``"ldam"`` (LDAM with deferred re-weighting, on a cosine
-            head), ``"focal"`` or ``"group_dro"`` (online group DRO over (label, group) cells,
-            :class:`~lightning_autobalance.losses.GroupDROLoss`; needs groups).
+        loss: the training loss, by name or as a value. Names: ``"autobalance"`` (the searchable family),
+            ``"ldam"`` (LDAM with deferred re-weighting, on a cosine head), ``"focal"`` or ``"group_dro"`` (online
+            group DRO over (label, group) cells, :class:`~lightning_autobalance.losses.GroupDROLoss`; needs groups),
+            configured by the per-loss arguments below. A value: a criterion ``criterion(logits, target, group) ->
+            scalar tensor`` (``group`` is None for ``(x, y)`` batches), an ``nn.Module`` or any callable, e.g.
+            :class:`~lightning_autobalance.losses.FocalLoss`, :class:`~lightning_autobalance.losses.LDAMLoss` (the
+            network's linear ``head`` is then replaced by a cosine head, as for ``"ldam"``),
+            :class:`~lightning_autobalance.losses.GroupDROLoss` (built for the model's classes and groups) or a loss
+            of one's own; in YAML a ``class_path`` with its ``init_args``. It trains the network in place of the
+            AutoBalance loss, which is then not searched (``search`` is ignored, as for the named baselines). The
+            module is used as given (registered as ``self.criterion``, so its buffers follow the model's device and
+            checkpoints): give every model its own. One with a ``set_epoch(epoch)`` method is told the epoch at the
+            start of every training epoch, as ``LDAMLoss`` is. A per-loss argument set to another value than its
+            default together with a loss value raises a ``ValueError`` (it would be ignored: set it on the value).
+            Checkpoints: a loss given by name, or as a ``class_path`` through the CLI, is saved with the
+            hyperparameters and ``load_from_checkpoint(path)`` rebuilds it. A loss object given in Python is not
+            (the hyperparameters hold ``"<loss object not saved: ...>"``, so that checkpoints stay plain data):
+            ``load_from_checkpoint(path)`` then raises a ``ValueError`` asking for it, and
+            ``load_from_checkpoint(path, loss=FocalLoss(gamma=2.0))`` works (the loss's state, such as
+            ``GroupDROLoss``'s ``q``, is restored from the checkpoint).
         preset: starting point of the AutoBalance loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``,
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
@@ -91,8 +166,9 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         ldam_max_margin: the largest LDAM margin.
         ldam_scale: the LDAM logit scale.
         drw_epoch: epoch from which LDAM uses class-balanced weights (``None``: never).
-        focal_gamma: focal-loss exponent.
-        dro_step_size: step size of the group weights of ``loss="group_dro"``.
+        focal_gamma: focal-loss exponent of ``loss="focal"``.
+        dro_step_size: step size of the group weights of ``loss="group_dro"``. (These five configure a loss given by
+            name; with a loss value they must keep their defaults.)
         optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``; in YAML a ``class_path``
             such as ``torch.optim.SGD`` with its ``init_args``). None: ``torch.optim.SGD(params, lr=0.1,
             momentum=0.9, weight_decay=2e-4)``.
@@ -109,6 +185,21 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         >>> model = ImbalancedClassifier("digits_net", num_classes=10, class_counts=[100] * 5 + [10] * 5, preset="la")
         >>> model(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 10])
+
+        The loss as a value (the same as ``loss="focal", focal_gamma=2.0``), or a criterion of one's own:
+
+        >>> from lightning_autobalance.losses import FocalLoss
+        >>> focal = ImbalancedClassifier("digits_net", 10, [100] * 5 + [10] * 5, loss=FocalLoss(gamma=2.0))
+        >>> def hinge(logits, target, group):
+        ...     return nn.functional.multi_margin_loss(logits, target)
+        >>> custom = ImbalancedClassifier("digits_net", 10, [100] * 5 + [10] * 5, loss=hinge)
+
+        In a LightningCLI YAML::
+
+            model:
+              loss:
+                class_path: lightning_autobalance.losses.FocalLoss
+                init_args: {gamma: 2.0}
     """
 
     def __init__(
@@ -116,7 +207,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         network: str | Callable[[int], nn.Module] = "resnet32",
         num_classes: int = 10,
         class_counts: list[int] | None = None,
-        loss: LossName = "autobalance",
+        loss: LossName | nn.Module | Criterion = "autobalance",
         preset: str = "la",
         search: Sequence[str] = ("offset",),
         parametrization: ParametrizationKind = "hierarchical",
@@ -143,8 +234,6 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                              "linked from the datamodule's class_counts.")
         if len(class_counts) != num_classes:
             raise ValueError(f"class_counts has {len(class_counts)} entries but num_classes is {num_classes}.")
-        if loss not in ("autobalance", "ldam", "focal", "group_dro"):
-            raise ValueError(f"loss must be 'autobalance', 'ldam', 'focal' or 'group_dro'; got {loss!r}.")
         loss_counts: Any = class_counts
         if group_counts is not None:
             table = torch.as_tensor(group_counts)
@@ -158,12 +247,30 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                                  f"class_counts {list(class_counts)}.")
             num_groups = table.shape[0]
             loss_counts = group_counts
+        _check_loss(loss, num_classes, num_groups)
         if loss == "group_dro" and not num_groups:
             raise ValueError("loss='group_dro' needs groups: give num_groups (and batches (x, y, g)).")
+        if not isinstance(loss, str):
+            given = {"ldam_max_margin": ldam_max_margin, "ldam_scale": ldam_scale, "drw_epoch": drw_epoch,
+                     "focal_gamma": focal_gamma, "dro_step_size": dro_step_size}
+            ignored = [f"{k}={v!r}" for k, v in given.items() if v != _PER_LOSS_DEFAULTS[k]]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} would be ignored: these arguments configure a loss given by "
+                                 f"name, but loss is a {type(loss).__name__} object. Set them on the loss object "
+                                 f"(e.g. FocalLoss(gamma=...), LDAMLoss(class_counts, max_margin, scale, drw_epoch), "
+                                 f"GroupDROLoss(num_classes, num_groups, step_size)) or give the loss by name.")
         _check_optimization(optimizer, lr_scheduler)
-        self.save_hyperparameters()
+        with warnings.catch_warnings():  # Lightning's advice to ignore an nn.Module argument: done just below
+            warnings.filterwarnings("ignore", message="Attribute 'loss' is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        if not isinstance(loss, str) and self.hparams.get("loss") is loss:
+            # A loss object given in Python (through the CLI the hyperparameters hold its class_path instead): kept
+            # out of the hyperparameters, so that checkpoints stay plain data, and named by a marker that makes
+            # load_from_checkpoint ask for it (see the docstring).
+            self.save_hyperparameters(ignore=["loss"])
+            self.hparams["loss"] = f"{_UNSAVED_LOSS}{type(loss).__module__}.{type(loss).__qualname__}>"
         self.network = build_network(network, num_classes) if isinstance(network, str) else network(num_classes)
-        self.loss_name = loss
+        self.loss_name = loss if isinstance(loss, str) else "criterion"
         self.optimizer_fn = optimizer
         self.lr_scheduler_fn = lr_scheduler
         searched = search if loss == "autobalance" else ()
@@ -171,13 +278,16 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                                    parametrization=parametrization, group_size=group_size, num_groups=num_groups,
                                    reduction=reduction, preset_kwargs=preset_kwargs, loss_file=loss_file,
                                    freeze=freeze_loss or loss_file is not None)
-        self.criterion: nn.Module | None = None
-        if loss == "ldam":
+        self.criterion: nn.Module | Criterion | None = None
+        if loss == "ldam" or isinstance(loss, LDAMLoss):
             head = getattr(self.network, "head", None)
             if not isinstance(head, nn.Linear):
-                raise ValueError("loss='ldam' needs a network with a linear `head` attribute to replace by a cosine "
-                                 "head (NormedLinear).")
+                raise ValueError("LDAM (loss='ldam' or an LDAMLoss) needs a network with a linear `head` attribute to "
+                                 "replace by a cosine head (NormedLinear).")
             self.network.head = NormedLinear(head.in_features, head.out_features)
+        if not isinstance(loss, str):
+            self.criterion = loss
+        elif loss == "ldam":
             self.criterion = LDAMLoss(class_counts, ldam_max_margin, ldam_scale, drw_epoch)
         elif loss == "focal":
             self.criterion = FocalLoss(focal_gamma)
@@ -210,6 +320,10 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         logits = self(x)
         if self.criterion is not None:
             loss = self.criterion(logits, y, g)
+            if not (isinstance(loss, Tensor) and loss.ndim == 0):
+                raise ValueError(f"The loss criterion must return a scalar tensor; {type(self.criterion).__name__} "
+                                 f"returned {type(loss).__name__}"
+                                 f"{f' of shape {tuple(loss.shape)}' if isinstance(loss, Tensor) else ''}.")
         else:
             loss = self.autobalance_loss(logits, y, g)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -226,8 +340,9 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
     @override
     def on_train_epoch_start(self) -> None:
-        if isinstance(self.criterion, LDAMLoss):
-            self.criterion.set_epoch(self.current_epoch)
+        set_epoch = getattr(self.criterion, "set_epoch", None)  # LDAMLoss's deferred re-weighting, or one's own
+        if callable(set_epoch):
+            set_epoch(self.current_epoch)
 
     def _eval_step(self, batch: Any, accuracy: MulticlassAccuracy, recall: MulticlassRecall,
                    groups: GroupErrors | None) -> None:
