@@ -53,8 +53,9 @@ def preserve_random_state(device: torch.device) -> Iterator[None]:
 def _check_labels(labels: Tensor, num_classes: int) -> None:
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"The upper data has labels from {int(labels.min())} to {int(labels.max())}, but the loss has "
-                         f"{num_classes} classes (class_counts given to configure_autobalance has {num_classes} "
-                         f"entries): expected labels in [0, {num_classes}). Give one count per class of the data.")
+                         f"{num_classes} classes (its class counts, given to configure_autobalance or found at setup, "
+                         f"have {num_classes} entries): expected labels in [0, {num_classes}). Give one count per "
+                         "class of the data.")
 
 
 class UpperData:
@@ -174,8 +175,9 @@ class UpperData:
                                          params.num_classes, params.num_groups if params.num_groups > 1 else num_groups)
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
-            raise ValueError(f"The upper data's class counts have {len(counts)} entries, but class_counts given to "
-                             f"configure_autobalance has {num_classes}: they must have one entry per class.")
+            raise ValueError(f"The upper data's class counts have {len(counts)} entries, but the loss's class counts "
+                             f"(given to configure_autobalance or found at setup) have {num_classes}: they must have "
+                             "one entry per class.")
         if cells is not None and params.num_groups > 1 and len(cells) != params.num_groups:
             raise ValueError(f"The upper data has {len(cells)} groups, the loss has num_groups={params.num_groups}.")
         self.counts, self.cells = counts, cells

@@ -622,16 +622,16 @@ def test_upper_labels_out_of_range_fail_at_setup():
     x, y = _blobs([10] * K, seed=3)
     callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y + 1), batch_size=8))
     _fails_before_training(Net(), callback, ValueError, r"labels from 1 to 3, but the loss has 3 classes "
-                           r"\(class_counts "
-                           r"given to configure_autobalance has 3 entries\): expected labels in \[0, 3\)")
+                           r"\(its class counts, given to configure_autobalance or found at setup, have 3 entries\): "
+                           r"expected labels in \[0, 3\)")
 
 
 def test_class_counts_of_the_wrong_length_are_named():
     # one count too few: the data's largest label is beyond the loss
     callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
     _fails_before_training(Net(counts=[300, 60]), callback, ValueError,
-                           r"labels from 0 to 2, but the loss has 2 classes \(class_counts given to "
-                           r"configure_autobalance has 2 entries\)")
+                           r"labels from 0 to 2, but the loss has 2 classes \(its class counts, given to "
+                           r"configure_autobalance or found at setup, have 2 entries\)")
     # one count too many: a class without upper samples, and the message says class_counts may be too long
     callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
     _fails_before_training(Net(counts=[300, 60, 12, 5]), callback, ValueError,
