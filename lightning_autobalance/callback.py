@@ -423,8 +423,8 @@ class AutoBalanceCallback(Callback):
         if self._log.fit_attempted and self._log.last_objective is not None:
             pl_module.log("hyper_obj", float(self._log.last_objective), prog_bar=True, logger=False, on_step=False,
                           on_epoch=True)
-        end = self.schedule.end
-        if (end is not None and trainer.global_step >= end) or trainer.current_epoch + 1 >= (trainer.max_epochs or 0):
+        end, max_epochs = self.schedule.end, trainer.max_epochs or -1  # -1: a run bounded by max_steps only
+        if (end is not None and trainer.global_step >= end) or 0 < max_epochs <= trainer.current_epoch + 1:
             self._run_check(trainer, pl_module, log=True)  # before this epoch's checkpoint: it holds the loss kept
 
     def should_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

@@ -257,3 +257,23 @@ def test_read_features_reads_the_head_inputs_in_eval_mode_and_stops_at_max_rows(
         expected = net[0](torch.cat([b[0] for b in list(loader)[:3]]))  # dropout off: evaluation mode
     torch.testing.assert_close(feats, expected)
     assert net.training  # its mode is restored
+
+
+def test_a_run_bounded_by_max_steps_checks_once_after_its_last_hyper_step():
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    model = _module(1e-3)([36, 9, 3], preset="la", search=("offset",))
+    cb = AutoBalanceCallback(upper_dataloader=upper, warmup_fraction=0.0, every_n_steps=1)
+    seen = []
+    original = cb._run_check
+
+    def recording(trainer, pl_module, log=False):
+        before = cb.check_result
+        original(trainer, pl_module, log)
+        if cb.check_result is not None and before is None:
+            seen.append(trainer.global_step)
+
+    cb._run_check = recording
+    pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
+    assert cb.hyper_steps == 8 and seen == [8]  # not after the first of three epochs (max_epochs is -1 here)
