@@ -294,6 +294,8 @@ class AutoBalanceCallback(Callback):
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
+        if self._pending is None:  # a new fit is checked anew; a resumed one keeps its start and its result
+            self._check = HeldBackCheck()
         if self.upper.held_back is not None:  # before any training: an explicit holdout needs weight decay
             fallback = None if self.upper.holdout is not None else CHECK_WEIGHT_DECAY
             if self._check.begin(pl_module, params.alpha(), [g for o in trainer.optimizers for g in o.param_groups],

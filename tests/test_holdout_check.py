@@ -277,3 +277,15 @@ def test_a_run_bounded_by_max_steps_checks_once_after_its_last_hyper_step():
     pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
     assert cb.hyper_steps == 8 and seen == [8]  # not after the first of three epochs (max_epochs is -1 here)
+
+
+def test_a_second_fit_of_the_same_callback_is_checked_again():
+    model, cb, _ = _fit(_callback(0.5))
+    first = cb.check_result
+    train, _ = _loaders()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    start = {k: v.detach().clone() for k, v in model.autobalance_parameters().alpha().items()}
+    trainer.fit(model, train_dataloaders=train)
+    assert cb.check_result is not None and cb.check_result is not first
+    assert all(torch.equal(cb._check.start_alpha[k], start[k]) for k in start)  # its start is this fit's
