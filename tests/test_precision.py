@@ -55,7 +55,7 @@ def fit(precision: str, accelerator: str, steps: int = 12):
     x, y = images(COUNTS, 0)
     xu, yu = images([20, 20, 20], 1)
     model = ConvNet()
-    callback = AutoBalanceCallback(every_n_steps=2, start_step=0,
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=2, start_step=0,  # the search alone
                                    upper_dataloader=DataLoader(TensorDataset(xu, yu), batch_size=30, shuffle=True))
     trainer = pl.Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -53,8 +53,8 @@ def _trainer(callback: AutoBalanceCallback | None = None, steps: int = 6, **kwar
                       callbacks=[callback] if callback is not None else [], **kwargs)
 
 
-def _callback(upper: DataLoader) -> AutoBalanceCallback:
-    return AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=upper)
+def _callback(upper: DataLoader, holdout=0) -> AutoBalanceCallback:
+    return AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=upper, holdout=holdout)
 
 
 class PassedIn(AutoBalanceMixin, pl.LightningModule):
@@ -139,13 +139,15 @@ def test_a_network_passed_in_with_torchmetrics_then_test_and_load_from_checkpoin
 def test_manual_optimization(two_optimizers):
     lower, upper, _ = _split()
     model = Manual(_net(), two_optimizers=two_optimizers)
-    callback = _callback(upper)
+    callback = _callback(upper, holdout=None)  # the defaults, held-back check included
     trainer = _trainer(callback, steps=6 * (2 if two_optimizers else 1))
     trainer.fit(model, lower)
     assert model.autobalance_loss_calls == 6
     # a hyper step per training step (the first optimizer step of a batch takes it)
     assert callback.hyper_steps == 6
-    assert float(model.autobalance.alpha()["tau"]) != 0.0
+    # the held-back check ran once, after the last hyper step, and the loss left is what it decided
+    assert callback.check_result is not None
+    assert (float(model.autobalance.alpha()["tau"]) != 0.0) == callback.check_result.keep
 
 
 def test_the_private_training_data_source_the_mixin_reads():
