@@ -153,12 +153,13 @@ class UpperData:
         """
         params = pl_module.autobalance_parameters()
         loader = self._loader = self._find_loader(trainer, pl_module)
-        self.held_back = self._held_back_labels = None
-        share = self.holdout if self.holdout is not None else self._auto_share(pl_module, loader, params.num_classes,
-                                                                                checkable)
-        search = self._split(pl_module, loader, seed, params.num_classes, share) if share else None
-        # Every process must learn about a process without upper data, or the others would wait for it forever.
+        self.held_back = self._held_back_labels = self._held_back_groups = None
+        # Every process must learn about a process without upper data (or one whose split fails), or the others
+        # would wait for it forever.
         try:
+            share = self.holdout if self.holdout is not None else self._auto_share(pl_module, loader,
+                                                                                    params.num_classes, checkable)
+            search = self._split(pl_module, loader, seed, params.num_classes, share) if share else None
             self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
                                       subset=search)
             batches, error = self.stream.batches_per_pass(), None
