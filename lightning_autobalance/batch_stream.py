@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-__all__ = ["BatchStream", "ShardSampler", "class_balanced_order"]
+__all__ = ["BatchStream", "ShardSampler", "class_balanced_order", "why_not_resampled"]
 
 
 def class_balanced_order(labels: Tensor, generator: torch.Generator) -> list[int]:
@@ -37,6 +37,18 @@ def class_balanced_order(labels: Tensor, generator: torch.Generator) -> list[int
         picks.append(order[:per_class])
     both = torch.cat(picks)
     return both[torch.randperm(both.numel(), generator=generator)].tolist()
+
+
+def why_not_resampled(dataloader: Any) -> str | None:
+    """Why a :class:`BatchStream` cannot re-create ``dataloader`` around its own sampler (``None`` when it can): an
+    iterable or unsized dataset, or a custom batch sampler. Then its batches cannot be drawn by index (no subset,
+    class balance, shards or exact resumption)."""
+    dataset = getattr(dataloader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        return "its dataset is not a map-style dataset with a length"
+    if getattr(dataloader, "batch_size", None) is None:
+        return "it has a custom batch sampler"
+    return None
 
 
 class ShardSampler(Sampler[int]):
@@ -130,15 +142,14 @@ class BatchStream:
         self.sampler: ShardSampler | None = None
         self.loader: Any = dataloader
         dataset = getattr(dataloader, "dataset", None)
-        custom_batches = getattr(dataloader, "batch_size", None) is None
-        if dataset is None or isinstance(dataset, IterableDataset) or custom_batches or not isinstance(dataset, Sized):
+        obstacle = why_not_resampled(dataloader)
+        if obstacle is not None:
             self.balanced = False
             if subset is not None:
-                raise ValueError("Holding back part of the upper data needs a map-style dataset the stream can sample "
-                                 "by index; this dataloader (an iterable dataset or a custom batch sampler) cannot.")
-            warnings.warn("This dataloader cannot be re-sampled (iterable dataset or custom batch sampler): it is read "
-                          "as it is, so resuming will not reproduce the same batches and it is not sharded.",
-                          stacklevel=2)
+                raise ValueError(f"Drawing a subset of the data needs a dataloader the stream can sample by index; "
+                                 f"{obstacle}.")
+            warnings.warn(f"This dataloader cannot be re-sampled ({obstacle}): it is read as it is, so resuming will "
+                          "not reproduce the same batches and it is not sharded.", stacklevel=2)
         else:
             # Private in lightning_fabric, the one function that re-creates any DataLoader (subclass, custom
             # arguments) around a new sampler; guarded by tests/test_lightning_private.py.

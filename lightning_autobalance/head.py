@@ -206,25 +206,6 @@ class _HeadProblem:
         return _mean(hv, self.reduce) + self.weight_decay * vec
 
 
-def _cg(matvec: Callable[[Tensor], Tensor], rhs: Tensor, iterations: int) -> Tensor:
-    """Conjugate gradient from 0 on a symmetric positive definite system, a fixed number of iterations and no host
-    reads (a step is taken as zero once the residual vanishes)."""
-    x = torch.zeros_like(rhs)
-    r, d = rhs.clone(), rhs.clone()
-    rr = r @ r
-    tiny = torch.finfo(rhs.dtype).tiny
-    for _ in range(iterations):
-        hd = matvec(d)
-        dhd = d @ hd
-        step = torch.where(dhd > tiny, rr / dhd.clamp(min=tiny), torch.zeros_like(rr))
-        x = x + step * d
-        r = r - step * hd
-        rr_new = r @ r
-        d = r + torch.where(rr > tiny, rr_new / rr.clamp(min=tiny), torch.zeros_like(rr)) * d
-        rr = rr_new
-    return x
-
-
 def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dense_limit: int,
            cg_iterations: int) -> Tensor:
     """``(H(theta) + shift I)^{-1} rhs``: dense up to ``dense_limit`` parameters, else conjugate gradient."""
@@ -235,7 +216,12 @@ def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dens
         return torch.linalg.solve_ex(h, rhs)[0]  # solve_ex: no check that syncs a CUDA device with the host
     # the per-sample blocks when they are small (reused by every iteration), else a product per iteration
     blocks = problem.blocks(theta) if problem.features.shape[0] * problem.num_classes ** 2 <= _BLOCKS_LIMIT else None
-    return _cg(lambda v: problem.hvp(theta, v, blocks) + shift * v, rhs, cg_iterations)
+    # at call time: hypergradient imports this module to register the method
+    from lightning_autobalance.hypergradient import conjugate_gradient
+
+    solved = conjugate_gradient(lambda v: {"theta": problem.hvp(theta, v["theta"], blocks)}, {"theta": rhs},
+                                cg_iterations, damping=shift)
+    return solved["theta"]
 
 
 def solve_head(problem: _HeadProblem, theta: Tensor, steps: int, dense_limit: int = 4096,
@@ -387,10 +373,11 @@ def head_solver(problem: Problem) -> HeadResult:
     sides = {}
     for side, batches in (("train", problem.train_batches), ("upper", problem.upper_batches)):
         # the current batches' rows plus, with head_memory > 0, the newest rows kept from earlier hyper steps
-        mem = memory.get(side)
-        if mem is None or mem.capacity != max(kept, 1):
-            mem = memory[side] = FeatureMemory(max(kept, 1))
-        if not kept:
+        if kept:
+            mem = memory.get(side)
+            if mem is None or mem.capacity != kept:
+                mem = memory[side] = FeatureMemory(kept)
+        else:
             mem = FeatureMemory(sum(b.target.shape[0] for b in batches))
         for batch in batches:
             mem.add(_features(problem, head, batch), batch.target, batch.group)

@@ -23,9 +23,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader, Subset
 
-from lightning_autobalance.batch_stream import BatchStream
+from lightning_autobalance.batch_stream import BatchStream, why_not_resampled
 from lightning_autobalance.cells import cell_index
 from lightning_autobalance.coerce import coerce_value
 from lightning_autobalance.guard import holdout_split
@@ -157,9 +157,7 @@ class UpperData:
         # Every process must learn about a process without upper data (or one whose split fails), or the others
         # would wait for it forever.
         try:
-            share = self.holdout if self.holdout is not None else self._auto_share(pl_module, loader,
-                                                                                    params.num_classes, checkable)
-            search = self._split(pl_module, loader, seed, params.num_classes, share) if share else None
+            search = self._split(pl_module, loader, seed, params.num_classes, checkable)
             self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
                                       subset=search)
             batches, error = self.stream.batches_per_pass(), None
@@ -191,31 +189,30 @@ class UpperData:
                 table = [1 if n > 0 else 0 for n in table]  # every class is drawn equally often
         return table, shrink_table
 
-    def _auto_share(self, pl_module: Any, loader: Any, num_classes: int, checkable: str | None) -> float:
-        """:data:`AUTO_HOLDOUT` when the held-back check can run here, else 0 (and says why, once)."""
-        why = checkable or _not_indexable(loader)
+    def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int, checkable: str | None) -> Tensor | None:
+        """Chooses the held-back samples (:attr:`held_back`) and returns the indices the search draws from, or
+        ``None`` when nothing is held back (``holdout=0``; or, by default, where the check cannot run: said once).
+
+        Raises:
+            ValueError: a share given explicitly that cannot hold anything back.
+        """
+        share = AUTO_HOLDOUT if self.holdout is None else self.holdout
+        if not share:
+            return None
+        why = (checkable if self.holdout is None else None) or why_not_resampled(loader)
         if why is None:
             labels, groups = self._labels_groups(pl_module, loader, num_classes)
-            if holdout_split(labels, AUTO_HOLDOUT, groups=groups, num_classes=num_classes)[1].numel() == 0:
+            search, held = holdout_split(labels, share, seed=seed, groups=groups, num_classes=num_classes)
+            if held.numel() == 0:
                 why = "every class of the upper data has one sample"
         if why is not None:
+            if self.holdout is not None:
+                raise ValueError(f"UpperData(holdout={share}) holds nothing back: {why} (a class keeps at least one "
+                                 "sample for the search). Use more upper data, a dataloader that can be sampled by "
+                                 "index, or holdout=0 (no held-back check).")
             rank_zero_info(f"AutoBalance: no held-back check ({why}); the search uses all the upper data and its "
                            "found loss is kept as it is.")
-            return 0.0
-        return AUTO_HOLDOUT
-
-    def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int, share: float) -> Tensor:
-        """Chooses the held-back samples (:attr:`held_back`); returns the indices the search draws from."""
-        why = _not_indexable(loader)
-        if why is not None:
-            raise ValueError(f"UpperData(holdout={share}) needs a map-style upper dataset with a plain batch size, so "
-                             f"that part of it can be held back by index; {why}. Use holdout=0 (no held-back check).")
-        labels, groups = self._labels_groups(pl_module, loader, num_classes)
-        search, held = holdout_split(labels, share, seed=seed, groups=groups, num_classes=num_classes)
-        if held.numel() == 0:
-            raise ValueError(f"UpperData(holdout={share}) holds nothing back: every class of the upper data has "
-                             f"one sample ({labels.numel()} samples), and one sample stays with the search. Use more "
-                             "upper data or holdout=0 (no held-back check).")
+            return None
         self.held_back, self._held_back_labels = held, labels[held]
         self._held_back_groups = None if groups is None else groups[held]
         return search
@@ -296,7 +293,8 @@ class UpperData:
         if from_datamodule and getattr(datamodule, "upper_group_counts", None) is not None:
             cells = [[int(c) for c in row] for row in datamodule.upper_group_counts]
         if counts is None or (cells is None and (params.num_groups > 1 or wants_cells)):
-            read_counts, cells = self._read_groups(pl_module, loader, params.num_classes, groups)
+            read_counts, cells = _count_table(*self._labels_groups(pl_module, loader, params.num_classes),
+                                              params.num_classes, groups)
             counts = read_counts if counts is None else counts
         return counts, cells
 
@@ -336,13 +334,6 @@ class UpperData:
         self._labels_read = (loader, labels, groups)
         return labels, groups
 
-    def _read_groups(self, pl_module: Any, loader: Any, num_classes: int,
-                     num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
-        """Reads the labels (and groups) of the upper data: from the dataset's ``targets`` and ``groups`` attributes,
-        or by reading the whole dataset once."""
-        labels, groups = self._labels_groups(pl_module, loader, num_classes)
-        return _count_table(labels, groups, num_classes, num_groups)
-
     def _labels_groups(self, pl_module: Any, loader: Any, num_classes: int) -> tuple[Tensor, Tensor | None]:
         """Labels and groups of the whole upper dataset: its ``targets`` and ``groups`` attributes, else read once."""
         dataset = getattr(loader, "dataset", None)
@@ -355,16 +346,6 @@ class UpperData:
             labels, groups = self._read_labels(pl_module, loader, num_classes)
         _check_labels(labels, num_classes)
         return labels, groups
-
-
-def _not_indexable(loader: Any) -> str | None:
-    """Why part of this loader's dataset cannot be held back by index (``None`` when it can)."""
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-        return "the upper data is not a map-style dataset"
-    if getattr(loader, "batch_size", None) is None:
-        return "the upper dataloader has a custom batch sampler"
-    return None
 
 
 def _count_table(labels: Tensor, groups: Tensor | None, num_classes: int,
