@@ -32,7 +32,7 @@ from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.estimator import Estimator
 from lightning_autobalance.flat_settings import callback_values, flat_settings
 from lightning_autobalance.guard import CheckResult, HeldBackCheck
-from lightning_autobalance.head import find_head
+from lightning_autobalance.head import find_head, with_head_weight_decay
 from lightning_autobalance.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.mixin import AutoBalanceMixin
@@ -171,6 +171,7 @@ class AutoBalanceCallback(Callback):
         if log_max_classes < 0:
             raise ValueError(f"log_max_classes must be >= 0; got {log_max_classes}.")
         self.estimator = Estimator.coerce(estimator)
+        self._estimator = self.estimator  # this fit's: the head method's weight decay read from the optimizer
         self.schedule, self.objective, self.upper, self.hyper_optimizer = callback_values(
             groups, schedule, objective, upper, hyper_optimizer, upper_dataloader)
         self.train_batches, self.upper_batches = train_batches, upper_batches
@@ -296,10 +297,14 @@ class AutoBalanceCallback(Callback):
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
         if self._pending is None:  # a new fit is checked anew; a resumed one keeps its start and its result
             self._check = HeldBackCheck()
+        groups = [g for o in trainer.optimizers for g in o.param_groups]
+        self._estimator, note = with_head_weight_decay(self.estimator, pl_module, groups)  # "head": the optimizer's
+        if note:
+            rank_zero_warn(f"AutoBalance: {note}")
         if self.upper.held_back is not None:  # before any training: an explicit holdout needs weight decay
             fallback = None if self.upper.holdout is not None else CHECK_WEIGHT_DECAY
-            if self._check.begin(pl_module, params.alpha(), [g for o in trainer.optimizers for g in o.param_groups],
-                                 self.estimator.weight_decay, self.estimator.head, fallback):
+            if self._check.begin(pl_module, params.alpha(), groups, self._estimator.weight_decay,
+                                 self.estimator.head, fallback):
                 rank_zero_info(f"AutoBalance: the classifier head has no weight decay; the held-back check trains its "
                                f"heads with weight decay {CHECK_WEIGHT_DECAY}.")
         if self._pending is not None:
@@ -396,7 +401,7 @@ class AutoBalanceCallback(Callback):
                 self._fmodel = FunctionalModel(pl_module, _autobalance_forward)
             result = hypergradient(
                 self._fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables,
-                self._objective_fn, train, upper, self.estimator,
+                self._objective_fn, train, upper, self._estimator,
                 reduce=None if self._reducer.is_local else self._reducer, loss_scale=_loss_scale(trainer))
         finite = result.finite if sizes is None else result.finite & (sizes == sizes[0]).all().to(result.finite)
         norm = self._update.step(params.alpha(), result.grad, finite)

@@ -46,7 +46,9 @@ class Estimator:
             that reuses the training step's forward pass) or ``"jvp"`` (forward mode, exact). ``"auto"`` is read as
             ``"difference"``.
         weight_decay: the L2 coefficient of the training objective (the model optimizer's weight decay), ``>= 0``:
-            it adds ``weight_decay * I`` to the curvature. ``"head"`` needs it ``> 0``.
+            it adds ``weight_decay * I`` to the curvature. ``"head"`` needs it ``> 0``; under
+            :class:`~lightning_autobalance.AutoBalanceCallback`, ``0`` (the default) means the weight decay the model
+            optimizer applies to the head, read at the start of the fit.
         head: ``"head"`` method: the name of the ``nn.Linear`` layer producing the logits (``None``: the module's
             last ``nn.Linear``).
         head_memory: ``"head"`` method: feature rows of recent training (and upper) batches kept to solve the
@@ -91,9 +93,6 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
             (isinstance(self.cg_iterations, int) and self.cg_iterations >= 1,
              f"cg_iterations must be at least 1; got {self.cg_iterations}."),
             (self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}."),
-            (self.method != "head" or self.weight_decay > 0,
-             f"method 'head' needs weight_decay > 0 (the model optimizer's weight decay: it makes the head's "
-             f"equilibrium exist); got {self.weight_decay}."),
             (isinstance(self.head_memory, int) and self.head_memory >= 0,
              f"head_memory (feature rows kept) must be >= 0; got {self.head_memory}."),
             (isinstance(self.head_steps, int) and self.head_steps >= 1,

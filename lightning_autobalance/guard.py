@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_autobalance.cells import cell_index
-from lightning_autobalance.head import _augment, _HeadProblem, find_head, head_parameters, solve_head
+from lightning_autobalance.head import _augment, _HeadProblem, find_head, head_parameters, head_weight_decay, solve_head
 from lightning_autobalance.losses import LossTables
 
 __all__ = ["CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split",
@@ -196,14 +196,6 @@ def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
             logits = check @ head.view(num_classes, -1).T
             values.append(objective(logits, check_target, check_group).detach())
     return values
-
-
-def head_weight_decay(param_groups: Iterable[dict[str, Any]], weight: Tensor) -> float | None:
-    """The weight decay of the optimizer parameter group holding ``weight`` (``None`` when no group holds it)."""
-    for group in param_groups:
-        if any(p is weight for p in group.get("params", ())):
-            return float(group.get("weight_decay", 0.0) or 0.0)
-    return None
 
 
 def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tensor],

@@ -38,13 +38,14 @@ Nothing here knows about Lightning. :func:`head_hypergradient` is the functional
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_autobalance.estimator import Estimator
 from lightning_autobalance.losses import LossTables
 from lightning_autobalance.random_state import from_state
 
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # for annotations only: hypergradient imports this module to 
     from lightning_autobalance.hypergradient import Problem
 
 __all__ = ["FeatureMemory", "HeadResult", "find_head", "head_hypergradient", "head_parameters", "head_solver",
-           "solve_head"]
+           "head_weight_decay", "solve_head", "with_head_weight_decay"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -85,6 +86,43 @@ def find_head(module: nn.Module, name: str | None = None) -> str:
                          f"{type(module).__name__} has none. Give Estimator(head='<layer name>') or use another "
                          "method.")
     return linear[-1]
+
+
+def head_weight_decay(param_groups: Iterable[dict[str, Any]], weight: Tensor) -> float | None:
+    """The weight decay of the optimizer parameter group holding ``weight`` (``None`` when no group holds it)."""
+    for group in param_groups:
+        if any(p is weight for p in group.get("params", ())):
+            return float(group.get("weight_decay", 0.0) or 0.0)
+    return None
+
+
+def with_head_weight_decay(estimator: Estimator, module: nn.Module,
+                           param_groups: Iterable[dict[str, Any]]) -> tuple[Estimator, str | None]:
+    """For the ``"head"`` method, ``estimator`` with the head's weight decay read from the model optimizer when it
+    gives none (``weight_decay=0``), and a warning when the one it gives differs from the optimizer's (the head's
+    equilibrium is then not the one training approaches). Other methods are returned unchanged.
+
+    Raises:
+        ValueError: when the ``"head"`` method has no weight decay from either: the head's equilibrium would not
+            exist. Called before any training time is spent.
+    """
+    if estimator.method != "head":
+        return estimator, None
+    name = find_head(module, estimator.head)
+    found = head_weight_decay(param_groups, dict(module.named_modules())[name].weight)
+    if estimator.weight_decay:
+        if found is not None and found != estimator.weight_decay:
+            return estimator, (f"Estimator(method='head', weight_decay={estimator.weight_decay}) differs from the "
+                               f"weight decay {found} that the model optimizer applies to the head {name!r}: the "
+                               "hypergradient is taken at an equilibrium training does not approach."
+                               + (" Leave weight_decay unset (0) to use the optimizer's." if found else ""))
+        return estimator, None
+    if not found:
+        where = "holds no parameter group with it" if found is None else "gives it weight_decay 0"
+        raise ValueError(f"Estimator(method='head') needs weight decay on the classifier head {name!r} (it makes the "
+                         f"head's equilibrium exist), and the model optimizer {where}: give the optimizer "
+                         "weight_decay > 0 for the head, or set Estimator(weight_decay=...).")
+    return replace(estimator, weight_decay=found), None
 
 
 @dataclass

@@ -1068,6 +1068,45 @@ def test_an_optimizer_step_with_a_hyper_step_makes_no_host_read(estimator, objec
         assert len(rows) == 5 and all(math.isfinite(float(r["autobalance/hypergrad_norm"])) for r in rows)
 
 
+class _DecayNet(Net):
+    """Net whose optimizer applies weight decay 1e-3 to every parameter, the head included."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
+
+
+def _head_run(estimator: Estimator, model_class=_DecayNet) -> tuple[dict[str, torch.Tensor], list[str]]:
+    torch.manual_seed(0)
+    model = model_class(search=("offset",), validate_inputs=False)
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, estimator=estimator,
+                                   upper_dataloader=_upper_loader())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer([callback], max_steps=4).fit(model, _train_loader())
+    assert callback.hyper_steps == 4
+    return _alpha(model), [str(w.message) for w in seen if "differs from the weight decay" in str(w.message)]
+
+
+def test_head_method_reads_the_head_weight_decay_from_the_model_optimizer():
+    """Estimator(method="head") without a weight decay searches exactly as with the optimizer's (1e-3) given; a
+    different one gives another search and a warning naming both values."""
+    read, warned = _head_run(Estimator(method="head", head_steps=2, head_memory=64))
+    given, _ = _head_run(Estimator(method="head", weight_decay=1e-3, head_steps=2, head_memory=64))
+    other, other_warned = _head_run(Estimator(method="head", weight_decay=5e-2, head_steps=2, head_memory=64))
+    assert not warned
+    for k in read:
+        assert torch.equal(read[k], given[k])
+        assert not torch.allclose(read[k], other[k])
+    assert len(other_warned) == 1 and "weight_decay=0.05" in other_warned[0] and "0.001" in other_warned[0]
+
+
+def test_head_method_without_weight_decay_on_the_head_fails_before_training():
+    model = Net(search=("offset",), validate_inputs=False)  # its SGD has no weight decay
+    callback = AutoBalanceCallback(holdout=0, estimator=Estimator(method="head"), upper_dataloader=_upper_loader())
+    _fails_before_training(model, callback, ValueError, r"needs weight decay on the classifier head 'net.4'.*"
+                                                        r"gives it weight_decay 0")
+
+
 def test_the_probe_sees_a_read_in_the_optimizer_step(monkeypatch):
     """The probe has teeth: a read in the module's optimizer step (here indexing by a boolean mask in the module's
     on_before_optimizer_step) is recorded."""

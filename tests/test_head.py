@@ -243,8 +243,9 @@ def test_feature_memory_keeps_the_newest_rows_and_solves_on_all_of_them():
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="weight_decay > 0"):
-        Estimator(method="head")
+    assert Estimator(method="head").weight_decay == 0.0  # under the callback: the optimizer's, read at fit start
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        Estimator(method="head", weight_decay=-1.0)
     with pytest.raises(ValueError, match="head_steps"):
         Estimator(method="head", weight_decay=1e-4, head_steps=0)
     with pytest.raises(ValueError, match="head_memory"):
