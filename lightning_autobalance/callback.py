@@ -390,7 +390,7 @@ class AutoBalanceCallback(Callback):
             for _ in range(self.train_batches - 1):
                 extra = trainer.strategy.batch_to_device(self._train_stream(trainer).next())
                 train.append(self._as_batch(pl_module, extra))
-            upper = [self._as_batch(pl_module, trainer.strategy.batch_to_device(self.upper.stream.next()))
+            upper = [self._as_batch(pl_module, trainer.strategy.batch_to_device(self.upper.next()))
                      for _ in range(self.upper_batches)]
             sizes = None
             if trainer.world_size > 1:  # checked when the figures are read: every rank gathers, none waits

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from typing import Any, Literal
 
 import numpy as np
@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_autobalance.batch_stream import BatchStream, why_not_resampled
 from lightning_autobalance.cells import cell_index
@@ -113,6 +113,7 @@ class UpperData:
         self._held_back_groups: Tensor | None = None
         self._loader: Any = None
         self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
+        self._check_each: tuple[Any, int] | None = None  # iterable upper data: (module, classes) to check each batch
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -182,12 +183,32 @@ class UpperData:
         self.counts, self.cells = counts, cells
         table: Any = cells if cells is not None else counts
         shrink_table = table if params.num_groups > 1 else counts  # a per-class loss: per-class counts inform it
-        if self.balanced and cells is None and batches > 1:
+        # Every upper label is range-checked before training (the objective is built without per-batch checks),
+        # also when the counts were given outright. A dataset without a length (an iterable one: reading it could
+        # never end) is checked batch by batch instead, as each is drawn (:meth:`next`).
+        self._check_each = None
+        labels = None
+        if isinstance(getattr(loader, "dataset", None), Sized) and not isinstance(loader.dataset, IterableDataset):
             labels = self._labels(trainer, pl_module, loader, num_classes)
+            _check_labels(labels, num_classes)
+        else:
+            self._check_each = (pl_module, num_classes)
+        if self.balanced and cells is None and batches > 1:
+            labels = self._labels(trainer, pl_module, loader, num_classes) if labels is None else labels
             self.stream.balance(labels if search is None else labels[search])
             if self.stream.balanced and table is not None:
                 table = [1 if n > 0 else 0 for n in table]  # every class is drawn equally often
         return table, shrink_table
+
+    def next(self) -> Any:
+        """The next upper batch of the stream (after :meth:`setup`); the labels of upper data without a length are
+        range-checked here, batch by batch (those of other data were checked at setup)."""
+        assert self.stream is not None, "UpperData.next before setup"
+        batch = self.stream.next()
+        if self._check_each is not None:
+            pl_module, num_classes = self._check_each
+            _check_labels(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]), num_classes)
+        return batch
 
     def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int, checkable: str | None) -> Tensor | None:
         """Chooses the held-back samples (:attr:`held_back`) and returns the indices the search draws from, or

@@ -26,7 +26,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy, Estimator
+from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy, Estimator, UpperData
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -624,6 +624,65 @@ def test_upper_labels_out_of_range_fail_at_setup():
     _fails_before_training(Net(), callback, ValueError, r"labels from 1 to 3, but the loss has 3 classes "
                            r"\(its class counts, given to configure_autobalance or found at setup, have 3 entries\): "
                            r"expected labels in \[0, 3\)")
+
+
+class _NoTargets(Dataset):
+    """A map-style dataset without a ``targets`` attribute: its labels can only be read by drawing it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class _WithTargets(_NoTargets):
+    """A map-style dataset with a ``targets`` attribute (as torchvision's): its labels are known without reading it."""
+
+    @property
+    def targets(self):
+        return self.y
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """An iterable (unsized) upper dataset: it cannot be read ahead at setup."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+@pytest.mark.parametrize("dataset", [_WithTargets, _NoTargets])
+def test_upper_labels_out_of_range_fail_at_setup_when_the_counts_are_given(dataset):
+    """Counts given outright and batches not class-balanced: nothing needs the labels, and still they are checked
+    before training (the objective does not check them per batch)."""
+    x, y = _blobs([10] * K, seed=3)
+    y = y.clone()
+    y[-1] = K  # one label beyond the loss's classes
+    callback = AutoBalanceCallback(upper=UpperData(dataloader=DataLoader(dataset(x, y), batch_size=8),
+                                                   class_counts=[10] * K, balanced=False, holdout=0))
+    _fails_before_training(Net(), callback, ValueError, r"labels from 0 to 3, but the loss has 3 classes")
+
+
+def test_iterable_upper_labels_are_checked_as_each_batch_is_drawn():
+    """Upper data without a length cannot be read ahead: each batch's labels are checked when it is drawn, so a
+    label beyond the loss stops the fit at the hyper step that would have used it, before it is used."""
+    x, y = _blobs([10] * K, seed=3)
+    y = y.clone()
+    y[-1] = K  # in the fourth batch of 8
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0,
+                                   upper=UpperData(dataloader=DataLoader(_Stream(x, y), batch_size=8),
+                                                   class_counts=[10] * K, holdout=0))
+    model = Net(validate_inputs=False)
+    trainer = _trainer([callback], max_steps=10)
+    with pytest.raises(ValueError, match=r"labels from 2 to 3, but the loss has 3 classes"):  # the fourth batch's
+        trainer.fit(model, _train_loader())
+    assert callback.hyper_steps == 3  # the three batches before it were used; the bad one never was
 
 
 def test_class_counts_of_the_wrong_length_are_named():
