@@ -267,8 +267,10 @@ def solve_head(problem: _HeadProblem, theta: Tensor, steps: int, dense_limit: in
     """Newton's method on the head's strongly convex training problem, from ``theta``, for ``steps`` steps.
 
     Each step tries the step sizes ``1, 1/2, ..., 1/2048`` and ``0`` along the Newton direction at once (the
-    logits are linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the best: the
-    loss never increases, and nothing is read back to the host.
+    logits are linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the longest whose
+    loss is the lowest up to rounding: the loss never increases beyond rounding, the full step converges
+    quadratically to the solution once the losses can no longer tell the candidates apart, and nothing is read back
+    to the host.
     """
     steps_t = torch.tensor(_STEPS, dtype=theta.dtype, device=theta.device)
     for _ in range(steps):
@@ -279,7 +281,11 @@ def solve_head(problem: _HeadProblem, theta: Tensor, steps: int, dense_limit: in
         cands = theta.unsqueeze(0) - steps_t.unsqueeze(1) * direction.unsqueeze(0)
         values_t = _mean(data, problem.reduce) + 0.5 * problem.weight_decay * (cands * cands).sum(1)
         values_t = torch.where(torch.isfinite(values_t), values_t, torch.full_like(values_t, float("inf")))
-        theta = theta - steps_t[torch.argmin(values_t)] * direction
+        # the longest step whose loss is the lowest up to rounding: near the solution the candidates' losses differ
+        # by less than the rounding of the loss itself, and the full Newton step is what converges to it
+        best = values_t.min()
+        tie = values_t <= best + 8 * torch.finfo(values_t.dtype).eps * best.abs().clamp_min(1.0)
+        theta = theta - steps_t[torch.argmax(tie.to(torch.int8))] * direction
     return theta
 
 

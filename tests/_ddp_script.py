@@ -89,6 +89,7 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
         "cg_gauss_newton": {"method": "cg", "cg_iterations": 4, "damping": 0.1, "product": "jvp"},
         "unroll": {"method": "unroll", "eta": 0.5, "product": "jvp"},
         "unroll_difference": {"method": "unroll", "eta": 0.5, "product": "difference"},
+        "head": {"method": "head", "weight_decay": 0.05, "head_memory": 0, "head_steps": 40, "damping": 0.01},
     }
     report = {}
     for name, cfg in methods.items():

@@ -32,7 +32,7 @@ def test_two_rank_hypergradient_equals_one_process_on_the_union(tmp_path):
     dro = report.pop("group_dro")
     assert dro["q_moved"] > 1e-3 and dro["q_identical"], dro
     assert dro["q_diff"] < 1e-6 and dro["grad_rel_diff"] < 1e-6, dro  # q is float32
-    assert len(report) == 11 and sum(name.startswith("objective_") for name in report) == 4
+    assert len(report) == 12 and sum(name.startswith("objective_") for name in report) == 4
     for method, r in report.items():
         assert r["norm"] > 1e-3, method  # a non-trivial hypergradient
         assert r["rel_diff"] < 1e-12, (method, r)  # float64: equal up to rounding

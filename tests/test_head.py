@@ -256,3 +256,20 @@ def test_settings_are_checked():
         find_head(net, "body")
     with pytest.raises(ValueError, match="has none"):
         find_head(nn.Sequential(nn.Conv2d(1, 1, 1)))
+
+
+def test_newton_converges_to_rounding_not_to_the_resolution_of_its_line_search():
+    """Near the solution the candidate steps' losses differ by less than the loss's own rounding; choosing among
+    them by value alone stalls short of the equilibrium (gradient norm 2e-11 here). Taking the longest step
+    among those tied up to rounding lets the full Newton step finish the job: the gradient reaches rounding."""
+    gen = torch.Generator().manual_seed(1)
+    y = torch.arange(48) % K
+    x = torch.tanh(torch.randn(48, 8, generator=gen, dtype=torch.float64) + 3.0 * F.one_hot(y, 8).double())
+    param = PerClass([40, 8, 2], preset="la", search=("delta", "offset", "weight")).double()
+    with torch.no_grad():
+        for t in param.alpha().values():
+            t.normal_(0, 0.2, generator=gen)
+        tables = LossTables(*param.tables(param.alpha()))
+    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, 0.05, K, None)
+    theta = solve_head(problem, torch.zeros(K * 9, dtype=torch.float64), 30)
+    assert float(problem.gradient(theta).norm()) < 1e-14
