@@ -162,8 +162,9 @@ def _hypergrad_worker(rank: int, world: int, port: int, out: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 class Net(AutoBalanceMixin, pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, weight_decay: float = 0.0) -> None:
         super().__init__()
+        self.weight_decay = weight_decay
         self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
         self.configure_autobalance(COUNTS, preset="ce", search=("offset", "weight"))
 
@@ -175,7 +176,7 @@ class Net(AutoBalanceMixin, pl.LightningModule):
         return self.autobalance_loss(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=self.weight_decay)
 
 
 class RankReport(Callback):
@@ -245,6 +246,7 @@ def main() -> None:
                         help="stop after this many epochs of a run configured for --epochs (an interruption)")
     parser.add_argument("--port", type=int, default=29517)
     parser.add_argument("--objective", default="balanced_ce")
+    parser.add_argument("--method", default="neumann", help="the estimator's method ('head': weight decay 1e-3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -255,7 +257,8 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     xu, yu = blobs([10, 10, 10], seed=3)
     upper = DataLoader(TensorDataset(xu, yu), batch_size=6)
-    common = {"every_n_steps": 1, "start_step": 0, "train_batches": 2, "hyper_lr": 0.05, "objective": args.objective}
+    common = {"every_n_steps": 1, "start_step": 0, "train_batches": 2, "hyper_lr": 0.05, "objective": args.objective,
+              "estimator": {"method": args.method, "head_steps": 3, "head_memory": 64}}
     if args.mode == "bad_batch":
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         upper = DataLoader(TensorDataset(xu, yu), batch_size=6 if rank == 0 else 5)
@@ -267,7 +270,7 @@ def main() -> None:
     if args.stop_after:
         callbacks.append(StopAfter(args.stop_after))
     trainer = make_trainer(args, callbacks)
-    trainer.fit(Net(), train_loader(), ckpt_path=args.resume)
+    trainer.fit(Net(weight_decay=1e-3 if args.method == "head" else 0.0), train_loader(), ckpt_path=args.resume)
     if dist.is_available() and dist.is_initialized():
         # an explicit teardown: leaving gloo to the interpreter's exit sometimes aborts the process (SIGABRT)
         dist.barrier()

@@ -40,11 +40,13 @@ def test_two_rank_hypergradient_equals_one_process_on_the_union(tmp_path):
         assert r["ranks_identical"], method
 
 
-@pytest.mark.parametrize(("strategy", "objective"), [("ddp_spawn", "balanced_ce"), ("ddp", "balanced_ce"),
-                                                    ("ddp", "worst_class")])
-def test_loss_parameters_identical_on_every_rank(tmp_path, strategy, objective):
-    # worst_class: the objective built with the callback's Reducer (a sum over processes inside it)
-    report = run("fit", tmp_path / "fit.json", "--strategy", strategy, "--objective", objective)
+@pytest.mark.parametrize(("strategy", "objective", "method"), [
+    ("ddp_spawn", "balanced_ce", "neumann"), ("ddp", "balanced_ce", "neumann"), ("ddp", "worst_class", "neumann"),
+    ("ddp", "balanced_ce", "head")])
+def test_loss_parameters_identical_on_every_rank(tmp_path, strategy, objective, method):
+    # worst_class: the objective built with the callback's Reducer (a sum over processes inside it); head: the
+    # head method's Newton solves and feature buffers, every figure averaged over the processes
+    report = run("fit", tmp_path / "fit.json", "--strategy", strategy, "--objective", objective, "--method", method)
     assert report["world_size"] == 2 and report["hyper_steps"] == report["global_step"] == 12
     rank0, rank1 = report["alpha"]
     assert rank0 == rank1  # bit-identical (JSON floats round-trip exactly)
