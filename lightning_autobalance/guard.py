@@ -188,7 +188,7 @@ def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
     x = _augment(features.detach().to(torch.float64), bias)
     check = _augment(check_features.detach().to(torch.float64), bias)
     values = []
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # solved in float64 in any context
         for table in tables:
             wide = LossTables(*(t.detach().to(torch.float64) for t in table))
             problem = _HeadProblem(x, target, group, wide, train_loss, float(weight_decay), num_classes, None)

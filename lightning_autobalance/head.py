@@ -343,7 +343,8 @@ def head_hypergradient(
         tables = LossTables(*(t.detach().to(wide) for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
     problem = _HeadProblem(_augment(features.detach().to(wide), bias), target, group, tables, train_loss,
                            float(weight_decay), num_classes, reduce)
-    with torch.enable_grad():
+    # under a mixed-precision context the features were read in low precision; the head's problem is solved wide
+    with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
         theta_star = solve_head(problem, theta.detach().to(wide), steps, dense_limit, cg_iterations)
         upper = _HeadProblem(_augment(upper_features.detach().to(wide), bias), upper_target, upper_group, tables,
                              train_loss, 0.0, num_classes, reduce)

@@ -50,12 +50,12 @@ def images(counts, seed):
     return x, y
 
 
-def fit(precision: str, accelerator: str, steps: int = 12):
+def fit(precision: str, accelerator: str, steps: int = 12, estimator=None):
     pl.seed_everything(0, verbose=False)
     x, y = images(COUNTS, 0)
     xu, yu = images([20, 20, 20], 1)
     model = ConvNet()
-    callback = AutoBalanceCallback(holdout=0, every_n_steps=2, start_step=0,  # the search alone
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=2, start_step=0, estimator=estimator,  # the search alone
                                    upper_dataloader=DataLoader(TensorDataset(xu, yu), batch_size=30, shuffle=True))
     trainer = pl.Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -66,8 +66,9 @@ def fit(precision: str, accelerator: str, steps: int = 12):
     return model, callback
 
 
-def hypergradients(device: torch.device, dtype: torch.dtype | None):
-    """The default hypergradient of one fixed problem, in float32 or under autocast with ``dtype``."""
+def hypergradients(device: torch.device, dtype: torch.dtype | None, **estimator):
+    """The default hypergradient (or ``estimator``'s) of one fixed problem, in float32 or under autocast with
+    ``dtype``."""
     torch.manual_seed(0)
     model = ConvNet().to(device).train()
     x, y = images(COUNTS, 0)
@@ -79,7 +80,7 @@ def hypergradients(device: torch.device, dtype: torch.dtype | None):
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
     with ctx:
         res = hypergradient(model, params.alpha(), params.tables, model.autobalance_loss_from_tables, objective,
-                            [Batch(x, y)], [Batch(xu, yu)], loss_scale=scale)
+                            [Batch(x, y)], [Batch(xu, yu)], loss_scale=scale, **estimator)
     return res
 
 
@@ -89,8 +90,9 @@ def cosine(a: dict, b: dict) -> float:
     return float(u @ v / (u.norm() * v.norm()))
 
 
-def test_bf16_mixed_fit_on_cpu_keeps_float32_loss_parameters():
-    model, callback = fit("bf16-mixed", "cpu")
+@pytest.mark.parametrize("estimator", [None, {"method": "head", "weight_decay": 1e-3, "head_memory": 64}])
+def test_bf16_mixed_fit_on_cpu_keeps_float32_loss_parameters(estimator):
+    model, callback = fit("bf16-mixed", "cpu", estimator=estimator)
     assert callback.hyper_steps == 6 and callback.skipped_steps == 0
     for t in model.autobalance.alpha().values():
         assert t.dtype == torch.float32 and torch.isfinite(t).all()
@@ -100,6 +102,15 @@ def test_bf16_mixed_fit_on_cpu_keeps_float32_loss_parameters():
 def test_bf16_autocast_hypergradient_on_cpu_is_close_to_float32():
     ref = hypergradients(torch.device("cpu"), None)
     low = hypergradients(torch.device("cpu"), torch.bfloat16)
+    assert low.finite and all(v.dtype == torch.float32 for v in low.grad.values())
+    assert cosine(low.grad, ref.grad) > 0.95
+
+
+def test_bf16_autocast_head_hypergradient_on_cpu_is_close_to_float32():
+    """The head method under autocast: features read in bfloat16, the head's problem solved in float32."""
+    head = {"method": "head", "weight_decay": 1e-3, "head_memory": 0}
+    ref = hypergradients(torch.device("cpu"), None, **head)
+    low = hypergradients(torch.device("cpu"), torch.bfloat16, **head)
     assert low.finite and all(v.dtype == torch.float32 for v in low.grad.values())
     assert cosine(low.grad, ref.grad) > 0.95
 
