@@ -158,7 +158,7 @@ class UpperData:
         # Every process must learn about a process without upper data (or one whose split fails), or the others
         # would wait for it forever.
         try:
-            search = self._split(pl_module, loader, seed, params.num_classes, checkable)
+            search = self._split(trainer, pl_module, loader, seed, params.num_classes, checkable)
             self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
                                       subset=search)
             batches, error = self.stream.batches_per_pass(), None
@@ -170,7 +170,7 @@ class UpperData:
         if search is None:
             counts, cells = self._counts(trainer, pl_module, loader, wants_cells, num_groups)
         else:  # the counts of the part the search sees
-            labels, groups = self._labels_groups(pl_module, loader, params.num_classes)
+            labels, groups = self._labels_groups(trainer, pl_module, loader, params.num_classes)
             counts, cells = _count_table(labels[search], None if groups is None else groups[search],
                                          params.num_classes, params.num_groups if params.num_groups > 1 else num_groups)
         num_classes = params.num_classes
@@ -189,12 +189,11 @@ class UpperData:
         self._check_each = None
         labels = None
         if isinstance(getattr(loader, "dataset", None), Sized) and not isinstance(loader.dataset, IterableDataset):
-            labels = self._labels(trainer, pl_module, loader, num_classes)
-            _check_labels(labels, num_classes)
+            labels = self._labels_groups(trainer, pl_module, loader, num_classes)[0]
         else:
             self._check_each = (pl_module, num_classes)
         if self.balanced and cells is None and batches > 1:
-            labels = self._labels(trainer, pl_module, loader, num_classes) if labels is None else labels
+            labels = self._labels_groups(trainer, pl_module, loader, num_classes)[0] if labels is None else labels
             self.stream.balance(labels if search is None else labels[search])
             if self.stream.balanced and table is not None:
                 table = [1 if n > 0 else 0 for n in table]  # every class is drawn equally often
@@ -210,7 +209,8 @@ class UpperData:
             _check_labels(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]), num_classes)
         return batch
 
-    def _split(self, pl_module: Any, loader: Any, seed: int, num_classes: int, checkable: str | None) -> Tensor | None:
+    def _split(self, trainer: pl.Trainer, pl_module: Any, loader: Any, seed: int, num_classes: int,
+               checkable: str | None) -> Tensor | None:
         """Chooses the held-back samples (:attr:`held_back`) and returns the indices the search draws from, or
         ``None`` when nothing is held back (``holdout=0``; or, by default, where the check cannot run: said once).
 
@@ -222,7 +222,7 @@ class UpperData:
             return None
         why = (checkable if self.holdout is None else None) or why_not_resampled(loader)
         if why is None:
-            labels, groups = self._labels_groups(pl_module, loader, num_classes)
+            labels, groups = self._labels_groups(trainer, pl_module, loader, num_classes)
             search, held = holdout_split(labels, share, seed=seed, groups=groups, num_classes=num_classes)
             if held.numel() == 0:
                 why = "every class of the upper data has one sample"
@@ -314,27 +314,30 @@ class UpperData:
         if from_datamodule and getattr(datamodule, "upper_group_counts", None) is not None:
             cells = [[int(c) for c in row] for row in datamodule.upper_group_counts]
         if counts is None or (cells is None and (params.num_groups > 1 or wants_cells)):
-            read_counts, cells = _count_table(*self._labels_groups(pl_module, loader, params.num_classes),
+            read_counts, cells = _count_table(*self._labels_groups(trainer, pl_module, loader, params.num_classes),
                                               params.num_classes, groups)
             counts = read_counts if counts is None else counts
         return counts, cells
 
-    def _labels(self, trainer: pl.Trainer, pl_module: Any, loader: Any, num_classes: int) -> Tensor:
-        """The label of every upper sample in dataset order: the datamodule's ``upper_targets``, the dataset's
-        ``targets``, or read once."""
+    def _labels_groups(self, trainer: pl.Trainer, pl_module: Any, loader: Any,
+                       num_classes: int) -> tuple[Tensor, Tensor | None]:
+        """The label (and group) of every upper sample in dataset order, range-checked: the datamodule's
+        ``upper_targets`` (for its own loader) or the dataset's ``targets``, with the dataset's ``groups``; else
+        read once per loader (:meth:`_read_labels`)."""
         dataset = getattr(loader, "dataset", None)
-        targets = None
-        if loader is not self.dataloader:
-            targets = getattr(trainer.datamodule, "upper_targets", None)
-        if targets is None:
-            targets = getattr(dataset, "targets", None)
+        targets = getattr(trainer.datamodule, "upper_targets", None) if loader is not self.dataloader else None
+        targets = getattr(dataset, "targets", None) if targets is None else targets
         if targets is None or dataset is None or len(targets) != len(dataset):
-            return self._read_labels(pl_module, loader, num_classes)[0]
-        return torch.as_tensor(targets).long().flatten()
+            labels, groups = self._read_labels(pl_module, loader)
+        else:
+            labels, group_ids = torch.as_tensor(targets).long().flatten(), getattr(dataset, "groups", None)
+            groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
+        _check_labels(labels, num_classes)
+        return labels, groups
 
-    def _read_labels(self, pl_module: Any, loader: Any, num_classes: int) -> tuple[Tensor, Tensor | None]:
-        """Labels (and groups) of the whole upper dataset, read once per loader (counts and class-balanced batches
-        both need them)."""
+    def _read_labels(self, pl_module: Any, loader: Any) -> tuple[Tensor, Tensor | None]:
+        """Labels (and groups) of the whole upper dataset, read once per loader (the split, the counts and
+        class-balanced batches may each need them)."""
         if self._labels_read is not None and self._labels_read[0] is loader:
             return self._labels_read[1], self._labels_read[2]
         dataset = getattr(loader, "dataset", None)
@@ -351,21 +354,7 @@ class UpperData:
                     group_parts.append(torch.as_tensor(g).long().cpu())
         labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
-        _check_labels(labels, num_classes)
         self._labels_read = (loader, labels, groups)
-        return labels, groups
-
-    def _labels_groups(self, pl_module: Any, loader: Any, num_classes: int) -> tuple[Tensor, Tensor | None]:
-        """Labels and groups of the whole upper dataset: its ``targets`` and ``groups`` attributes, else read once."""
-        dataset = getattr(loader, "dataset", None)
-        targets = getattr(dataset, "targets", None)
-        group_ids = getattr(dataset, "groups", None)
-        if targets is not None and dataset is not None and len(targets) == len(dataset):
-            labels = torch.as_tensor(targets).long().flatten()
-            groups = None if group_ids is None else torch.as_tensor(group_ids).long().flatten()
-        else:
-            labels, groups = self._read_labels(pl_module, loader, num_classes)
-        _check_labels(labels, num_classes)
         return labels, groups
 
 
