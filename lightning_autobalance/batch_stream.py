@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-__all__ = ["BatchStream", "ShardSampler", "class_balanced_order", "why_not_resampled"]
+__all__ = ["BatchStream", "ShardSampler", "class_balanced_order", "map_style", "why_not_resampled"]
 
 
 def class_balanced_order(labels: Tensor, generator: torch.Generator) -> list[int]:
@@ -39,12 +39,16 @@ def class_balanced_order(labels: Tensor, generator: torch.Generator) -> list[int
     return both[torch.randperm(both.numel(), generator=generator)].tolist()
 
 
+def map_style(dataset: Any) -> bool:
+    """Whether ``dataset`` is a map-style dataset with a length (it can be read by index, and read whole)."""
+    return dataset is not None and not isinstance(dataset, IterableDataset) and isinstance(dataset, Sized)
+
+
 def why_not_resampled(dataloader: Any) -> str | None:
     """Why a :class:`BatchStream` cannot re-create ``dataloader`` around its own sampler (``None`` when it can): an
     iterable or unsized dataset, or a custom batch sampler. Then its batches cannot be drawn by index (no subset,
     class balance, shards or exact resumption)."""
-    dataset = getattr(dataloader, "dataset", None)
-    if dataset is None or isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+    if not map_style(getattr(dataloader, "dataset", None)):
         return "its dataset is not a map-style dataset with a length"
     if getattr(dataloader, "batch_size", None) is None:
         return "it has a custom batch sampler"

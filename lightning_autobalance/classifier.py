@@ -6,7 +6,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -30,10 +30,7 @@ LossName = Literal["autobalance", "ldam", "focal", "group_dro"]
 #: A training criterion given as a value: ``criterion(logits, target, group) -> scalar tensor``.
 Criterion = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
-_LOSS_NAMES = ("autobalance", "ldam", "focal", "group_dro")
-#: The arguments that configure a loss given by name, with their defaults (a loss given as a value carries its own).
-_PER_LOSS_DEFAULTS: dict[str, Any] = {"ldam_max_margin": 0.5, "ldam_scale": 30.0, "drw_epoch": 160,
-                                      "focal_gamma": 1.0, "dro_step_size": 0.01}
+_LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 #: What the hyperparameters (and so the checkpoints) hold in place of a loss given as a Python object.
 _UNSAVED_LOSS = "<loss object not saved: "
 
@@ -251,9 +248,11 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         if loss == "group_dro" and not num_groups:
             raise ValueError("loss='group_dro' needs groups: give num_groups (and batches (x, y, g)).")
         if not isinstance(loss, str):
+            # the arguments that configure a loss given by name, against their defaults in this signature
             given = {"ldam_max_margin": ldam_max_margin, "ldam_scale": ldam_scale, "drw_epoch": drw_epoch,
                      "focal_gamma": focal_gamma, "dro_step_size": dro_step_size}
-            ignored = [f"{k}={v!r}" for k, v in given.items() if v != _PER_LOSS_DEFAULTS[k]]
+            defaults = inspect.signature(ImbalancedClassifier.__init__).parameters
+            ignored = [f"{k}={v!r}" for k, v in given.items() if v != defaults[k].default]
             if ignored:
                 raise ValueError(f"{', '.join(ignored)} would be ignored: these arguments configure a loss given by "
                                  f"name, but loss is a {type(loss).__name__} object. Set them on the loss object "

@@ -29,7 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_autobalance.cells import cell_index
-from lightning_autobalance.head import _augment, _HeadProblem, find_head, head_parameters, head_weight_decay, solve_head
+from lightning_autobalance.head import (
+    _augment,
+    _HeadProblem,
+    find_head,
+    head_parameters,
+    head_weight_decay,
+    optimizer_head_weight_decay,
+    solve_head,
+)
 from lightning_autobalance.losses import LossTables
 
 __all__ = ["CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split",
@@ -267,8 +275,7 @@ class HeldBackCheck:
                             for k, v in alpha.items()}
         used_fallback = False
         if not weight_decay:
-            weight = dict(module.named_modules())[find_head(module, head)].weight
-            weight_decay = head_weight_decay(param_groups, weight) or 0.0
+            weight_decay = optimizer_head_weight_decay(module, param_groups, head)[1] or 0.0
         if not weight_decay > 0 and fallback is not None:
             weight_decay, used_fallback = fallback, True
         if not weight_decay > 0:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # for annotations only: hypergradient imports this module to 
     from lightning_autobalance.hypergradient import Problem
 
 __all__ = ["FeatureMemory", "HeadResult", "find_head", "head_hypergradient", "head_parameters", "head_solver",
-           "head_weight_decay", "solve_head", "with_head_weight_decay"]
+           "head_weight_decay", "optimizer_head_weight_decay", "solve_head", "with_head_weight_decay"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -96,6 +96,14 @@ def head_weight_decay(param_groups: Iterable[dict[str, Any]], weight: Tensor) ->
     return None
 
 
+def optimizer_head_weight_decay(module: nn.Module, param_groups: Iterable[dict[str, Any]],
+                                head: str | None = None) -> tuple[str, float | None]:
+    """The head's name (:func:`find_head`) and the weight decay the optimizer applies to its weight
+    (:func:`head_weight_decay`)."""
+    name = find_head(module, head)
+    return name, head_weight_decay(param_groups, dict(module.named_modules())[name].weight)
+
+
 def with_head_weight_decay(estimator: Estimator, module: nn.Module,
                            param_groups: Iterable[dict[str, Any]]) -> tuple[Estimator, str | None]:
     """For the ``"head"`` method, ``estimator`` with the head's weight decay read from the model optimizer when it
@@ -108,8 +116,7 @@ def with_head_weight_decay(estimator: Estimator, module: nn.Module,
     """
     if estimator.method != "head":
         return estimator, None
-    name = find_head(module, estimator.head)
-    found = head_weight_decay(param_groups, dict(module.named_modules())[name].weight)
+    name, found = optimizer_head_weight_decay(module, param_groups, estimator.head)
     if estimator.weight_decay:
         if found is not None and found != estimator.weight_decay:
             return estimator, (f"Estimator(method='head', weight_decay={estimator.weight_decay}) differs from the "

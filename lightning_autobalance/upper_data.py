@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -23,9 +23,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader, Subset
 
-from lightning_autobalance.batch_stream import BatchStream, why_not_resampled
+from lightning_autobalance.batch_stream import BatchStream, map_style, why_not_resampled
 from lightning_autobalance.cells import cell_index
 from lightning_autobalance.coerce import coerce_value
 from lightning_autobalance.guard import holdout_split
@@ -188,7 +188,7 @@ class UpperData:
         # never end) is checked batch by batch instead, as each is drawn (:meth:`next`).
         self._check_each = None
         labels = None
-        if isinstance(getattr(loader, "dataset", None), Sized) and not isinstance(loader.dataset, IterableDataset):
+        if map_style(getattr(loader, "dataset", None)):
             labels = self._labels_groups(trainer, pl_module, loader, num_classes)[0]
         else:
             self._check_each = (pl_module, num_classes)
