@@ -1,8 +1,9 @@
-"""Cost and accuracy of the held-back check's two head solves (lightning_autobalance/guard.py).
+"""Cost and accuracy of the held-back check's two head solves (lightning_autobalance/lightning/check.py).
 
 A synthetic problem the size of the Digits-LT check (900 training rows, a 1024-wide head, 10 classes, so that the
 head's 10,250 parameters are solved by conjugate gradient, not densely): the two upper-objective values and the
-wall time of :func:`~lightning_autobalance.guard.compare_losses` for several Newton and CG budgets, one thread.
+wall time of :func:`~lightning_autobalance.lightning.check.compare_losses` for several Newton and CG budgets, one
+thread.
 The values at the library's budget (10 Newton steps, 50 CG iterations) should equal those of a far larger budget.
 
     python benchmarks/check_cost.py
@@ -15,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightning_autobalance.guard import compare_losses
-from lightning_autobalance.losses import LossTables, adjusted_cross_entropy
+from lightning_autobalance.core.losses import LossTables, adjusted_cross_entropy
+from lightning_autobalance.lightning.check import compare_losses
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback
-from lightning_autobalance.classifier import ImbalancedClassifier
+from lightning_autobalance.lightning.classifier import ImbalancedClassifier
 
 
 class EpochTimer(pl.Callback):

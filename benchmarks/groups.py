@@ -48,7 +48,7 @@ def run(seed: int, out: Path, extra: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     common = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
               "--trainer.enable_progress_bar", "false", *extra]
-    cli = [sys.executable, "-m", "lightning_autobalance.cli", "pipeline"]
+    cli = [sys.executable, "-m", "lightning_autobalance.runner.cli", "pipeline"]
     subprocess.run([*cli, "--config", str(MAIN), *common, "--output_dir", str(out / f"seed{seed}")], check=True,
                    env=env, cwd=ROOT)
     subprocess.run([*cli, "--config", str(MAIN), "--config", str(WORST), *common,

@@ -1,7 +1,7 @@
 """The cost of one hyper step of the ``"head"`` method, in plain training steps, beside the default estimator's.
 
 A plain step is forward, backward and an SGD step of ResNet-32 on a CIFAR-shaped batch of 128 (random images, a
-long-tailed label draw). A hyper step is :func:`~lightning_autobalance.hypergradient.hypergradient` on that batch
+long-tailed label draw). A hyper step is :func:`~lightning_autobalance.core.hypergradient.hypergradient` on that batch
 (its logits already computed, as in training) and one upper batch of 128. Medians of ``--repeats`` timings, all in
 one run (report the ratios, not the seconds).
 
@@ -19,11 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
-from lightning_autobalance.losses import adjusted_cross_entropy
+from lightning_autobalance.core.estimator import Estimator
+from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.core.losses import adjusted_cross_entropy
+from lightning_autobalance.core.parametrization import Hierarchical
 from lightning_autobalance.models import build_network
-from lightning_autobalance.parametrization import Hierarchical
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -54,7 +54,7 @@ def _cli() -> list[str]:
     if exe.is_file():
         return [str(exe)]
     found = shutil.which("lightning-autobalance")
-    return [found] if found else [sys.executable, "-m", "lightning_autobalance.cli"]
+    return [found] if found else [sys.executable, "-m", "lightning_autobalance.runner.cli"]
 
 
 def scaled_epochs(scale: float) -> list[str]:

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lightning_autobalance.pipeline import BASELINES
+from lightning_autobalance.runner.pipeline import BASELINES
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTOBALANCE = "autobalance"
@@ -100,7 +100,7 @@ def _cli() -> list[str]:
     if exe.is_file():
         return [str(exe)]
     found = shutil.which("lightning-autobalance")
-    return [found] if found else [sys.executable, "-m", "lightning_autobalance.cli"]
+    return [found] if found else [sys.executable, "-m", "lightning_autobalance.runner.cli"]
 
 
 def _flow(values: Sequence[str]) -> str:
@@ -205,7 +205,7 @@ def grid_points(la_taus: Sequence[float], vs_gammas: Sequence[float], vs_taus: S
 def _templates(config: Path, seed: int, extra: tuple[str, ...]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     """The model and datamodule templates, trainer arguments and pipeline arguments of the config, as the CLI
     builds them (nothing is run)."""
-    from lightning_autobalance.cli import AutoBalanceCLI
+    from lightning_autobalance.runner.cli import AutoBalanceCLI
 
     class _Parse(AutoBalanceCLI):
         def _run_subcommand(self, subcommand: str) -> None:  # build everything, run nothing
@@ -253,7 +253,7 @@ def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, k
         return json.loads(done.read_text())
     import pytorch_lightning as pl
 
-    from lightning_autobalance.pipeline import _clone
+    from lightning_autobalance.runner.pipeline import _clone
 
     model_t, dm_t, trainer_kwargs, pipe = _templates(config, seed, tuple(extra))
     epochs = pipe.get("search_epochs") or trainer_kwargs.get("max_epochs")
@@ -358,7 +358,7 @@ def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[st
         return None
     import torch
 
-    from lightning_autobalance.pipeline import _clone, _counts
+    from lightning_autobalance.runner.pipeline import _clone, _counts
 
     model_t, dm_t, _, _ = _templates(config, seed, tuple(extra))
     hp = dict(model_t.hparams)

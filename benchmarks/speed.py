@@ -37,12 +37,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
-from lightning_autobalance.callback import auto_interval
+from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.core.objectives import BalancedCrossEntropy
 from lightning_autobalance.data import FoldInSampler, search_split
 from lightning_autobalance.data.fold_in import fold_in_epoch
-from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.lightning.callback import auto_interval
 from lightning_autobalance.models import ResNetCIFAR
-from lightning_autobalance.objectives import BalancedCrossEntropy
 
 METHODS: dict[str, dict[str, Any]] = {
     "default (neumann J=0, logits difference, 1+1 batches)": {},

@@ -48,13 +48,13 @@ import torch
 from torch import nn
 
 from lightning_autobalance import AutoBalanceCallback, Estimator
-from lightning_autobalance.classifier import ImbalancedClassifier
+from lightning_autobalance.core.losses import save_loss_tables
+from lightning_autobalance.core.parametrization import build_parametrization
 from lightning_autobalance.data import LongTailDigits
 from lightning_autobalance.data.fold_in import fold_in_epoch
 from lightning_autobalance.data.profiles import select_long_tail
-from lightning_autobalance.losses import save_loss_tables
+from lightning_autobalance.lightning.classifier import ImbalancedClassifier
 from lightning_autobalance.models import NormedLinear, build_network
-from lightning_autobalance.parametrization import build_parametrization
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: LongTailDigits with an extra balanced validation set carved out of the pool

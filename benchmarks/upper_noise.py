@@ -31,11 +31,11 @@ import warnings
 import pytorch_lightning as pl
 import torch
 
-from lightning_autobalance.batch_stream import BatchStream
-from lightning_autobalance.classifier import ImbalancedClassifier
+from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.core.objectives import build_objective
 from lightning_autobalance.data import LongTailDigits, LongTailImageFolder
-from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
-from lightning_autobalance.objectives import build_objective
+from lightning_autobalance.lightning.batch_stream import BatchStream
+from lightning_autobalance.lightning.classifier import ImbalancedClassifier
 
 
 def datamodule(name: str, seed: int) -> pl.LightningDataModule:

@@ -6,17 +6,22 @@ The public names:
 * :class:`AutoBalanceCallback`: searches it while the Trainer fits the model, from the values
   :class:`Schedule`, :class:`Estimator`, :class:`UpperObjective`, :class:`UpperData` and :class:`HyperOptimizer`;
 * :class:`ImbalancedClassifier`: a ready LightningModule for long-tailed classification;
-* :func:`run_pipeline` (``lightning_autobalance.pipeline``): search, retrain, compare, from Python or the CLI;
+* :func:`run_pipeline` (``lightning_autobalance.runner.pipeline``): search, retrain, compare, from Python or the CLI;
 * :class:`AdjustedCrossEntropy`: the loss family as a plain ``torch.nn.Module``;
 * :func:`hypergradient`: the functional core, independent of Lightning.
+
+The package has three layers, one folder each: ``core`` (plain torch: losses, parametrisations, objectives, the
+hypergradient and its solvers, the head's equilibrium), ``lightning`` (the mixin, the callback and what it drives,
+the held-back check, the ready classifier) and ``runner`` (the pipeline, its fingerprints and lock, the CLI);
+``data`` and ``models`` beside them.
 """
 
-from lightning_autobalance.callback import AutoBalanceCallback
-from lightning_autobalance.classifier import ImbalancedClassifier
-from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.hyper_optimizer import HyperOptimizer
-from lightning_autobalance.hypergradient import Batch, hypergradient
-from lightning_autobalance.losses import (
+import importlib
+import sys
+
+from lightning_autobalance.core.estimator import Estimator
+from lightning_autobalance.core.hypergradient import Batch, hypergradient
+from lightning_autobalance.core.losses import (
     AdjustedCrossEntropy,
     FocalLoss,
     GroupDROLoss,
@@ -25,15 +30,14 @@ from lightning_autobalance.losses import (
     adjusted_cross_entropy,
     preset_tables,
 )
-from lightning_autobalance.mixin import AutoBalanceMixin
-from lightning_autobalance.objectives import (
+from lightning_autobalance.core.objectives import (
     BalancedCrossEntropy,
     BlendedObjective,
     EqualOpportunityGap,
     UpperObjective,
     WorstGroupLoss,
 )
-from lightning_autobalance.parametrization import (
+from lightning_autobalance.core.parametrization import (
     DatasetDependent,
     FrequencyGroups,
     Hierarchical,
@@ -41,11 +45,29 @@ from lightning_autobalance.parametrization import (
     PerClass,
     build_parametrization,
 )
-from lightning_autobalance.reduce import Reducer
-from lightning_autobalance.schedule import Schedule
-from lightning_autobalance.upper_data import UpperData
+from lightning_autobalance.core.reduce import Reducer
+from lightning_autobalance.lightning.callback import AutoBalanceCallback
+from lightning_autobalance.lightning.classifier import ImbalancedClassifier
+from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer
+from lightning_autobalance.lightning.mixin import AutoBalanceMixin
+from lightning_autobalance.lightning.schedule import Schedule
+from lightning_autobalance.lightning.upper_data import UpperData
 
 __version__ = "0.1.0.dev0"
+
+# Before the layers had folders, every module sat at the top of the package. The old paths still import, so that
+# configs, checkpoints and code written against them keep working: ``lightning_autobalance.lightning.callback`` is
+# ``lightning_autobalance.lightning.callback``, and so on.
+_MOVED = {"guard": "lightning.check", **{name: f"{layer}.{name}" for layer, names in (
+    ("core", "cells coerce estimator head hypergradient losses lr_schedule metrics objectives parametrization "
+             "random_state reduce"),
+    ("lightning", "batch_stream callback classifier flat_settings hyper_optimizer mixin schedule step_log "
+                  "strategies upper_data"),
+    ("runner", "cli fingerprint output_lock pipeline")) for name in names.split()}}
+for _old, _new in _MOVED.items():
+    _module = sys.modules.setdefault(f"{__name__}.{_old}", importlib.import_module(f"{__name__}.{_new}"))
+    globals().setdefault(_old, _module)  # as an imported submodule would be; the function hypergradient stays
+del _old, _new, _module
 
 __all__ = [
     "AdjustedCrossEntropy",

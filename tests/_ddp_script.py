@@ -30,12 +30,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
-from lightning_autobalance.batch_stream import ShardSampler
-from lightning_autobalance.hypergradient import Batch, hypergradient
-from lightning_autobalance.losses import GroupDROLoss, adjusted_cross_entropy, unit_mean_losses
-from lightning_autobalance.objectives import UpperObjective, build_objective
-from lightning_autobalance.parametrization import PerClass
-from lightning_autobalance.reduce import Reducer
+from lightning_autobalance.core.hypergradient import Batch, hypergradient
+from lightning_autobalance.core.losses import GroupDROLoss, adjusted_cross_entropy, unit_mean_losses
+from lightning_autobalance.core.objectives import UpperObjective, build_objective
+from lightning_autobalance.core.parametrization import PerClass
+from lightning_autobalance.core.reduce import Reducer
+from lightning_autobalance.lightning.batch_stream import ShardSampler
 
 warnings.filterwarnings("ignore")
 COUNTS = [60, 24, 8]

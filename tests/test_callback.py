@@ -878,7 +878,7 @@ def test_difference_product_agrees_with_jvp_under_dropout(dropout):
 
 
 def test_auto_interval_rule():
-    from lightning_autobalance.callback import MAX_AUTO_INTERVAL, auto_interval
+    from lightning_autobalance.lightning.callback import MAX_AUTO_INTERVAL, auto_interval
 
     assert auto_interval(10, 200) == 1  # fewer steps than the target: every step
     assert auto_interval(750, 200) == 3
@@ -889,7 +889,7 @@ def test_auto_interval_rule():
 
 def test_short_fit_plans_and_makes_its_hyper_steps_and_says_so(monkeypatch):
     said = []
-    monkeypatch.setattr("lightning_autobalance.callback.rank_zero_info", said.append)
+    monkeypatch.setattr("lightning_autobalance.lightning.callback.rank_zero_info", said.append)
     model = Net(preset="ce", search="offset")
     callback = AutoBalanceCallback(upper_dataloader=_upper_loader())
     _trainer([callback], max_epochs=2).fit(model, _train_loader())  # 24 steps, warm-up 20%: steps 4..23
@@ -931,7 +931,7 @@ def test_a_fit_with_hyper_steps_does_not_warn():
 
 
 def test_shrinkage_pulls_residuals_to_their_start_by_upper_count():
-    from lightning_autobalance.parametrization import PerClass
+    from lightning_autobalance.core.parametrization import PerClass
 
     callback = AutoBalanceCallback(shrinkage=2.0)
     params = PerClass([30, 20, 10], preset="la", search="offset")
@@ -960,7 +960,7 @@ def test_shrinkage_in_a_fit_holds_the_residuals_not_the_shared_tau(shrinkage):
 
 
 def test_class_balanced_upper_batches_and_equal_class_weights():
-    from lightning_autobalance.batch_stream import ShardSampler
+    from lightning_autobalance.lightning.batch_stream import ShardSampler
 
     labels = torch.tensor([0] * 40 + [1] * 8 + [2] * 2)
     sampler = ShardSampler(50, seed=3, labels=labels)
@@ -1157,6 +1157,45 @@ def test_head_method_reads_the_head_weight_decay_from_the_model_optimizer():
         assert torch.equal(read[k], given[k])
         assert not torch.allclose(read[k], other[k])
     assert len(other_warned) == 1 and "weight_decay=0.05" in other_warned[0] and "0.001" in other_warned[0]
+
+
+def test_an_unconverged_head_solve_is_warned_of_and_a_converged_one_is_not():
+    """One Newton step a hyper step, cold-started (no memory), under weak weight decay stops short of the head's
+    equilibrium: the run says so, naming the setting to raise; thirty steps converge and the run is quiet."""
+
+    def warned(steps: int) -> list[str]:
+        torch.manual_seed(0)
+        callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, upper_dataloader=_upper_loader(),
+                                       estimator=Estimator(method="head", head_steps=steps, head_memory=0))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _trainer([callback], max_steps=3).fit(_DecayNet(search=("offset",), validate_inputs=False),
+                                                  _train_loader())
+        assert callback.hyper_steps == 3
+        return [str(w.message) for w in seen if "stopped short of convergence" in str(w.message)]
+
+    short = warned(1)
+    assert len(short) == 1 and "'head' method" in short[0] and "3 hyper step(s)" in short[0]
+    assert "head_steps" in short[0]
+    assert warned(30) == []
+
+
+def test_step_log_logs_a_solver_residual_and_keeps_the_steps_above_the_limit():
+    from lightning_autobalance.lightning.step_log import RESIDUAL_LIMIT, StepLog
+
+    class Logger:
+        rows: list = []
+
+        def log_metrics(self, row, step):
+            self.rows.append((step, row))
+
+    log, logger, one = StepLog(), Logger(), torch.tensor(True)
+    for step, residual in ((3, 0.5), (4, RESIDUAL_LIMIT / 10), (5, float("nan"))):
+        log.record(step, one, torch.tensor(1.0), torch.tensor(2.0), ["autobalance/solver_residual"],
+                   [torch.tensor([residual], dtype=torch.float64)])
+    log.read([logger])
+    assert [s for s, _ in log.unconverged] == [3, 5] and log.unconverged[0][1] == 0.5
+    assert [row["autobalance/solver_residual"] for _, row in logger.rows][:2] == [0.5, RESIDUAL_LIMIT / 10]
 
 
 def test_head_method_without_weight_decay_on_the_head_fails_before_training():

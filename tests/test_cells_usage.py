@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from conftest import linear_module
 
 from lightning_autobalance import AutoBalanceMixin, GroupDROLoss
-from lightning_autobalance.cells import cell_index
-from lightning_autobalance.metrics import GroupErrors
-from lightning_autobalance.objectives import BalancedCrossEntropy
+from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.metrics import GroupErrors
+from lightning_autobalance.core.objectives import BalancedCrossEntropy
 
 G, K, N = 3, 4, 200
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import ImbalancedClassifier
-from lightning_autobalance.losses import FocalLoss, GroupDROLoss, LDAMLoss
+from lightning_autobalance.core.losses import FocalLoss, GroupDROLoss, LDAMLoss
 from lightning_autobalance.models import NormedLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +171,8 @@ def test_checkpoint_of_a_loss_object_asks_for_it_and_loads_with_it(tmp_path) -> 
     model = _fit(ImbalancedClassifier("digits_net", 3, COUNTS, num_groups=2, loss=criterion), _data(groups=True))
     path = _checkpoint(model, tmp_path / "dro.ckpt")
     saved = torch.load(path, weights_only=True)  # plain data: the object is not pickled
-    assert saved["hyper_parameters"]["loss"] == "<loss object not saved: lightning_autobalance.losses.GroupDROLoss>"
+    expected = "<loss object not saved: lightning_autobalance.core.losses.GroupDROLoss>"
+    assert saved["hyper_parameters"]["loss"] == expected
     with pytest.raises(ValueError, match=r"built with a loss object.*load_from_checkpoint\(path, loss="):
         ImbalancedClassifier.load_from_checkpoint(path)
     loaded = ImbalancedClassifier.load_from_checkpoint(path, loss=GroupDROLoss(3, 2, step_size=0.5))
@@ -189,14 +190,15 @@ def test_checkpoint_of_a_named_loss_loads_alone(tmp_path) -> None:
 # ====================================================================== LightningCLI / jsonargparse
 def test_cli_takes_the_loss_as_a_class_path_and_checkpoints_rebuild_it(tmp_path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_autobalance.cli import AutoBalanceCLI
+    from lightning_autobalance.runner.cli import AutoBalanceCLI
 
     monkeypatch.setattr(sys, "argv", ["lightning-autobalance"])
     cli = AutoBalanceCLI(args=["--model.network", "digits_net", "--data", "LongTailDigits",
-                               "--model.loss", "lightning_autobalance.losses.FocalLoss", "--model.loss.gamma", "2.5",
+                               "--model.loss", "lightning_autobalance.core.losses.FocalLoss",
+                               "--model.loss.gamma", "2.5",
                                "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model.criterion, FocalLoss) and cli.model.criterion.gamma == 2.5
-    assert cli.model.hparams["loss"] == {"class_path": "lightning_autobalance.losses.FocalLoss",
+    assert cli.model.hparams["loss"] == {"class_path": "lightning_autobalance.core.losses.FocalLoss",
                                          "init_args": {"gamma": 2.5}}
     # with the CLI the hyperparameters hold the class_path, so load_from_checkpoint rebuilds the loss alone
     loaded = ImbalancedClassifier.load_from_checkpoint(_checkpoint(cli.model, tmp_path / "cli.ckpt"))

@@ -16,8 +16,8 @@ import yaml
 from conftest import load_script
 
 from lightning_autobalance import AutoBalanceCallback, Estimator
-from lightning_autobalance.cli import AutoBalanceCLI, UsageError, main
-from lightning_autobalance.losses import preset_tables
+from lightning_autobalance.core.losses import preset_tables
+from lightning_autobalance.runner.cli import AutoBalanceCLI, UsageError, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -123,7 +123,7 @@ def test_example_config_parses(name: str, capsys: pytest.CaptureFixture) -> None
         assert optimizer["class_path"] == "torch.optim.SGD"
         sgd = {key: optimizer["init_args"][key] for key in ("lr", "momentum", "weight_decay", "nesterov")}
         assert sgd == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
-        assert schedule["class_path"] == "lightning_autobalance.lr_schedule.WarmupDecayLR"
+        assert schedule["class_path"] == "lightning_autobalance.core.lr_schedule.WarmupDecayLR"
         assert schedule["init_args"] == {"schedule": "step", "warmup_epochs": 5, "milestones": [160, 180],
                                          "lr_decay": 0.1}
         assert (config["search_epochs"], config["retrain_epochs"]) == (300, 200)

@@ -121,7 +121,7 @@ def test_upper_loader_does_not_touch_global_rng() -> None:
 def test_upper_data_is_sharded_in_one_place() -> None:
     """The datamodule's upper loader does not shard; the callback's BatchStream gives each of 2 ranks its part of
     every pass (padded to equal lengths, as DistributedSampler does)."""
-    from lightning_autobalance.batch_stream import BatchStream
+    from lightning_autobalance.lightning.batch_stream import BatchStream
 
     dm = LongTailDigits(search_split=True, imbalance_ratio=10, upper_batch_size=4)
     n = len(dm.upper_dataset)

@@ -185,7 +185,7 @@ def test_a_search_fits_on_device_resident_digits(tmp_path: Path):
 
 def test_pipeline_on_a_device_resident_image_folder(tmp_path: Path):
     """The CIFAR-10-LT JPEG config through the CLI pipeline with device_resident (a tiny folder of PNGs)."""
-    from lightning_autobalance.cli import main
+    from lightning_autobalance.runner.cli import main
 
     rng = np.random.default_rng(0)
     from PIL import Image

@@ -17,10 +17,10 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
-from lightning_autobalance.callback import ONE_PHASE_HYPER_SHARE
-from lightning_autobalance.cli import main
 from lightning_autobalance.data import FoldInSampler, LongTailDigits, search_split
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
+from lightning_autobalance.lightning.callback import ONE_PHASE_HYPER_SHARE
+from lightning_autobalance.runner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,12 +17,12 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, ImbalancedClassifier, adjusted_cross_entropy, preset_tables
-from lightning_autobalance.cli import main
+from lightning_autobalance.core.losses import GroupDROLoss
+from lightning_autobalance.core.metrics import GroupErrors, group_report
 from lightning_autobalance.data import ColoredDigits, LongTailDigits
-from lightning_autobalance.losses import GroupDROLoss
-from lightning_autobalance.metrics import GroupErrors, group_report
 from lightning_autobalance.models import DigitsNet
-from lightning_autobalance.pipeline import run_pipeline
+from lightning_autobalance.runner.cli import main
+from lightning_autobalance.runner.pipeline import run_pipeline
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -359,7 +359,7 @@ def test_group_baselines_need_groups(tmp_path):
 def test_loss_plot_draws_every_group_row_against_its_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib.figure
 
-    from lightning_autobalance.pipeline import plot_loss
+    from lightning_autobalance.runner.pipeline import plot_loss
 
     cells = [[100, 6, 50], [5, 90, 40]]
     tables = preset_tables("la", cells)
@@ -386,7 +386,7 @@ def test_loss_plot_draws_every_group_row_against_its_cells(tmp_path: Path, monke
 def test_cell_index_is_the_row_major_flattening_of_a_g_by_k_table() -> None:
     """``cell_index`` numbers (group, class) cells as ``reshape(-1)`` of a ``G x K`` table does, for ints, NumPy
     arrays and tensors; the group datamodule's cell counts use it."""
-    from lightning_autobalance.cells import cell_index
+    from lightning_autobalance.core.cells import cell_index
 
     g, k = 3, 4
     table = torch.arange(g * k).view(g, k) * 10

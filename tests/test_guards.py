@@ -18,10 +18,10 @@ from conftest import crash_at
 from PIL import Image
 
 from lightning_autobalance import ImbalancedClassifier
-from lightning_autobalance.cli import _root_message, main
 from lightning_autobalance.data import LongTailDigits, LongTailImageFolder
-from lightning_autobalance.output_lock import OutputLock
-from lightning_autobalance.pipeline import PipelineSetupError, run_pipeline
+from lightning_autobalance.runner.cli import _root_message, main
+from lightning_autobalance.runner.output_lock import OutputLock
+from lightning_autobalance.runner.pipeline import PipelineSetupError, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_autobalance"
@@ -350,7 +350,7 @@ def test_no_preflight_message(tmp_path: Path, capsys: pytest.CaptureFixture, cap
 def test_the_search_fingerprint_tells_upper_objectives_apart() -> None:
     """An objective is a settings object (no hparams, not a dataclass): its name and arguments are recorded."""
     from lightning_autobalance import AutoBalanceCallback
-    from lightning_autobalance.fingerprint import callback_settings, changes
+    from lightning_autobalance.runner.fingerprint import callback_settings, changes
 
     balanced = callback_settings(AutoBalanceCallback(objective="balanced_ce"))
     assert changes(balanced, callback_settings(AutoBalanceCallback(objective="balanced_ce"))) == []

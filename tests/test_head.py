@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.head import (
+from lightning_autobalance.core.estimator import Estimator
+from lightning_autobalance.core.head import (
     FeatureMemory,
-    _augment,
-    _HeadProblem,
+    HeadProblem,
+    augment_features,
     find_head,
     head_hypergradient,
     head_parameters,
     solve_head,
 )
-from lightning_autobalance.hypergradient import Batch, hypergradient
-from lightning_autobalance.losses import LossTables, adjusted_cross_entropy
-from lightning_autobalance.parametrization import PerClass
+from lightning_autobalance.core.hypergradient import Batch, hypergradient
+from lightning_autobalance.core.losses import LossTables, adjusted_cross_entropy
+from lightning_autobalance.core.parametrization import PerClass
 
 K, D = 3, 4
 
@@ -86,10 +86,14 @@ def _lbfgs_head(x, y, tables, wd, bias=True):
     return t
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_head_hypergradient_matches_finite_differences_of_the_resolved_equilibrium(bias):
+@pytest.mark.parametrize(("bias", "search"), [(True, ("delta", "offset")), (False, ("delta", "offset")),
+                                              (True, ("delta", "offset", "weight"))],
+                         ids=["bias", "no-bias", "bias-weight"])
+def test_head_hypergradient_matches_finite_differences_of_the_resolved_equilibrium(bias, search):
+    """Every searched table, the weights included (a mixed term that detached the weight table would leave
+    the weight hypergradient wrong and pass a test that searched only delta and the offsets)."""
     x, y, xu, yu = _data()
-    param = PerClass([36, 9, 3], preset="la", search=("delta", "offset")).double()
+    param = PerClass([36, 9, 3], preset="la", search=search).double()
     alpha = {k: v.detach().clone() for k, v in param.alpha().items()}
     alpha = {k: v + 0.05 * torch.arange(v.numel(), dtype=v.dtype).view_as(v) for k, v in alpha.items()}  # off preset
     objective, wd = _balanced_ce([10, 10, 10]), 0.05
@@ -119,7 +123,7 @@ def test_head_hessian_is_autograds_and_the_kronecker_closed_form():
     param = PerClass([36, 9, 3], preset="vs", search=("delta", "offset")).double()
     tables = LossTables(*param.tables(param.alpha()))
     wd = 0.01
-    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, wd, K, None)
+    problem = HeadProblem(augment_features(x, True), y, None, tables, _train_loss, wd, K, None)
     theta = torch.randn(K * D + K, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     hessian = problem.hessian(theta)
     # autograd's dense Hessian of the flat loss (no structure used)
@@ -142,7 +146,7 @@ def test_head_hessian_is_autograds_and_the_kronecker_closed_form():
 def test_newton_reaches_the_equilibrium_and_cg_agrees_with_the_dense_solve():
     x, y, _, _ = _data(2)
     tables = LossTables(*PerClass([36, 9, 3], preset="la").double().tables(PerClass([36, 9, 3]).double().alpha()))
-    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, 0.02, K, None)
+    problem = HeadProblem(augment_features(x, True), y, None, tables, _train_loss, 0.02, K, None)
     start = torch.zeros(K * D + K, dtype=torch.float64)
     dense = solve_head(problem, start, steps=12)
     assert problem.gradient(dense).norm() < 1e-10
@@ -158,11 +162,11 @@ def test_newton_reaches_the_equilibrium_and_cg_agrees_with_the_dense_solve():
 def test_hessian_vector_products_without_blocks_match_the_dense_hessian(monkeypatch):
     """The product by a Jacobian-vector product of the logits' gradient (used when N K^2 is large) equals the product
     with the per-sample blocks and with autograd's dense Hessian; the iterative solve agrees either way."""
-    import lightning_autobalance.head as head_module
+    import lightning_autobalance.core.head as head_module
 
     x, y, _, _ = _data(3)
     tables = LossTables(*PerClass([36, 9, 3], preset="la").double().tables(PerClass([36, 9, 3]).double().alpha()))
-    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, 0.02, K, None)
+    problem = HeadProblem(augment_features(x, True), y, None, tables, _train_loss, 0.02, K, None)
     theta = torch.randn(K * D + K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     vec = torch.randn_like(theta)
     dense = torch.autograd.functional.hessian(problem.loss, theta) @ vec
@@ -193,7 +197,7 @@ def test_through_hypergradient_equals_the_functional_core_on_the_network_feature
     xu, yu = torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % K
     objective = _balanced_ce([4, 4, 4])
     est = Estimator(method="head", weight_decay=0.03, head_memory=0, head_steps=20)
-    from lightning_autobalance.hypergradient import FunctionalModel
+    from lightning_autobalance.core.hypergradient import FunctionalModel
 
     fmodel = FunctionalModel(net)
     for _ in range(2):  # head_memory=0: every call sees its own batches only, not the previous call's
@@ -220,7 +224,7 @@ def test_feature_memory_keeps_the_newest_rows_and_solves_on_all_of_them():
     torch.manual_seed(1)
     net = _Net().double()
     param = PerClass([40, 8, 2], preset="la").double()
-    from lightning_autobalance.hypergradient import FunctionalModel
+    from lightning_autobalance.core.hypergradient import FunctionalModel
 
     fmodel = FunctionalModel(net)
     objective = _balanced_ce([4, 4, 4])
@@ -270,6 +274,22 @@ def test_newton_converges_to_rounding_not_to_the_resolution_of_its_line_search()
         for t in param.alpha().values():
             t.normal_(0, 0.2, generator=gen)
         tables = LossTables(*param.tables(param.alpha()))
-    problem = _HeadProblem(_augment(x, True), y, None, tables, _train_loss, 0.05, K, None)
+    problem = HeadProblem(augment_features(x, True), y, None, tables, _train_loss, 0.05, K, None)
     theta = solve_head(problem, torch.zeros(K * 9, dtype=torch.float64), 30)
     assert float(problem.gradient(theta).norm()) < 1e-14
+
+
+def test_the_residual_tells_an_unconverged_solve_from_a_converged_one():
+    """``HeadResult.residual``: the head's training gradient relative to ``lambda ||theta||`` at the solution
+    returned. One Newton step from zero under weak weight decay is far from the equilibrium; thirty reach rounding."""
+    x, y, xu, yu = _data()
+    param = PerClass([36, 9, 3], preset="la", search=("offset",)).double()
+
+    def residual(steps: int) -> float:
+        res = head_hypergradient(x, y, None, xu, yu, None, param.alpha(), param.tables, _train_loss,
+                                 _balanced_ce([10, 10, 10]), torch.zeros(K * D + K, dtype=torch.float64), K, True,
+                                 1e-4, steps=steps)
+        return float(res.residual)
+
+    assert residual(1) > 1e-3
+    assert residual(30) < 1e-9

@@ -1,4 +1,4 @@
-"""The held-back check (lightning_autobalance/guard.py, UpperData(holdout=...), the callback's check).
+"""The held-back check (lightning_autobalance/lightning/check.py, UpperData(holdout=...), the callback's check).
 
 References are independent: the heads' equilibria are re-solved with L-BFGS and autograd Newton (tests/test_head.py's
 solver, not the one under test); the split is checked by counting.
@@ -14,9 +14,9 @@ from test_head import _balanced_ce, _data, _lbfgs_head, _linear, _train_loss
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, UpperData
-from lightning_autobalance.batch_stream import BatchStream, ShardSampler
-from lightning_autobalance.guard import CheckResult, compare_losses, head_weight_decay, holdout_split
-from lightning_autobalance.losses import LossTables
+from lightning_autobalance.core.losses import LossTables
+from lightning_autobalance.lightning.batch_stream import BatchStream, ShardSampler
+from lightning_autobalance.lightning.check import CheckResult, compare_losses, head_weight_decay, holdout_split
 
 K = 3
 
@@ -246,7 +246,7 @@ def test_holdout_zero_holds_nothing_back():
 
 
 def test_read_features_reads_the_head_inputs_in_eval_mode_and_stops_at_max_rows():
-    from lightning_autobalance.guard import read_features
+    from lightning_autobalance.lightning.check import read_features
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Dropout(0.5), torch.nn.Linear(5, 3))
     net.train()

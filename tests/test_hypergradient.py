@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.hypergradient import (
+from lightning_autobalance.core.estimator import Estimator
+from lightning_autobalance.core.hypergradient import (
     Batch,
     FunctionalModel,
     conjugate_gradient,
@@ -24,8 +24,8 @@ from lightning_autobalance.hypergradient import (
     mixed_term,
     neumann_series,
 )
-from lightning_autobalance.losses import adjusted_cross_entropy
-from lightning_autobalance.parametrization import Hierarchical, PerClass
+from lightning_autobalance.core.losses import adjusted_cross_entropy
+from lightning_autobalance.core.parametrization import Hierarchical, PerClass
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -395,14 +395,17 @@ def test_bad_settings_raise():
 
 
 def test_a_method_added_to_the_registry_is_accepted_everywhere(monkeypatch):
-    """A new method is one entry of ``SOLVERS``: ``Estimator`` accepts its name and ``hypergradient`` runs it.
-    Here ``p = v`` (the curvature taken as the identity), which must equal one-step Neumann with ``eta = 1``."""
+    """A new method is one entry of ``SOLVERS`` returning a ``Solution``: ``Estimator`` accepts its name and
+    ``hypergradient`` runs it. Here ``p = v`` (the curvature taken as the identity), which must equal one-step Neumann
+    with ``eta = 1``."""
     import importlib
 
-    hg = importlib.import_module("lightning_autobalance.hypergradient")  # the module (the package exports the function)
+    # the module (the package exports the function)
+    hg = importlib.import_module("lightning_autobalance.core.hypergradient")
+    from lightning_autobalance.core.solvers import from_direction
 
     def identity(problem):
-        return problem.upper_gradient()
+        return from_direction(problem, *problem.upper_gradient())
 
     monkeypatch.setitem(hg.SOLVERS, "identity", identity)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lightning_autobalance.losses import (
+from lightning_autobalance.core.losses import (
     LOSS_FILE_FORMAT,
     PRESETS,
     AdjustedCrossEntropy,

@@ -13,9 +13,9 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_autobalance.losses import AdjustedCrossEntropy
-from lightning_autobalance.mixin import AutoBalanceMixin, unpack_batch
-from lightning_autobalance.parametrization import DatasetDependent, FrequencyGroups, PerClass
+from lightning_autobalance.core.losses import AdjustedCrossEntropy
+from lightning_autobalance.core.parametrization import DatasetDependent, FrequencyGroups, PerClass
+from lightning_autobalance.lightning.mixin import AutoBalanceMixin, unpack_batch
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -450,7 +450,7 @@ def test_loaded_loss_rebuilds_the_preset_on_the_new_class_counts(tmp_path):
     torch.testing.assert_close(got.offset - got.offset.mean(), expected - expected.mean(), rtol=0, atol=1e-5)
     torch.testing.assert_close(got.weight, src.autobalance.tables().weight, rtol=0, atol=1e-6)
     # A file without the free values (absolute tables only) is taken as it is.
-    from lightning_autobalance.losses import save_loss_tables
+    from lightning_autobalance.core.losses import save_loss_tables
 
     plain = save_loss_tables(tmp_path / "plain.json", src.autobalance.tables())
     dst.load_loss(plain)

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from lightning_autobalance.hypergradient import FunctionalModel
+from lightning_autobalance.core.hypergradient import FunctionalModel
 from lightning_autobalance.models import (
     NETWORK_NAMES,
     BasicBlockA,
@@ -31,7 +31,7 @@ Params = dict[str, torch.Tensor]
 
 def _logits_fn(model: nn.Module, x: torch.Tensor) -> Callable[[Params], torch.Tensor]:
     """Logits as a function of the parameters only, through the package's own
-    :class:`~lightning_autobalance.hypergradient.FunctionalModel` (the one the hyper step uses): buffers are cloned
+    :class:`~lightning_autobalance.core.hypergradient.FunctionalModel` (the one the hyper step uses): buffers are cloned
     on every call, so train-mode BatchNorm updates the clones, not the module."""
     fmodel = FunctionalModel(model)
     return lambda params: fmodel(params, x)
@@ -401,7 +401,7 @@ def test_classifier_schedule_is_the_papers_recipe(schedule, warmup, milestones, 
     import functools
 
     from lightning_autobalance import ImbalancedClassifier
-    from lightning_autobalance.lr_schedule import WarmupDecayLR
+    from lightning_autobalance.core.lr_schedule import WarmupDecayLR
 
     kwargs = {}
     if lr is not None:
@@ -462,7 +462,7 @@ def test_classifier_other_schedulers_step_every_epoch() -> None:
     ({"lr_scheduler": 3}, "lr_scheduler must be a callable"),
     ({"optimizer": lambda params: torch.optim.SGD(params, lr=-1.0)}, "optimizer: Invalid learning rate"),
     ({"optimizer": lambda params: list(params)}, "must return a torch.optim.Optimizer"),
-    ({"lr_scheduler": lambda opt: __import__("lightning_autobalance.lr_schedule", fromlist=["_"]).WarmupDecayLR(
+    ({"lr_scheduler": lambda opt: __import__("lightning_autobalance.core.lr_schedule", fromlist=["_"]).WarmupDecayLR(
         opt, schedule="linear")}, "lr_scheduler: schedule must be"),
 ])
 def test_classifier_checks_optimisation_at_construction(kwargs: dict, match: str) -> None:
@@ -481,7 +481,7 @@ def test_classifier_checks_optimisation_at_construction(kwargs: dict, match: str
     ({"milestones": [3, -1]}, "milestones must be"),
 ])
 def test_warmup_decay_checks_its_arguments(kwargs: dict, match: str) -> None:
-    from lightning_autobalance.lr_schedule import WarmupDecayLR
+    from lightning_autobalance.core.lr_schedule import WarmupDecayLR
 
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=match):
@@ -490,7 +490,7 @@ def test_warmup_decay_checks_its_arguments(kwargs: dict, match: str) -> None:
 
 def test_warmup_decay_state_is_plain_and_resumes(tmp_path) -> None:
     """The scheduler's state (run length included) loads with ``weights_only=True`` and resumes the same rates."""
-    from lightning_autobalance.lr_schedule import WarmupDecayLR
+    from lightning_autobalance.core.lr_schedule import WarmupDecayLR
 
     def fresh() -> tuple[torch.optim.Optimizer, WarmupDecayLR]:
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)

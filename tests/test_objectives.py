@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_autobalance.objectives import (
+from lightning_autobalance.core.objectives import (
     OBJECTIVES,
     BalancedCrossEntropy,
     BlendedObjective,
@@ -24,7 +24,7 @@ from lightning_autobalance.objectives import (
     equal_opportunity_gap,
     worst_group_loss,
 )
-from lightning_autobalance.reduce import Reducer
+from lightning_autobalance.core.reduce import Reducer
 
 DT = torch.float64
 K, G, N = 3, 2, 48

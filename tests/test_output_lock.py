@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_autobalance.output_lock import OutputFolderInUse, OutputLock
+from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
 
 PROCESSES = 8
 TRIALS = 20
@@ -76,7 +76,7 @@ def test_exactly_one_of_many_concurrent_acquirers_holds_the_lock(kind: str, tmp_
 
 def test_a_killed_holder_releases_the_lock(tmp_path: Path) -> None:
     """A holder killed with SIGKILL cannot clean up; its lock is free at once and the next run takes it over."""
-    script = (f"from lightning_autobalance.output_lock import OutputLock; import time; "
+    script = (f"from lightning_autobalance.runner.output_lock import OutputLock; import time; "
               f"OutputLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

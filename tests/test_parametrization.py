@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_autobalance.losses import LossTables
-from lightning_autobalance.parametrization import (
+from lightning_autobalance.core.losses import LossTables
+from lightning_autobalance.core.parametrization import (
     DatasetDependent,
     FrequencyGroups,
     LossParametrization,

@@ -1,7 +1,7 @@
 """End-to-end tests of ``lightning-autobalance pipeline``: search -> export -> retrain -> baselines -> results.
 
 Tiny settings (Digits-LT, 3 epochs, a hyper step every 2 optimizer steps from the first), run in-process through
-``lightning_autobalance.cli.main``.
+``lightning_autobalance.runner.cli.main``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import yaml
 from conftest import crash_at
 from test_data_modules import _fake_cifar10  # the fake CIFAR-10 release of the datamodule tests
 
-from lightning_autobalance.cli import main
-from lightning_autobalance.losses import load_loss_tables
+from lightning_autobalance.core.losses import load_loss_tables
+from lightning_autobalance.runner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits_lt.yaml")

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
-from lightning_autobalance.hypergradient import Batch, hypergradient
-from lightning_autobalance.objectives import BalancedCrossEntropy
+from lightning_autobalance.core.hypergradient import Batch, hypergradient
+from lightning_autobalance.core.objectives import BalancedCrossEntropy
 
 COUNTS = [120, 40, 12]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

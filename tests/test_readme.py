@@ -146,7 +146,7 @@ def _tiny_quality(words: list[str], tmp: Path, data: dict[str, Path]) -> list[st
 
 
 def _cli_main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_autobalance.cli import main
+    from lightning_autobalance.runner.cli import main
 
     monkeypatch.setattr("sys.argv", ["lightning-autobalance"])
     if "--help" in argv:

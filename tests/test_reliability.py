@@ -15,10 +15,10 @@ import yaml
 from conftest import crash_at
 from PIL import Image
 
-from lightning_autobalance.cli import main
+from lightning_autobalance.core.losses import load_loss_tables
 from lightning_autobalance.data import LongTailImageFolder
-from lightning_autobalance.losses import load_loss_tables
-from lightning_autobalance.output_lock import OutputFolderInUse, OutputLock
+from lightning_autobalance.runner.cli import main
+from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits_lt.yaml")

@@ -399,8 +399,8 @@ class LongTailDataModule(pl.LightningDataModule):
         upper batches never touches the global random state.
 
         It does not shard: under several processes the consumer shards (the callback's
-        :class:`~lightning_autobalance.batch_stream.BatchStream` gives every rank its own part of each pass, the one
-        sharding path of the package).
+        :class:`~lightning_autobalance.lightning.batch_stream.BatchStream` gives every rank its own part of each pass,
+        the one sharding path of the package).
 
         Raises:
             RuntimeError: ``search_split`` is False.

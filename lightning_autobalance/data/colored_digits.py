@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from lightning_autobalance.cells import cell_index
+from lightning_autobalance.core.cells import cell_index
 from lightning_autobalance.data import profiles
 from lightning_autobalance.data._checks import check_bool, check_choice, check_int, check_real
 from lightning_autobalance.data.base import LongTailDataModule

@@ -4,8 +4,8 @@ An :class:`UpperData` holds the settings (where to look, an explicit dataloader,
 batches); at the start of a fit :meth:`UpperData.setup` finds the loader (the datamodule's or the module's
 ``upper_dataloader()``, the one given, or the validation data), checks that every process has batches, learns the
 upper counts per class (and per (group, class) cell when the batches carry groups) and the label of every sample,
-and opens its :class:`~lightning_autobalance.batch_stream.BatchStream` once. With ``holdout`` it keeps part of the
-upper data away from the stream for the held-back check (:mod:`lightning_autobalance.guard`).
+and opens its :class:`~lightning_autobalance.lightning.batch_stream.BatchStream` once. With ``holdout`` it keeps part
+of the upper data away from the stream for the held-back check (:mod:`lightning_autobalance.lightning.check`).
 
 This is the callback's side of the data: it reads the Trainer (its datamodule, its validation loader, its
 strategy's ``all_gather``).
@@ -25,10 +25,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lightning_autobalance.batch_stream import BatchStream, map_style, why_not_resampled
-from lightning_autobalance.cells import cell_index
-from lightning_autobalance.coerce import coerce_value
-from lightning_autobalance.guard import holdout_split
+from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.coerce import coerce_value
+from lightning_autobalance.lightning.batch_stream import BatchStream, map_style, why_not_resampled
+from lightning_autobalance.lightning.check import holdout_split
 
 __all__ = ["AUTO_HOLDOUT", "UpperData", "UpperSource", "preserve_random_state"]
 
@@ -73,8 +73,8 @@ class UpperData:
             classes equally) when the upper split is larger than one batch and its batches carry no groups.
         holdout: the share of the upper data held back from the search (stratified per class, or per (group,
             class) cell; a class with one sample stays in the search) for the callback's held-back check, which keeps
-            the found loss only when it beats its start there (:mod:`lightning_autobalance.guard`). ``None`` (the
-            default): :data:`AUTO_HOLDOUT` where the check can run (a map-style upper dataset with a plain batch
+            the found loss only when it beats its start there (:mod:`lightning_autobalance.lightning.check`). ``None``
+            (the default): :data:`AUTO_HOLDOUT` where the check can run (a map-style upper dataset with a plain batch
             size, a class with two upper samples, an ``nn.Linear`` head), else nothing held back, with a message.
             ``0``: no check. A share given explicitly is an error where the check cannot run.
 

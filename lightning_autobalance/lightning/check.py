@@ -8,8 +8,8 @@ when it wins; otherwise the loss goes back to where it started. So a search can 
 worse than its start by more than the check's own error.
 
 Each of the two heads is the equilibrium of the head's strongly convex training problem under weight decay
-(:func:`~lightning_autobalance.head.solve_head`, Newton's method from the network's own head) on the features of the
-training data; both are scored with the upper objective on the held-back features. Only the last layer responds to
+(:func:`~lightning_autobalance.core.head.solve_head`, Newton's method from the network's own head) on the features of
+the training data; both are scored with the upper objective on the held-back features. Only the last layer responds to
 the loss here: the check is about the loss's effect where it acts most directly, at the cost of a forward pass over
 the training data and a few small solves, and it knows nothing of Lightning.
 
@@ -28,17 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_autobalance.cells import cell_index
-from lightning_autobalance.head import (
-    _augment,
-    _HeadProblem,
+from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.head import (
+    HeadProblem,
+    augment_features,
     find_head,
     head_parameters,
     head_weight_decay,
     optimizer_head_weight_decay,
     solve_head,
 )
-from lightning_autobalance.losses import LossTables
+from lightning_autobalance.core.losses import LossTables
 
 __all__ = ["CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split",
            "read_features"]
@@ -171,7 +171,7 @@ def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
     """The upper objective on the check samples at the head's equilibrium under each loss of ``tables``.
 
     For every entry of ``tables`` the head ``theta = (W, b)`` is trained to its equilibrium on the training
-    features (``steps`` Newton steps of :func:`~lightning_autobalance.head.solve_head` from ``theta``, weight decay
+    features (``steps`` Newton steps of :func:`~lightning_autobalance.core.head.solve_head` from ``theta``, weight decay
     ``weight_decay > 0``) and scored with ``objective`` on ``check_features``. Computed in float64.
 
     Args:
@@ -180,12 +180,13 @@ def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
         tables: the losses compared (e.g. ``[start, found]``).
         train_loss: ``train_loss(logits, target, group, tables) -> scalar`` (a sum of per-sample terms).
         objective: ``objective(logits, target, group) -> scalar``.
-        theta: the starting head, flat: ``K`` rows ``(w_k, b_k)`` (:func:`~lightning_autobalance.head.head_parameters`).
+        theta: the starting head, flat: ``K`` rows ``(w_k, b_k)``
+            (:func:`~lightning_autobalance.core.head.head_parameters`).
         num_classes: ``K``.
         bias: whether each row of ``theta`` ends with the class's bias.
         weight_decay: the head's L2 coefficient, ``> 0`` (the model optimizer's).
         steps: Newton steps per loss.
-        dense_limit, cg_iterations: as in :func:`~lightning_autobalance.head.solve_head`.
+        dense_limit, cg_iterations: as in :func:`~lightning_autobalance.core.head.solve_head`.
 
     Returns:
         One scalar tensor per entry of ``tables``.
@@ -193,13 +194,13 @@ def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
     if not weight_decay > 0:
         raise ValueError(f"The held-back check needs weight_decay > 0 (the model optimizer's weight decay, which makes "
                          f"the head's equilibrium exist); got {weight_decay}.")
-    x = _augment(features.detach().to(torch.float64), bias)
-    check = _augment(check_features.detach().to(torch.float64), bias)
+    x = augment_features(features.detach().to(torch.float64), bias)
+    check = augment_features(check_features.detach().to(torch.float64), bias)
     values = []
     with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # solved in float64 in any context
         for table in tables:
             wide = LossTables(*(t.detach().to(torch.float64) for t in table))
-            problem = _HeadProblem(x, target, group, wide, train_loss, float(weight_decay), num_classes, None)
+            problem = HeadProblem(x, target, group, wide, train_loss, float(weight_decay), num_classes, None)
             head = solve_head(problem, theta.detach().to(torch.float64), steps, dense_limit, cg_iterations)
             logits = check @ head.view(num_classes, -1).T
             values.append(objective(logits, check_target, check_group).detach())

@@ -24,10 +24,10 @@ from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from lightning_autobalance.callback import AutoBalanceCallback
-from lightning_autobalance.classifier import ImbalancedClassifier
 from lightning_autobalance.data.base import LongTailDataModule
-from lightning_autobalance.pipeline import AutoBalanceTrainer, PipelineSetupError
+from lightning_autobalance.lightning.callback import AutoBalanceCallback
+from lightning_autobalance.lightning.classifier import ImbalancedClassifier
+from lightning_autobalance.runner.pipeline import AutoBalanceTrainer, PipelineSetupError
 
 __all__ = ["AutoBalanceCLI", "UsageError", "main"]
 
@@ -37,7 +37,7 @@ class AutoBalanceCLI(LightningCLI):
 
     The datamodule's ``num_classes`` and ``class_counts`` (and, for a group datamodule, ``num_groups`` and
     ``group_counts``) are linked into the model, and the ``pipeline``
-    subcommand runs :meth:`~lightning_autobalance.pipeline.AutoBalanceTrainer.pipeline`.
+    subcommand runs :meth:`~lightning_autobalance.runner.pipeline.AutoBalanceTrainer.pipeline`.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -95,7 +95,8 @@ class AutoBalanceCLI(LightningCLI):
                 raise ValueError(f"`pipeline` does not take {' or '.join('--' + k for k in given)}: it builds a "
                                  "new model for every stage from the `model` arguments. Set them there: "
                                  "model.optimizer and model.lr_scheduler, each a class_path (such as "
-                                 "torch.optim.AdamW, lightning_autobalance.lr_schedule.WarmupDecayLR) with init_args.")
+                                 "torch.optim.AdamW, lightning_autobalance.core.lr_schedule.WarmupDecayLR) with "
+                                 "init_args.")
             return
         super()._add_configure_optimizers_method_to_model(subcommand)
 

@@ -1,7 +1,7 @@
 """Parametrisations of the loss parameters ``alpha`` that AutoBalance searches.
 
 A parametrisation maps a few free tensors (``alpha``) to the ``(delta, offset, weight)`` tables of
-:mod:`lightning_autobalance.losses`. The shapes offered:
+:mod:`lightning_autobalance.core.losses`. The shapes offered:
 
 * :class:`PerClass`: one free value per class (per class and group with ``num_groups > 1``);
 * :class:`FrequencyGroups`: classes sorted by count share one value per bin of ``group_size`` classes (any
@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_autobalance.losses import LossTables, as_count_table, preset_tables, resolve_preset
+from lightning_autobalance.core.losses import LossTables, as_count_table, preset_tables, resolve_preset
 
 __all__ = [
     "SEARCHABLE",
@@ -65,7 +65,7 @@ class LossParametrization(nn.Module):
 
     Args:
         class_counts: ``K`` training counts per class, or a ``G x K`` table per (group, class).
-        preset: the preset the search starts from (see :func:`~lightning_autobalance.losses.preset_tables`).
+        preset: the preset the search starts from (see :func:`~lightning_autobalance.core.losses.preset_tables`).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` are searched; the others stay at the preset.
         num_groups: number of sensitive groups ``G`` (rows of the tables); default from ``class_counts``.
         preset_kwargs: extra arguments of the preset (``tau``, ``gamma``, ``beta``).

@@ -1,7 +1,7 @@
 """Fingerprints of pipeline stages: what determines a stage's result, in a form that can be saved and compared.
 
-A stage of :func:`~lightning_autobalance.pipeline.run_pipeline` writes ``fingerprint.json`` into its folder before
-it trains: the library version, the seed, the model's and the datamodule's arguments for that stage, the class
+A stage of :func:`~lightning_autobalance.runner.pipeline.run_pipeline` writes ``fingerprint.json`` into its folder
+before it trains: the library version, the seed, the model's and the datamodule's arguments for that stage, the class
 counts of the data, the trainer arguments that change training, the number of epochs, for a search the
 ``AutoBalanceCallback``'s settings, and for a retraining a digest of the loss file it trains with. A rerun builds the
 fingerprint again and compares: equal means skip (finished) or resume (unfinished), different means the folder holds

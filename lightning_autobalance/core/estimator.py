@@ -1,41 +1,36 @@
 """``Estimator``: how a hypergradient is estimated, as one value.
 
-The same frozen dataclass configures :func:`~lightning_autobalance.hypergradient.hypergradient` and
+The same frozen dataclass configures :func:`~lightning_autobalance.core.hypergradient.hypergradient` and
 :class:`~lightning_autobalance.AutoBalanceCallback` (its ``estimator`` argument), and reads from YAML as a nested
 group (``estimator: {method: cg, cg_iterations: 10}``). It is validated here, once, at construction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
-from lightning_autobalance.coerce import coerce_value
+from torch import nn
 
-__all__ = ["CURVATURES", "PRODUCTS", "SOLVERS", "Curvature", "Estimator", "ProductMode"]
+from lightning_autobalance.core.coerce import coerce_value
+from lightning_autobalance.core.head import optimizer_head_weight_decay
+from lightning_autobalance.core.problem import CURVATURES, PRODUCTS, Curvature, ProductMode
+from lightning_autobalance.core.solvers import SOLVERS
 
-Curvature = Literal["gauss_newton", "hessian"]
-ProductMode = Literal["difference", "jvp", "auto"]
-CURVATURES = ("gauss_newton", "hessian")
-PRODUCTS = ("difference", "jvp")
-
-#: The hypergradient methods by name: :mod:`lightning_autobalance.hypergradient` fills it with its solvers (the same
-#: dict is ``hypergradient.SOLVERS``, where a new method is added), and :class:`Estimator` accepts every name in it.
-#: It lives here so that this module imports nothing of the hypergradient (no import cycle).
-SOLVERS: dict[str, Callable[..., Any]] = {}
+__all__ = ["CURVATURES", "PRODUCTS", "SOLVERS", "Curvature", "Estimator", "ProductMode", "with_head_weight_decay"]
 
 
 @dataclass(frozen=True)
 class Estimator:
-    """The hypergradient estimate (see :mod:`lightning_autobalance.hypergradient` for the mathematics).
+    """The hypergradient estimate (see :mod:`lightning_autobalance.core.hypergradient` for the mathematics).
 
     Attributes:
         method: ``"neumann"`` (``p = eta sum_{j<=terms} (I - eta H)^j v``), ``"cg"`` (conjugate gradient on
             ``(H + damping I) p = v``) or ``"unroll"`` (the exact derivative of one virtual SGD step of size
             ``eta``), ``"head"`` (the implicit hypergradient of the classifier head solved to its equilibrium on
-            recent features, :mod:`lightning_autobalance.head`: the response of the trained head, not of one step);
-            any name of :data:`lightning_autobalance.hypergradient.SOLVERS` (where a new method is added).
+            recent features, :mod:`lightning_autobalance.core.head`: the response of the trained head, not of one step);
+            any name of :data:`lightning_autobalance.core.solvers.SOLVERS` (where a new method is added).
         eta: the Neumann step / virtual SGD step, ``> 0``.
         terms: Neumann terms beyond the first, ``>= 0`` (``0``: the one-step hypergradient; the paper uses 5
             with ``eta=1``).
@@ -111,3 +106,31 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
             ValueError: for another type, a key that is not a field, or a bad setting.
         """
         return coerce_value(cls, value, "estimator", (f.name for f in fields(cls)))
+
+
+def with_head_weight_decay(estimator: Estimator, module: nn.Module,
+                           param_groups: Iterable[dict[str, Any]]) -> tuple[Estimator, str | None]:
+    """For the ``"head"`` method, ``estimator`` with the head's weight decay read from the model optimizer when it
+    gives none (``weight_decay=0``), and a warning when the one it gives differs from the optimizer's (the head's
+    equilibrium is then not the one training approaches). Other methods are returned unchanged.
+
+    Raises:
+        ValueError: when the ``"head"`` method has no weight decay from either: the head's equilibrium would not
+            exist. Called before any training time is spent.
+    """
+    if estimator.method != "head":
+        return estimator, None
+    name, found = optimizer_head_weight_decay(module, param_groups, estimator.head)
+    if estimator.weight_decay:
+        if found is not None and found != estimator.weight_decay:
+            return estimator, (f"Estimator(method='head', weight_decay={estimator.weight_decay}) differs from the "
+                               f"weight decay {found} that the model optimizer applies to the head {name!r}: the "
+                               "hypergradient is taken at an equilibrium training does not approach."
+                               + (" Leave weight_decay unset (0) to use the optimizer's." if found else ""))
+        return estimator, None
+    if not found:
+        where = "holds no parameter group with it" if found is None else "gives it weight_decay 0"
+        raise ValueError(f"Estimator(method='head') needs weight decay on the classifier head {name!r} (it makes the "
+                         f"head's equilibrium exist), and the model optimizer {where}: give the optimizer "
+                         "weight_decay > 0 for the head, or set Estimator(weight_decay=...).")
+    return replace(estimator, weight_decay=found), None

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_autobalance.hyper_optimizer import HyperOptimizer, LrSchedule, SchedulerCallable
-from lightning_autobalance.objectives import UpperObjective
-from lightning_autobalance.schedule import Schedule
-from lightning_autobalance.upper_data import UpperData, UpperSource
+from lightning_autobalance.core.objectives import UpperObjective
+from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer, LrSchedule, SchedulerCallable
+from lightning_autobalance.lightning.schedule import Schedule
+from lightning_autobalance.lightning.upper_data import UpperData, UpperSource
 
 __all__ = ["callback_values", "flat_settings", "settings_value"]
 

@@ -1,7 +1,7 @@
 """``Reducer``: how tensors are combined over the processes of a run, as one value.
 
 The hypergradient (every linear piece is averaged), the per-unit upper objectives (their per-unit loss sums and
-counts are summed) and :class:`~lightning_autobalance.losses.GroupDROLoss` (the same sums during training) all take
+counts are summed) and :class:`~lightning_autobalance.core.losses.GroupDROLoss` (the same sums during training) all take
 one :class:`Reducer`, passed to them explicitly. One process needs none (``Reducer()`` is the identity).
 :class:`~lightning_autobalance.AutoBalanceCallback` builds one from the Lightning strategy
 (:meth:`Reducer.from_strategy`); plain ``torch.distributed`` code uses :meth:`Reducer.torch_distributed`, which reads
@@ -32,7 +32,7 @@ class Reducer:
         mean: ``mean(t) -> tensor``, the mean over the processes (default: ``sum(t) / world_size``).
 
     A reducer is also a callable: ``reducer(t)`` is ``reducer.mean(t)``, the form that
-    :func:`~lightning_autobalance.hypergradient.hypergradient` takes as ``reduce``.
+    :func:`~lightning_autobalance.core.hypergradient.hypergradient` takes as ``reduce``.
 
     Example:
         >>> r = Reducer()  # one process

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_autobalance.cells import cell_index
-from lightning_autobalance.reduce import Reducer
+from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.reduce import Reducer
 
 __all__ = [
     "PRESETS",
@@ -578,7 +578,7 @@ def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int,
         losses: per-sample losses ``(N,)``.
         index: unit of every sample ``(N,)`` in ``[0, num_units)``.
         num_units: number of units.
-        reducer: a :class:`~lightning_autobalance.reduce.Reducer`; ``None`` for this process only.
+        reducer: a :class:`~lightning_autobalance.core.reduce.Reducer`; ``None`` for this process only.
 
     Returns:
         ``(means, present)``: ``means[j]`` is the mean over the samples of unit ``j`` (0 where it has none) and
@@ -609,8 +609,8 @@ class GroupDROLoss(nn.Module):
     (``C / sqrt(n_g)``) is applied. ``q`` is a buffer (checkpointed).
 
     With a ``reducer`` over several processes (the default, :meth:`Reducer.torch_distributed
-    <lightning_autobalance.reduce.Reducer.torch_distributed>`, sums over the ``torch.distributed`` group when one is
-    initialised, as under DDP), a training call sums the per-unit loss sums and counts over the processes (one
+    <lightning_autobalance.core.reduce.Reducer.torch_distributed>`, sums over the ``torch.distributed`` group when one
+    is initialised, as under DDP), a training call sums the per-unit loss sums and counts over the processes (one
     collective call, so every process must make the same training calls): ``q`` moves by the
     unit losses of the union of the batches and stays identical on every process, and the loss's gradient is
     scaled so that DDP's average over processes is the gradient of ``sum_j q_j L_j`` on the union.
@@ -621,7 +621,7 @@ class GroupDROLoss(nn.Module):
         step_size: ``eta_q`` of the exponentiated-gradient step on ``q`` (the paper uses 0.01).
         over: ``"cell"``, ``"group"`` or ``"class"``.
         reducer: combines the per-unit statistics over processes during training
-            (:class:`~lightning_autobalance.reduce.Reducer`; default: the ``torch.distributed`` group, if any).
+            (:class:`~lightning_autobalance.core.reduce.Reducer`; default: the ``torch.distributed`` group, if any).
 
     Example:
         >>> criterion = GroupDROLoss(num_classes=2, num_groups=2)
@@ -634,7 +634,7 @@ class GroupDROLoss(nn.Module):
                  over: Literal["cell", "group", "class"] = "cell", reducer: Reducer | None = None) -> None:
         super().__init__()
         if reducer is not None and not isinstance(reducer, Reducer):
-            raise ValueError(f"reducer must be a lightning_autobalance.reduce.Reducer or None; got "
+            raise ValueError(f"reducer must be a lightning_autobalance.core.reduce.Reducer or None; got "
                              f"{type(reducer).__name__}.")
         self.reducer = reducer if reducer is not None else Reducer.torch_distributed()
         if num_classes < 1 or num_groups < 1:

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from typing_extensions import override
 
+from lightning_autobalance.core.losses import FocalLoss, GroupDROLoss, LDAMLoss, Reduction
+from lightning_autobalance.core.lr_schedule import WarmupDecayLR
+from lightning_autobalance.core.metrics import GroupErrors
+from lightning_autobalance.core.parametrization import ParametrizationKind
 from lightning_autobalance.data.profiles import head_medium_tail
-from lightning_autobalance.losses import FocalLoss, GroupDROLoss, LDAMLoss, Reduction
-from lightning_autobalance.lr_schedule import WarmupDecayLR
-from lightning_autobalance.metrics import GroupErrors
-from lightning_autobalance.mixin import AutoBalanceMixin
+from lightning_autobalance.lightning.mixin import AutoBalanceMixin
 from lightning_autobalance.models import NormedLinear, build_network
-from lightning_autobalance.parametrization import ParametrizationKind
 
 __all__ = ["ImbalancedClassifier"]
 
@@ -38,7 +38,7 @@ _UNSAVED_LOSS = "<loss object not saved: "
 def _check_loss(loss: Any, num_classes: int, num_groups: int | None) -> None:
     """Validates ``loss``: one of the names, or a criterion ``(logits, target, group) -> scalar`` that fits the
     classes and groups of the model (for the package's own :class:`LDAMLoss` and :class:`GroupDROLoss`)."""
-    example = "e.g. lightning_autobalance.losses.FocalLoss(gamma=2.0)"
+    example = "e.g. lightning_autobalance.core.losses.FocalLoss(gamma=2.0)"
     if isinstance(loss, str):
         if loss.startswith(_UNSAVED_LOSS):
             raise ValueError(f"loss={loss!r}: this model was built with a loss object, which its hyperparameters (and "
@@ -108,7 +108,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
     and group metrics.
 
     The optimiser and schedule are LightningCLI callables (``class_path`` plus ``init_args`` in YAML); by default
-    SGD (``lr=0.1, momentum=0.9, weight_decay=2e-4``) under :class:`~lightning_autobalance.lr_schedule.WarmupDecayLR`
+    SGD (``lr=0.1, momentum=0.9, weight_decay=2e-4``) under
+    :class:`~lightning_autobalance.core.lr_schedule.WarmupDecayLR`
     (cosine annealing to 0 over the run, stepped every optimizer step; the paper's linear warm-up and step decay are
     its ``warmup_epochs``, ``schedule="step"``, ``milestones`` and ``lr_decay``). Validation and test log the
     balanced error (``1 -`` the macro-averaged recall, i.e. torchmetrics' ``MulticlassAccuracy(average="macro")``),
@@ -117,7 +118,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
     With groups (``num_groups >= 2``, batches ``(x, y, g)``) the loss tables are ``G x K`` (from ``group_counts``
     when given, so presets see the counts of every (group, class) cell) and validation and test also log the group
-    metrics of :mod:`lightning_autobalance.metrics`: the error of every (label, group) cell and of every group, the
+    metrics of :mod:`lightning_autobalance.core.metrics`: the error of every (label, group) cell and of every group, the
     worst-group error (the largest cell error), the average error and the equal-opportunity gap (``eo_gap``). For
     ``(x, y)`` batches nothing changes.
 
@@ -128,13 +129,14 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         class_counts: training samples per class (linked from the datamodule by the CLI).
         loss: the training loss, by name or as a value. Names: ``"autobalance"`` (the searchable family),
             ``"ldam"`` (LDAM with deferred re-weighting, on a cosine head), ``"focal"`` or ``"group_dro"`` (online
-            group DRO over (label, group) cells, :class:`~lightning_autobalance.losses.GroupDROLoss`; needs groups),
+            group DRO over (label, group) cells, :class:`~lightning_autobalance.core.losses.GroupDROLoss`; needs
+            groups),
             configured by the per-loss arguments below. A value: a criterion ``criterion(logits, target, group) ->
             scalar tensor`` (``group`` is None for ``(x, y)`` batches), an ``nn.Module`` or any callable, e.g.
-            :class:`~lightning_autobalance.losses.FocalLoss`, :class:`~lightning_autobalance.losses.LDAMLoss` (the
-            network's linear ``head`` is then replaced by a cosine head, as for ``"ldam"``),
-            :class:`~lightning_autobalance.losses.GroupDROLoss` (built for the model's classes and groups) or a loss
-            of one's own; in YAML a ``class_path`` with its ``init_args``. It trains the network in place of the
+            :class:`~lightning_autobalance.core.losses.FocalLoss`, :class:`~lightning_autobalance.core.losses.LDAMLoss`
+            (the network's linear ``head`` is then replaced by a cosine head, as for ``"ldam"``),
+            :class:`~lightning_autobalance.core.losses.GroupDROLoss` (built for the model's classes and groups) or a
+            loss of one's own; in YAML a ``class_path`` with its ``init_args``. It trains the network in place of the
             AutoBalance loss, which is then not searched (``search`` is ignored, as for the named baselines). The
             module is used as given (registered as ``self.criterion``, so its buffers follow the model's device and
             checkpoints): give every model its own. One with a ``set_epoch(epoch)`` method is told the epoch at the
@@ -151,7 +153,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
             may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``).
         parametrization: ``"hierarchical"`` (default: shared scalars plus per-class residuals), ``"class"``,
-            ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.parametrization`).
+            ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.core.parametrization`).
         group_size: classes per frequency bin for ``parametrization="groups"``.
         num_groups: sensitive groups (class x group tables; linked from a group datamodule by the CLI).
         group_counts: training samples per (group, class) cell, ``G x K`` (linked from a group datamodule): the
@@ -170,7 +172,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             such as ``torch.optim.SGD`` with its ``init_args``). None: ``torch.optim.SGD(params, lr=0.1,
             momentum=0.9, weight_decay=2e-4)``.
         lr_scheduler: a callable ``optimizer -> LRScheduler`` (LightningCLI's ``LRSchedulerCallable``). A
-            :class:`~lightning_autobalance.lr_schedule.WarmupDecayLR` is sized to the run (``fit_to_run``) and
+            :class:`~lightning_autobalance.core.lr_schedule.WarmupDecayLR` is sized to the run (``fit_to_run``) and
             stepped every optimizer step; any other scheduler is stepped every epoch (a ``ReduceLROnPlateau``
             watches its own ``monitor`` when it has one, as LightningCLI's does, else ``val/balanced_error``).
             None: ``WarmupDecayLR(optimizer)`` (cosine to 0 over the run, no warm-up); for a constant rate give
@@ -185,7 +187,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
         The loss as a value (the same as ``loss="focal", focal_gamma=2.0``), or a criterion of one's own:
 
-        >>> from lightning_autobalance.losses import FocalLoss
+        >>> from lightning_autobalance.core.losses import FocalLoss
         >>> focal = ImbalancedClassifier("digits_net", 10, [100] * 5 + [10] * 5, loss=FocalLoss(gamma=2.0))
         >>> def hinge(logits, target, group):
         ...     return nn.functional.multi_margin_loss(logits, target)
@@ -195,7 +197,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
             model:
               loss:
-                class_path: lightning_autobalance.losses.FocalLoss
+                class_path: lightning_autobalance.core.losses.FocalLoss
                 init_args: {gamma: 2.0}
     """
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_autobalance.coerce import coerce_value
+from lightning_autobalance.core.coerce import coerce_value
 
 __all__ = ["HyperOptimizer", "HyperUpdate", "OptimizerCallable", "SchedulerCallable"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_autobalance.cells import cell_index
+from lightning_autobalance.core.cells import cell_index
 
 __all__ = ["GroupErrors", "group_report"]
 

@@ -13,8 +13,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_autobalance.data.search_split import SearchSplit, dataset_targets
-from lightning_autobalance.losses import (
+from lightning_autobalance.core.losses import (
     AdjustedCrossEntropy,
     LossTables,
     Reduction,
@@ -23,12 +22,13 @@ from lightning_autobalance.losses import (
     load_loss_tables,
     save_loss_tables,
 )
-from lightning_autobalance.parametrization import (
+from lightning_autobalance.core.parametrization import (
     LossParametrization,
     ParametrizationKind,
     PerClass,
     build_parametrization,
 )
+from lightning_autobalance.data.search_split import SearchSplit, dataset_targets
 
 __all__ = ["AutoBalanceMixin", "loss_from_file", "unpack_batch"]
 
@@ -257,7 +257,7 @@ class AutoBalanceMixin:
             class_counts: training samples per class (``K`` values), or a ``G x K`` table per (group, class);
                 ``None`` (default): found at setup, see above.
             preset: the starting loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``, ``"class_balanced"``,
-                ``"inverse_frequency"`` or an alias; see :func:`~lightning_autobalance.losses.preset_tables`).
+                ``"inverse_frequency"`` or an alias; see :func:`~lightning_autobalance.core.losses.preset_tables`).
             search: which of ``"delta"``, ``"offset"``, ``"weight"`` the search may change. The default, the offsets
                 from a logit-adjustment start, is the setting that never did worse than logit adjustment in our
                 tuning (``docs/tuning.md``); it is also indifferent to a ``forward`` that returns ``log_softmax``.
@@ -269,7 +269,7 @@ class AutoBalanceMixin:
             group_size: classes per frequency bin for ``parametrization="groups"``.
             num_groups: number of sensitive groups ``G`` (class x group tables); batches then carry groups.
             reduction: ``"mean"`` or ``"weighted_mean"``
-                (see :func:`~lightning_autobalance.losses.adjusted_cross_entropy`).
+                (see :func:`~lightning_autobalance.core.losses.adjusted_cross_entropy`).
             preset_kwargs: preset settings (``tau``, ``gamma``, ``beta``).
             loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
             freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.

@@ -31,29 +31,27 @@ Everything is exact for the head: the only approximations are the frozen feature
 Cost: no backward pass through the network at all. A hyper step runs one forward pass (no gradient) on each
 training and upper batch to read their features, and the rest is arithmetic on ``(N, d)`` matrices.
 
-Nothing here knows about Lightning. :func:`head_hypergradient` is the functional core on feature matrices;
-:func:`solve_head` the Newton solver; :class:`FeatureMemory` the buffer of recent features;
-:func:`head_solver` adapts them to :data:`lightning_autobalance.hypergradient.SOLVERS`.
+Nothing here knows about Lightning. :class:`HeadProblem` is the head's training problem on fixed features;
+:func:`solve_head` its Newton solver; :func:`head_hypergradient` the implicit hypergradient at the equilibrium;
+:class:`FeatureMemory` the buffer of recent features. Both users of the equilibrium build on these: the ``"head"``
+method (:func:`lightning_autobalance.core.solvers.head_solver`) and the held-back check
+(:mod:`lightning_autobalance.lightning.check`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.losses import LossTables
-from lightning_autobalance.random_state import from_state
+from lightning_autobalance.core.linear_solve import conjugate_gradient
+from lightning_autobalance.core.losses import LossTables
 
-if TYPE_CHECKING:  # for annotations only: hypergradient imports this module to register the method
-    from lightning_autobalance.hypergradient import Problem
-
-__all__ = ["FeatureMemory", "HeadResult", "find_head", "head_hypergradient", "head_parameters", "head_solver",
-           "head_weight_decay", "optimizer_head_weight_decay", "solve_head", "with_head_weight_decay"]
+__all__ = ["FeatureMemory", "HeadProblem", "HeadResult", "augment_features", "find_head", "head_hypergradient",
+           "head_parameters", "head_weight_decay", "optimizer_head_weight_decay", "solve_head"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -104,34 +102,6 @@ def optimizer_head_weight_decay(module: nn.Module, param_groups: Iterable[dict[s
     return name, head_weight_decay(param_groups, dict(module.named_modules())[name].weight)
 
 
-def with_head_weight_decay(estimator: Estimator, module: nn.Module,
-                           param_groups: Iterable[dict[str, Any]]) -> tuple[Estimator, str | None]:
-    """For the ``"head"`` method, ``estimator`` with the head's weight decay read from the model optimizer when it
-    gives none (``weight_decay=0``), and a warning when the one it gives differs from the optimizer's (the head's
-    equilibrium is then not the one training approaches). Other methods are returned unchanged.
-
-    Raises:
-        ValueError: when the ``"head"`` method has no weight decay from either: the head's equilibrium would not
-            exist. Called before any training time is spent.
-    """
-    if estimator.method != "head":
-        return estimator, None
-    name, found = optimizer_head_weight_decay(module, param_groups, estimator.head)
-    if estimator.weight_decay:
-        if found is not None and found != estimator.weight_decay:
-            return estimator, (f"Estimator(method='head', weight_decay={estimator.weight_decay}) differs from the "
-                               f"weight decay {found} that the model optimizer applies to the head {name!r}: the "
-                               "hypergradient is taken at an equilibrium training does not approach."
-                               + (" Leave weight_decay unset (0) to use the optimizer's." if found else ""))
-        return estimator, None
-    if not found:
-        where = "holds no parameter group with it" if found is None else "gives it weight_decay 0"
-        raise ValueError(f"Estimator(method='head') needs weight decay on the classifier head {name!r} (it makes the "
-                         f"head's equilibrium exist), and the model optimizer {where}: give the optimizer "
-                         "weight_decay > 0 for the head, or set Estimator(weight_decay=...).")
-    return replace(estimator, weight_decay=found), None
-
-
 @dataclass
 class FeatureMemory:
     """A ring buffer of recent features, labels and groups (device tensors), capped at ``capacity`` rows.
@@ -169,15 +139,19 @@ class HeadResult:
         theta: the equilibrium head, flat: ``K`` rows ``(w_k, b_k)`` (``w_k`` alone without a bias).
         grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device
             tensor.
+        residual: ``grad_norm`` relative to ``lambda ||theta||`` (at the equilibrium the data gradient equals
+            ``-lambda theta``): about the rounding error when Newton converged, ``1e-3`` and above when it stopped
+            early (too few ``head_steps`` for a weak weight decay), a device tensor.
     """
 
     grad: dict[str, Tensor]
     objective: Tensor
     theta: Tensor
     grad_norm: Tensor = field(repr=False)
+    residual: Tensor = field(repr=False)
 
 
-def _augment(features: Tensor, bias: bool) -> Tensor:
+def augment_features(features: Tensor, bias: bool) -> Tensor:
     """``[x, 1]`` rows when the head has a bias, else ``x``: the head is then ``logits = X_aug theta^T``."""
     return torch.cat([features, features.new_ones(features.shape[0], 1)], 1) if bias else features
 
@@ -187,7 +161,7 @@ def _mean(value: Tensor, reduce: Reduce | None) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _HeadProblem:
+class HeadProblem:
     """The head's training problem on fixed features. ``theta`` is flat, ``K`` rows of ``(w_k, b_k)``.
 
     The training loss must be a sum over samples of per-sample terms of the logits (any normalisation by a
@@ -261,7 +235,7 @@ class _HeadProblem:
         return _mean(hv, self.reduce) + self.weight_decay * vec
 
 
-def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dense_limit: int,
+def _solve(problem: HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dense_limit: int,
            cg_iterations: int) -> Tensor:
     """``(H(theta) + shift I)^{-1} rhs``: dense up to ``dense_limit`` parameters, else conjugate gradient."""
     if theta.numel() <= dense_limit:
@@ -271,15 +245,13 @@ def _solve(problem: _HeadProblem, theta: Tensor, rhs: Tensor, shift: float, dens
         return torch.linalg.solve_ex(h, rhs)[0]  # solve_ex: no check that syncs a CUDA device with the host
     # the per-sample blocks when they are small (reused by every iteration), else a product per iteration
     blocks = problem.blocks(theta) if problem.features.shape[0] * problem.num_classes ** 2 <= _BLOCKS_LIMIT else None
-    # at call time: hypergradient imports this module to register the method
-    from lightning_autobalance.hypergradient import conjugate_gradient
 
     solved = conjugate_gradient(lambda v: {"theta": problem.hvp(theta, v["theta"], blocks)}, {"theta": rhs},
                                 cg_iterations, damping=shift)
     return solved["theta"]
 
 
-def solve_head(problem: _HeadProblem, theta: Tensor, steps: int, dense_limit: int = 4096,
+def solve_head(problem: HeadProblem, theta: Tensor, steps: int, dense_limit: int = 4096,
                cg_iterations: int = 50) -> Tensor:
     """Newton's method on the head's strongly convex training problem, from ``theta``, for ``steps`` steps.
 
@@ -335,7 +307,7 @@ def head_hypergradient(
         alpha: the free loss parameters by name (not modified).
         tables_fn: maps ``alpha`` to the loss tables, differentiably.
         train_loss: ``train_loss(logits, target, group, tables) -> scalar``: a sum of per-sample terms (each
-            loss of the family, any reduction), see :class:`_HeadProblem`.
+            loss of the family, any reduction), see :class:`HeadProblem`.
         objective: ``objective(logits, target, group) -> scalar`` on the upper samples.
         theta: the starting head, flat: ``K`` rows ``(w_k, b_k)`` (``w_k`` alone without a bias); e.g. the
             network's current head (:func:`head_parameters`).
@@ -358,12 +330,12 @@ def head_hypergradient(
     wide = torch.promote_types(features.dtype, torch.float32)
     with torch.no_grad():
         tables = LossTables(*(t.detach().to(wide) for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
-    problem = _HeadProblem(_augment(features.detach().to(wide), bias), target, group, tables, train_loss,
+    problem = HeadProblem(augment_features(features.detach().to(wide), bias), target, group, tables, train_loss,
                            float(weight_decay), num_classes, reduce)
     # under a mixed-precision context the features were read in low precision; the head's problem is solved wide
     with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
         theta_star = solve_head(problem, theta.detach().to(wide), steps, dense_limit, cg_iterations)
-        upper = _HeadProblem(_augment(upper_features.detach().to(wide), bias), upper_target, upper_group, tables,
+        upper = HeadProblem(augment_features(upper_features.detach().to(wide), bias), upper_target, upper_group, tables,
                              train_loss, 0.0, num_classes, reduce)
 
         def upper_value(t: Tensor) -> Tensor:
@@ -375,7 +347,10 @@ def head_hypergradient(
         grad = _mixed(problem, theta_star, p, alpha, tables_fn, train_loss)
         grad = {k: -_mean(g, reduce) for k, g in grad.items()}
         grad_norm = torch.linalg.vector_norm(problem.gradient(theta_star)).detach()
-    return HeadResult(grad=grad, objective=value.detach(), theta=theta_star.detach(), grad_norm=grad_norm)
+        scale = weight_decay * torch.linalg.vector_norm(theta_star).detach()
+        residual = grad_norm / scale.clamp_min(torch.finfo(wide).tiny)
+    return HeadResult(grad=grad, objective=value.detach(), theta=theta_star.detach(), grad_norm=grad_norm,
+                      residual=residual)
 
 
 def head_parameters(weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -384,7 +359,7 @@ def head_parameters(weight: Tensor, bias: Tensor | None) -> Tensor:
     return rows.reshape(-1)
 
 
-def _mixed(problem: _HeadProblem, theta: Tensor, p: Tensor, alpha: Mapping[str, Tensor],
+def _mixed(problem: HeadProblem, theta: Tensor, p: Tensor, alpha: Mapping[str, Tensor],
            tables_fn: Callable[[Mapping[str, Tensor]], LossTables], train_loss: TrainLoss) -> dict[str, Tensor]:
     """``d^2 L_train / d alpha d theta . p``: the gradient in ``alpha`` of ``<d L_train/d f, J p>``."""
     wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in alpha.items()}
@@ -396,62 +371,3 @@ def _mixed(problem: _HeadProblem, theta: Tensor, p: Tensor, alpha: Mapping[str, 
     (grad_f,) = torch.autograd.grad(loss, f, create_graph=True)
     grads = torch.autograd.grad((grad_f * u).sum(), list(leaf.values()), allow_unused=True)
     return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaf.items(), grads)}
-
-
-def _features(problem: Problem, head: nn.Linear, batch: Any) -> Tensor:
-    """The input of ``head`` on ``batch`` at the current weights (one forward pass, no gradient)."""
-    seen: list[Tensor] = []
-    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad(), from_state(batch.rng_state, problem.fmodel.device):
-            problem.fmodel(problem.params, batch.inputs)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise ValueError(f"The 'head' method expects the head layer to run once per forward pass; it ran {len(seen)} "
-                         "times. Give Estimator(head='<layer name>') for the layer that produces the logits.")
-    return seen[0].flatten(1)
-
-
-def head_solver(problem: Problem) -> HeadResult:
-    """The ``"head"`` entry of :data:`~lightning_autobalance.hypergradient.SOLVERS`.
-
-    Finds the head (:func:`find_head`, or ``Estimator.head``), reads the features of the problem's training and
-    upper batches, adds them to the :class:`FeatureMemory` buffers kept on the functional model (``head_memory``
-    of ``Estimator``: rows kept; ``0`` keeps only the current batches), and returns :func:`head_hypergradient`
-    from the network's current head (or, when the feature width is unchanged, the previous equilibrium: a warm
-    start, so that a few Newton steps suffice).
-    """
-    est = problem.estimator
-    module = problem.fmodel.module
-    name = find_head(module, getattr(est, "head", None))
-    head = dict(module.named_modules())[name]
-    prefix = f"{name}." if name else ""
-    w, b = problem.params.get(prefix + "weight"), problem.params.get(prefix + "bias")
-    if w is None:
-        raise ValueError(f"The head {name!r} has no trainable weight; the 'head' method searches through it.")
-    memory = problem.fmodel.memory.setdefault("head", {})
-    kept = int(getattr(est, "head_memory", 0))
-    sides = {}
-    for side, batches in (("train", problem.train_batches), ("upper", problem.upper_batches)):
-        # the current batches' rows plus, with head_memory > 0, the newest rows kept from earlier hyper steps
-        if kept:
-            mem = memory.get(side)
-            if mem is None or mem.capacity != kept:
-                mem = memory[side] = FeatureMemory(kept)
-        else:
-            mem = FeatureMemory(sum(b.target.shape[0] for b in batches))
-        for batch in batches:
-            mem.add(_features(problem, head, batch), batch.target, batch.group)
-        sides[side] = (mem.features, mem.target, mem.group)
-    train, upper = sides["train"], sides["upper"]
-    assert train[0] is not None and upper[0] is not None
-    current = head_parameters(w, b)
-    previous = memory.get("theta")
-    start = previous if previous is not None and previous.shape == current.shape else current
-    result = head_hypergradient(
-        *train, *upper, problem.alpha, problem.tables_fn, problem.train_loss, problem.objective, start,
-        num_classes=w.shape[0], bias=b is not None, weight_decay=est.weight_decay, damping=est.damping,
-        steps=int(getattr(est, "head_steps", 10)), cg_iterations=est.cg_iterations * 10, reduce=problem.reduce)
-    memory["theta"] = result.theta
-    return result

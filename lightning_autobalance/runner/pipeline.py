@@ -25,7 +25,7 @@ worst-group error, the per-cell and per-group errors and the equal-opportunity g
 **Runs you can trust.** Every stage records a fingerprint of what determines its result (``fingerprint.json``:
 the model's and datamodule's arguments for that stage, the data's class counts, the trainer arguments that change
 training, the epochs, the seed, the search's settings, the loss file a retraining uses, the library version; see
-:mod:`lightning_autobalance.fingerprint`). A rerun compares it before any training: equal means skip or resume,
+:mod:`lightning_autobalance.runner.fingerprint`). A rerun compares it before any training: equal means skip or resume,
 different means a one-line refusal naming what changed and the two ways out (another ``output_dir``, or
 ``--restart STAGE`` / ``--restart all``: that stage, and those built on it, train again from scratch). The guard
 fails closed: a stage folder holding work (a result or a checkpoint) whose fingerprint is missing or unreadable is
@@ -35,7 +35,8 @@ Checkpoints are read with ``weights_only=True`` (tensors and plain values only):
 folder never runs. An unreadable ``result.json``, ``last.ckpt`` or found loss file is named in a warning, moved
 aside (``*.corrupt``) and replaced by the fallback: the previous epoch's checkpoint (``previous.ckpt``), else a fresh
 start (a search's loss file is exported again from the search's checkpoint). Every argument is checked before
-anything is written. One run per ``output_dir`` at a time (:class:`~lightning_autobalance.output_lock.OutputLock`;
+anything is written. One run per ``output_dir`` at a time
+(:class:`~lightning_autobalance.runner.output_lock.OutputLock`;
 a lock left by a killed run is taken over). A stage's ``fit_time_s`` is its total over interruptions (``attempts``
 counts them), up to its last checkpoint in each.
 
@@ -69,10 +70,11 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from lightning_autobalance.callback import AutoBalanceCallback
+from lightning_autobalance.core.losses import load_loss_tables, preset_tables
 from lightning_autobalance.data._checks import counts_disagreement, non_finite_sample
 from lightning_autobalance.data.fold_in import DEFAULT_FOLD_IN, fold_in_epoch
-from lightning_autobalance.fingerprint import (
+from lightning_autobalance.lightning.callback import AutoBalanceCallback
+from lightning_autobalance.runner.fingerprint import (
     IGNORED_DATA_KEYS,
     IGNORED_TRAINER_KEYS,
     callback_settings,
@@ -81,8 +83,7 @@ from lightning_autobalance.fingerprint import (
     file_digest,
     resolve_paths,
 )
-from lightning_autobalance.losses import load_loss_tables, preset_tables
-from lightning_autobalance.output_lock import OutputFolderInUse, OutputLock
+from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
 
 __all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineSetupError", "run_pipeline"]
 
@@ -871,7 +872,8 @@ class AutoBalanceTrainer(pl.Trainer):
             datamodule: the long-tailed datamodule template.
             output_dir: folder of the run.
             search: run the AutoBalance search and retraining.
-            baselines: baseline names (default ``["ce", "la"]``), see ``lightning_autobalance.pipeline.BASELINES``.
+            baselines: baseline names (default ``["ce", "la"]``), see
+                ``lightning_autobalance.runner.pipeline.BASELINES``.
             search_epochs: epochs of the search (default: ``max_epochs``).
             retrain_epochs: epochs of retraining and baselines (default: ``max_epochs``).
             resume: resume unfinished stages and skip finished ones.

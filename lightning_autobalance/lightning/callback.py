@@ -8,7 +8,7 @@ parameters of an :class:`~lightning_autobalance.AutoBalanceMixin` module and upd
 
 The callback is a thin adapter between the Trainer and values it is given: a :class:`~lightning_autobalance.Schedule`
 (when), an :class:`~lightning_autobalance.Estimator` (how the hypergradient is estimated), an
-:class:`~lightning_autobalance.objectives.UpperObjective` (what is minimised), an
+:class:`~lightning_autobalance.core.objectives.UpperObjective` (what is minimised), an
 :class:`~lightning_autobalance.UpperData` (on which data) and a :class:`~lightning_autobalance.HyperOptimizer` (how
 the loss parameters move).
 """
@@ -27,21 +27,21 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_autobalance.batch_stream import BatchStream
+from lightning_autobalance.core.estimator import Estimator, with_head_weight_decay
+from lightning_autobalance.core.head import find_head
+from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.core.objectives import Objective, UpperObjective
+from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
-from lightning_autobalance.estimator import Estimator
-from lightning_autobalance.flat_settings import callback_values, flat_settings
-from lightning_autobalance.guard import CheckResult, HeldBackCheck
-from lightning_autobalance.head import find_head, with_head_weight_decay
-from lightning_autobalance.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
-from lightning_autobalance.hypergradient import Batch, FunctionalModel, hypergradient
-from lightning_autobalance.mixin import AutoBalanceMixin
-from lightning_autobalance.objectives import Objective, UpperObjective
-from lightning_autobalance.reduce import Reducer
-from lightning_autobalance.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
-from lightning_autobalance.step_log import StepLog, parameter_figures
-from lightning_autobalance.strategies import SHARDED_STRATEGIES
-from lightning_autobalance.upper_data import UpperData, preserve_random_state
+from lightning_autobalance.lightning.batch_stream import BatchStream
+from lightning_autobalance.lightning.check import CheckResult, HeldBackCheck
+from lightning_autobalance.lightning.flat_settings import callback_values, flat_settings
+from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
+from lightning_autobalance.lightning.mixin import AutoBalanceMixin
+from lightning_autobalance.lightning.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
+from lightning_autobalance.lightning.step_log import RESIDUAL_LIMIT, StepLog, parameter_figures
+from lightning_autobalance.lightning.strategies import SHARDED_STRATEGIES
+from lightning_autobalance.lightning.upper_data import UpperData, preserve_random_state
 
 __all__ = ["CHECK_WEIGHT_DECAY", "MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
 
@@ -77,18 +77,19 @@ class AutoBalanceCallback(Callback):
 
     On every optimizer step its ``schedule`` picks (not micro-batches: under gradient accumulation it acts once per
     step) it computes the gradient of the upper objective with respect to the loss parameters (see
-    :func:`~lightning_autobalance.hypergradient.hypergradient`) and takes one step of its own optimizer on them. With
-    no arguments it uses the cheapest estimate that works well: the one-step Neumann hypergradient on the current
+    :func:`~lightning_autobalance.core.hypergradient.hypergradient`) and takes one step of its own optimizer on them.
+    With no arguments it uses the cheapest estimate that works well: the one-step Neumann hypergradient on the current
     training batch, whose logits the training step already computed, and one class-balanced upper batch; about one
     extra forward and backward pass per hyper step, every few optimizer steps after a 20% warm-up
-    (:func:`~lightning_autobalance.schedule.auto_interval`; at most 5% of the steps of a one-phase run, which stops
+    (:func:`~lightning_autobalance.lightning.schedule.auto_interval`; at most 5% of the steps of a one-phase run, which
+    stops
     at its :class:`~lightning_autobalance.data.fold_in.FoldInSampler`'s fold-in epoch). At the start of fit it says
     how many hyper steps it plans; at the end it warns when it made none, and why.
 
     By default half of the upper data (per class) is held back from the search, and once the search is over the
     found loss is checked against the loss it started from: the classifier head is trained to its equilibrium on the
     training features with each, and the found loss stays only if its head scores better on the held-back half;
-    otherwise the start is put back (:mod:`lightning_autobalance.guard`; ``check_result`` has the figures,
+    otherwise the start is put back (:mod:`lightning_autobalance.lightning.check`; ``check_result`` has the figures,
     ``should_check`` can be overridden, ``UpperData(holdout=0)`` turns it off). Where the check cannot run (an
     iterable upper dataset, one upper sample per class, no ``nn.Linear`` head) the search uses all the upper data, with
     a message.
@@ -100,7 +101,7 @@ class AutoBalanceCallback(Callback):
     objective set to ``missing="raise"`` reads whether its units are present): its figures
     (objective, hypergradient norm, loss parameters) reach loggers in one transfer at the end of each epoch, every 64
     hyper steps and at the end of the fit, and the progress bar shows ``hyper_obj`` once an epoch. Under DDP one
-    :class:`~lightning_autobalance.reduce.Reducer` averages every linear piece over the processes and sums the
+    :class:`~lightning_autobalance.core.reduce.Reducer` averages every linear piece over the processes and sums the
     named objectives' per-unit statistics, so that the loss parameters stay identical on every rank.
 
     Every value below also accepts a plain mapping of its settings (a YAML group, a Hydra ``DictConfig``, a
@@ -115,7 +116,7 @@ class AutoBalanceCallback(Callback):
         estimator: how the hypergradient is estimated (:class:`~lightning_autobalance.Estimator`, or
             ``{method: cg, cg_iterations: 10}``). Default: the one-step Neumann estimate.
         objective: the upper objective: a name (``"balanced_ce"``, ``"worst_class"``, ``"worst_group"``, ``"deo"``,
-            ``"blend"``), an :class:`~lightning_autobalance.objectives.UpperObjective` (a name or objective class
+            ``"blend"``), an :class:`~lightning_autobalance.core.objectives.UpperObjective` (a name or objective class
             with its settings), a mapping ``{name: worst_class, temperature: 0.1}``, or a callable
             ``objective(logits, target, group) -> scalar``. Objectives given by name or class are built at setup from
             the counts of the upper data (per (group, class) cell when its batches carry groups).
@@ -408,18 +409,28 @@ class AutoBalanceCallback(Callback):
         names, values = ([], [])
         if trainer.loggers and trainer.global_rank == 0:
             names, values = parameter_figures(params, self.log_max_classes)
+        if result.residual is not None:  # read with the other figures, and warned of when too large
+            names, values = ["autobalance/solver_residual", *names], [result.residual.reshape(1), *values]
         self._log.record(trainer.global_step, finite, result.objective, norm, names, values, sizes)
         if self._log.full:
             self._read(trainer)
 
     def _read(self, trainer: pl.Trainer | None = None) -> None:
-        """Reads the hyper steps' figures in one transfer (see :class:`~lightning_autobalance.step_log.StepLog`)."""
+        """Reads the hyper steps' figures in one transfer (see
+        :class:`~lightning_autobalance.lightning.step_log.StepLog`)."""
         loggers = trainer.loggers if trainer is not None and trainer.global_rank == 0 else []
         skipped_at = self._log.read(loggers)
         if skipped_at:
             where = f"step {skipped_at[0]}" if len(skipped_at) == 1 else f"steps {skipped_at}"
             rank_zero_warn(f"AutoBalance: non-finite hypergradient at {where}; hyper step skipped "
                            f"({self._log.skipped} so far). The loss parameters are unchanged.")
+        if self._log.unconverged:
+            (step, worst), count = max(self._log.unconverged, key=lambda s: s[1]), len(self._log.unconverged)
+            self._log.unconverged = []
+            rank_zero_warn(f"AutoBalance: the {self._estimator.method!r} method's solve stopped short of convergence "
+                           f"at {count} hyper step(s) (relative residual up to {worst:.2g} at step {step}, above "
+                           f"{RESIDUAL_LIMIT:g}): its hypergradient is inexact. Give it more steps "
+                           "(Estimator(head_steps=...)) or more weight decay on the head.")
 
     # ------------------------------------------------------------------------------------------------------------
     # the end of an epoch and of the fit
@@ -444,8 +455,8 @@ class AutoBalanceCallback(Callback):
                     and not pl_module.autobalance_parameters().frozen)  # type: ignore[attr-defined]
 
     def _run_check(self, trainer: pl.Trainer, pl_module: Any, log: bool = False) -> None:
-        """The held-back check (:mod:`lightning_autobalance.guard`): keeps the found loss only when it beats its
-        start on the upper samples the search never saw; otherwise puts the start back."""
+        """The held-back check (:mod:`lightning_autobalance.lightning.check`): keeps the found loss only when it beats
+        its start on the upper samples the search never saw; otherwise puts the start back."""
         self._read(trainer)
         if not self.should_check(trainer, pl_module):
             return

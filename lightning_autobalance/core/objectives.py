@@ -31,7 +31,7 @@ sample (the group datamodules split per (class, group) cell for that reason).
 **Multiple processes.** ``balanced_ce`` is a plain mean over samples with weights fixed from counts, so the mean
 of its gradients over processes is its gradient on the union of their batches. The other objectives are nonlinear
 in per-unit means (a log-sum-exp, a maximum, a gap), so averaging what every process computes on its own batch
-would only approximate them. Built with a :class:`~lightning_autobalance.reduce.Reducer` over several processes
+would only approximate them. Built with a :class:`~lightning_autobalance.core.reduce.Reducer` over several processes
 (the callback passes its own), they sum the per-unit loss sums and counts over processes first (one collective call
 per evaluation): every process gets the objective of the union of the batches, and a gradient that, averaged over
 processes, is its exact gradient there. A unit counts as present when any process has it. A user's own callable
@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_autobalance.cells import cell_index
-from lightning_autobalance.losses import as_count_table, check_loss_inputs, unit_mean_losses
-from lightning_autobalance.reduce import Reducer
+from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.losses import as_count_table, check_loss_inputs, unit_mean_losses
+from lightning_autobalance.core.reduce import Reducer
 
 __all__ = [
     "OBJECTIVES",
@@ -336,7 +336,7 @@ def worst_group_loss(
         missing: a unit absent from the batch is left out (``"mask"``) or raises (``"raise"``, one host read).
         validate: check the label and group ranges (one host read); shapes are always checked.
         reducer: the objective of the union of the processes' batches
-            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: this batch).
+            (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: this batch).
 
     Example:
         >>> logits, y, g = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 1] * 4)
@@ -369,7 +369,7 @@ class WorstGroupLoss:
         missing: ``"mask"`` (units absent from a batch are left out) or ``"raise"``.
         num_groups: ``G`` (default: the rows of ``class_counts``).
         reducer: makes it the objective of the union of the processes' batches
-            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: each process's own batch).
+            (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: each process's own batch).
         validate: check the label and group ranges of every batch (one host read; see :func:`worst_group_loss`).
 
     Example:
@@ -466,7 +466,7 @@ def equal_opportunity_gap(
         labels: the labels whose gaps are averaged: class indices, or a boolean mask of ``K`` entries (default:
             every label).
         reducer: the objective of the union of the processes' batches
-            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: this batch).
+            (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: this batch).
 
     Raises:
         ValueError: for bad settings or indices, or (with ``missing="raise"``) when a requested (label, group) cell
@@ -533,7 +533,7 @@ class EqualOpportunityGap:
         missing: ``"mask"`` (a label with fewer than two groups in the batch is left out) or ``"raise"``.
         num_groups: ``G`` (default: the rows of ``class_counts``).
         reducer: makes it the objective of the union of the processes' batches
-            (:class:`~lightning_autobalance.reduce.Reducer`; ``None``: each process's own batch).
+            (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: each process's own batch).
         validate: check the label and group ranges of every batch and warn when it has no gap (one host read).
 
     Example:
@@ -622,7 +622,7 @@ class BlendedObjective:
         accuracy_kwargs: settings of a named accuracy objective.
         fairness_kwargs: settings of a named fairness objective.
         num_groups: ``G``, handed to both named parts.
-        reducer: handed to both named parts (:class:`~lightning_autobalance.reduce.Reducer`).
+        reducer: handed to both named parts (:class:`~lightning_autobalance.core.reduce.Reducer`).
         validate: handed to both named parts.
 
     Example:
@@ -769,8 +769,8 @@ class UpperObjective:
         **settings: the settings of a named objective or class (e.g. ``temperature=0.1`` for ``"worst_class"``,
             ``lam=0.5, fairness="deo"`` for ``"blend"``), checked now by the class's own ``check_settings``.
 
-    :meth:`build` makes the objective from the counts, with the :class:`~lightning_autobalance.reduce.Reducer` of the
-    run. :meth:`coerce` also accepts a name or a mapping ``{"name": ..., **settings}`` (a YAML group or a Hydra
+    :meth:`build` makes the objective from the counts, with the :class:`~lightning_autobalance.core.reduce.Reducer` of
+    the run. :meth:`coerce` also accepts a name or a mapping ``{"name": ..., **settings}`` (a YAML group or a Hydra
     ``DictConfig``).
 
     Example:

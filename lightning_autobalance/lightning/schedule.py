@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lightning_autobalance.coerce import coerce_value
+from lightning_autobalance.core.coerce import coerce_value
 
 __all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "Schedule", "auto_interval"]
 

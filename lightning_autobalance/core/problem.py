@@ -1,35 +1,15 @@
-"""Hypergradients of an upper objective with respect to the loss parameters ``alpha``.
+"""The pieces every hypergradient method is built from, on a network seen as a function of its weights.
 
-With ``theta*(alpha) = argmin L_train(theta, alpha)`` and ``F(alpha) = L_upper(theta*(alpha))`` the implicit
-function theorem gives
+* :class:`Batch`: a batch with its recorded logits and random state;
+* :class:`FunctionalModel`: the logits as a function of the weights (``torch.func.functional_call`` on copies of the
+  buffers, so BatchNorm running statistics are left untouched);
+* :func:`upper_gradient`, :func:`train_gradient`, :func:`curvature_product` (Gauss-Newton or Hessian): the linear
+  pieces, each reduced over processes by the optional ``reduce``;
+* :func:`logits_product` (``J p`` by jvp or a difference of logits) and :func:`mixed_term` (the loss head's part
+  of ``d^2 L_train / d alpha d theta``): the structure that makes the mixed term cheap;
+* :class:`Problem`: all of it for one hyper step, as a method (:mod:`.solvers`) sees it.
 
-.. math::
-
-    \\frac{dF}{d\\alpha} = -\\frac{\\partial^2 L_{train}}{\\partial\\alpha\\,\\partial\\theta}\\, p, \\qquad
-    p = H^{-1} v, \\quad v = \\nabla_\\theta L_{upper}, \\quad H = \\nabla^2_\\theta L_{train}.
-
-Methods (:func:`hypergradient`, chosen by an :class:`~lightning_autobalance.estimator.Estimator`):
-
-* ``"neumann"``: ``p = eta * sum_{j=0..terms} (I - eta H)^j v`` (the paper's approximation). ``terms=0`` is the
-  cheapest useful estimate, ``p = eta v``: the one-step unrolled hypergradient with ``v`` taken at ``theta``
-  (first-order accurate in ``eta``).
-* ``"cg"``: conjugate gradient on ``(H + damping I) p = v``.
-* ``"unroll"``: the exact derivative of ``L_upper(theta - eta grad L_train(theta, alpha))``, i.e. ``v`` taken at
-  the virtual step ``theta' = theta - eta g`` and ``p = eta v(theta')``.
-
-``H`` is the exact Hessian (``curvature="hessian"``, forward-over-reverse) or the positive semi-definite
-Gauss-Newton matrix ``J^T (d^2 loss / dz^2) J`` (``curvature="gauss_newton"``).
-
-**The structure used.** ``alpha`` touches only the logits. With ``J_i`` the Jacobian of the logits ``f_i`` of
-training sample ``i``, ``<grad_theta L_train, p> = mean_i <d loss_i/d f_i (f_i, alpha), J_i p>``. So the mixed
-term needs one logits product ``u_i = J_i p`` (forward-mode ``jvp``, or a difference of logits along ``p``) and
-then the gradient in ``alpha`` of ``mean_i <d loss_i / d f_i, u_i>``, which involves the loss head only
-(:func:`mixed_term`): no double backward through the network.
-
-All network passes use :func:`torch.func.functional_call` on the module given (never a DDP wrapper) with copies
-of its buffers, so BatchNorm running statistics are left untouched. Nothing here knows about Lightning; the
-optional ``reduce`` callable (e.g. a mean over processes) is applied to every linear piece: the upper gradient,
-each curvature product, the training gradient and the final hypergradient.
+Nothing here knows about Lightning.
 """
 
 from __future__ import annotations
@@ -38,35 +18,25 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_autobalance.estimator import CURVATURES, Curvature, Estimator, ProductMode
-from lightning_autobalance.estimator import SOLVERS as _REGISTRY
-from lightning_autobalance.head import head_solver
-from lightning_autobalance.losses import LossTables
-from lightning_autobalance.random_state import from_state
+from lightning_autobalance.core.linear_solve import Tree, axpy, norm, scale
+from lightning_autobalance.core.losses import LossTables
+from lightning_autobalance.core.random_state import from_state
 
-__all__ = [
-    "SOLVERS",
-    "Problem",
-    "Batch",
-    "Estimator",
-    "FunctionalModel",
-    "HypergradientResult",
-    "conjugate_gradient",
-    "curvature_product",
-    "hypergradient",
-    "logits_product",
-    "mixed_term",
-    "neumann_series",
-    "upper_gradient",
-]
+__all__ = ["CURVATURES", "PRODUCTS", "Batch", "Curvature", "FunctionalModel", "Problem", "ProductMode",
+           "curvature_product", "logits_product", "mixed_term", "reduce_tree", "train_gradient", "upper_gradient",
+           "wide_dtype"]
 
-Tree = dict[str, Tensor]
+Curvature = Literal["gauss_newton", "hessian"]
+ProductMode = Literal["difference", "jvp", "auto"]
+CURVATURES = ("gauss_newton", "hessian")
+PRODUCTS = ("difference", "jvp")
+
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 TablesFn = Callable[[Mapping[str, Tensor]], LossTables]
@@ -92,28 +62,8 @@ class Batch(NamedTuple):
     rng_state: tuple[Tensor, Tensor | None] | None = None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Small tree arithmetic (dicts of tensors with the same keys)
-# ---------------------------------------------------------------------------------------------------------
 
-
-def _axpy(a: float | Tensor, x: Tree, y: Tree) -> Tree:
-    return {k: y[k] + a * x[k] for k in y}
-
-
-def _scale(a: float | Tensor, x: Tree) -> Tree:
-    return {k: a * v for k, v in x.items()}
-
-
-def _dot(x: Tree, y: Tree) -> Tensor:
-    return sum((x[k].double() * y[k].double()).sum() for k in x)  # type: ignore[return-value]
-
-
-def _norm(x: Tree) -> Tensor:
-    return _dot(x, x).sqrt()
-
-
-def _reduce_tree(tree: Tree, reduce: Reduce | None) -> Tree:
+def reduce_tree(tree: Tree, reduce: Reduce | None) -> Tree:
     """Applies ``reduce`` once to all tensors of a tree flattened into one buffer (one collective call)."""
     if reduce is None or not tree:
         return tree
@@ -196,7 +146,7 @@ class FunctionalModel:
         return next(self.module.parameters()).device
 
 
-def _wide(dtype: torch.dtype) -> torch.dtype:
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -205,9 +155,9 @@ def _difference_step(params: Tree, direction: Tree, central: bool) -> tuple[Tens
     is zero, as device tensors: computing them reads nothing back to the host. A non-finite direction gives a
     non-finite ``h`` or a zero one (its product is then non-finite too, and the hyper step is skipped)."""
     dtype = next(iter(params.values())).dtype
-    eps = torch.finfo(_wide(dtype)).eps
+    eps = torch.finfo(wide_dtype(dtype)).eps
     rel = eps ** (1.0 / 3.0) if central else math.sqrt(eps)
-    pn, dn = _norm(params), _norm(direction)
+    pn, dn = norm(params), norm(direction)
     zero = dn == 0.0
     h = rel * pn.clamp(min=1.0) / torch.where(zero, torch.ones_like(dn), dn)
     return h, zero
@@ -240,13 +190,13 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
         raise ValueError(f"mode must be 'auto', 'jvp' or 'difference'; got {mode!r}.")
     cached = None if low else batch.logits
     h, zero = _difference_step(params, direction, central=cached is None)
-    wide = _wide(params[fmodel.names[0]].dtype)
+    wide = wide_dtype(params[fmodel.names[0]].dtype)
     with torch.no_grad(), _no_autocast(device) if low else contextlib.nullcontext():
         with _rng(batch.rng_state, device):
-            plus = fmodel(_axpy(h.to(wide), direction, params), batch.inputs).to(wide)
+            plus = fmodel(axpy(h.to(wide), direction, params), batch.inputs).to(wide)
         if cached is None:
             with _rng(batch.rng_state, device):
-                minus = fmodel(_axpy(-h.to(wide), direction, params), batch.inputs).to(wide)
+                minus = fmodel(axpy(-h.to(wide), direction, params), batch.inputs).to(wide)
             logits, u = (plus + minus) / 2.0, (plus - minus) / (2.0 * h)
         else:
             logits, u = cached, (plus - cached.to(wide)) / h
@@ -259,7 +209,7 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
 
 
 def _leaf_alpha(alpha: Mapping[str, Tensor]) -> Tree:
-    return {k: v.detach().to(_wide(v.dtype)).requires_grad_(True) for k, v in alpha.items()}
+    return {k: v.detach().to(wide_dtype(v.dtype)).requires_grad_(True) for k, v in alpha.items()}
 
 
 def mixed_term(logits: Tensor, tangent: Tensor, target: Tensor, group: Tensor | None, alpha: Mapping[str, Tensor],
@@ -273,7 +223,7 @@ def mixed_term(logits: Tensor, tangent: Tensor, target: Tensor, group: Tensor | 
     with _no_autocast(device), torch.enable_grad():
         leaf = _leaf_alpha(alpha)
         tables = tables_fn(leaf)
-        dtype = _wide(tables.delta.dtype)
+        dtype = wide_dtype(tables.delta.dtype)
         f = logits.detach().to(dtype).requires_grad_(True)
         loss = train_loss(f, target, group, tables)
         (grad_f,) = torch.autograd.grad(loss, f, create_graph=True)
@@ -299,11 +249,11 @@ def upper_gradient(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batc
                 raise ValueError(f"The upper objective must return a scalar; got shape {tuple(out.shape)}.")
             grads = torch.autograd.grad(out * loss_scale, list(leaf.values()), allow_unused=True)
         g = {k: torch.zeros_like(v) if gi is None else gi.detach() for (k, v), gi in zip(leaf.items(), grads)}
-        total = g if total is None else _axpy(1.0, g, total)
+        total = g if total is None else axpy(1.0, g, total)
         value = value + out.detach().double()
     assert total is not None
     n = float(len(batches))
-    total = _reduce_tree(_scale(1.0 / (n * loss_scale), total), reduce)
+    total = reduce_tree(scale(1.0 / (n * loss_scale), total), reduce)
     value = value / n
     if reduce is not None:
         value = reduce(value.reshape(1)).reshape(())
@@ -328,9 +278,9 @@ def train_gradient(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batc
             out = _train_loss_of_params(fmodel, batch, tables, train_loss)(leaf)
             grads = torch.autograd.grad(out * loss_scale, list(leaf.values()), allow_unused=True)
         g = {k: torch.zeros_like(v) if gi is None else gi for (k, v), gi in zip(leaf.items(), grads)}
-        total = g if total is None else _axpy(1.0, g, total)
+        total = g if total is None else axpy(1.0, g, total)
     assert total is not None
-    return _reduce_tree(_scale(1.0 / (len(batches) * loss_scale), total), reduce)
+    return reduce_tree(scale(1.0 / (len(batches) * loss_scale), total), reduce)
 
 
 def curvature_product(fmodel: FunctionalModel, params: Tree, batches: Sequence[Batch], tables: LossTables,
@@ -354,86 +304,27 @@ def curvature_product(fmodel: FunctionalModel, params: Tree, batches: Sequence[B
 
                 logits, u = torch.func.jvp(f, (params,), (vec,))
                 with _no_autocast(logits.device):
-                    z = logits.detach().to(_wide(logits.dtype)).requires_grad_(True)
+                    z = logits.detach().to(wide_dtype(logits.dtype)).requires_grad_(True)
                     (gz,) = torch.autograd.grad(train_loss(z, batch.target, batch.group, tables), z,
                                                 create_graph=True)
                     (r,) = torch.autograd.grad((gz * u.to(z.dtype)).sum(), z)
                 _, vjp_fn = torch.func.vjp(f, params)
                 (hv,) = vjp_fn((r * loss_scale).to(logits.dtype))
-                hv = _scale(1.0 / loss_scale, hv) if isinstance(loss_scale, Tensor) or loss_scale != 1.0 else hv
+                hv = scale(1.0 / loss_scale, hv) if isinstance(loss_scale, Tensor) or loss_scale != 1.0 else hv
             else:
                 raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
         hv = {k: t.detach() for k, t in hv.items()}
-        total = hv if total is None else _axpy(1.0, hv, total)
+        total = hv if total is None else axpy(1.0, hv, total)
     assert total is not None
-    return _reduce_tree(_scale(1.0 / len(batches), total), reduce)
+    return reduce_tree(scale(1.0 / len(batches), total), reduce)
 
-
-def neumann_series(matvec: Callable[[Tree], Tree], v: Tree, eta: float, terms: int) -> Tree:
-    """``eta * sum_{j=0..terms} (I - eta H)^j v``, an approximation of ``H^{-1} v`` (needs ``eta ||H|| < 2``)."""
-    current, total = v, v
-    for _ in range(terms):
-        current = _axpy(-eta, matvec(current), current)
-        total = _axpy(1.0, current, total)
-    return _scale(eta, total)
-
-
-def conjugate_gradient(matvec: Callable[[Tree], Tree], v: Tree, iterations: int, damping: float = 0.0,
-                       tol: float = 1e-10) -> Tree:
-    """Solves ``(H + damping I) p = v`` by conjugate gradient from ``p = 0`` (``H`` symmetric positive definite).
-
-    Stops after ``iterations`` products, when the residual norm falls below ``tol * ||v||``, or when a direction
-    of non-positive curvature appears (possible with an indefinite Hessian; add damping or use Gauss-Newton).
-    Nothing is read back from the device: a stop is a flag on the device after which ``p`` keeps its value (the
-    remaining products are still computed, so every process makes the same collective calls).
-    """
-    x = {k: torch.zeros_like(t) for k, t in v.items()}
-    r = dict(v)
-    d = dict(v)
-    rr = _dot(r, r)
-    stop = tol * tol * rr.clamp(min=1e-300)
-    going = torch.ones((), dtype=torch.bool, device=rr.device)
-    for _ in range(iterations):
-        going = going & ~(rr <= stop)  # a NaN residual goes on (and makes p non-finite, as it should)
-        hd = matvec(d)
-        if damping:
-            hd = _axpy(damping, d, hd)
-        dhd = _dot(d, hd)
-        going = going & ~(dhd <= 0.0)
-        step = (rr / dhd).to(next(iter(v.values())).dtype)
-        x = {k: torch.where(going, t, x[k]) for k, t in _axpy(step, d, x).items()}
-        r = {k: torch.where(going, t, r[k]) for k, t in _axpy(-step, hd, r).items()}
-        rr_new = torch.where(going, _dot(r, r), rr)
-        d = {k: torch.where(going, t, d[k]) for k, t in _axpy((rr_new / rr).to(step.dtype), d, r).items()}
-        rr = rr_new
-    return x
-
-
-@dataclass
-class HypergradientResult:
-    """What :func:`hypergradient` returns.
-
-    Attributes:
-        grad: ``dF/dalpha`` by name (same keys and dtypes as ``alpha``).
-        objective: the upper objective's value on the upper batches (at ``theta``, or ``theta'`` for unroll).
-        finite: whether every entry of ``grad`` is finite: a 0-dim bool tensor on the gradient's device, so that
-            computing it reads nothing back to the host (``bool(result.finite)`` reads it).
-    """
-
-    grad: Tree
-    objective: Tensor
-    finite: Tensor
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The methods: how the direction p of the mixed term is found
-# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Problem:
     """What a hypergradient method sees: the model at ``theta``, the batches, the loss tables at ``alpha``, the two
-    objectives and the :class:`~lightning_autobalance.estimator.Estimator`."""
+    objectives and the :class:`~lightning_autobalance.core.estimator.Estimator` (typed ``Any`` here: the estimator
+    imports this module, so it is not imported back)."""
 
     fmodel: FunctionalModel
     params: Tree
@@ -442,7 +333,7 @@ class Problem:
     tables: LossTables
     train_loss: TrainLoss
     objective: Objective
-    estimator: Estimator
+    estimator: Any
     reduce: Reduce | None
     loss_scale: float
     alpha: Mapping[str, Tensor] | None = None
@@ -458,123 +349,11 @@ class Problem:
         g = train_gradient(self.fmodel, self.params, self.train_batches, self.tables, self.train_loss, self.reduce,
                            self.loss_scale)
         wd = self.estimator.weight_decay
-        return _axpy(wd, self.params, g) if wd else g
+        return axpy(wd, self.params, g) if wd else g
 
     def curvature(self, vec: Tree, shift: float = 0.0) -> Tree:
         """``(H + (weight_decay + shift) I) vec`` with the estimator's curvature."""
         hv = curvature_product(self.fmodel, self.params, self.train_batches, self.tables, self.train_loss, vec,
                                self.estimator.curvature, self.reduce, self.loss_scale)
         total = self.estimator.weight_decay + shift
-        return _axpy(total, vec, hv) if total else hv
-
-
-def _neumann(problem: Problem) -> tuple[Tree, Tensor]:
-    est = problem.estimator
-    v, value = problem.upper_gradient()
-    return neumann_series(lambda x: problem.curvature(x, est.damping), v, est.eta, est.terms), value
-
-
-def _cg(problem: Problem) -> tuple[Tree, Tensor]:
-    est = problem.estimator
-    v, value = problem.upper_gradient()
-    return conjugate_gradient(problem.curvature, v, est.cg_iterations, est.damping), value
-
-
-def _unroll(problem: Problem) -> tuple[Tree, Tensor]:
-    eta = problem.estimator.eta
-    v, value = problem.upper_gradient(_axpy(-eta, problem.train_gradient(), problem.params))
-    return _scale(eta, v), value
-
-
-#: The hypergradient methods by :attr:`Estimator.method <lightning_autobalance.estimator.Estimator.method>` name. A
-#: method maps a :class:`Problem` to ``(p, objective value)``: ``p`` approximates ``H^{-1} v`` (``v`` the upper
-#: gradient; for ``unroll`` it is ``eta v`` at the virtually stepped weights), and :func:`hypergradient` turns it
-#: into ``-d^2 L_train / d alpha d theta . p``. A method may instead return the finished hypergradient, an object
-#: with ``grad`` (by name of ``alpha``) and ``objective`` (``"head"``: :func:`~lightning_autobalance.head.head_solver`,
-#: which differentiates at the head's equilibrium rather than at ``theta``). Adding an entry here is all a new
-#: method needs (:class:`~lightning_autobalance.estimator.Estimator` accepts every name of this table).
-SOLVERS: dict[str, Callable[[Problem], Any]] = _REGISTRY  # the dict Estimator checks names against
-SOLVERS.update({"neumann": _neumann, "cg": _cg, "unroll": _unroll,
-                                                "head": head_solver})
-
-
-def hypergradient(
-    model: nn.Module | FunctionalModel,
-    alpha: Mapping[str, Tensor],
-    tables_fn: TablesFn,
-    train_loss: TrainLoss,
-    objective: Objective,
-    train_batches: Sequence[Batch],
-    upper_batches: Sequence[Batch],
-    estimator: Estimator | None = None,
-    reduce: Reduce | None = None,
-    forward: Callable[[nn.Module, Any], Tensor] | None = None,
-    loss_scale: float = 1.0,
-    **settings: Any,
-) -> HypergradientResult:
-    """The gradient of the upper objective with respect to the loss parameters ``alpha``.
-
-    Args:
-        model: the network (or a :class:`FunctionalModel` of it) at the current ``theta``.
-        alpha: the free loss parameters by name (not modified).
-        tables_fn: maps ``alpha`` to the loss tables, differentiably.
-        train_loss: ``train_loss(logits, target, group, tables) -> scalar`` (a mean over the batch).
-        objective: ``objective(logits, target, group) -> scalar`` on upper batches.
-        train_batches: batches of the training loss (for the mixed term and curvature products).
-        upper_batches: batches of the upper objective.
-        estimator: the method and its settings (:class:`~lightning_autobalance.estimator.Estimator`; default: the
-            one-step Neumann estimate). ``damping`` is added to the curvature for ``"cg"`` (and, as
-            ``(1 - eta lambda)``, for Neumann); ``weight_decay`` ``mu`` stands for an L2 term ``mu/2 ||theta||^2``
-            in the training objective: it adds ``mu I`` to the curvature and ``mu theta`` to the training gradient.
-        reduce: averages a tensor over processes (identical call order on every process); ``None`` for one.
-        forward: ``forward(module, inputs) -> logits`` when ``model`` is a module and not ``module(inputs)``.
-        loss_scale: factor applied to losses before backward passes through the network and removed after (the
-            gradient scaler's scale under float16 autocast).
-        **settings: instead of ``estimator``, its fields by name (``method="cg", cg_iterations=20``).
-
-    Returns:
-        A :class:`HypergradientResult`.
-
-    Example:
-        >>> from lightning_autobalance.parametrization import PerClass
-        >>> from lightning_autobalance.losses import adjusted_cross_entropy
-        >>> net, loss = nn.Linear(4, 3), PerClass([50, 10, 2], preset="la")
-        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-        >>> res = hypergradient(net, loss.alpha(), loss.tables,
-        ...                     lambda f, t, g, tab: adjusted_cross_entropy(f, t, *tab, group=g),
-        ...                     lambda f, t, g: torch.nn.functional.cross_entropy(f, t),
-        ...                     [Batch(x, y)], [Batch(x, y)], Estimator(method="unroll", eta=0.1))
-        >>> sorted(res.grad)
-        ['delta', 'offset']
-    """
-    if estimator is not None and settings:
-        raise ValueError(f"hypergradient takes an estimator or its settings by name, not both; got {sorted(settings)} "
-                         "beside an Estimator.")
-    est = estimator if estimator is not None else Estimator(**settings)
-    method, product = est.method, est.product
-    if not train_batches or not upper_batches:
-        raise ValueError("hypergradient needs at least one training batch and one upper batch.")
-    fmodel = model if isinstance(model, FunctionalModel) else FunctionalModel(model, forward)
-    params = fmodel.params()
-    with torch.no_grad():
-        tables = LossTables(*(t.detach() for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
-
-    problem = Problem(fmodel, params, train_batches, upper_batches, tables, train_loss, objective, est, reduce,
-                      loss_scale, alpha, tables_fn)
-    solved = SOLVERS[method](problem)
-    if hasattr(solved, "grad"):  # the method returned the hypergradient itself
-        grad = {k: solved.grad[k].to(_wide(alpha[k].dtype)) for k in alpha}
-        finite = torch.stack([torch.isfinite(t).all() for t in grad.values()]).all()
-        return HypergradientResult(grad=grad, objective=solved.objective, finite=finite)
-    p, value = solved
-
-    grad: Tree | None = None
-    for batch in train_batches:
-        logits, u = logits_product(fmodel, params, batch, p, product)
-        m = mixed_term(logits, u, batch.target, batch.group, alpha, tables_fn, train_loss)
-        grad = m if grad is None else _axpy(1.0, m, grad)
-    assert grad is not None
-    grad = _reduce_tree(_scale(-1.0 / len(train_batches), grad), reduce)
-    grad = {k: grad[k].to(_wide(alpha[k].dtype)) for k in alpha}
-    finite = torch.stack([torch.isfinite(t).all() for t in grad.values()]).all()
-    return HypergradientResult(grad=grad, objective=value, finite=finite)
+        return axpy(total, vec, hv) if total else hv

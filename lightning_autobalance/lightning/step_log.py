@@ -21,6 +21,9 @@ __all__ = ["READ_EVERY", "StepLog", "parameter_figures"]
 #: Hyper steps whose figures wait on the device before they are read back in one transfer.
 READ_EVERY = 64
 
+#: The largest relative residual of a method's own solve (the ``"head"`` method's Newton solve) taken as converged.
+RESIDUAL_LIMIT = 1e-3
+
 
 def parameter_figures(params: Any, log_max_classes: int) -> tuple[list[str], list[Tensor]]:
     """Names and device values of the loss parameters' logged figures: every entry of the searched tables up to
@@ -70,6 +73,8 @@ class StepLog:
         self.last_objective: float | None = None
         self.objectives: list[float] = []  # the objectives read since the last call of take_objectives()
         self._records: list[tuple[int, list[str], Tensor, Tensor | None]] = []
+        #: (step, residual) of the hyper steps read whose solve stopped short of convergence (``RESIDUAL_LIMIT``)
+        self.unconverged: list[tuple[int, float]] = []
 
     def start_fit(self) -> None:
         self.fit_attempted = self.fit_skipped = 0
@@ -126,6 +131,9 @@ class StepLog:
                 self.fit_skipped += 1
                 skipped_at.append(step)
                 row.pop("autobalance/hypergrad_norm")
+            residual = row.get("autobalance/solver_residual", 0.0)
+            if not residual <= RESIDUAL_LIMIT:
+                self.unconverged.append((step, residual))
             self.last_objective = row["autobalance/objective"]
             self.objectives.append(self.last_objective)
             row["autobalance/skipped"] = float(self.skipped)
