@@ -192,7 +192,7 @@ def test_a_holdout_that_holds_nothing_back_is_an_error_at_setup():
 def test_the_search_never_draws_a_held_back_sample_and_a_resumed_fit_keeps_the_result():
     _, cb, _ = _fit(_callback(0.5))
     drawn = set(cb.upper.stream.sampler.subset)
-    held = set(cb.upper.held_back.tolist())
+    held = set(cb.held_back_check.held_back.tolist())
     assert held and not drawn & held and len(drawn | held) == 30
     restored = AutoBalanceCallback(upper=UpperData(holdout=0.5))
     restored.load_state_dict(cb.state_dict())
@@ -216,7 +216,7 @@ def _default_fit(weight_decay, upper=None, caplog=None):
 def test_by_default_half_the_upper_data_is_held_back_and_checked():
     assert UpperData().holdout is None
     cb = _default_fit(1e-3)
-    assert cb.upper.held_back is not None and cb.upper.held_back.numel() == 15
+    assert cb.held_back_check.held_back is not None and cb.held_back_check.held_back.numel() == 15
     assert cb.check_result is not None and cb.check_result.samples == 15
 
 
@@ -231,7 +231,7 @@ def test_by_default_an_upper_split_with_one_sample_per_class_is_searched_whole(c
     upper = DataLoader(TensorDataset(torch.randn(3, 4), torch.tensor([0, 1, 2])), batch_size=3)
     with caplog.at_level("INFO"):
         cb = _default_fit(1e-3, upper)
-    assert cb.upper.held_back is None and cb.check_result is None and cb.hyper_steps > 0
+    assert cb.held_back_check.held_back is None and cb.check_result is None and cb.hyper_steps > 0
     assert "no held-back check (every class of the upper data has one sample)" in caplog.text
 
 
@@ -242,7 +242,7 @@ def test_holdout_zero_holds_nothing_back():
     cb = AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0), warmup_fraction=0.0, every_n_steps=1)
     pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
-    assert cb.upper.held_back is None and cb.check_result is None and cb.hyper_steps > 0
+    assert cb.held_back_check.held_back is None and cb.check_result is None and cb.hyper_steps > 0
 
 
 def test_read_features_reads_the_head_inputs_in_eval_mode_and_stops_at_max_rows():

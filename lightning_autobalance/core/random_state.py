@@ -7,12 +7,14 @@ batch, and must leave the random state the training loop sees untouched. Plain t
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RandomState", "from_state"]
+__all__ = ["RandomState", "from_state", "preserve_random_state"]
 
 #: ``(torch.get_rng_state(), the CUDA state of the device or None)``
 RandomState = tuple[Tensor, "Tensor | None"]
@@ -39,3 +41,14 @@ def from_state(state: RandomState | None, device: torch.device) -> Iterator[None
         if state[1] is not None and devices:
             torch.cuda.set_rng_state(state[1], device)
         yield
+
+
+@contextlib.contextmanager
+def preserve_random_state(device: torch.device) -> Iterator[None]:
+    """Restores torch (CPU and the current CUDA device), Python and NumPy random states after the block."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)

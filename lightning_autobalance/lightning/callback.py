@@ -31,23 +31,21 @@ from lightning_autobalance.core.estimator import Estimator, with_head_weight_dec
 from lightning_autobalance.core.head import find_head
 from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.core.objectives import Objective, UpperObjective
+from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.lightning.batch_stream import BatchStream
-from lightning_autobalance.lightning.check import CheckResult, HeldBackCheck
+from lightning_autobalance.lightning.check import CHECK_WEIGHT_DECAY, CheckResult, HeldBackCheck
 from lightning_autobalance.lightning.flat_settings import callback_values, flat_settings
 from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.lightning.mixin import AutoBalanceMixin
 from lightning_autobalance.lightning.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
 from lightning_autobalance.lightning.step_log import RESIDUAL_LIMIT, StepLog, parameter_figures
 from lightning_autobalance.lightning.strategies import SHARDED_STRATEGIES
-from lightning_autobalance.lightning.upper_data import UpperData, preserve_random_state
+from lightning_autobalance.lightning.upper_data import UpperData
 
 __all__ = ["CHECK_WEIGHT_DECAY", "MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
 
-#: the head's weight decay in the held-back check when neither the model optimizer nor the estimator gives one (only
-#: with the default ``UpperData(holdout=None)``; an explicit ``holdout`` then refuses the fit)
-CHECK_WEIGHT_DECAY = 5e-4
 
 
 
@@ -192,7 +190,7 @@ class AutoBalanceCallback(Callback):
         self._loss_calls: int | None = None  # the module's autobalance_loss calls at the previous optimizer step
         self._warned_frozen = False
         self._resumed_at = 0
-        self._check = HeldBackCheck()
+        self._check = HeldBackCheck(self.upper.holdout, self.estimator.head)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -260,7 +258,7 @@ class AutoBalanceCallback(Callback):
         except ValueError:
             checkable = "the module has no nn.Linear head"
         table, shrink_table = self.upper.setup(trainer, pl_module, self.seed, objective.counts_per_cell,
-                                               objective.num_groups, checkable)
+                                               objective.num_groups, self._check, checkable)
         missing = self.upper.missing_classes()
         if missing and objective.requires_all_classes:
             k = params.num_classes
@@ -296,18 +294,12 @@ class AutoBalanceCallback(Callback):
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
-        if self._pending is None:  # a new fit is checked anew; a resumed one keeps its start and its result
-            self._check = HeldBackCheck()
         groups = [g for o in trainer.optimizers for g in o.param_groups]
         self._estimator, note = with_head_weight_decay(self.estimator, pl_module, groups)  # "head": the optimizer's
         if note:
             rank_zero_warn(f"AutoBalance: {note}")
-        if self.upper.held_back is not None:  # before any training: an explicit holdout needs weight decay
-            fallback = None if self.upper.holdout is not None else CHECK_WEIGHT_DECAY
-            if self._check.begin(pl_module, params.alpha(), groups, self._estimator.weight_decay,
-                                 self.estimator.head, fallback):
-                rank_zero_info(f"AutoBalance: the classifier head has no weight decay; the held-back check trains its "
-                               f"heads with weight decay {CHECK_WEIGHT_DECAY}.")
+        # before any training: an explicit holdout needs weight decay on the head; a resumed fit keeps its start
+        self._check.begin(pl_module, params.alpha(), groups, self._estimator.weight_decay, self._pending is not None)
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -449,27 +441,22 @@ class AutoBalanceCallback(Callback):
         """Whether the held-back check runs now (once a fit, when the search is over): upper data held back
         (:class:`~lightning_autobalance.UpperData` ``holdout``), hyper steps made in this fit and the loss not frozen.
         Override to decide otherwise."""
-        return bool(self.upper.held_back is not None and self._check.result is None
-                    and self._check.start_alpha is not None
-                    and self._log.fit_attempted - self._log.fit_skipped > 0
-                    and not pl_module.autobalance_parameters().frozen)  # type: ignore[attr-defined]
+        return self._check.ready(self._log.fit_attempted - self._log.fit_skipped > 0,
+                                 pl_module.autobalance_parameters().frozen)  # type: ignore[attr-defined]
 
     def _run_check(self, trainer: pl.Trainer, pl_module: Any, log: bool = False) -> None:
         """The held-back check (:mod:`lightning_autobalance.lightning.check`): keeps the found loss only when it beats
         its start on the upper samples the search never saw; otherwise puts the start back."""
         self._read(trainer)
-        if not self.should_check(trainer, pl_module):
-            return
-        params = pl_module.autobalance_parameters()
-        objective = self.objective.build(self.upper.held_back_table(params.num_classes), None, validate=False)
-        with preserve_random_state(pl_module.device):
-            result = self._check.run(pl_module, params, trainer.train_dataloader, self.upper.held_back_loader(),
-                                     objective, self.estimator.head, trainer.strategy.batch_to_device,
-                                     None if self._reducer.is_local else self._reducer)
-        rank_zero_info(f"AutoBalance: {result.describe()}.")
-        if log and trainer.loggers:
-            pl_module.log_dict({"autobalance/check_start": result.start, "autobalance/check_found": result.found},
-                               on_step=False, on_epoch=True)
+        if self.should_check(trainer, pl_module):
+            self._check.run_in_fit(trainer, pl_module, self.objective, self.upper.loader,
+                                   None if self.upper.cells is None else len(self.upper.cells),
+                                   None if self._reducer.is_local else self._reducer, log)
+
+    @property
+    def held_back_check(self) -> HeldBackCheck:
+        """The held-back check (its split, start, weight decay and result)."""
+        return self._check
 
     @property
     def check_result(self) -> CheckResult | None:

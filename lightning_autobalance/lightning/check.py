@@ -4,19 +4,21 @@ A search that lowers its upper objective may only have fitted the upper split's 
 class). The check holds part of the upper split back from the search and, at its end, asks one question of that
 part: **if the classifier head were trained to convergence on the current features with the found loss, and again
 with the start loss, which head scores better on the held-back samples?** The found loss replaces its start only
-when it wins; otherwise the loss goes back to where it started. So a search can stop improving, but it cannot end
-worse than its start by more than the check's own error.
+when it wins; otherwise the loss goes back to where it started. What it answers is a proxy: two heads on the features
+of the search's own model (trained with the found loss), not the network retrained with each loss, so a loss it keeps
+can still lose once retrained (measured in docs/results.md).
 
 Each of the two heads is the equilibrium of the head's strongly convex training problem under weight decay
 (:func:`~lightning_autobalance.core.head.solve_head`, Newton's method from the network's own head) on the features of
 the training data; both are scored with the upper objective on the held-back features. Only the last layer responds to
 the loss here: the check is about the loss's effect where it acts most directly, at the cost of a forward pass over
-the training data and a few small solves, and it knows nothing of Lightning.
+the training data and a few small solves.
 
 :func:`holdout_split` chooses the held-back part (stratified per class, or per (group, class) cell);
-:func:`compare_losses` scores the losses; :func:`read_features` reads a head's inputs from batches;
-:func:`check_found_loss` puts them together for an AutoBalance module; :class:`HeldBackCheck` is the check's state
-over a fit (what the callback keeps and checkpoints).
+:func:`compare_losses` scores the losses; :func:`read_features` reads a head's inputs from batches (these three know
+nothing of Lightning); :func:`check_found_loss` puts them together for an AutoBalance module; :class:`HeldBackCheck`
+is the check over a fit, in one place: its share and split, the head's weight decay, when it runs, its objective,
+its result (what the callback calls from its hooks and checkpoints).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from lightning_autobalance.core.cells import cell_index
 from lightning_autobalance.core.head import (
@@ -39,9 +43,17 @@ from lightning_autobalance.core.head import (
     solve_head,
 )
 from lightning_autobalance.core.losses import LossTables
+from lightning_autobalance.core.random_state import preserve_random_state
 
-__all__ = ["CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split",
-           "read_features"]
+__all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses",
+           "head_weight_decay", "holdout_split", "read_features"]
+
+#: the share of the upper data held back for the check when ``UpperData(holdout=None)`` (the default)
+AUTO_HOLDOUT = 0.5
+
+#: the head's weight decay in the check when neither the model optimizer nor the estimator gives one (only with the
+#: default ``UpperData(holdout=None)``; an explicit ``holdout`` then refuses the fit)
+CHECK_WEIGHT_DECAY = 5e-4
 
 #: the most training rows the check reads (a shuffled loader gives a random sample of that size)
 TRAIN_ROWS = 65536
@@ -248,56 +260,155 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
 
 
 class HeldBackCheck:
-    """The held-back check over one fit: the loss parameters it started from, the head's weight decay, the result.
+    """The held-back check over one fit, in one place: its share of the upper data and the split (at setup), the
+    head's weight decay and the loss parameters the search starts from (at the start of the fit), its objective and
+    its run (once the search is over: it puts the start back when the found loss loses), its result, and
+    :meth:`state_dict` / :meth:`load_state_dict` so that a resumed fit neither runs it twice nor forgets its result.
 
-    :meth:`begin` at the start of the fit, :meth:`run` once the search is over (it puts the start back when the found
-    loss loses), :meth:`state_dict` / :meth:`load_state_dict` so that a resumed fit neither runs it twice nor forgets
-    its result.
+    Args:
+        share: the share of the upper data held back (``UpperData(holdout=...)``): ``None`` is :data:`AUTO_HOLDOUT`
+            where the check can run and nothing (with a message) where it cannot; ``0`` no check; a share given
+            explicitly is an error where the check cannot run.
+        head: the classifier head's qualified name (default: the last ``nn.Linear``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, share: float | None = None, head: str | None = None) -> None:
+        self.share, self.head = share, head
+        self.held_back: Tensor | None = None  # after split(): the held-back dataset indices
+        self._labels: Tensor | None = None
+        self._groups: Tensor | None = None
         self.start_alpha: dict[str, Tensor] | None = None
         self.weight_decay = 0.0
         self.result: CheckResult | None = None
         self._restored_start: dict[str, Tensor] | None = None
 
-    def begin(self, module: nn.Module, alpha: dict[str, Tensor], param_groups: Iterable[dict[str, Any]],
-              weight_decay: float = 0.0, head: str | None = None, fallback: float | None = None) -> bool:
-        """Records the start; the weight decay is ``weight_decay`` when ``> 0``, else that of the optimizer group
-        holding the head's weight (:func:`head_weight_decay`), else ``fallback``. Returns whether the fallback was
-        used.
+    # at setup -------------------------------------------------------------------------------------------------
+    def split(self, labels_groups: Callable[[], tuple[Tensor, Tensor | None]], checkable: str | None,
+              not_resampled: str | None, seed: int, num_classes: int) -> Tensor | None:
+        """Chooses the held-back samples (:attr:`held_back`) and returns the indices the search draws from, or
+        ``None`` when nothing is held back (a share of ``0``; or, by default, where the check cannot run: said once).
+
+        Args:
+            labels_groups: the label (and group) of every upper sample in dataset order, read when needed.
+            checkable: why the module cannot be checked (no ``nn.Linear`` head, nothing to search), or ``None``.
+            not_resampled: why the upper loader cannot be drawn by index, or ``None``.
+            seed: seeds the split.
+            num_classes: the loss's classes.
 
         Raises:
-            ValueError: when none gives the head a weight decay ``> 0`` (the head's equilibrium would not exist):
+            ValueError: a share given explicitly that cannot hold anything back.
+        """
+        self.held_back = self._labels = self._groups = None
+        share = AUTO_HOLDOUT if self.share is None else self.share
+        if not share:
+            return None
+        why = (checkable if self.share is None else None) or not_resampled
+        if why is None:
+            labels, groups = labels_groups()
+            search, held = holdout_split(labels, share, seed=seed, groups=groups, num_classes=num_classes)
+            if held.numel() == 0:
+                why = "every class of the upper data has one sample"
+        if why is not None:
+            if self.share is not None:
+                raise ValueError(f"UpperData(holdout={share}) holds nothing back: {why} (a class keeps at least one "
+                                 "sample for the search). Use more upper data, a dataloader that can be sampled by "
+                                 "index, or holdout=0 (no held-back check).")
+            rank_zero_info(f"AutoBalance: no held-back check ({why}); the search uses all the upper data and its "
+                           "found loss is kept as it is.")
+            return None
+        self.held_back, self._labels = held, labels[held]
+        self._groups = None if groups is None else groups[held]
+        return search
+
+    def loader(self, upper_loader: Any) -> DataLoader:
+        """A loader over the held-back samples of ``upper_loader``'s dataset, in order, with its batch size and
+        collate function."""
+        if self.held_back is None:
+            raise RuntimeError("HeldBackCheck.loader: nothing is held back (holdout=0, or before setup).")
+        return DataLoader(Subset(upper_loader.dataset, self.held_back.tolist()), batch_size=upper_loader.batch_size,
+                          collate_fn=upper_loader.collate_fn)
+
+    def table(self, num_classes: int, num_groups: int | None) -> list[int] | list[list[int]]:
+        """The held-back samples' counts, per (group, class) cell when ``num_groups`` is given (the objective was
+        built from cells) and per class otherwise, a class or cell without samples counted as 1 (it has no rows to
+        weigh): what the check's objective is built from."""
+        if self._labels is None:
+            raise RuntimeError("HeldBackCheck.table: nothing is held back (holdout=0, or before setup).")
+        counts = torch.bincount(self._labels, minlength=num_classes).tolist()
+        if num_groups is not None and self._groups is not None and self._groups.numel() == self._labels.numel():
+            cells = torch.bincount(cell_index(self._groups, self._labels, num_classes),
+                                   minlength=num_groups * num_classes).view(num_groups, num_classes)
+            return [[max(c, 1) for c in row] for row in cells.tolist()]
+        return [max(c, 1) for c in counts]
+
+    # at the start of the fit ------------------------------------------------------------------------------------
+    def begin(self, module: nn.Module, alpha: dict[str, Tensor], param_groups: Iterable[dict[str, Any]],
+              weight_decay: float = 0.0, resumed: bool = False) -> None:
+        """Records the start (a resumed fit keeps the one it started from, and its result) and works out the head's
+        weight decay once for the fit: ``weight_decay`` when ``> 0`` (the estimator's), else that of the optimizer
+        group holding the head's weight (:func:`head_weight_decay`), else, with the default share,
+        :data:`CHECK_WEIGHT_DECAY` (said once). Nothing is recorded when nothing is held back.
+
+        Raises:
+            ValueError: an explicit share and no weight decay ``> 0`` on the head (its equilibrium would not exist):
                 before any training time is spent.
         """
+        if not resumed:
+            self.result, self._restored_start = None, None
+        if self.held_back is None:
+            self.start_alpha = None
+            return
         restored = self._restored_start  # a resumed fit starts where the interrupted one started, not at its checkpoint
         self.start_alpha = {k: (restored[k] if restored is not None and k in restored else v.detach()).clone().to(v)
                             for k, v in alpha.items()}
-        used_fallback = False
         if not weight_decay:
-            weight_decay = optimizer_head_weight_decay(module, param_groups, head)[1] or 0.0
-        if not weight_decay > 0 and fallback is not None:
-            weight_decay, used_fallback = fallback, True
+            weight_decay = optimizer_head_weight_decay(module, param_groups, self.head)[1] or 0.0
+        if not weight_decay > 0 and self.share is None:
+            weight_decay = CHECK_WEIGHT_DECAY
+            rank_zero_info(f"AutoBalance: the classifier head has no weight decay; the held-back check trains its "
+                           f"heads with weight decay {CHECK_WEIGHT_DECAY}.")
         if not weight_decay > 0:
             raise ValueError("UpperData(holdout=...) checks the found loss at the classifier head's equilibrium, which "
                              "needs weight decay on the head: give the model optimizer weight_decay > 0 for it, or "
                              "set Estimator(weight_decay=...).")
         self.weight_decay = float(weight_decay)
-        return used_fallback
+
+    # once the search is over ------------------------------------------------------------------------------------
+    def ready(self, searched: bool, frozen: bool) -> bool:
+        """Whether the check can run now: something held back, not yet run in this fit, the search made hyper
+        steps (``searched``) and the loss is not frozen."""
+        return bool(self.held_back is not None and self.result is None and self.start_alpha is not None and searched
+                    and not frozen)
 
     def run(self, module: nn.Module, params: Any, train_batches: Iterable[Any], held_back_batches: Iterable[Any],
-            objective: Objective, head: str | None = None, to_device: Callable[[Any], Any] | None = None,
+            objective: Objective, to_device: Callable[[Any], Any] | None = None,
             reduce: Callable[[Tensor], Tensor] | None = None) -> CheckResult:
         """:func:`check_found_loss`; when the found loss loses, the start is copied back into ``params.alpha()``."""
         assert self.start_alpha is not None, "HeldBackCheck.run before begin"
         result = check_found_loss(module, params, self.start_alpha, train_batches, held_back_batches, objective,
-                                  self.weight_decay, head, to_device, reduce)
+                                  self.weight_decay, self.head, to_device, reduce)
         if not result.keep:
             with torch.no_grad():
                 for name, value in params.alpha().items():
                     value.copy_(self.start_alpha[name])
         self.result = result
+        return result
+
+    def run_in_fit(self, trainer: Any, pl_module: Any, objective: Any, upper_loader: Any, num_groups: int | None,
+                   reduce: Callable[[Tensor], Tensor] | None, log: bool = False) -> CheckResult:
+        """:meth:`run` inside a fit: the objective (an :class:`~lightning_autobalance.UpperObjective`) built from
+        the held-back counts, the training dataloader, the held-back loader, the caller's random state kept; the
+        result said once and, with ``log`` at an epoch's end, logged as ``autobalance/check_start`` and
+        ``autobalance/check_found``."""
+        params = pl_module.autobalance_parameters()
+        built = objective.build(self.table(params.num_classes, num_groups), None, validate=False)
+        with preserve_random_state(pl_module.device):
+            result = self.run(pl_module, params, trainer.train_dataloader, self.loader(upper_loader), built,
+                              trainer.strategy.batch_to_device, reduce)
+        rank_zero_info(f"AutoBalance: {result.describe()}.")
+        if log and trainer.loggers:
+            pl_module.log_dict({"autobalance/check_start": result.start, "autobalance/check_found": result.found},
+                               on_step=False, on_epoch=True)
         return result
 
     def state_dict(self) -> dict[str, Any]:

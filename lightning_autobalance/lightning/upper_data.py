@@ -14,40 +14,25 @@ strategy's ``all_gather``).
 from __future__ import annotations
 
 import contextlib
-import random
-from collections.abc import Iterator
 from typing import Any, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from lightning_autobalance.core.cells import cell_index
 from lightning_autobalance.core.coerce import coerce_value
+from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.lightning.batch_stream import BatchStream, map_style, why_not_resampled
-from lightning_autobalance.lightning.check import holdout_split
+from lightning_autobalance.lightning.check import AUTO_HOLDOUT, HeldBackCheck
 
+# AUTO_HOLDOUT and preserve_random_state live in check.py and core/random_state.py; kept here for older imports
 __all__ = ["AUTO_HOLDOUT", "UpperData", "UpperSource", "preserve_random_state"]
-
-#: the share of the upper data held back for the check when ``UpperData(holdout=None)`` (the default)
-AUTO_HOLDOUT = 0.5
 
 UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
 _SOURCES = ("auto", "datamodule", "dataloader", "val")
-
-
-@contextlib.contextmanager
-def preserve_random_state(device: torch.device) -> Iterator[None]:
-    """Restores torch (CPU and the current CUDA device), Python and NumPy random states after the block."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-    random.setstate(py_state)
-    np.random.set_state(np_state)
 
 
 def _check_labels(labels: Tensor, num_classes: int) -> None:
@@ -107,11 +92,8 @@ class UpperData:
         self.stream: BatchStream | None = None
         self.counts: list[int] | None = None
         self.cells: list[list[int]] | None = None
-        #: after :meth:`setup` with ``holdout``: the held-back dataset indices, and the loader they came from
-        self.held_back: Tensor | None = None
-        self._held_back_labels: Tensor | None = None
-        self._held_back_groups: Tensor | None = None
-        self._loader: Any = None
+        #: after :meth:`setup`: the loader the upper batches come from
+        self.loader: Any = None
         self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
         self._check_each: tuple[Any, int] | None = None  # iterable upper data: (module, classes) to check each batch
 
@@ -134,7 +116,8 @@ class UpperData:
 
     # ------------------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool,
-              num_groups: int | None, checkable: str | None = None) -> tuple[Any, Any]:
+              num_groups: int | None, check: HeldBackCheck | None = None, checkable: str | None = None
+              ) -> tuple[Any, Any]:
         """Finds the loader, opens the stream, learns the counts; returns ``(objective_table, shrink_table)``: the
         counts the objective is built from (equal per class when batches are class-balanced) and those that inform
         each loss parameter (``None`` each when unknown).
@@ -145,6 +128,8 @@ class UpperData:
             seed: seeds the order of upper batches.
             wants_cells: the objective is built from (group, class) counts when the batches carry groups.
             num_groups: the groups the objective's settings give, if any.
+            check: the held-back check of the fit, which chooses the samples held back from the search
+                (:meth:`HeldBackCheck.split`); ``None``: nothing is held back.
             checkable: why the module cannot be checked (no ``nn.Linear`` head), or ``None``: with the default
                 ``holdout=None`` nothing is then held back.
 
@@ -153,12 +138,14 @@ class UpperData:
             ValueError: counts that do not fit the loss.
         """
         params = pl_module.autobalance_parameters()
-        loader = self._loader = self._find_loader(trainer, pl_module)
-        self.held_back = self._held_back_labels = self._held_back_groups = None
+        loader = self.loader = self._find_loader(trainer, pl_module)
         # Every process must learn about a process without upper data (or one whose split fails), or the others
         # would wait for it forever.
+        search = None
         try:
-            search = self._split(trainer, pl_module, loader, seed, params.num_classes, checkable)
+            if check is not None:
+                search = check.split(lambda: self._labels_groups(trainer, pl_module, loader, params.num_classes),
+                                     checkable, why_not_resampled(loader), seed, params.num_classes)
             self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
                                       subset=search)
             batches, error = self.stream.batches_per_pass(), None
@@ -208,56 +195,6 @@ class UpperData:
             pl_module, num_classes = self._check_each
             _check_labels(torch.as_tensor(pl_module.autobalance_unpack(batch)[1]), num_classes)
         return batch
-
-    def _split(self, trainer: pl.Trainer, pl_module: Any, loader: Any, seed: int, num_classes: int,
-               checkable: str | None) -> Tensor | None:
-        """Chooses the held-back samples (:attr:`held_back`) and returns the indices the search draws from, or
-        ``None`` when nothing is held back (``holdout=0``; or, by default, where the check cannot run: said once).
-
-        Raises:
-            ValueError: a share given explicitly that cannot hold anything back.
-        """
-        share = AUTO_HOLDOUT if self.holdout is None else self.holdout
-        if not share:
-            return None
-        why = (checkable if self.holdout is None else None) or why_not_resampled(loader)
-        if why is None:
-            labels, groups = self._labels_groups(trainer, pl_module, loader, num_classes)
-            search, held = holdout_split(labels, share, seed=seed, groups=groups, num_classes=num_classes)
-            if held.numel() == 0:
-                why = "every class of the upper data has one sample"
-        if why is not None:
-            if self.holdout is not None:
-                raise ValueError(f"UpperData(holdout={share}) holds nothing back: {why} (a class keeps at least one "
-                                 "sample for the search). Use more upper data, a dataloader that can be sampled by "
-                                 "index, or holdout=0 (no held-back check).")
-            rank_zero_info(f"AutoBalance: no held-back check ({why}); the search uses all the upper data and its "
-                           "found loss is kept as it is.")
-            return None
-        self.held_back, self._held_back_labels = held, labels[held]
-        self._held_back_groups = None if groups is None else groups[held]
-        return search
-
-    def held_back_loader(self) -> DataLoader:
-        """A loader over the held-back samples (after :meth:`setup` with ``holdout``), in order, with the upper
-        loader's batch size and collate function."""
-        if self.held_back is None or self._loader is None:
-            raise RuntimeError("UpperData.held_back_loader: nothing is held back (holdout=0, or before setup).")
-        loader = self._loader
-        return DataLoader(Subset(loader.dataset, self.held_back.tolist()), batch_size=loader.batch_size,
-                          collate_fn=loader.collate_fn)
-
-    def held_back_table(self, num_classes: int) -> list[int] | list[list[int]]:
-        """The held-back samples' counts in the shape the objective was built from at :meth:`setup` (per (group,
-        class) cell when the upper data has cells, else per class), a class or cell without samples counted as 1
-        (it has no rows to weigh)."""
-        if self._held_back_labels is None:
-            raise RuntimeError("UpperData.held_back_table: nothing is held back (holdout=0, or before setup).")
-        counts, cells = _count_table(self._held_back_labels, self._held_back_groups, num_classes,
-                                     None if self.cells is None else len(self.cells))
-        if self.cells is not None and cells is not None:
-            return [[max(c, 1) for c in row] for row in cells]
-        return [max(c, 1) for c in counts]
 
     def missing_classes(self) -> list[int]:
         """The classes without upper samples (after :meth:`setup`; empty when the counts are unknown)."""
