@@ -344,7 +344,7 @@ def test_resume_with_the_default_schedule_is_identical(tmp_path):
     model, callback, train = setup()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
     _trainer([callback, ckpt_cb], max_epochs=4, enable_checkpointing=True).fit(model, train)
-    assert callback.upper.stream.balanced and callback.schedule.interval == 1 and callback.hyper_steps == 39
+    assert callback.fit_upper.stream.balanced and callback.fit_schedule.interval == 1 and callback.hyper_steps == 39
     final_alpha, final_state = _alpha(model), callback.state_dict()
     resumed_model, resumed_cb, train = setup()
     _trainer([resumed_cb], max_epochs=4).fit(resumed_model, train, ckpt_path=tmp_path / "epoch=1.ckpt")
@@ -981,13 +981,13 @@ def test_class_balanced_upper_batches_and_equal_class_weights():
     model = Net(preset="ce", search="offset")
     callback = AutoBalanceCallback(upper_dataloader=small_batches)
     _trainer([callback], max_epochs=1).fit(model, _train_loader())
-    assert callback.upper.stream.balanced
+    assert callback.fit_upper.stream.balanced
     torch.testing.assert_close(callback._objective_fn.objective.class_weight, torch.ones(3, dtype=torch.float64))
     # one batch holds the whole upper split: it is used whole, with inverse-frequency weights
     model = Net(preset="ce", search="offset")
     callback = AutoBalanceCallback(upper_dataloader=DataLoader(TensorDataset(x, y), batch_size=64))
     _trainer([callback], max_epochs=1).fit(model, _train_loader())
-    assert not callback.upper.stream.balanced
+    assert not callback.fit_upper.stream.balanced
     torch.testing.assert_close(callback._objective_fn.objective.class_weight,
                                torch.tensor([50 / 120, 50 / 24, 50 / 6], dtype=torch.float64))
 

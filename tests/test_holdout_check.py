@@ -191,7 +191,7 @@ def test_a_holdout_that_holds_nothing_back_is_an_error_at_setup():
 
 def test_the_search_never_draws_a_held_back_sample_and_a_resumed_fit_keeps_the_result():
     _, cb, _ = _fit(_callback(0.5))
-    drawn = set(cb.upper.stream.sampler.subset)
+    drawn = set(cb.fit_upper.stream.sampler.subset)
     held = set(cb.held_back_check.held_back.tolist())
     assert held and not drawn & held and len(drawn | held) == 30
     restored = AutoBalanceCallback(upper=UpperData(holdout=0.5))

@@ -188,7 +188,9 @@ class SplitInSetup(pl.LightningDataModule):
 
 def test_configure_autobalance_called_from_setup_with_the_callback():
     model = ConfiguredInSetup(_net())
-    callback = AutoBalanceCallback(every_n_steps=1, start_step=0)
+    # holdout=0: the search's own result is asserted (with the held-back check, a found loss that lost there would
+    # be put back, and whether it loses depends on the unseeded network)
+    callback = AutoBalanceCallback(every_n_steps=1, start_step=0, holdout=0)
     _trainer(callback, steps=4).fit(model, datamodule=SplitInSetup())
     assert model.autobalance.preset == "ce" and model.autobalance.class_counts[0].tolist() == [48, 16, 6]
     assert callback.hyper_steps == 4 and float(model.autobalance.alpha()["tau"]) != 0.0

@@ -42,7 +42,7 @@ from lightning_autobalance.lightning.mixin import AutoBalanceMixin
 from lightning_autobalance.lightning.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
 from lightning_autobalance.lightning.step_log import RESIDUAL_LIMIT, StepLog, parameter_figures
 from lightning_autobalance.lightning.strategies import SHARDED_STRATEGIES
-from lightning_autobalance.lightning.upper_data import UpperData
+from lightning_autobalance.lightning.upper_data import UpperBatches, UpperData
 
 __all__ = ["CHECK_WEIGHT_DECAY", "MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "AutoBalanceCallback", "auto_interval"]
 
@@ -190,6 +190,8 @@ class AutoBalanceCallback(Callback):
         self._loss_calls: int | None = None  # the module's autobalance_loss calls at the previous optimizer step
         self._warned_frozen = False
         self._resumed_at = 0
+        self._upper: UpperBatches | None = None  # this fit's upper data (UpperData.build)
+        self._schedule = self.schedule  # this fit's plan (Schedule.plan), the settings until the fit starts
         self._check = HeldBackCheck(self.upper.holdout, self.estimator.head)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -219,6 +221,16 @@ class AutoBalanceCallback(Callback):
     @property
     def scheduler(self) -> Any:
         return self._update.scheduler if self._update is not None else None
+
+    @property
+    def fit_upper(self) -> UpperBatches | None:
+        """The upper data as built for the current (or last) fit: its loader, stream and counts."""
+        return self._upper
+
+    @property
+    def fit_schedule(self) -> Schedule:
+        """The schedule as planned for the current (or last) fit: its ``interval``, ``first``, ``end``, ``planned``."""
+        return self._schedule
 
     @property
     def upper_dataloader(self) -> Any:
@@ -257,9 +269,10 @@ class AutoBalanceCallback(Callback):
             checkable = None if params.num_free() else "the loss has nothing to search"
         except ValueError:
             checkable = "the module has no nn.Linear head"
-        table, shrink_table = self.upper.setup(trainer, pl_module, self.seed, objective.counts_per_cell,
+        upper = self._upper = self.upper.build(trainer, pl_module, self.seed, objective.counts_per_cell,
                                                objective.num_groups, self._check, checkable)
-        missing = self.upper.missing_classes()
+        table, shrink_table = upper.objective_table, upper.shrink_table
+        missing = upper.missing_classes()
         if missing and objective.requires_all_classes:
             k = params.num_classes
             longer = (f" The loss has {k} classes (len(class_counts)); if the data has fewer, class_counts is too "
@@ -276,7 +289,7 @@ class AutoBalanceCallback(Callback):
             self._objective_fn = objective.build(table if table is not None else training_counts, self._reducer,
                                                  validate=False)  # the upper labels were checked above, once
         except ValueError as err:
-            groups = "" if self.upper.cells is not None or not objective.is_named else (
+            groups = "" if upper.cells is not None or not objective.is_named else (
                 " (the upper batches carry no groups: group objectives need (x, y, g) batches)")
             raise ValueError(f"AutoBalanceCallback: the upper objective {objective.describe()} does not fit the upper "
                              f"data{groups}: {err}") from err
@@ -286,11 +299,11 @@ class AutoBalanceCallback(Callback):
         params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
         total = trainer.estimated_stepping_batches  # loads the training data, where a FoldInSampler may be
         sampler = find_fold_in_sampler(trainer.train_dataloader)
-        stream = self.upper.stream
-        self.schedule.plan(total, trainer.max_epochs,
-                           stream.batches_per_pass() if stream is not None else 1,
-                           None if sampler is None else sampler.fold_in_epoch)
-        self._update = self.hyper_optimizer.build(params.alpha(), self.schedule.planned, self._shrink_counts)
+        stream = self._upper.stream if self._upper is not None else None
+        self._schedule = self.schedule.plan(total, trainer.max_epochs,
+                                            stream.batches_per_pass() if stream is not None else 1,
+                                            None if sampler is None else sampler.fold_in_epoch)
+        self._update = self.hyper_optimizer.build(params.alpha(), self._schedule.planned, self._shrink_counts)
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
@@ -303,9 +316,9 @@ class AutoBalanceCallback(Callback):
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
-        rank_zero_info(self.schedule.summary())
-        if self.schedule.fold_in_epoch is not None:
-            rank_zero_info(f"AutoBalance: one-phase run: the search stops at epoch {self.schedule.fold_in_epoch}, "
+        rank_zero_info(self._schedule.summary())
+        if self._schedule.fold_in_epoch is not None:
+            rank_zero_info(f"AutoBalance: one-phase run: the search stops at epoch {self._schedule.fold_in_epoch}, "
                            "where the training data's FoldInSampler folds the upper split into training.")
 
     @override
@@ -314,7 +327,7 @@ class AutoBalanceCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fold = self.schedule.fold_in_epoch
+        fold = self._schedule.fold_in_epoch
         if fold is not None and trainer.current_epoch == fold:
             rank_zero_info(f"AutoBalance: epoch {fold}: the upper split is now trained on; the loss stays as the "
                            f"search left it ({self.hyper_steps} hyper steps).")
@@ -325,7 +338,7 @@ class AutoBalanceCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        due = self._update is not None and self.schedule.should_step(trainer.global_step, trainer.current_epoch)
+        due = self._update is not None and self._schedule.should_step(trainer.global_step, trainer.current_epoch)
         pl_module.autobalance_request_logits(due)  # type: ignore[attr-defined]
         self._batch = batch if due else None
         self._batch_rng = _rng_state(pl_module.device) if due else None
@@ -375,7 +388,8 @@ class AutoBalanceCallback(Callback):
         return self._train
 
     def _hyper_step(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        assert self.upper.stream is not None and self._objective_fn is not None and self._update is not None
+        upper_data = self._upper
+        assert upper_data is not None and self._objective_fn is not None and self._update is not None
         params = pl_module.autobalance
         device = pl_module.device
         with preserve_random_state(device), trainer.precision_plugin.forward_context(), torch.enable_grad():
@@ -383,7 +397,7 @@ class AutoBalanceCallback(Callback):
             for _ in range(self.train_batches - 1):
                 extra = trainer.strategy.batch_to_device(self._train_stream(trainer).next())
                 train.append(self._as_batch(pl_module, extra))
-            upper = [self._as_batch(pl_module, trainer.strategy.batch_to_device(self.upper.next()))
+            upper = [self._as_batch(pl_module, trainer.strategy.batch_to_device(upper_data.next()))
                      for _ in range(self.upper_batches)]
             sizes = None
             if trainer.world_size > 1:  # checked when the figures are read: every rank gathers, none waits
@@ -433,7 +447,7 @@ class AutoBalanceCallback(Callback):
         if self._log.fit_attempted and self._log.last_objective is not None:
             pl_module.log("hyper_obj", float(self._log.last_objective), prog_bar=True, logger=False, on_step=False,
                           on_epoch=True)
-        end, max_epochs = self.schedule.end, trainer.max_epochs or -1  # -1: a run bounded by max_steps only
+        end, max_epochs = self._schedule.end, trainer.max_epochs or -1  # -1: a run bounded by max_steps only
         if (end is not None and trainer.global_step >= end) or 0 < max_epochs <= trainer.current_epoch + 1:
             self._run_check(trainer, pl_module, log=True)  # before this epoch's checkpoint: it holds the loss kept
 
@@ -449,8 +463,10 @@ class AutoBalanceCallback(Callback):
         its start on the upper samples the search never saw; otherwise puts the start back."""
         self._read(trainer)
         if self.should_check(trainer, pl_module):
-            self._check.run_in_fit(trainer, pl_module, self.objective, self.upper.loader,
-                                   None if self.upper.cells is None else len(self.upper.cells),
+            upper = self._upper
+            assert upper is not None
+            self._check.run_in_fit(trainer, pl_module, self.objective, upper.loader,
+                                   None if upper.cells is None else len(upper.cells),
                                    None if self._reducer.is_local else self._reducer, log)
 
     @property
@@ -467,7 +483,7 @@ class AutoBalanceCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_check(trainer, pl_module)
         self._read(trainer)
-        log, schedule = self._log, self.schedule
+        log, schedule = self._log, self._schedule
         if log.fit_attempted - log.fit_skipped > 0 or self._update is None or trainer.sanity_checking:
             return
         if schedule.end is not None and self._resumed_at >= schedule.end and self.hyper_steps > 0:
@@ -493,7 +509,8 @@ class AutoBalanceCallback(Callback):
             "skipped_steps": self.skipped_steps,
             "optimizer": update["optimizer"],
             "scheduler": update["scheduler"],
-            "upper_stream": self.upper.stream.state_dict() if self.upper.stream is not None else None,
+            "upper_stream": None if self._upper is None or self._upper.stream is None
+            else self._upper.stream.state_dict(),
             "train_stream": self._train.state_dict() if self._train is not None else self._train_state,
             "check": self._check.state_dict(),
         }
@@ -508,6 +525,6 @@ class AutoBalanceCallback(Callback):
     def _apply_state(self, state: dict[str, Any]) -> None:
         if self._update is not None:
             self._update.load_state_dict(state)
-        if state.get("upper_stream") is not None and self.upper.stream is not None:
-            self.upper.stream.load_state_dict(state["upper_stream"])
+        if state.get("upper_stream") is not None and self._upper is not None and self._upper.stream is not None:
+            self._upper.stream.load_state_dict(state["upper_stream"])
         self._train_state = state.get("train_stream")

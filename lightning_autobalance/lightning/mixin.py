@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,26 @@ _DEFAULTS: dict[str, Any] = {"preset": "la", "search": ("offset",), "parametriza
                              "loss_file": None, "freeze": False, "num_classes": None}
 #: Training calls of ``autobalance_loss`` in a row whose loss never reached backward before that is an error.
 _UNREACHED_LIMIT = 3
+
+
+@dataclass
+class MixinState:
+    """What the mixin keeps on a module beside its loss parameters, in one place (``module._autobalance_state``)."""
+
+    #: the settings given to ``configure_autobalance`` (``{"like": True}`` for a loss copied with
+    #: ``autobalance_like``; ``None``: never called, the defaults)
+    config: dict[str, Any] | None = None
+    #: the counts were given (or copied) explicitly: a checkpoint's counts must then match them
+    explicit: bool = False
+    #: where counts found at setup came from (for error messages)
+    found_from: str | None = None
+    #: the state-dict hooks are registered
+    hooked: bool = False
+    #: the callback asked for the next training logits, and the logits kept for it
+    record: bool = False
+    recorded: Tensor | None = None
+    #: the loss tables with the versions of the parameters they were computed from
+    cache: tuple[Any, LossTables] | None = None
 
 
 def _mark_reached(flag: list[bool], grad: Tensor) -> None:
@@ -213,9 +234,15 @@ class AutoBalanceMixin:
     #: :class:`~lightning_autobalance.AutoBalanceCallback` reads it to stop a fit whose training step never calls
     #: the searched loss.
     autobalance_loss_calls: int = 0
-    _autobalance_record: bool = False  # class default: autobalance_loss must reach the RuntimeError below
-    _autobalance_recorded: Tensor | None = None
-    _autobalance_cache: tuple[Any, LossTables] | None = None
+
+    @property
+    def _autobalance_state(self) -> MixinState:
+        """The mixin's state, one object (made on first use: a module may call the mixin before its own
+        ``__init__`` has run)."""
+        state = self.__dict__.get("_autobalance_state_")
+        if state is None:
+            state = self.__dict__["_autobalance_state_"] = MixinState()
+        return state
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -296,20 +323,20 @@ class AutoBalanceMixin:
                   "loss_file": None if loss_file is None else str(loss_file), "freeze": bool(freeze),
                   "num_classes": num_classes}
         existing = self._autobalance_built()
-        previous = self.__dict__.get("_autobalance_config") or {}
+        previous = self._autobalance_state.config or {}
         same = existing is not None and previous == config
         if same and (class_counts is None or _same_counts(class_counts, existing, num_groups)):
             return existing  # called again (e.g. setup for every stage): keep the loss found so far
         if class_counts is None and existing is not None and previous.get("like"):
             return existing  # a loss taken with autobalance_like stays (e.g. a setup() that configures again)
         if class_counts is None and existing is None:
-            self._autobalance_config = config
+            self._autobalance_state.config = config
             return None  # the counts are found at setup (autobalance_parameters)
-        self._autobalance_config = config
+        self._autobalance_state.config = config
         if class_counts is None:
             class_counts = existing.class_counts  # new settings on the counts known before
         else:
-            self._autobalance_explicit = True
+            self._autobalance_state.explicit = True
         return self._autobalance_build(class_counts)
 
     def autobalance_like(self, other: AutoBalanceMixin, freeze: bool = False,
@@ -345,8 +372,8 @@ class AutoBalanceMixin:
         params = copy.deepcopy(source)
         params.frozen = bool(freeze)
         self._autobalance_set(params, other.autobalance_reduction)
-        self._autobalance_config = {"like": True}
-        self._autobalance_explicit = True
+        self._autobalance_state.config = {"like": True}
+        self._autobalance_state.explicit = True
         return params
 
     # -- building the loss ---------------------------------------------------------------------------------
@@ -355,7 +382,7 @@ class AutoBalanceMixin:
         return params if isinstance(params, LossParametrization) else None
 
     def _autobalance_settings(self) -> dict[str, Any]:
-        config = self.__dict__.get("_autobalance_config")
+        config = self._autobalance_state.config
         return dict(_DEFAULTS if config is None or config.get("like") else config)
 
     def _autobalance_build(self, class_counts: Any) -> LossParametrization:
@@ -379,14 +406,14 @@ class AutoBalanceMixin:
         self._autobalance_install_hooks()
         self.autobalance = params
         self.autobalance_reduction = reduction  # type: ignore[assignment]
-        self._autobalance_cache = None
-        self._autobalance_recorded = None
+        self._autobalance_state.cache = None
+        self._autobalance_state.recorded = None
 
     def _autobalance_install_hooks(self) -> None:
         """Registers the state-dict hooks that save the loss settings and rebuild the loss from a checkpoint."""
-        if self.__dict__.get("_autobalance_hooked") or "_state_dict_hooks" not in self.__dict__:
+        if self._autobalance_state.hooked or "_state_dict_hooks" not in self.__dict__:
             return
-        self.__dict__["_autobalance_hooked"] = True
+        self._autobalance_state.hooked = True
         self._register_state_dict_hook(_save_settings)  # type: ignore[attr-defined]
         self._register_load_state_dict_pre_hook(_restore_from_state, with_module=True)  # type: ignore[attr-defined]
 
@@ -400,7 +427,7 @@ class AutoBalanceMixin:
             fits = (tuple(existing.class_counts.shape) == tuple(counts.shape)
                     and saved.get("kind", existing.kind) == existing.kind
                     and list(saved.get("search", existing.search)) == list(existing.search))
-            if fits or self.__dict__.get("_autobalance_explicit"):
+            if fits or self._autobalance_state.explicit:
                 return  # the usual load (and its usual errors for counts given explicitly)
         kind = saved.get("kind")
         if kind not in ("hierarchical", "class", "groups", "dataset"):
@@ -411,7 +438,7 @@ class AutoBalanceMixin:
             num_groups=int(table.shape[0]) if table.shape[0] > 1 else None,
             group_size=int(saved.get("group_size", 1)), preset_kwargs=saved.get("preset_kwargs"))
         self._autobalance_set(params, saved.get("reduction", self._autobalance_settings()["reduction"]))
-        self._autobalance_explicit = False
+        self._autobalance_state.explicit = False
 
     def _autobalance_trainer(self) -> Any:
         return self.__dict__.get("_trainer")
@@ -482,8 +509,8 @@ class AutoBalanceMixin:
             raise RuntimeError("AutoBalance: with num_groups the (group, class) counts cannot be found from the "
                                "labels; give configure_autobalance(class_counts=<a G x K table>).")
         params = self._autobalance_build(counts)
-        self._autobalance_explicit = False
-        self._autobalance_found_from = source
+        self._autobalance_state.explicit = False
+        self._autobalance_state.found_from = source
         rank_zero_info(f"AutoBalance: class counts {counts if len(counts) <= 20 else f'({len(counts)} classes)'} "
                        f"from {source}.")
         return params
@@ -496,23 +523,23 @@ class AutoBalanceMixin:
         follow, so that the hyper step reuses that step's logits instead of a forward pass of its own; then
         ``enabled=False`` after it. Either call drops what was kept before.
         """
-        self._autobalance_record = bool(enabled)
-        self._autobalance_recorded = None
+        self._autobalance_state.record = bool(enabled)
+        self._autobalance_state.recorded = None
 
     @property
     def autobalance_recorded_logits(self) -> Tensor | None:
         """The detached logits :meth:`autobalance_loss` kept since :meth:`autobalance_request_logits`, or None."""
-        return self._autobalance_recorded
+        return self._autobalance_state.recorded
 
     def autobalance_tables(self) -> LossTables:
         """The current loss tables (detached; cached until the loss parameters change)."""
         params = self.autobalance_parameters()
         watched = [*params.alpha().values(), params.base_delta, params.base_offset, params.base_weight]
         key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in watched)
-        if self._autobalance_cache is None or self._autobalance_cache[0] != key:
+        if self._autobalance_state.cache is None or self._autobalance_state.cache[0] != key:
             with torch.no_grad():
-                self._autobalance_cache = (key, LossTables(*(t.detach() for t in params.tables())))
-        return self._autobalance_cache[1]
+                self._autobalance_state.cache = (key, LossTables(*(t.detach() for t in params.tables())))
+        return self._autobalance_state.cache[1]
 
     def autobalance_loss(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
         """The AutoBalance training loss of a batch: ``w_{g,y} * CE(delta_g * logits + offset_g, y)``, averaged.
@@ -538,8 +565,8 @@ class AutoBalanceMixin:
         """
         params = self.autobalance_parameters()
         if logits.ndim != 2 or logits.shape[1] != params.num_classes:
-            explicit = bool(self.__dict__.get("_autobalance_explicit"))
-            found = None if explicit else self.__dict__.get("_autobalance_found_from")
+            explicit = bool(self._autobalance_state.explicit)
+            found = None if explicit else self._autobalance_state.found_from
             hint = (f" The counts were found from {found}: if a class has no sample there, give "
                     "configure_autobalance(num_classes=...) (or search_split(..., num_classes=...))."
                     if found else " Pass one count per output of the model.")
@@ -559,8 +586,8 @@ class AutoBalanceMixin:
         if self.autobalance_validate and not getattr(self, "_autobalance_checked_logprobs", False):
             self._autobalance_checked_logprobs = True
             self._warn_if_log_probabilities(logits, params)
-        if self._autobalance_record:
-            self._autobalance_recorded = logits.detach()
+        if self._autobalance_state.record:
+            self._autobalance_state.recorded = logits.detach()
         loss = adjusted_cross_entropy(logits, target, *self.autobalance_tables(), group=group,
                                       reduction=self.autobalance_reduction, validate=self.autobalance_validate)
         if fitting and loss.requires_grad:
@@ -585,7 +612,7 @@ class AutoBalanceMixin:
     def _autobalance_check_counts(self, params: LossParametrization) -> None:
         """Once per fit: given counts against the training data's labels, where those are cheap to read."""
         trainer = self._autobalance_trainer()
-        if trainer is None or not self.__dict__.get("_autobalance_explicit") or params.num_groups > 1:
+        if trainer is None or not self._autobalance_state.explicit or params.num_groups > 1:
             return
         if self.__dict__.get("_autobalance_counts_checked") is trainer:
             return
@@ -689,7 +716,7 @@ class AutoBalanceMixin:
         new.frozen = freeze
         self.autobalance = new
         self.autobalance_reduction = info.get("reduction", self.autobalance_reduction)
-        self._autobalance_cache = None
+        self._autobalance_state.cache = None
 
     def loss_module(self) -> AdjustedCrossEntropy:
         """The loss to retrain with as a plain ``torch.nn.Module`` (usable without Lightning).

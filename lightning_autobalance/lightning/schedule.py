@@ -11,6 +11,7 @@ Plain Python; nothing of Lightning (the callback hands in the run's length and e
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -66,14 +67,16 @@ class Schedule:
         warmup_fraction: when neither ``start_epoch`` nor ``start_step`` is given, the fraction of the run's
             optimizer steps to train before the first hyper step, in ``[0, 1)``.
 
-    After :meth:`plan`, :attr:`interval`, :attr:`first`, :attr:`end` and :attr:`planned` describe the fit.
+    The settings stay a value: :meth:`plan` returns a planned copy for one fit (the same class, so an overridden
+    :meth:`should_step` applies), whose :attr:`interval`, :attr:`first`, :attr:`end` and :attr:`planned` describe
+    that fit.
 
     Example:
         >>> schedule = Schedule(warmup_fraction=0.25)
-        >>> schedule.plan(total_steps=400, max_epochs=4)
-        >>> schedule.first, schedule.end, schedule.interval, schedule.planned
+        >>> fit = schedule.plan(total_steps=400, max_epochs=4)
+        >>> fit.first, fit.end, fit.interval, fit.planned
         (100, 400, 1, 300)
-        >>> schedule.should_step(99, 0), schedule.should_step(100, 1)
+        >>> fit.should_step(99, 0), fit.should_step(100, 1)
         (False, True)
         >>> Schedule.coerce({"every_n_steps": 0})
         Traceback (most recent call last):
@@ -103,7 +106,7 @@ class Schedule:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        # The plan of the current fit (set by plan(); plain attributes, not settings).
+        # The plan of a fit (set on the copy plan() returns; plain attributes, not settings).
         #: the optimizer step where the automatic warm-up ends
         self.auto_start_step = 0
         #: the epoch where a one-phase run folds the upper split into training (the search stops there)
@@ -148,8 +151,9 @@ class Schedule:
 
     # ------------------------------------------------------------------------------------------------------------
     def plan(self, total_steps: float, max_epochs: int | None, upper_batches_per_pass: int = 1,
-             fold_in_epoch: int | None = None) -> None:
-        """Plans the fit: the warm-up, the window in optimizer steps, the interval and the number of hyper steps.
+             fold_in_epoch: int | None = None) -> Schedule:
+        """A copy of this schedule planned for one fit: the warm-up, the window in optimizer steps, the interval and
+        the number of hyper steps (this schedule is left as it is).
 
         Args:
             total_steps: the run's optimizer steps (``trainer.estimated_stepping_batches``; ``inf`` if unknown).
@@ -161,6 +165,12 @@ class Schedule:
         Raises:
             ValueError: ``stop_epoch`` or ``stop_step`` lies after a one-phase run's fold-in.
         """
+        fit = copy.copy(self)
+        fit._plan(total_steps, max_epochs, upper_batches_per_pass, fold_in_epoch)
+        return fit
+
+    def _plan(self, total_steps: float, max_epochs: int | None, upper_batches_per_pass: int,
+              fold_in_epoch: int | None) -> None:
         finite = math.isfinite(total_steps)
         per_epoch = total_steps / max_epochs if max_epochs is not None and max_epochs > 0 and finite else None
         self.auto_start_step = int(self.warmup_fraction * total_steps) if finite else 0

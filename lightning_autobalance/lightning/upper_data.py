@@ -29,7 +29,7 @@ from lightning_autobalance.lightning.batch_stream import BatchStream, map_style,
 from lightning_autobalance.lightning.check import AUTO_HOLDOUT, HeldBackCheck
 
 # AUTO_HOLDOUT and preserve_random_state live in check.py and core/random_state.py; kept here for older imports
-__all__ = ["AUTO_HOLDOUT", "UpperData", "UpperSource", "preserve_random_state"]
+__all__ = ["AUTO_HOLDOUT", "UpperBatches", "UpperData", "UpperSource", "preserve_random_state"]
 
 UpperSource = Literal["auto", "datamodule", "dataloader", "val"]
 _SOURCES = ("auto", "datamodule", "dataloader", "val")
@@ -44,7 +44,7 @@ def _check_labels(labels: Tensor, num_classes: int) -> None:
 
 
 class UpperData:
-    """The upper data's settings, and after :meth:`setup` what was found.
+    """The upper data's settings, a value; :meth:`build` makes what one fit needs (:class:`UpperBatches`).
 
     Args:
         source: where upper batches come from: ``"datamodule"`` (its ``upper_dataloader()`` hook, or the
@@ -88,14 +88,6 @@ class UpperData:
         class_counts = None if class_counts is None else [int(c) for c in class_counts]
         self.source, self.dataloader, self.class_counts, self.balanced = source, dataloader, class_counts, balanced
         self.holdout = None if holdout is None else float(holdout)
-        #: after :meth:`setup`: the stream of upper batches, the counts per class and per (group, class) cell
-        self.stream: BatchStream | None = None
-        self.counts: list[int] | None = None
-        self.cells: list[list[int]] | None = None
-        #: after :meth:`setup`: the loader the upper batches come from
-        self.loader: Any = None
-        self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
-        self._check_each: tuple[Any, int] | None = None  # iterable upper data: (module, classes) to check each batch
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -114,8 +106,33 @@ class UpperData:
         return coerce_value(cls, value, "upper", ("source", "dataloader", "class_counts", "balanced", "holdout"),
                             ("a DataLoader", lambda v: cls(dataloader=v) if hasattr(v, "dataset") else None))
 
-    # ------------------------------------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool,
+    def build(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool, num_groups: int | None,
+              check: HeldBackCheck | None = None, checkable: str | None = None) -> UpperBatches:
+        """What one fit needs, built from these settings: the loader found, its stream opened, the counts learned
+        (:class:`UpperBatches`); the arguments are those of :meth:`UpperBatches._setup`."""
+        batches = UpperBatches(self)
+        batches.objective_table, batches.shrink_table = batches._setup(trainer, pl_module, seed, wants_cells,
+                                                                       num_groups, check, checkable)
+        return batches
+
+
+class UpperBatches:
+    """The upper data of one fit, built by :meth:`UpperData.build`: the loader, the stream of upper batches (the part
+    the search draws from), the counts per class and per (group, class) cell, the tables the objective and the
+    shrinkage are built from."""
+
+    def __init__(self, settings: UpperData) -> None:
+        self.settings = settings
+        self.loader: Any = None
+        self.stream: BatchStream | None = None
+        self.counts: list[int] | None = None
+        self.cells: list[list[int]] | None = None
+        self.objective_table: Any = None
+        self.shrink_table: Any = None
+        self._labels_read: tuple[Any, Tensor, Tensor | None] | None = None
+        self._check_each: tuple[Any, int] | None = None  # iterable upper data: (module, classes) to check each batch
+
+    def _setup(self, trainer: pl.Trainer, pl_module: Any, seed: int, wants_cells: bool,
               num_groups: int | None, check: HeldBackCheck | None = None, checkable: str | None = None
               ) -> tuple[Any, Any]:
         """Finds the loader, opens the stream, learns the counts; returns ``(objective_table, shrink_table)``: the
@@ -179,7 +196,7 @@ class UpperData:
             labels = self._labels_groups(trainer, pl_module, loader, num_classes)[0]
         else:
             self._check_each = (pl_module, num_classes)
-        if self.balanced and cells is None and batches > 1:
+        if self.settings.balanced and cells is None and batches > 1:
             labels = self._labels_groups(trainer, pl_module, loader, num_classes)[0] if labels is None else labels
             self.stream.balance(labels if search is None else labels[search])
             if self.stream.balanced and table is not None:
@@ -187,9 +204,9 @@ class UpperData:
         return table, shrink_table
 
     def next(self) -> Any:
-        """The next upper batch of the stream (after :meth:`setup`); the labels of upper data without a length are
+        """The next upper batch of the stream; the labels of upper data without a length are
         range-checked here, batch by batch (those of other data were checked at setup)."""
-        assert self.stream is not None, "UpperData.next before setup"
+        assert self.stream is not None, "UpperBatches.next before setup"
         batch = self.stream.next()
         if self._check_each is not None:
             pl_module, num_classes = self._check_each
@@ -197,13 +214,13 @@ class UpperData:
         return batch
 
     def missing_classes(self) -> list[int]:
-        """The classes without upper samples (after :meth:`setup`; empty when the counts are unknown)."""
+        """The classes without upper samples (empty when the counts are unknown)."""
         return [c for c, n in enumerate(self.counts or []) if n == 0]
 
     def _find_loader(self, trainer: pl.Trainer, pl_module: Any) -> Any:
-        source = self.source
-        if self.dataloader is not None and source in ("auto", "dataloader"):
-            return self.dataloader
+        source = self.settings.source
+        if self.settings.dataloader is not None and source in ("auto", "dataloader"):
+            return self.settings.dataloader
         if source in ("auto", "datamodule"):
             for owner in (trainer.datamodule, pl_module):
                 hook = getattr(owner, "upper_dataloader", None)
@@ -238,14 +255,14 @@ class UpperData:
         """
         params = pl_module.autobalance_parameters()
         datamodule = trainer.datamodule
-        from_datamodule = loader is not self.dataloader
+        from_datamodule = loader is not self.settings.dataloader
         groups = params.num_groups if params.num_groups > 1 else num_groups
         if groups is None and from_datamodule:
             groups = getattr(datamodule, "num_groups", None)
         counts: list[int] | None = None
         cells: list[list[int]] | None = None
-        if self.class_counts is not None:
-            counts = [int(c) for c in self.class_counts]
+        if self.settings.class_counts is not None:
+            counts = [int(c) for c in self.settings.class_counts]
         elif from_datamodule and getattr(datamodule, "upper_class_counts", None) is not None:
             counts = [int(c) for c in datamodule.upper_class_counts]
         if from_datamodule and getattr(datamodule, "upper_group_counts", None) is not None:
@@ -262,7 +279,7 @@ class UpperData:
         ``upper_targets`` (for its own loader) or the dataset's ``targets``, with the dataset's ``groups``; else
         read once per loader (:meth:`_read_labels`)."""
         dataset = getattr(loader, "dataset", None)
-        targets = getattr(trainer.datamodule, "upper_targets", None) if loader is not self.dataloader else None
+        targets = getattr(trainer.datamodule, "upper_targets", None) if loader is not self.settings.dataloader else None
         targets = getattr(dataset, "targets", None) if targets is None else targets
         if targets is None or dataset is None or len(targets) != len(dataset):
             labels, groups = self._read_labels(pl_module, loader)
