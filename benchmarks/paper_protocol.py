@@ -65,7 +65,8 @@ def scaled_epochs(scale: float) -> list[str]:
          for k, v in EPOCHS.items()}
     return ["--search_epochs", str(e["search_epochs"]), "--retrain_epochs", str(e["retrain_epochs"]),
             "--model.lr_scheduler.init_args.milestones", json.dumps(list(e["milestones"])),
-            "--model.drw_epoch", str(e["drw_epoch"]),
+            "--baseline_losses", json.dumps({"ldam_drw": {"class_path": "lightning_autobalance.core.losses.LDAMLoss",
+                                                          "init_args": {"drw_epoch": e["drw_epoch"]}}}),
             "--model.lr_scheduler.init_args.warmup_epochs", str(EPOCHS["warmup_epochs"] * scale)]
 
 

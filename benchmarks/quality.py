@@ -865,7 +865,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-select", choices=sorted(SELECT), default="balanced_error",
                         help="the upper-split criterion that picks a grid point")
     parser.add_argument("--drw-fraction", type=float, default=0.8,
-                        help="when the config leaves model.drw_epoch unset or beyond the retraining, LDAM-DRW "
+                        help="when the config leaves LDAM-DRW's drw_epoch (baseline_losses) unset or beyond the "
+                             "retraining, LDAM-DRW "
                              "switches to class-balanced weights at this fraction of the retraining epochs (the "
                              "paper: 160 of 200)")
     parser.add_argument("--search-model", action="store_true",
@@ -882,9 +883,12 @@ def main(argv: list[str] | None = None) -> None:
     overlays = [Path(a.split("=", 1)[1]) for a in args.set if a.startswith("--config=")]
     args.search_epochs, args.retrain_epochs, cfg = _config_epochs(args.config, overlays)
     extra = list(args.set)
-    drw = (cfg.get("model") or {}).get("drw_epoch", 160)
+    losses = dict(cfg.get("baseline_losses") or {})
+    drw = ((losses.get("ldam_drw") or {}).get("init_args") or {}).get("drw_epoch", 160)
     if "ldam_drw" in args.methods and (drw is None or drw >= args.retrain_epochs):
-        extra += ["--model.drw_epoch", str(int(args.drw_fraction * args.retrain_epochs))]
+        losses["ldam_drw"] = {"class_path": "lightning_autobalance.core.losses.LDAMLoss",
+                              "init_args": {"drw_epoch": int(args.drw_fraction * args.retrain_epochs)}}
+        extra += ["--baseline_losses", json.dumps(losses)]
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

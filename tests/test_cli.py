@@ -150,13 +150,16 @@ def test_baseline_overlay_parses(name: str, capsys: pytest.CaptureFixture) -> No
     # Everything else comes from digits_lt.yaml.
     assert config["model"]["network"] == "digits_net" and config["trainer"]["max_epochs"] == 40
     assert config["data"]["class_path"] == "lightning_autobalance.data.LongTailDigits"
-    assert config["model"]["drw_epoch"] == (30 if name == "ldam_drw" else 160)
+    assert "drw_epoch" not in config["model"] or config["model"]["drw_epoch"] is None  # deprecated, unused
+    drw = (config.get("baseline_losses") or {}).get("ldam_drw", {}).get("init_args", {}).get("drw_epoch")
+    assert drw == (30 if name == "ldam_drw" else None)
 
 
 def test_baseline_overlay_runs(tmp_path: Path) -> None:
     out = tmp_path / "ldam"
     main(["pipeline", "--config", DIGITS, "--config", str(EXAMPLES / "baselines" / "ldam_drw.yaml"), *QUIET,
-          "--trainer.max_epochs", "2", "--model.drw_epoch", "1", "--output_dir", str(out)])
+          "--trainer.max_epochs", "2", "--output_dir", str(out), "--baseline_losses",
+          '{"ldam_drw": {"class_path": "lightning_autobalance.core.losses.LDAMLoss", "init_args": {"drw_epoch": 1}}}'])
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["rows"]] == ["ldam_drw"]
     assert "search" not in results and not (out / "search").exists()

@@ -320,7 +320,7 @@ def test_fit_with_groups_and_the_blended_objective(tmp_path):
 
 def test_group_dro_classifier_trains_on_group_batches():
     dm = ColoredDigits(task="binary", batch_size=128)
-    model = _model(dm, loss="group_dro", dro_step_size=0.1)
+    model = _model(dm, loss=GroupDROLoss(step_size=0.1))
     _trainer(max_steps=4, limit_val_batches=0).fit(model, datamodule=dm)
     q = model.criterion.q
     assert q.shape == (4,) and float(q.sum()) == pytest.approx(1.0) and not torch.allclose(q, torch.full((4,), 0.25))

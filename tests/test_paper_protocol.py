@@ -39,7 +39,9 @@ def test_scaled_epochs_shorten_the_whole_protocol_together():
     assert pp.scaled_epochs(1.0) == []
     got = dict(zip(pp.scaled_epochs(0.1)[::2], pp.scaled_epochs(0.1)[1::2], strict=True))
     assert got == {"--search_epochs": "30", "--retrain_epochs": "20",
-                   "--model.lr_scheduler.init_args.milestones": "[16, 18]", "--model.drw_epoch": "16",
+                   "--model.lr_scheduler.init_args.milestones": "[16, 18]",
+                   "--baseline_losses": '{"ldam_drw": {"class_path": "lightning_autobalance.core.losses.LDAMLoss", '
+                                        '"init_args": {"drw_epoch": 16}}}',
                    "--model.lr_scheduler.init_args.warmup_epochs": "0.5"}
 
 

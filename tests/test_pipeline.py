@@ -20,7 +20,7 @@ import yaml
 from conftest import crash_at
 from test_data_modules import _fake_cifar10  # the fake CIFAR-10 release of the datamodule tests
 
-from lightning_autobalance.core.losses import load_loss_tables
+from lightning_autobalance.core.losses import LDAMLoss, load_loss_tables
 from lightning_autobalance.runner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_ldam_warns_when_drw_never_starts(drw_epoch: int | None, warns: bool, re
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(12, 64), torch.arange(12) % 3)
-    model = ImbalancedClassifier("digits_net", 3, [4, 4, 4], loss="ldam", drw_epoch=drw_epoch)
+    model = ImbalancedClassifier("digits_net", 3, [4, 4, 4], loss=LDAMLoss(drw_epoch=drw_epoch))
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(model, DataLoader(data, batch_size=6))

@@ -500,7 +500,8 @@ class LDAMLoss(nn.Module):
     """LDAM with deferred re-weighting (DRW) as a module.
 
     Args:
-        class_counts: per-class training counts.
+        class_counts: per-class training counts; ``None`` for a loss value that a model sizes for its classes
+            (:meth:`for_model`, as ``ImbalancedClassifier`` does).
         max_margin: the largest margin (given to the rarest class).
         scale: logit scale ``s``.
         drw_epoch: epoch from which class-balanced weights are applied; ``None`` disables DRW.
@@ -514,16 +515,25 @@ class LDAMLoss(nn.Module):
         >>> loss = criterion(torch.randn(8, 3).tanh(), torch.randint(0, 3, (8,)))
     """
 
-    def __init__(self, class_counts: Sequence[int], max_margin: float = 0.5, scale: float = 30.0,
+    def __init__(self, class_counts: Sequence[int] | None = None, max_margin: float = 0.5, scale: float = 30.0,
                  drw_epoch: int | None = 160, beta: float = 0.9999) -> None:
         super().__init__()
         if max_margin <= 0 or scale <= 0:
             raise ValueError(f"max_margin and scale must be positive; got {max_margin}, {scale}.")
-        self.register_buffer("margins", ldam_margins(class_counts, max_margin))
-        self.register_buffer("drw_weight", class_balanced_weights(as_count_table(class_counts)[0], beta).float())
+        sized = class_counts is not None
+        #: The constructor's arguments, plain data: how a model's hyperparameters record this loss.
+        self.init_args = {"class_counts": torch.as_tensor(class_counts).tolist() if sized else None,
+                          "max_margin": max_margin, "scale": scale, "drw_epoch": drw_epoch, "beta": beta}
+        self.register_buffer("margins", ldam_margins(class_counts, max_margin) if sized else None)
+        self.register_buffer("drw_weight", class_balanced_weights(as_count_table(class_counts)[0], beta).float()
+                             if sized else None)
         self.scale = scale
         self.drw_epoch = drw_epoch
         self.epoch = 0
+
+    def for_model(self, class_counts: Sequence[int], num_groups: int | None = None) -> LDAMLoss:
+        """This loss sized for a model's classes: itself when built with ``class_counts``, else a copy with them."""
+        return self if self.margins is not None else LDAMLoss(**{**self.init_args, "class_counts": class_counts})
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -533,6 +543,9 @@ class LDAMLoss(nn.Module):
         return self.drw_epoch is not None and self.epoch >= self.drw_epoch
 
     def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        if self.margins is None:
+            raise ValueError("LDAMLoss() without class_counts is a loss value that a model sizes (for_model); give "
+                             "class_counts to call it directly.")
         weight = self.drw_weight if self.reweighting else None
         return ldam_loss(logits, target, self.margins, self.scale, weight)
 
@@ -560,6 +573,7 @@ class FocalLoss(nn.Module):
         if gamma < 0:
             raise ValueError(f"gamma must be non-negative; got {gamma}.")
         self.gamma = gamma
+        self.init_args = {"gamma": gamma}
 
     def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
         return focal_loss(logits, target, self.gamma)
@@ -616,7 +630,7 @@ class GroupDROLoss(nn.Module):
     scaled so that DDP's average over processes is the gradient of ``sum_j q_j L_j`` on the union.
 
     Args:
-        num_classes: ``K``.
+        num_classes: ``K``; ``None`` (with ``num_groups``) for a loss value that a model sizes (:meth:`for_model`).
         num_groups: ``G``.
         step_size: ``eta_q`` of the exponentiated-gradient step on ``q`` (the paper uses 0.01).
         over: ``"cell"``, ``"group"`` or ``"class"``.
@@ -630,24 +644,39 @@ class GroupDROLoss(nn.Module):
         torch.Size([4])
     """
 
-    def __init__(self, num_classes: int, num_groups: int, step_size: float = 0.01,
+    def __init__(self, num_classes: int | None = None, num_groups: int | None = None, step_size: float = 0.01,
                  over: Literal["cell", "group", "class"] = "cell", reducer: Reducer | None = None) -> None:
         super().__init__()
         if reducer is not None and not isinstance(reducer, Reducer):
             raise ValueError(f"reducer must be a lightning_autobalance.core.reduce.Reducer or None; got "
                              f"{type(reducer).__name__}.")
         self.reducer = reducer if reducer is not None else Reducer.torch_distributed()
-        if num_classes < 1 or num_groups < 1:
+        #: The constructor's arguments but the reducer, plain data: how a model's hyperparameters record this loss.
+        self.init_args = {"num_classes": num_classes, "num_groups": num_groups, "step_size": step_size, "over": over}
+        if (num_classes is None) != (num_groups is None):
+            raise ValueError(f"give both num_classes and num_groups, or neither (a model sizes the loss); got "
+                             f"{num_classes}, {num_groups}.")
+        if num_classes is not None and num_groups is not None and (num_classes < 1 or num_groups < 1):
             raise ValueError(f"num_classes and num_groups must be positive; got {num_classes}, {num_groups}.")
         if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
             raise ValueError(f"step_size must be a positive number; got {step_size!r}.")
         if over not in ("cell", "group", "class"):
             raise ValueError(f"over must be 'cell', 'group' or 'class'; got {over!r}.")
         self.num_classes, self.num_groups, self.step_size, self.over = num_classes, num_groups, float(step_size), over
-        units = {"cell": num_classes * num_groups, "group": num_groups, "class": num_classes}[over]
-        self.register_buffer("q", torch.full((units,), 1.0 / units))
+        self.register_buffer("q", None)
+        if num_classes is not None and num_groups is not None:
+            units = {"cell": num_classes * num_groups, "group": num_groups, "class": num_classes}[over]
+            self.q = torch.full((units,), 1.0 / units)
+
+    def for_model(self, class_counts: Sequence[int], num_groups: int | None = None) -> GroupDROLoss:
+        """This loss sized for a model's classes and groups (1 without groups): itself when built with its sizes."""
+        return self if self.q is not None else GroupDROLoss(len(class_counts), num_groups or 1, self.step_size,
+                                                            self.over, self.reducer)
 
     def forward(self, logits: Tensor, target: Tensor, group: Tensor | None = None) -> Tensor:
+        if self.q is None:
+            raise ValueError("GroupDROLoss() without sizes is a loss value that a model sizes (for_model); give "
+                             "num_classes and num_groups to call it directly.")
         if group is None and self.over != "class":
             raise ValueError("Group DRO needs the group of every training sample: batches must be (x, y, g).")
         check_loss_inputs(logits, target, group if self.over != "class" else None, self.num_groups)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -30,25 +31,50 @@ LossName = Literal["autobalance", "ldam", "focal", "group_dro"]
 #: A training criterion given as a value: ``criterion(logits, target, group) -> scalar tensor``.
 Criterion = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
-_LOSS_NAMES: tuple[str, ...] = get_args(LossName)
-#: What the hyperparameters (and so the checkpoints) hold in place of a loss given as a Python object.
-_UNSAVED_LOSS = "<loss object not saved: "
+#: A loss given by name -> the class of its value, built with that class's defaults (``None``: the AutoBalance family).
+NAMED_LOSSES: dict[str, type[nn.Module] | None] = {"autobalance": None, "ldam": LDAMLoss, "focal": FocalLoss,
+                                                    "group_dro": GroupDROLoss}
+#: The deprecated per-loss arguments -> (the named loss they configure, the argument of its value).
+_FLAT_ARGUMENTS = {"ldam_max_margin": ("ldam", "max_margin"), "ldam_scale": ("ldam", "scale"),
+                   "drw_epoch": ("ldam", "drw_epoch"), "focal_gamma": ("focal", "gamma"),
+                   "dro_step_size": ("group_dro", "step_size")}
 
 
-def _check_loss(loss: Any, num_classes: int, num_groups: int | None) -> None:
-    """Validates ``loss``: one of the names, or a criterion ``(logits, target, group) -> scalar`` that fits the
-    classes and groups of the model (for the package's own :class:`LDAMLoss` and :class:`GroupDROLoss`)."""
+def loss_config(loss: Any) -> dict[str, Any]:
+    """How hyperparameters (and checkpoints) hold a loss object given in Python: one that keeps its constructor's
+    arguments as plain data in ``init_args`` (the package's losses do) in LightningCLI's ``class_path``/``init_args``
+    form, which the classifier rebuilds; any other as ``{"not_saved": its class}``, which loading asks for."""
+    named = loss if inspect.isfunction(loss) else type(loss)
+    path = f"{named.__module__}.{named.__qualname__}"
+    args = getattr(loss, "init_args", None)
+    return {"class_path": path, "init_args": dict(args)} if isinstance(args, Mapping) else {"not_saved": path}
+
+
+def _criterion(loss: Any, settings: dict[str, Any], class_counts: list[int], num_classes: int,
+               num_groups: int | None) -> Criterion | None:
+    """The criterion a loss value trains with (``None``: the AutoBalance family), sized for the model and checked. A
+    name is built with the deprecated per-loss ``settings`` that configure it; a ``class_path``/``init_args`` mapping
+    (what hyperparameters hold) is instantiated; a criterion with ``for_model`` is sized by it."""
     example = "e.g. lightning_autobalance.core.losses.FocalLoss(gamma=2.0)"
     if isinstance(loss, str):
-        if loss.startswith(_UNSAVED_LOSS):
-            raise ValueError(f"loss={loss!r}: this model was built with a loss object, which its hyperparameters (and "
-                             "checkpoints) do not hold. Give the loss again, e.g. "
-                             "ImbalancedClassifier.load_from_checkpoint(path, loss=FocalLoss(gamma=2.0)); its state "
-                             "(e.g. GroupDROLoss's q) is then restored from the checkpoint.")
-        if loss not in _LOSS_NAMES:
+        if loss not in NAMED_LOSSES:
             raise ValueError(f"loss must be 'autobalance', 'ldam', 'focal' or 'group_dro', or a criterion object "
                              f"({example}); got {loss!r}.")
-        return
+        named = NAMED_LOSSES[loss]
+        if named is None:
+            return None
+        loss = named(**{arg: settings[k] for k, (of, arg) in _FLAT_ARGUMENTS.items() if of == loss and k in settings})
+    if isinstance(loss, Mapping):
+        if "not_saved" in loss:
+            raise ValueError(f"loss={dict(loss)}: this model was built with a loss object that its hyperparameters "
+                             "(and checkpoints) cannot hold. Give the loss again, e.g. "
+                             "ImbalancedClassifier.load_from_checkpoint(path, loss=FocalLoss(gamma=2.0)); its state "
+                             "(e.g. GroupDROLoss's q) is then restored from the checkpoint.")
+        module, _, name = str(loss.get("class_path")).rpartition(".")
+        try:
+            loss = getattr(importlib.import_module(module), name)(**dict(loss.get("init_args") or {}))
+        except (ImportError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"loss={dict(loss)}: cannot build it: {err}") from err
     if inspect.isclass(loss):
         raise ValueError(f"loss must be a criterion object, not a class: got the class {loss.__qualname__}; "
                          f"construct it ({loss.__name__}(...)).")
@@ -56,6 +82,8 @@ def _check_loss(loss: Any, num_classes: int, num_groups: int | None) -> None:
         raise ValueError(f"loss must be one of 'autobalance', 'ldam', 'focal', 'group_dro' or a criterion: an "
                          f"nn.Module or callable criterion(logits, target, group) -> scalar tensor ({example}); got "
                          f"a {type(loss).__name__}: {loss!r}.")
+    sized = getattr(loss, "for_model", None)
+    loss = sized(class_counts, num_groups) if callable(sized) else loss
     target = loss.forward if isinstance(loss, nn.Module) else loss
     try:
         signature = inspect.signature(target)
@@ -80,6 +108,7 @@ def _check_loss(loss: Any, num_classes: int, num_groups: int | None) -> None:
             raise ValueError(f"loss: the GroupDROLoss was built for num_classes={loss.num_classes}, "
                              f"num_groups={loss.num_groups} but the model has num_classes={num_classes}, "
                              f"num_groups={num_groups}.")
+    return loss
 
 
 def _check_optimization(optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None) -> None:
@@ -127,27 +156,25 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             with its ``init_args``) or a name known to :func:`~lightning_autobalance.models.build_network`.
         num_classes: number of classes (linked from the datamodule by the CLI).
         class_counts: training samples per class (linked from the datamodule by the CLI).
-        loss: the training loss, by name or as a value. Names: ``"autobalance"`` (the searchable family),
-            ``"ldam"`` (LDAM with deferred re-weighting, on a cosine head), ``"focal"`` or ``"group_dro"`` (online
-            group DRO over (label, group) cells, :class:`~lightning_autobalance.core.losses.GroupDROLoss`; needs
-            groups),
-            configured by the per-loss arguments below. A value: a criterion ``criterion(logits, target, group) ->
-            scalar tensor`` (``group`` is None for ``(x, y)`` batches), an ``nn.Module`` or any callable, e.g.
-            :class:`~lightning_autobalance.core.losses.FocalLoss`, :class:`~lightning_autobalance.core.losses.LDAMLoss`
-            (the network's linear ``head`` is then replaced by a cosine head, as for ``"ldam"``),
-            :class:`~lightning_autobalance.core.losses.GroupDROLoss` (built for the model's classes and groups) or a
-            loss of one's own; in YAML a ``class_path`` with its ``init_args``. It trains the network in place of the
-            AutoBalance loss, which is then not searched (``search`` is ignored, as for the named baselines). The
-            module is used as given (registered as ``self.criterion``, so its buffers follow the model's device and
-            checkpoints): give every model its own. One with a ``set_epoch(epoch)`` method is told the epoch at the
-            start of every training epoch, as ``LDAMLoss`` is. A per-loss argument set to another value than its
-            default together with a loss value raises a ``ValueError`` (it would be ignored: set it on the value).
-            Checkpoints: a loss given by name, or as a ``class_path`` through the CLI, is saved with the
-            hyperparameters and ``load_from_checkpoint(path)`` rebuilds it. A loss object given in Python is not
-            (the hyperparameters hold ``"<loss object not saved: ...>"``, so that checkpoints stay plain data):
-            ``load_from_checkpoint(path)`` then raises a ``ValueError`` asking for it, and
-            ``load_from_checkpoint(path, loss=FocalLoss(gamma=2.0))`` works (the loss's state, such as
-            ``GroupDROLoss``'s ``q``, is restored from the checkpoint).
+        loss: the training loss, one value. ``"autobalance"`` (default): the searchable family, configured by
+            ``preset`` to ``freeze_loss`` below. Or a criterion ``criterion(logits, target, group) -> scalar tensor``
+            (``group`` is None for ``(x, y)`` batches) that carries its own settings, trains the network in place of
+            the family (which is then not searched: ``preset`` and ``search`` are ignored) and is registered as
+            ``self.criterion`` (its buffers follow the model's device and checkpoints; give every model its own):
+            :class:`~lightning_autobalance.core.losses.LDAMLoss` (LDAM with its DRW epoch; the network's linear
+            ``head`` becomes a cosine head), :class:`~lightning_autobalance.core.losses.FocalLoss`,
+            :class:`~lightning_autobalance.core.losses.GroupDROLoss` (needs groups), or one's own nn.Module or
+            callable; in YAML a ``class_path`` with its ``init_args``. A criterion with a ``for_model(class_counts,
+            num_groups)`` method is sized by it: ``LDAMLoss(drw_epoch=30)`` and ``GroupDROLoss(step_size=0.1)``
+            leave out their sizes and get the model's (given sizes must match it). One with ``set_epoch(epoch)`` is
+            told the epoch at the start of every training epoch. The names ``"ldam"``, ``"focal"`` and
+            ``"group_dro"`` stand for ``LDAMLoss()``, ``FocalLoss()`` and ``GroupDROLoss()`` with their defaults
+            (:data:`NAMED_LOSSES`). Checkpoints: the hyperparameters hold a name as given, and a loss object in
+            LightningCLI's form (``{"class_path": ..., "init_args": ...}``, what the CLI records too) when it keeps
+            its constructor's arguments in ``init_args`` (the package's losses do); ``load_from_checkpoint(path)``
+            rebuilds it and its state (e.g. ``GroupDROLoss``'s ``q``) comes from the checkpoint. Any other object (a
+            function, a module of one's own) is held as ``{"not_saved": its class}``: ``load_from_checkpoint(path)``
+            then raises a ``ValueError`` asking for it, ``load_from_checkpoint(path, loss=...)`` works.
         preset: starting point of the AutoBalance loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``,
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
@@ -162,12 +189,11 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         reduction: ``"mean"`` or ``"weighted_mean"``.
         loss_file: start from (and by default freeze) a loss exported by a search.
         freeze_loss: freeze the loss parameters.
-        ldam_max_margin: the largest LDAM margin.
-        ldam_scale: the LDAM logit scale.
-        drw_epoch: epoch from which LDAM uses class-balanced weights (``None``: never).
-        focal_gamma: focal-loss exponent of ``loss="focal"``.
-        dro_step_size: step size of the group weights of ``loss="group_dro"``. (These five configure a loss given by
-            name; with a loss value they must keep their defaults.)
+        ldam_max_margin, ldam_scale, drw_epoch, focal_gamma, dro_step_size: deprecated (removed in the next
+            release; a ``FutureWarning`` says so): the settings of a loss given by name, now set on its value
+            (``LDAMLoss(max_margin=..., scale=..., drw_epoch=...)``, ``FocalLoss(gamma=...)``,
+            ``GroupDROLoss(step_size=...)``). ``None``: not given (so ``drw_epoch=None`` no longer switches DRW off:
+            ``LDAMLoss(drw_epoch=None)`` does). Given with a loss value they raise a ``ValueError``.
         optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``; in YAML a ``class_path``
             such as ``torch.optim.SGD`` with its ``init_args``). None: ``torch.optim.SGD(params, lr=0.1,
             momentum=0.9, weight_decay=2e-4)``.
@@ -185,10 +211,13 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         >>> model(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 10])
 
-        The loss as a value (the same as ``loss="focal", focal_gamma=2.0``), or a criterion of one's own:
+        The loss as a value with its settings (``LDAMLoss`` sized for the model), or a criterion of one's own:
 
-        >>> from lightning_autobalance.core.losses import FocalLoss
+        >>> from lightning_autobalance.core.losses import FocalLoss, LDAMLoss
         >>> focal = ImbalancedClassifier("digits_net", 10, [100] * 5 + [10] * 5, loss=FocalLoss(gamma=2.0))
+        >>> ldam = ImbalancedClassifier("digits_net", 10, [100] * 5 + [10] * 5, loss=LDAMLoss(drw_epoch=30))
+        >>> ldam.hparams.loss["init_args"]["drw_epoch"], ldam.criterion.margins.shape
+        (30, torch.Size([10]))
         >>> def hinge(logits, target, group):
         ...     return nn.functional.multi_margin_loss(logits, target)
         >>> custom = ImbalancedClassifier("digits_net", 10, [100] * 5 + [10] * 5, loss=hinge)
@@ -197,8 +226,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
 
             model:
               loss:
-                class_path: lightning_autobalance.core.losses.FocalLoss
-                init_args: {gamma: 2.0}
+                class_path: lightning_autobalance.core.losses.LDAMLoss
+                init_args: {drw_epoch: 30}
     """
 
     def __init__(
@@ -217,11 +246,11 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         reduction: Reduction = "mean",
         loss_file: str | None = None,
         freeze_loss: bool = False,
-        ldam_max_margin: float = 0.5,
-        ldam_scale: float = 30.0,
-        drw_epoch: int | None = 160,
-        focal_gamma: float = 1.0,
-        dro_step_size: float = 0.01,
+        ldam_max_margin: float | None = None,
+        ldam_scale: float | None = None,
+        drw_epoch: int | None = None,
+        focal_gamma: float | None = None,
+        dro_step_size: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
@@ -246,55 +275,45 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                                  f"class_counts {list(class_counts)}.")
             num_groups = table.shape[0]
             loss_counts = group_counts
-        _check_loss(loss, num_classes, num_groups)
-        if loss == "group_dro" and not num_groups:
-            raise ValueError("loss='group_dro' needs groups: give num_groups (and batches (x, y, g)).")
-        if not isinstance(loss, str):
-            # the arguments that configure a loss given by name, against their defaults in this signature
-            given = {"ldam_max_margin": ldam_max_margin, "ldam_scale": ldam_scale, "drw_epoch": drw_epoch,
-                     "focal_gamma": focal_gamma, "dro_step_size": dro_step_size}
-            defaults = inspect.signature(ImbalancedClassifier.__init__).parameters
-            ignored = [f"{k}={v!r}" for k, v in given.items() if v != defaults[k].default]
-            if ignored:
-                raise ValueError(f"{', '.join(ignored)} would be ignored: these arguments configure a loss given by "
-                                 f"name, but loss is a {type(loss).__name__} object. Set them on the loss object "
-                                 f"(e.g. FocalLoss(gamma=...), LDAMLoss(class_counts, max_margin, scale, drw_epoch), "
-                                 f"GroupDROLoss(num_classes, num_groups, step_size)) or give the loss by name.")
+        flat = {"ldam_max_margin": ldam_max_margin, "ldam_scale": ldam_scale, "drw_epoch": drw_epoch,
+                "focal_gamma": focal_gamma, "dro_step_size": dro_step_size}
+        settings = {k: v for k, v in flat.items() if v is not None}
+        given = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        if settings and not isinstance(loss, str):
+            raise ValueError(f"{given} would be ignored: these deprecated arguments configure a loss given by name, "
+                             f"but loss is a {type(loss).__name__} object: set them on it (e.g. FocalLoss(gamma=...), "
+                             f"LDAMLoss(max_margin=..., scale=..., drw_epoch=...), GroupDROLoss(step_size=...)).")
+        if settings:
+            rank_zero_warn(f"ImbalancedClassifier({given}) is deprecated and will be removed in the next release: "
+                           "give the loss as a value with its settings, e.g. loss=LDAMLoss(drw_epoch=30); in YAML "
+                           "`loss: {class_path: lightning_autobalance.core.losses.LDAMLoss, init_args: {drw_epoch: "
+                           "30}}`, for the pipeline's baselines `baseline_losses: {ldam_drw: <the same>}`.",
+                           category=FutureWarning)
+        criterion = _criterion(loss, settings, list(class_counts), num_classes, num_groups)
         _check_optimization(optimizer, lr_scheduler)
         with warnings.catch_warnings():  # Lightning's advice to ignore an nn.Module argument: done just below
             warnings.filterwarnings("ignore", message="Attribute 'loss' is an instance of `nn.Module`")
             self.save_hyperparameters()
-        if not isinstance(loss, str) and self.hparams.get("loss") is loss:
-            # A loss object given in Python (through the CLI the hyperparameters hold its class_path instead): kept
-            # out of the hyperparameters, so that checkpoints stay plain data, and named by a marker that makes
-            # load_from_checkpoint ask for it (see the docstring).
+        if not isinstance(loss, (str, Mapping)) and self.hparams.get("loss") is loss:
+            # A loss object given in Python (through the CLI the hyperparameters hold its class_path already): held as
+            # LightningCLI holds it, so that checkpoints stay plain data (see the docstring).
             self.save_hyperparameters(ignore=["loss"])
-            self.hparams["loss"] = f"{_UNSAVED_LOSS}{type(loss).__module__}.{type(loss).__qualname__}>"
+            self.hparams["loss"] = loss_config(loss)
         self.network = build_network(network, num_classes) if isinstance(network, str) else network(num_classes)
-        self.loss_name = loss if isinstance(loss, str) else "criterion"
         self.optimizer_fn = optimizer
         self.lr_scheduler_fn = lr_scheduler
-        searched = search if loss == "autobalance" else ()
-        self.configure_autobalance(loss_counts, preset=preset if loss == "autobalance" else "ce", search=searched,
+        family = criterion is None  # the AutoBalance loss trains (and may be searched); else it is plain CE, unused
+        self.configure_autobalance(loss_counts, preset=preset if family else "ce", search=search if family else (),
                                    parametrization=parametrization, group_size=group_size, num_groups=num_groups,
                                    reduction=reduction, preset_kwargs=preset_kwargs, loss_file=loss_file,
                                    freeze=freeze_loss or loss_file is not None)
-        self.criterion: nn.Module | Criterion | None = None
-        if loss == "ldam" or isinstance(loss, LDAMLoss):
+        if isinstance(criterion, LDAMLoss):
             head = getattr(self.network, "head", None)
             if not isinstance(head, nn.Linear):
                 raise ValueError("LDAM (loss='ldam' or an LDAMLoss) needs a network with a linear `head` attribute to "
                                  "replace by a cosine head (NormedLinear).")
             self.network.head = NormedLinear(head.in_features, head.out_features)
-        if not isinstance(loss, str):
-            self.criterion = loss
-        elif loss == "ldam":
-            self.criterion = LDAMLoss(class_counts, ldam_max_margin, ldam_scale, drw_epoch)
-        elif loss == "focal":
-            self.criterion = FocalLoss(focal_gamma)
-        elif loss == "group_dro":
-            assert num_groups is not None
-            self.criterion = GroupDROLoss(num_classes, num_groups, dro_step_size)
+        self.criterion: nn.Module | Criterion | None = criterion
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.class_counts = list(class_counts)
@@ -337,7 +356,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         if drw_epoch is not None and max_epochs is not None and 0 <= max_epochs <= drw_epoch:
             rank_zero_warn(f"LDAM's deferred re-weighting starts at epoch drw_epoch={drw_epoch}, but the Trainer stops "
                            f"after max_epochs={max_epochs}: this fit is plain LDAM without DRW. Set "
-                           f"`drw_epoch` below max_epochs (the paper uses 80% of the epochs: 160 of 200).")
+                           f"LDAMLoss(drw_epoch=...) below max_epochs (the pipeline: baseline_losses; the paper uses "
+                           f"80% of the epochs: 160 of 200).")
 
     @override
     def on_train_epoch_start(self) -> None:

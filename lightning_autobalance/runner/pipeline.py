@@ -74,6 +74,7 @@ from lightning_autobalance.core.losses import load_loss_tables, preset_tables
 from lightning_autobalance.data._checks import counts_disagreement, non_finite_sample
 from lightning_autobalance.data.fold_in import DEFAULT_FOLD_IN, fold_in_epoch
 from lightning_autobalance.lightning.callback import AutoBalanceCallback
+from lightning_autobalance.lightning.classifier import loss_config
 from lightning_autobalance.runner.fingerprint import (
     IGNORED_DATA_KEYS,
     IGNORED_TRAINER_KEYS,
@@ -385,6 +386,7 @@ def run_pipeline(
     fold_in: float = DEFAULT_FOLD_IN,
     restart: Sequence[str] | str = (),
     write_config: Callable[[Path], None] | None = None,
+    baseline_losses: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs the search-then-retrain method and the baselines; returns (and writes) the results.
 
@@ -398,6 +400,9 @@ def run_pipeline(
         output_dir: where stages, ``found_loss.yaml``, ``results.json`` and ``loss.png`` go.
         search: run the search and the retraining (``False``: baselines only).
         baselines: names from :data:`BASELINES`.
+        baseline_losses: baseline name (run or not) -> the loss value it trains with in place of its name's
+            defaults (a ``class_path``/``init_args`` mapping, e.g. ``{"ldam_drw": {"class_path":
+            "lightning_autobalance.core.losses.LDAMLoss", "init_args": {"drw_epoch": 30}}}``).
         search_epochs: epochs of the search (default: the trainer's ``max_epochs``).
         retrain_epochs: epochs of retraining, of the baselines and of the one-phase run (default: the trainer's
             ``max_epochs``).
@@ -430,6 +435,16 @@ def run_pipeline(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise PipelineSetupError(f"Unknown baselines {unknown}; expected names from {sorted(BASELINES)}.")
+    # as plain data (the CLI hands over objects), the form every stage's hyperparameters and fingerprint hold
+    baseline_losses = {k: v if isinstance(v, (str, dict)) else loss_config(v)
+                       for k, v in (baseline_losses or {}).items()}
+    if any("not_saved" in v for v in baseline_losses.values() if isinstance(v, dict)):
+        raise PipelineSetupError(f"baseline_losses {baseline_losses}: a stage's loss must be plain data: a name, or a "
+                                 "class_path whose class keeps its init_args (as the package's losses do).")
+    own = [b for b in BASELINES if BASELINES[b]["loss"] != "autobalance"]  # set for a baseline that may not run
+    if set(baseline_losses) - set(own):
+        raise PipelineSetupError(f"baseline_losses names {sorted(baseline_losses)}; expected some of the baselines "
+                                 f"that train with a loss of their own: {own}.")
     if not search and not baselines and not one_phase:
         raise PipelineSetupError("Nothing to run: search=False, one_phase=False and no baselines.")
     if isinstance(fold_in, bool) or not isinstance(fold_in, (int, float)) or not 0.0 < float(fold_in) < 1.0:
@@ -480,8 +495,9 @@ def run_pipeline(
         plan.append(_Stage("one_phase", {**_counts(model, folded), "loss": "autobalance"},
                            {"search_split": True, "fold_in_epoch": fold_epoch}, search=True, prepared=folded))
     for name in baselines:
-        plan.append(_Stage(name, {**counts, **BASELINES[name], "search": (), "loss_file": None, "freeze_loss": False},
-                           {"search_split": False}))
+        loss = {"loss": baseline_losses[name]} if name in baseline_losses else {}
+        plan.append(_Stage(name, {**counts, **BASELINES[name], **loss, "search": (), "loss_file": None,
+                                  "freeze_loss": False}, {"search_split": False}))
     names = [st.name for st in plan]
     unknown = [r for r in restart if r != "all" and r not in names]
     if unknown:
@@ -864,6 +880,7 @@ class AutoBalanceTrainer(pl.Trainer):
         one_phase: bool = False,
         fold_in: float = DEFAULT_FOLD_IN,
         restart: list[str] | str | None = None,
+        baseline_losses: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Search the loss, retrain with it, train the baselines, test all and write results.json.
 
@@ -874,6 +891,8 @@ class AutoBalanceTrainer(pl.Trainer):
             search: run the AutoBalance search and retraining.
             baselines: baseline names (default ``["ce", "la"]``), see
                 ``lightning_autobalance.runner.pipeline.BASELINES``.
+            baseline_losses: baseline name -> its loss value in place of its name's defaults, e.g. ``{ldam_drw:
+                {class_path: lightning_autobalance.core.losses.LDAMLoss, init_args: {drw_epoch: 30}}}``.
             search_epochs: epochs of the search (default: ``max_epochs``).
             retrain_epochs: epochs of retraining and baselines (default: ``max_epochs``).
             resume: resume unfinished stages and skip finished ones.
@@ -891,4 +910,4 @@ class AutoBalanceTrainer(pl.Trainer):
             raise PipelineSetupError("pipeline needs a datamodule (a LongTailDataModule).")
         return run_pipeline(model, datamodule, self.init_kwargs, output_dir, search,
                             ["ce", "la"] if baselines is None else baselines, search_epochs, retrain_epochs, resume,
-                            plot, seed, one_phase, fold_in, restart or (), self.config_writer)
+                            plot, seed, one_phase, fold_in, restart or (), self.config_writer, baseline_losses)
