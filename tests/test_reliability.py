@@ -54,6 +54,29 @@ def _mtimes(out: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- fingerprints
+def test_a_moved_folder_run_from_another_directory_reuses_every_stage(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Module paths are not file paths, and the found loss inside the run's folder is recorded relative to it: the
+    same command from another directory, on the folder moved elsewhere, reuses every stage and retrains nothing."""
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir(), second_dir.mkdir()
+    monkeypatch.chdir(first_dir)
+    out = first_dir / "run"
+    main(["pipeline", "--config", DIGITS, *QUICK, "--baselines", "[la]", "--output_dir", str(out)])
+    first = json.loads((out / "results.json").read_text())
+    fingerprint = (out / "autobalance" / "fingerprint.json").read_text()
+    assert "<output_dir>/found_loss.yaml" in fingerprint and str(out) not in fingerprint
+    assert f"{first_dir}/torch.optim" not in fingerprint
+    moved = second_dir / "moved"
+    os.rename(out, moved)
+    monkeypatch.chdir(second_dir)
+    before = {k: v for k, v in _mtimes(moved).items() if k.endswith((".ckpt", "fingerprint.json", "result.json"))}
+    main(["pipeline", "--config", DIGITS, *QUICK, "--baselines", "[la]", "--output_dir", str(moved)])
+    again = json.loads((moved / "results.json").read_text())
+    assert again["rows"] == first["rows"]
+    assert {k: v for k, v in _mtimes(moved).items() if k in before} == before  # nothing trained again
+
+
 def test_a_rerun_with_another_config_is_refused_and_touches_nothing(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"

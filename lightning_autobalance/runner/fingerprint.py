@@ -60,21 +60,30 @@ def _resolved(value: str | os.PathLike[str]) -> str:
     return str(Path(os.path.expanduser(os.fspath(value))).resolve())
 
 
-def resolve_paths(value: Any, key: Any = None) -> Any:
+def resolve_paths(value: Any, key: Any = None, base: str | os.PathLike[str] | None = None) -> Any:
     """``value`` with every path argument (a string or ``Path`` under a name of :data:`PATH_KEYS`, at any depth of
     nested mappings and lists) made absolute with symlinks resolved, so that one folder given as a relative or an
-    absolute path gives one fingerprint.
+    absolute path gives one fingerprint. A path inside ``base`` (the run's output folder: its found loss) is recorded
+    relative to it, as ``<output_dir>/...``, so that a folder moved or copied elsewhere resumes. A ``class_path`` is
+    a module path, never a file.
 
     Example:
         >>> resolve_paths({"root": "data", "lr": 0.1})["root"] == str(Path("data").resolve())
         True
+        >>> resolve_paths({"class_path": "torch.optim.SGD", "loss_file": "/runs/a/found_loss.yaml"}, base="/runs/a")
+        {'class_path': 'torch.optim.SGD', 'loss_file': '<output_dir>/found_loss.yaml'}
     """
     if isinstance(value, Mapping):
-        return {k: resolve_paths(v, k) for k, v in value.items()}
+        return {k: resolve_paths(v, k, base) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [resolve_paths(v, key) for v in value]
+        return [resolve_paths(v, key, base) for v in value]
+    if str(key).lower() == "class_path":
+        return value
     if isinstance(value, Path) or (isinstance(value, str) and value and "://" not in value and _is_path_key(key)):
-        return _resolved(value)
+        path = _resolved(value)
+        if base is not None and Path(path).is_relative_to(_resolved(base)):
+            return str(Path("<output_dir>") / Path(path).relative_to(_resolved(base)))
+        return path
     return value
 
 

@@ -592,7 +592,7 @@ class _Stage:
 
 
 def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any], full: Any, seed: int,
-                 epochs: int | None, with_inputs: bool) -> dict[str, Any]:
+                 epochs: int | None, with_inputs: bool, out: Path | None = None) -> dict[str, Any]:
     from lightning_autobalance import __version__
 
     data = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in IGNORED_DATA_KEYS}
@@ -601,8 +601,9 @@ def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any]
         "seed": seed,
         "epochs": epochs if epochs is not None else kwargs.get("max_epochs"),
         "model": {"class": describe(type(model)),
-                  "hparams": describe(resolve_paths({**dict(model.hparams), **st.model}))},
-        "data": {"class": describe(type(datamodule)), "hparams": describe(resolve_paths({**data, **st.data})),
+                  "hparams": describe(resolve_paths({**dict(model.hparams), **st.model}, base=out))},
+        "data": {"class": describe(type(datamodule)), "hparams": describe(resolve_paths({**data, **st.data},
+                                                                                         base=out)),
                  "class_counts": describe(full.class_counts)},
         "trainer": describe({k: v for k, v in kwargs.items() if k not in IGNORED_TRAINER_KEYS}),
     }
@@ -696,7 +697,8 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
                     found.unlink(missing_ok=True)
             continue
         # Also without resume: a folder of another configuration is never overwritten unless it is restarted.
-        _check_stage(st, stage_dir, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), False))
+        _check_stage(st, stage_dir, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), False,
+                                                 out))
     if write_config is not None and rank_zero_only.rank == 0:
         write_config(out / "config.yaml")
     _warm_up(model, datamodule, kwargs)
@@ -709,7 +711,7 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
 
     def stage(st: _Stage) -> dict[str, Any]:
         stage_dir = out / st.name
-        fp = _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), True)
+        fp = _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), True, out)
         if st.name not in recompute:
             _check_stage(st, stage_dir, fp)
         if resume:
