@@ -54,6 +54,21 @@ def _mtimes(out: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- fingerprints
+def test_a_stage_that_stopped_before_its_first_checkpoint_does_not_block_a_corrected_rerun(
+        tmp_path: Path) -> None:
+    """A fit that failed before any checkpoint (a refused setting) leaves only its fingerprint and logs: the corrected
+    rerun starts the stage afresh instead of being refused for a configuration that left nothing to reuse."""
+    out = tmp_path / "run"
+    first = _run(out)
+    (out / "la" / "result.json").unlink()
+    for ckpt in (out / "la" / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()
+    assert (out / "la" / "fingerprint.json").is_file()
+    again = _run(out, "--data.init_args.imbalance_ratio", "10")
+    assert json.loads((out / "la" / "fingerprint.json").read_text())["data"]["hparams"]["imbalance_ratio"] == 10
+    assert again["class_counts"][-1] > first["class_counts"][-1]  # imbalance 10 keeps more of the tail than 100
+
+
 def test_a_moved_folder_run_from_another_directory_reuses_every_stage(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Module paths are not file paths, and the found loss inside the run's folder is recorded relative to it: the

@@ -629,8 +629,10 @@ def _work_in(stage_dir: Path) -> list[str]:
 
 
 def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any]) -> None:
-    """Refuses a stage folder that holds another configuration's stage (compares ``fingerprint.json``), and one that
-    holds work (a result, a checkpoint) it cannot check: no fingerprint, or one that cannot be read. Fails closed."""
+    """Refuses a stage folder that holds work (a result, a checkpoint) of another configuration (compares
+    ``fingerprint.json``) or work it cannot check: no fingerprint, or one that cannot be read. Fails closed where there
+    is work; a folder with none (a fit that stopped before its first checkpoint, e.g. on a setting it refused) blocks
+    nothing: the stage starts afresh and writes its own fingerprint."""
     recorded = stage_dir / "fingerprint.json"
     work = _work_in(stage_dir)
     if not recorded.is_file():
@@ -652,7 +654,10 @@ def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any]) -> None:
     if "inputs" not in fp:
         old.pop("inputs", None)
     diff = changes(old, fp)
-    if diff:
+    if diff and not work:
+        rank_zero_info(f"[{st.name}] {stage_dir} holds no result or checkpoint of its earlier configuration: the stage "
+                       "starts afresh.")
+    elif diff:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise PipelineSetupError(f"{stage_dir} holds the stage '{st.name}' of another configuration ({shown}). "
                                  + _way_out(st.name))
