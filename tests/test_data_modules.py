@@ -234,6 +234,26 @@ def _fake_cifar10(root: Path, per_class: int = 20, test_per_class: int = 3) -> t
     return data, targets
 
 
+class _Crafted:
+    """A pickled object whose loading would run code (it would create ``ran``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_cifar_without_its_md5_check_refuses_a_crafted_batch_file_unread(tmp_path: Path) -> None:
+    _fake_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    _write_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_3", {"data": _Crafted(marker), "labels": []})
+    dm = LongTailCIFAR10(root=str(tmp_path), check_integrity=False, imbalance_ratio=10, batch_size=8)
+    with pytest.raises(Exception, match=r"names pathlib.*refused unread"):
+        dm.setup("fit")
+    assert not marker.exists()
+
+
 def _fake_cifar100(root: Path, per_class: int = 6, test_per_class: int = 2) -> tuple[np.ndarray, np.ndarray]:
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
