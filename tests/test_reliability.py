@@ -54,6 +54,20 @@ def _mtimes(out: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- fingerprints
+def test_an_added_training_callback_is_part_of_the_fingerprint(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Stochastic weight averaging changes the model a stage ends with: adding it is a new configuration, refused in
+    one line; a progress-bar or checkpoint callback is not."""
+    out = tmp_path / "run"
+    _run(out)
+    swa = ["--trainer.callbacks+=pytorch_lightning.callbacks.StochasticWeightAveraging",
+           "--trainer.callbacks.swa_lrs", "0.01"]
+    err = _refused(capsys, out, *swa)
+    assert "holds the stage 'la' of another configuration" in err and "callbacks" in err
+    again = _run(out, "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor")
+    assert again["rows"]
+
+
 def test_a_stage_that_stopped_before_its_first_checkpoint_does_not_block_a_corrected_rerun(
         tmp_path: Path) -> None:
     """A fit that failed before any checkpoint (a refused setting) leaves only its fingerprint and logs: the corrected

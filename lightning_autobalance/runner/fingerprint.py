@@ -141,8 +141,9 @@ def describe(value: Any, _depth: int = 0) -> Any:
 
 
 def callback_settings(callback: Any) -> dict[str, Any]:
-    """The constructor arguments of a callback as it holds them (public attributes of the same names; a
-    ``hyper_optimizer``/``hyper_scheduler`` from its private copies), described."""
+    """The constructor arguments of a callback as it holds them (attributes of the same names, public or with a
+    leading underscore, as Lightning's own callbacks keep theirs; a ``hyper_optimizer``/``hyper_scheduler`` from its
+    private copies), described."""
     settings: dict[str, Any] = {}
     for name in inspect.signature(type(callback).__init__).parameters:
         if name in ("self", "args", "kwargs"):
@@ -151,6 +152,8 @@ def callback_settings(callback: Any) -> dict[str, Any]:
             settings[name] = getattr(callback, name)
         elif hasattr(callback, f"_{name}_fn"):
             settings[name] = getattr(callback, f"_{name}_fn")
+        elif hasattr(callback, f"_{name}"):
+            settings[name] = getattr(callback, f"_{name}")
     return {"class": _path_of(type(callback)), "settings": describe(settings)}
 
 

@@ -63,7 +63,14 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import (
+    DeviceStatsMonitor,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    ProgressBar,
+    Timer,
+)
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -591,6 +598,11 @@ class _Stage:
     prepared: Any = None  # its datamodule, when the plan already built it (for its counts)
 
 
+#: callbacks that watch or save training without changing it: not part of a stage's fingerprint
+_OBSERVERS = (ModelCheckpoint, ProgressBar, ModelSummary, LearningRateMonitor, DeviceStatsMonitor, Timer,
+              SaveConfigCallback)
+
+
 def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any], full: Any, seed: int,
                  epochs: int | None, with_inputs: bool, out: Path | None = None) -> dict[str, Any]:
     from lightning_autobalance import __version__
@@ -607,9 +619,13 @@ def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any]
                  "class_counts": describe(full.class_counts)},
         "trainer": describe({k: v for k, v in kwargs.items() if k not in IGNORED_TRAINER_KEYS}),
     }
+    callbacks = kwargs.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    # every callback that can change training (observers and checkpointing left out) decides the result too
+    others = [callback_settings(c) for c in callbacks if not isinstance(c, (AutoBalanceCallback, *_OBSERVERS))]
+    if others:
+        fp["callbacks"] = others
     if st.search:
-        callbacks = kwargs.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         cb = next((c for c in callbacks if isinstance(c, AutoBalanceCallback)), None) or AutoBalanceCallback()
         fp["autobalance"] = callback_settings(cb)
     if with_inputs:
