@@ -238,6 +238,26 @@ def _folder(root: Path, per_class: tuple[int, ...] = (6, 4, 3)) -> None:
                 Image.new("RGB", (32, 32), (40 * c, i, 0)).save(folder / f"{i}.png")
 
 
+def test_changed_images_are_a_new_configuration_and_the_same_images_are_not(tmp_path: Path) -> None:
+    """The data's content is part of a run's fingerprint: a replaced training image or a removed test image changes
+    the digest (the pipeline then refuses the old stages in one line, as for any changed setting); the same files
+    give the same digest."""
+    _folder(tmp_path)
+
+    def digest() -> str:
+        return LongTailImageFolder(str(tmp_path), imbalance_ratio=2, batch_size=4).content_digest()
+
+    first = digest()
+    assert digest() == first
+    image = tmp_path / "train" / "class1" / "0.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(image)
+    os.utime(image, ns=(1, 1))  # a replaced file: another size or time
+    replaced = digest()
+    assert replaced != first
+    (tmp_path / "test" / "class0" / "1.png").unlink()
+    assert digest() not in (first, replaced)
+
+
 def test_a_bad_image_is_named_when_the_datasets_are_built(tmp_path: Path) -> None:
     _folder(tmp_path)
     (tmp_path / "train" / "class1" / "1.png").write_bytes(b"this is not a png")

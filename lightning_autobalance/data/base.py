@@ -1,5 +1,7 @@
 """Common logic of the long-tailed datamodules: profile, seeded selection, search split."""
 
+import hashlib
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -131,6 +133,22 @@ class LongTailDataModule(pl.LightningDataModule):
         self._datasets: dict[str, Dataset[Any]] = {}
 
     # ------------------------------------------------------------------ subclass hooks
+    def data_files(self) -> list[str]:
+        """The files the training and test data are read from (empty for data held in memory or bundled)."""
+        return []
+
+    def content_digest(self) -> str:
+        """A digest of the data itself, for a run's fingerprint: the training pool's labels and every file of
+        :meth:`data_files` with its size and modification time, so that replaced, added or removed images (training
+        or test) make a new configuration. Cheap: no image is decoded."""
+        self._ensure_plan()
+        assert self._pool_targets is not None
+        digest = hashlib.sha256(np.ascontiguousarray(self._pool_targets, dtype=np.int64).tobytes())
+        for path in self.data_files():
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
     def _load_pool(self) -> tuple[np.ndarray, list[str]]:
         """Labels of the training pool and the class names; cheap (no image decoding)."""
         raise NotImplementedError

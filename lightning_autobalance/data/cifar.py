@@ -82,6 +82,11 @@ class _LongTailCIFAR(LongTailDataModule):
         images = torch.from_numpy(np.ascontiguousarray(reader.data)).permute(0, 3, 1, 2).contiguous()
         return images, np.asarray(reader.targets, dtype=np.int64), list(reader.classes)
 
+    def data_files(self) -> list[str]:
+        """The release's batch and meta files."""
+        folder = self.data_folder
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder)) if os.path.isdir(folder) else []
+
     def prepare_data(self) -> None:
         """Download the release (on one process) when ``download=True``."""
         if self.download:

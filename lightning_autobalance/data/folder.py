@@ -245,6 +245,11 @@ class LongTailImageFolder(LongTailDataModule):
             self._test_split()
         return labels, names
 
+    def data_files(self) -> list[str]:
+        """Every training image file and every test image file (the test set is read when asked for)."""
+        self._ensure_plan()
+        return [*self._train_paths, *self._test_split()[0]]
+
     def _test_split(self) -> tuple[list[str], np.ndarray]:
         if self._test_files is None:
             if self.test_list is not None:

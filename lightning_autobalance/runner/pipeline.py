@@ -616,7 +616,8 @@ def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any]
                   "hparams": describe(resolve_paths({**dict(model.hparams), **st.model}, base=out))},
         "data": {"class": describe(type(datamodule)), "hparams": describe(resolve_paths({**data, **st.data},
                                                                                          base=out)),
-                 "class_counts": describe(full.class_counts)},
+                 "class_counts": describe(full.class_counts),
+                 **({"content": full.content_digest()} if hasattr(full, "content_digest") else {})},
         "trainer": describe({k: v for k, v in kwargs.items() if k not in IGNORED_TRAINER_KEYS}),
     }
     callbacks = kwargs.get("callbacks") or []
