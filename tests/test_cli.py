@@ -307,3 +307,23 @@ def test_tutorial_module_twin_takes_at_most_ten_changed_lines(tmp_path: Path) ->
     for name, value in alpha.items():
         torch.testing.assert_close(restored.autobalance.alpha()[name], value, rtol=0, atol=0)
     assert 0.0 <= float(metrics["test_balanced_error"]) <= 1.0
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--config", "/no/such/file.yaml"], "File does not exist"),
+    (["--search_epochs", "2.5"], 'Parser key "search_epochs": Expected a <class \'int\'>; Given value: 2.5'),
+    (["--trainer.no_such_key", "3"], "unrecognized arguments: --trainer.no_such_key 3"),
+])
+def test_a_parse_error_is_one_line(extra, expected, capsys, monkeypatch):
+    """A missing config file, a value of the wrong type and an unknown key: one line naming what is wrong, exit 2,
+    before anything is built (they used to print 80 to 100 lines of usage)."""
+    from lightning_autobalance.runner.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lightning-autobalance"])
+    config = str(Path(__file__).resolve().parents[1] / "examples" / "digits_lt.yaml")
+    args = ["pipeline", *([] if extra[0] == "--config" else ["--config", config]), *extra]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+

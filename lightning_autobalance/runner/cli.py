@@ -17,6 +17,7 @@ library's own message, with exit status 2; set ``LIGHTNING_AUTOBALANCE_DEBUG=1``
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -57,11 +58,17 @@ class AutoBalanceCLI(LightningCLI):
     # loudly if an upgrade moves it.
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.exit_on_error = False  # a parse error reaches main(), which says it in one line
         if subcommand != "pipeline" and callable(getattr(klass, "pipeline", None)):
             # Accept (and ignore) the pipeline's own keys (output_dir, baselines, ...) in the other subcommands, so
             # that one config file serves `pipeline`, `fit`, `validate` and `test`. They are not recorded as this
             # subcommand's method arguments, so they are not passed to `trainer.fit` and the like.
             parser.add_method_arguments(klass, "pipeline", skip=set(self.subcommands()["pipeline"]))
+        return parser
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False  # a parse error reaches main(), which says it in one line
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -174,6 +181,21 @@ def main(args: list[str] | None = None) -> None:
     except (UsageError, PipelineSetupError) as err:
         print(f"lightning-autobalance: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except argparse.ArgumentError as err:  # the parser's: an unknown key, a value of the wrong type, a missing file
+        if os.environ.get("LIGHTNING_AUTOBALANCE_DEBUG"):
+            raise
+        print(f"lightning-autobalance: error: {_parse_message(str(err))} (lightning-autobalance <subcommand> --help "
+              "lists the options)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _parse_message(message: str) -> str:
+    """jsonargparse's report on one line: its first line, the first type it tried and the value given."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    head = lines[0] if lines else "invalid arguments"
+    reason = next((line.lstrip("- ") for line in lines[1:] if line.startswith("- ")), "")
+    given = next((line for line in lines[1:] if line.startswith("Given value:")), "")
+    return " ".join(f"{head} {reason}{'; ' if reason and given else ''}{given}".split())
 
 
 if __name__ == "__main__":  # pragma: no cover
