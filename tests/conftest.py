@@ -27,6 +27,9 @@ def one_thread() -> Iterator[None]:
 class CrashAt(pl.Callback):
     """Raises in the middle of epoch ``epoch`` (an interruption after the checkpoint of the epoch before)."""
 
+    #: an interruption, not a setting: a resumed stage without it is the same configuration
+    changes_training = False
+
     def __init__(self, epoch: int = 2) -> None:
         self.epoch = epoch
 

@@ -622,8 +622,10 @@ def _fingerprint(st: _Stage, model: Any, datamodule: Any, kwargs: dict[str, Any]
     }
     callbacks = kwargs.get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    # every callback that can change training (observers and checkpointing left out) decides the result too
-    others = [callback_settings(c) for c in callbacks if not isinstance(c, (AutoBalanceCallback, *_OBSERVERS))]
+    # every callback that can change training decides the result too (observers, checkpointing and a callback whose
+    # class says `changes_training = False` left out)
+    others = [callback_settings(c) for c in callbacks if not isinstance(c, (AutoBalanceCallback, *_OBSERVERS))
+              and getattr(c, "changes_training", True)]
     if others:
         fp["callbacks"] = others
     if st.search:
