@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lightning_autobalance.core.cells import cell_index
 from lightning_autobalance.core.linear_solve import Tree, axpy, scale
-from lightning_autobalance.core.problem import Batch, FunctionalModel, Problem, _difference_step, reduce_tree
+from lightning_autobalance.core.problem import Batch, FunctionalModel, Problem, difference_step, reduce_tree
 from lightning_autobalance.core.random_state import from_state
 
 __all__ = ["IMAGE_OPS", "OPS", "AugmentSettings", "Draws", "augment", "draw", "erase", "gate", "initial_params",
@@ -334,7 +334,7 @@ def input_mixed_term(fmodel: FunctionalModel, params: Tree, batch: Batch, direct
     kept from the training step's backward pass), a forward difference needs one pass only. ``loss(logits, target,
     group)`` is the training loss (a mean), run in float32 or wider with autocast off.
     """
-    h, zero = _difference_step(params, direction, central=input_grad is None)
+    h, zero = difference_step(params, direction, central=input_grad is None)
     device = fmodel.device
     leaf = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
     with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):

@@ -29,8 +29,8 @@ from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.core.random_state import from_state
 
 __all__ = ["CURVATURES", "PRODUCTS", "Batch", "Curvature", "FunctionalModel", "Problem", "ProductMode",
-           "curvature_product", "logits_product", "mixed_term", "reduce_tree", "train_gradient", "upper_gradient",
-           "wide_dtype"]
+           "curvature_product", "difference_step", "logits_product", "mixed_term", "reduce_tree", "train_gradient",
+           "upper_gradient", "wide_dtype"]
 
 Curvature = Literal["gauss_newton", "hessian"]
 ProductMode = Literal["difference", "jvp", "auto"]
@@ -150,7 +150,7 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _difference_step(params: Tree, direction: Tree, central: bool) -> tuple[Tensor, Tensor]:
+def difference_step(params: Tree, direction: Tree, central: bool) -> tuple[Tensor, Tensor]:
     """The step ``h`` of a difference along ``direction`` (scaled to the norms of both) and whether the direction
     is zero, as device tensors: computing them reads nothing back to the host. A non-finite direction gives a
     non-finite ``h`` or a zero one (its product is then non-finite too, and the hyper step is skipped)."""
@@ -189,7 +189,7 @@ def logits_product(fmodel: FunctionalModel, params: Tree, batch: Batch, directio
     if mode != "difference":
         raise ValueError(f"mode must be 'auto', 'jvp' or 'difference'; got {mode!r}.")
     cached = None if low else batch.logits
-    h, zero = _difference_step(params, direction, central=cached is None)
+    h, zero = difference_step(params, direction, central=cached is None)
     wide = wide_dtype(params[fmodel.names[0]].dtype)
     with torch.no_grad(), _no_autocast(device) if low else contextlib.nullcontext():
         with _rng(batch.rng_state, device):
