@@ -677,7 +677,7 @@ def test_given_counts_win_and_are_checked_against_the_labels():
     scaled.configure_autobalance([2 * c for c in COUNTS])  # the same frequencies (e.g. the whole set's counts)
     with _warnings.catch_warnings():
         _warnings.simplefilter("error", UserWarning)
-        _warnings.filterwarnings("ignore", message=".*(workers|logging interval|LeafSpec).*")
+        _warnings.filterwarnings("ignore", message=".*(workers|logging interval|LeafSpec|no AutoBalanceCallback).*")
         _fit(scaled, _loader(), steps=1)
 
 

@@ -44,8 +44,9 @@ class Estimator:
             it adds ``weight_decay * I`` to the curvature. ``"head"`` needs it ``> 0``; under
             :class:`~lightning_autobalance.AutoBalanceCallback`, ``0`` (the default) means the weight decay the model
             optimizer applies to the head, read at the start of the fit.
-        head: ``"head"`` method: the name of the ``nn.Linear`` layer producing the logits (``None``: the module's
-            last ``nn.Linear``).
+        head: ``"head"`` method and the held-back check: the name of the ``nn.Linear`` layer producing the logits
+            (``None``: the callback watches a forward pass at setup for the layer whose output the logits are,
+            :func:`~lightning_autobalance.core.head.watch_head`; used as given, nothing watched).
         head_memory: ``"head"`` method: feature rows of recent training (and upper) batches kept to solve the
             head's equilibrium on (``0``: the current batches only).
         head_steps: ``"head"`` method: Newton steps per hyper step (warm-started from the previous equilibrium).

@@ -40,6 +40,7 @@ method (:func:`lightning_autobalance.core.solvers.head_solver`) and the held-bac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +51,9 @@ from torch import Tensor, nn
 from lightning_autobalance.core.linear_solve import conjugate_gradient
 from lightning_autobalance.core.losses import LossTables
 
-__all__ = ["FeatureMemory", "HeadProblem", "HeadResult", "augment_features", "find_head", "head_hypergradient",
-           "head_parameters", "head_weight_decay", "optimizer_head_weight_decay", "solve_head"]
+__all__ = ["FeatureMemory", "HeadProblem", "HeadResult", "WatchedHead", "augment_features", "find_head",
+           "head_hypergradient", "head_parameters", "head_weight_decay", "optimizer_head_weight_decay", "solve_head",
+           "watch_head"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -64,9 +66,77 @@ _BLOCKS_LIMIT = 2 ** 24
 _STEPS = (*(2.0 ** -j for j in range(12)), 0.0)
 
 
+@dataclass(frozen=True)
+class WatchedHead:
+    """What one forward pass told of the layer that makes the logits (:func:`watch_head`).
+
+    Attributes:
+        name: the qualified name of the submodule whose output the logits are, or ``None`` when it cannot be told.
+        layer: that submodule (``None`` with ``name``).
+        why: why it cannot be told (``None`` when it can).
+    """
+
+    name: str | None
+    layer: nn.Module | None = None
+    why: str | None = None
+
+    @property
+    def linear(self) -> bool:
+        """Whether the layer that makes the logits is an ``nn.Linear`` (a head the check and ``"head"`` can use)."""
+        return isinstance(self.layer, nn.Linear)
+
+
+def _record(records: list[tuple[str, nn.Module, Tensor]], name: str, layer: nn.Module, _args: Any,
+            output: Any) -> None:
+    if isinstance(output, Tensor):
+        records.append((name, layer, output))
+
+
+def watch_head(module: nn.Module, run: Callable[[], Any]) -> WatchedHead:
+    """The layer that makes the logits, found by watching one forward pass rather than by registration order.
+
+    Every submodule of ``module`` (not ``module`` itself) is watched while ``run()`` computes the logits (e.g.
+    ``lambda: net(x)``; the caller chooses the mode, the gradient and the random state). The head is the innermost
+    submodule whose output *is* the tensor returned (a container passing its child's output on resolves to the
+    child); when the logits are computed after the last layer (``log_softmax(fc(x))``, ``fc(x) / T``), the one
+    submodule whose outputs have the logits' shape. Several such submodules, or none, and it cannot be told.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> watch_head(net, lambda: net(torch.randn(2, 4))).name
+        '2'
+        >>> watch_head(net, lambda: torch.log_softmax(net(torch.randn(2, 4)), 1)).name
+        '2'
+    """
+    records: list[tuple[str, nn.Module, Tensor]] = []
+    handles = [layer.register_forward_hook(functools.partial(_record, records, name))
+               for name, layer in module.named_modules() if name]
+    try:
+        logits = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        what = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        return WatchedHead(None, why=f"the forward pass returned {what}, not (N, K) logits")
+
+    def producer(out: Tensor) -> tuple[str, nn.Module]:  # the innermost (first finished) submodule giving ``out``
+        return next((name, layer) for name, layer, o in records if o is out)
+
+    if any(o is logits for *_, o in records):
+        return WatchedHead(*producer(logits))
+    shaped = dict(producer(o) for *_, o in records if o.shape == logits.shape)
+    if len(shaped) == 1:
+        return WatchedHead(*next(iter(shaped.items())))
+    why = ("no layer's output is the logits or has their shape" if not shaped else
+           f"the logits are computed after the layers, and several give outputs of their shape {sorted(shaped)}")
+    return WatchedHead(None, why=why)
+
+
 def find_head(module: nn.Module, name: str | None = None) -> str:
     """The qualified name of the classifier head: ``name`` if given (checked), else the last ``nn.Linear``
-    registered in ``module`` (for the networks of this package and most classifiers, the layer producing logits).
+    registered in ``module`` (for the networks of this package and most classifiers, the layer producing logits;
+    :func:`watch_head` tells it from a forward pass, which the callback does before a fit and passes on as ``name``).
 
     Raises:
         ValueError: when ``name`` is not an ``nn.Linear`` of ``module`` or ``module`` has none.

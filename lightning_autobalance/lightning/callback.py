@@ -16,29 +16,31 @@ the loss parameters move).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.utilities import move_data_to_device
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_autobalance.core.estimator import Estimator, with_head_weight_decay
-from lightning_autobalance.core.head import find_head
+from lightning_autobalance.core.head import WatchedHead, find_head, watch_head
 from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
 from lightning_autobalance.core.objectives import Objective, UpperObjective
 from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
-from lightning_autobalance.lightning.batch_stream import BatchStream
+from lightning_autobalance.lightning.batch_stream import BatchStream, map_style
 from lightning_autobalance.lightning.check import CHECK_WEIGHT_DECAY, CheckResult, HeldBackCheck
 from lightning_autobalance.lightning.flat_settings import callback_values, flat_settings
 from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
-from lightning_autobalance.lightning.mixin import AutoBalanceMixin
+from lightning_autobalance.lightning.mixin import AutoBalanceMixin, _training_loader
 from lightning_autobalance.lightning.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
 from lightning_autobalance.lightning.step_log import RESIDUAL_LIMIT, StepLog, parameter_figures
 from lightning_autobalance.lightning.strategies import SHARDED_STRATEGIES
@@ -52,6 +54,38 @@ __all__ = ["CHECK_WEIGHT_DECAY", "MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "
 
 def _autobalance_forward(module: Any, inputs: Any) -> Tensor:
     return module.autobalance_forward(inputs)
+
+
+def _probe_batch(loader: Any) -> Any:
+    """A few samples of ``loader`` as one batch: read from its dataset by index where it can (no worker started, no
+    sampler drawn), else its first batch."""
+    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    if map_style(dataset) and collate is not None and len(dataset) > 0:
+        if getattr(loader, "batch_sampler", None) is None:  # automatic batching off: an item is a batch
+            return collate(dataset[0])
+        return collate([dataset[i] for i in range(min(len(dataset), getattr(loader, "batch_size", None) or 4, 4))])
+    return next(iter(loader))
+
+
+def _watch_head(trainer: pl.Trainer, pl_module: Any) -> WatchedHead | str:
+    """The layer that makes the logits (:func:`~lightning_autobalance.core.head.watch_head`) on a few training
+    samples, in evaluation mode, without gradient, the random state and the module's mode kept; or why the forward
+    pass could not run."""
+    loader = _training_loader(trainer)
+    if loader is None:
+        return "no training batch to watch the forward pass on"
+    modes = [(m, m.training) for m in pl_module.modules()]  # each submodule's own mode, as it was
+    try:
+        with preserve_random_state(trainer.strategy.root_device), torch.no_grad():
+            batch = move_data_to_device(_probe_batch(loader), pl_module.device)
+            inputs = pl_module.autobalance_unpack(batch)[0]
+            pl_module.eval()
+            return watch_head(pl_module, lambda: pl_module.autobalance_forward(inputs))
+    except Exception as err:  # the caller's fallback says why
+        return f"a forward pass on a training batch failed ({type(err).__name__}: {err})"
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -88,9 +122,10 @@ class AutoBalanceCallback(Callback):
     found loss is checked against the loss it started from: the classifier head is trained to its equilibrium on the
     training features with each, and the found loss stays only if its head scores better on the held-back half;
     otherwise the start is put back (:mod:`lightning_autobalance.lightning.check`; ``check_result`` has the figures,
-    ``should_check`` can be overridden, ``UpperData(holdout=0)`` turns it off). Where the check cannot run (an
-    iterable upper dataset, one upper sample per class, no ``nn.Linear`` head) the search uses all the upper data, with
-    a message.
+    ``should_check`` can be overridden, ``UpperData(holdout=0)`` turns it off). The head is the layer that makes the
+    logits, watched on a forward pass of a few training samples at setup (or ``Estimator(head=...)``); a fit whose head
+    cannot be told is refused before training. Where the check cannot run (an iterable upper dataset, one upper sample
+    per class, logits not made by an ``nn.Linear``) the search uses all the upper data, with a message.
 
     The extra passes run on the unwrapped module with copies of its buffers (BatchNorm statistics are untouched),
     in the precision plugin's forward context, from and back to the training loop's random state; the
@@ -135,8 +170,9 @@ class AutoBalanceCallback(Callback):
         **flat: settings by their flat names, as above.
 
     Raises:
-        ValueError: a bad setting (at construction); RuntimeError at a due hyper step when the module's
-            ``training_step`` has not called ``self.autobalance_loss`` since the previous optimizer step.
+        ValueError: a bad setting (at construction); RuntimeError at the fit's first optimizer step, or at a due
+            hyper step, when the module's ``training_step`` has not called ``self.autobalance_loss`` since the
+            previous optimizer step.
 
     Example::
 
@@ -188,11 +224,13 @@ class AutoBalanceCallback(Callback):
         self._batch: Any = None
         self._batch_rng: tuple[Tensor, Tensor | None] | None = None
         self._loss_calls: int | None = None  # the module's autobalance_loss calls at the previous optimizer step
+        self._first_step = False  # the next optimizer step is the fit's first (its wiring is checked)
         self._warned_frozen = False
         self._resumed_at = 0
         self._upper: UpperBatches | None = None  # this fit's upper data (UpperData.build)
         self._schedule = self.schedule  # this fit's plan (Schedule.plan), the settings until the fit starts
         self._check = HeldBackCheck(self.upper.holdout, self.estimator.head)
+        self._head = self.estimator.head  # this fit's head: the nn.Linear watched making the logits (setup)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -269,6 +307,10 @@ class AutoBalanceCallback(Callback):
             checkable = None if params.num_free() else "the loss has nothing to search"
         except ValueError:
             checkable = "the module has no nn.Linear head"
+        self._head = self.estimator.head
+        if checkable is None and self._head is None and (self.estimator.method == "head" or self.upper.holdout != 0):
+            checkable = self._find_head(trainer, pl_module)
+        self._check.head = self._head
         upper = self._upper = self.upper.build(trainer, pl_module, self.seed, objective.counts_per_cell,
                                                objective.num_groups, self._check, checkable)
         table, shrink_table = upper.objective_table, upper.shrink_table
@@ -294,6 +336,31 @@ class AutoBalanceCallback(Callback):
             raise ValueError(f"AutoBalanceCallback: the upper objective {objective.describe()} does not fit the upper "
                              f"data{groups}: {err}") from err
 
+    def _find_head(self, trainer: pl.Trainer, pl_module: Any) -> str | None:
+        """Sets this fit's head (``self._head``) to the ``nn.Linear`` that makes the logits, watched on a forward pass
+        of a few training samples; else returns why the held-back check cannot run (under the default ``holdout``) or
+        refuses the fit: the head cannot be told, or the ``"head"`` method or an explicit ``holdout`` needs one."""
+        watched = _watch_head(trainer, pl_module)
+        if isinstance(watched, WatchedHead) and watched.linear:
+            self._head = watched.name
+            return None
+        linear = [n for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
+        name = "Estimator(head='<layer name>') (its nn.Linear layers: " + ", ".join(linear) + ")"
+        if isinstance(watched, WatchedHead) and watched.name is None:
+            raise ValueError(f"AutoBalanceCallback cannot tell which layer of {type(pl_module).__name__} makes the "
+                             f"logits (the classifier head of the held-back check and of the 'head' method): "
+                             f"{watched.why}. Name it with {name}, or give UpperData(holdout=0) and another "
+                             "method.")
+        why = watched if isinstance(watched, str) else (
+            f"the logits come from {watched.name!r}, a {type(watched.layer).__name__}, not an nn.Linear")
+        if self.estimator.method == "head":
+            raise ValueError(f"Estimator(method='head') needs the classifier head to be an nn.Linear: {why}. Name "
+                             f"the layer with {name}, or use another method.")
+        if self.upper.holdout is not None:
+            raise ValueError(f"UpperData(holdout={self.upper.holdout}) checks the found loss at an nn.Linear "
+                             f"classifier head: {why}. Name the layer with {name}, or give holdout=0.")
+        return why
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
@@ -307,8 +374,10 @@ class AutoBalanceCallback(Callback):
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
+        self._first_step = True
         groups = [g for o in trainer.optimizers for g in o.param_groups]
-        self._estimator, note = with_head_weight_decay(self.estimator, pl_module, groups)  # "head": the optimizer's
+        estimator = self.estimator if self._head == self.estimator.head else replace(self.estimator, head=self._head)
+        self._estimator, note = with_head_weight_decay(estimator, pl_module, groups)  # "head": the optimizer's
         if note:
             rank_zero_warn(f"AutoBalance: {note}")
         # before any training: an explicit holdout needs weight decay on the head; a resumed fit keeps its start
@@ -348,20 +417,24 @@ class AutoBalanceCallback(Callback):
                                  optimizer: Optimizer) -> None:
         calls = getattr(pl_module, "autobalance_loss_calls", None)
         before, self._loss_calls = self._loss_calls, calls
-        if self._batch is None or self._update is None:
+        first, self._first_step = self._first_step, False  # the wiring is also checked at the fit's first step
+        if self._update is None or (self._batch is None and not first):
             return
         params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
+        if not params.frozen and calls is not None and before is not None and calls == before:
+            when = "a hyper step is due" if self._batch is not None else "the first of this fit"
+            raise RuntimeError(f"AutoBalance: at optimizer step {trainer.global_step} ({when}), "
+                               f"{type(pl_module).__name__}.training_step has not called self.autobalance_loss "
+                               "since the previous optimizer step, so the model does not train on the loss being "
+                               "searched: call self.autobalance_loss(logits, y) in training_step (in place of "
+                               "your own criterion) and return it as the loss.")
+        if self._batch is None:
+            return
         if params.frozen:
             if not self._warned_frozen:
                 rank_zero_info("AutoBalance: the loss is frozen, so no hyper steps are taken.")
                 self._warned_frozen = True
         else:
-            if calls is not None and before is not None and calls == before:
-                raise RuntimeError(f"AutoBalance: a hyper step is due at optimizer step {trainer.global_step}, but "
-                                   f"{type(pl_module).__name__}.training_step has not called self.autobalance_loss "
-                                   "since the previous optimizer step, so the model does not train on the loss being "
-                                   "searched: call self.autobalance_loss(logits, y) in training_step (in place of "
-                                   "your own criterion) and return it as the loss.")
             self._hyper_step(trainer, pl_module)
         self._batch = None
         pl_module.autobalance_request_logits(False)  # type: ignore[attr-defined]

@@ -583,6 +583,7 @@ class AutoBalanceMixin:
         if fitting:
             self._autobalance_check_wiring(logits)
             self._autobalance_check_counts(params)
+            self._autobalance_check_searched(params)
         if self.autobalance_validate and not getattr(self, "_autobalance_checked_logprobs", False):
             self._autobalance_checked_logprobs = True
             self._warn_if_log_probabilities(logits, params)
@@ -608,6 +609,26 @@ class AutoBalanceMixin:
             raise RuntimeError(f"autobalance_loss: the losses it returned on the last {_UNREACHED_LIMIT} training "
                                "calls never reached a backward pass, so the model trains on another loss than the one "
                                "searched. Return its value from training_step (or pass it to manual_backward).")
+
+    def _autobalance_check_searched(self, params: LossParametrization) -> None:
+        """Once per fit: a loss with something to search, not frozen, fitted by a Trainer without
+        :class:`~lightning_autobalance.AutoBalanceCallback` is said to stay as it starts (no silent no-search)."""
+        trainer = self._autobalance_trainer()
+        if trainer is None or self.__dict__.get("_autobalance_search_checked") is trainer:
+            return
+        self._autobalance_search_checked = trainer
+        if params.frozen or params.num_free() == 0:
+            return
+        from lightning_autobalance.lightning.callback import AutoBalanceCallback  # the callback imports the mixin
+
+        if any(isinstance(c, AutoBalanceCallback) for c in getattr(trainer, "callbacks", None) or ()):
+            return
+        preset = getattr(params, "preset", None)
+        rank_zero_warn(f"AutoBalance: {type(self).__name__} has a loss to search ({params.num_free()} free values), "
+                       "but the Trainer has no AutoBalanceCallback: this fit trains on the start loss "
+                       f"(preset {preset!r}) and searches nothing. Add AutoBalanceCallback() to the Trainer's "
+                       "callbacks to search it; to train on the loss as it is, freeze it "
+                       "(configure_autobalance(..., freeze=True) or model.freeze_loss()).")
 
     def _autobalance_check_counts(self, params: LossParametrization) -> None:
         """Once per fit: given counts against the training data's labels, where those are cheap to read."""

@@ -48,9 +48,9 @@ class UpperData:
 
     Args:
         source: where upper batches come from: ``"datamodule"`` (its ``upper_dataloader()`` hook, or the
-            LightningModule's), ``"dataloader"`` (``dataloader`` below), ``"val"`` (the validation dataloader, with
-            a warning: the loss is then tuned on the data that is used to judge it) or ``"auto"`` (the first of
-            these that exists).
+            LightningModule's), ``"dataloader"`` (``dataloader`` below), ``"val"`` (the validation dataloader: the
+            loss is then tuned on the data that is used to judge it) or ``"auto"`` (the first of these that exists;
+            a warning when that is the validation data).
         dataloader: an explicit upper dataloader.
         class_counts: class counts of the upper data (default: from the datamodule, the dataset's ``targets``, or
             by reading the labels once).
@@ -242,8 +242,9 @@ class UpperBatches:
             raise RuntimeError("AutoBalanceCallback found no upper data: give the datamodule (or the LightningModule) "
                                "an upper_dataloader() method, pass upper_dataloader=..., or provide a validation "
                                "dataloader.")
-        rank_zero_warn("AutoBalanceCallback is using the validation dataloader as upper data: the loss will be "
-                       "tuned on the data used to judge it. Prefer a held-out split (upper_dataloader).")
+        if source == "auto":  # a fallback is said; upper_source='val' given explicitly is not warned of
+            rank_zero_warn("AutoBalanceCallback is using the validation dataloader as upper data: the loss will be "
+                           "tuned on the data used to judge it. Prefer a held-out split (upper_dataloader).")
         return val
 
     def _counts(self, trainer: pl.Trainer, pl_module: Any, loader: Any, wants_cells: bool,
