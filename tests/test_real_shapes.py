@@ -153,7 +153,7 @@ def test_manual_optimization(two_optimizers):
 def test_the_private_training_data_source_the_mixin_reads():
     """``trainer.fit_loop._data_source`` (``is_defined()``, ``dataloader()``): how the mixin finds the training
     data at setup, before the fit loop has its dataloader (lightning_autobalance/lightning/mixin.py,
-    ``_training_loader``)."""
+    ``training_loader``)."""
     for package in ("pytorch_lightning", "lightning.pytorch"):
         try:
             loops = importlib.import_module(f"{package}.loops.fit_loop")

@@ -40,7 +40,7 @@ from lightning_autobalance.lightning.batch_stream import BatchStream, map_style
 from lightning_autobalance.lightning.check import CHECK_WEIGHT_DECAY, CheckResult, HeldBackCheck
 from lightning_autobalance.lightning.flat_settings import callback_values, flat_settings
 from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
-from lightning_autobalance.lightning.mixin import AutoBalanceMixin, _training_loader
+from lightning_autobalance.lightning.mixin import AutoBalanceMixin, training_loader
 from lightning_autobalance.lightning.schedule import MAX_AUTO_INTERVAL, ONE_PHASE_HYPER_SHARE, Schedule, auto_interval
 from lightning_autobalance.lightning.step_log import RESIDUAL_LIMIT, StepLog, parameter_figures
 from lightning_autobalance.lightning.strategies import SHARDED_STRATEGIES
@@ -71,7 +71,7 @@ def _watch_head(trainer: pl.Trainer, pl_module: Any) -> WatchedHead | str:
     """The layer that makes the logits (:func:`~lightning_autobalance.core.head.watch_head`) on a few training
     samples, in evaluation mode, without gradient, the random state and the module's mode kept; or why the forward
     pass could not run."""
-    loader = _training_loader(trainer)
+    loader = training_loader(trainer)
     if loader is None:
         return "no training batch to watch the forward pass on"
     modes = [(m, m.training) for m in pl_module.modules()]  # each submodule's own mode, as it was
@@ -293,6 +293,7 @@ class AutoBalanceCallback(Callback):
         if not isinstance(pl_module, AutoBalanceMixin):
             raise TypeError(f"AutoBalanceCallback needs a LightningModule that inherits AutoBalanceMixin; "
                             f"{type(pl_module).__name__} does not. Add the mixin and call configure_autobalance().")
+        pl_module._autobalance_state.searched_by = id(trainer)  # the module is searched in this fit
         params = pl_module.autobalance_parameters()
         if isinstance(trainer.strategy, SHARDED_STRATEGIES):
             raise RuntimeError(f"AutoBalanceCallback does not support the sharded strategy "

@@ -31,7 +31,7 @@ from lightning_autobalance.core.parametrization import (
 )
 from lightning_autobalance.data.search_split import SearchSplit, dataset_targets
 
-__all__ = ["AutoBalanceMixin", "loss_from_file", "unpack_batch"]
+__all__ = ["AutoBalanceMixin", "MixinState", "loss_from_file", "training_loader", "unpack_batch"]
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
@@ -119,6 +119,13 @@ class MixinState:
     recorded: Tensor | None = None
     #: the loss tables with the versions of the parameters they were computed from
     cache: tuple[Any, LossTables] | None = None
+    #: checks made once: the logits looked at for log-probabilities; the fit (``id`` of its Trainer) whose counts
+    #: were compared with the labels, and whose searching callback was looked for
+    checked_logprobs: bool = False
+    counts_checked: int | None = None
+    search_checked: int | None = None
+    #: the fit (``id`` of its Trainer) an AutoBalanceCallback set this module up for
+    searched_by: int | None = None
 
 
 def _mark_reached(flag: list[bool], grad: Tensor) -> None:
@@ -150,7 +157,7 @@ def _first_loader(loader: Any) -> Any:
     return loader
 
 
-def _training_loader(trainer: Any) -> Any:
+def training_loader(trainer: Any) -> Any:
     """The fit's training dataloader: the loop's own once it has one, else the one the Trainer would ask for
     (``fit(train_dataloaders=...)``, the datamodule's or the module's ``train_dataloader()``). Before the loop
     has its data this reads ``trainer.fit_loop._data_source`` (private, checked in tests/test_real_shapes.py), as
@@ -464,7 +471,7 @@ class AutoBalanceMixin:
             if len(splits) == 1:
                 return list(splits[0].class_counts), f"the SearchSplit on {type(datamodule).__name__}", looked
             looked.append("a SearchSplit on the datamodule")
-        loader = _training_loader(trainer)
+        loader = training_loader(trainer)
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             looked.append("the training data (none found)")
@@ -584,8 +591,8 @@ class AutoBalanceMixin:
             self._autobalance_check_wiring(logits)
             self._autobalance_check_counts(params)
             self._autobalance_check_searched(params)
-        if self.autobalance_validate and not getattr(self, "_autobalance_checked_logprobs", False):
-            self._autobalance_checked_logprobs = True
+        if self.autobalance_validate and not self._autobalance_state.checked_logprobs:
+            self._autobalance_state.checked_logprobs = True
             self._warn_if_log_probabilities(logits, params)
         if self._autobalance_state.record:
             self._autobalance_state.recorded = logits.detach()
@@ -614,14 +621,13 @@ class AutoBalanceMixin:
         """Once per fit: a loss with something to search, not frozen, fitted by a Trainer without
         :class:`~lightning_autobalance.AutoBalanceCallback` is said to stay as it starts (no silent no-search)."""
         trainer = self._autobalance_trainer()
-        if trainer is None or self.__dict__.get("_autobalance_search_checked") is trainer:
+        state = self._autobalance_state
+        if trainer is None or state.search_checked == id(trainer):
             return
-        self._autobalance_search_checked = trainer
+        state.search_checked = id(trainer)
         if params.frozen or params.num_free() == 0:
             return
-        from lightning_autobalance.lightning.callback import AutoBalanceCallback  # the callback imports the mixin
-
-        if any(isinstance(c, AutoBalanceCallback) for c in getattr(trainer, "callbacks", None) or ()):
+        if state.searched_by == id(trainer):  # set by AutoBalanceCallback.setup
             return
         preset = getattr(params, "preset", None)
         rank_zero_warn(f"AutoBalance: {type(self).__name__} has a loss to search ({params.num_free()} free values), "
@@ -635,9 +641,9 @@ class AutoBalanceMixin:
         trainer = self._autobalance_trainer()
         if trainer is None or not self._autobalance_state.explicit or params.num_groups > 1:
             return
-        if self.__dict__.get("_autobalance_counts_checked") is trainer:
+        if self._autobalance_state.counts_checked == id(trainer):
             return
-        self._autobalance_counts_checked = trainer
+        self._autobalance_state.counts_checked = id(trainer)
         loader = getattr(trainer, "train_dataloader", None)
         loader = _first_loader(loader)
         dataset = getattr(loader, "dataset", None)
