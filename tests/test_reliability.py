@@ -258,6 +258,21 @@ def test_changed_images_are_a_new_configuration_and_the_same_images_are_not(tmp_
     assert digest() not in (first, replaced)
 
 
+def test_a_class_with_one_image_is_said_in_one_line_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The search split needs two images of every class: one is refused in one line (it used to be a traceback of
+    about 40 lines, raised inside a `hasattr`), and the output folder is not even created."""
+    _folder(tmp_path / "data", (6, 4, 1))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["pipeline", "--config", str(ROOT / "examples" / "cifar10_lt_jpeg.yaml"), *QUICK,
+              "--data.init_args.root", str(tmp_path / "data"), "--data.init_args.already_long_tailed", "true",
+              "--data.init_args.num_workers", "0", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("lightning-autobalance: error: The search split")
+    assert "at least 2 samples of class 'class2'" in err[-1] and not out.exists()
+
+
 def test_a_bad_image_is_named_when_the_datasets_are_built(tmp_path: Path) -> None:
     _folder(tmp_path)
     (tmp_path / "train" / "class1" / "1.png").write_bytes(b"this is not a png")

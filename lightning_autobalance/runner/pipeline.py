@@ -571,11 +571,14 @@ def _check_arguments(search: Any, baselines: Any, search_epochs: Any, retrain_ep
 def _check_upper_data(split: Any) -> None:
     """Refuses upper data (the held-out part the search tunes the loss on) that holds NaN or infinity: every hyper
     step would be skipped. Only data held in memory is looked at (no decoding, no device copy)."""
-    if getattr(split, "device_resident", False) or not hasattr(split, "upper_dataset"):
+    if getattr(split, "device_resident", False) or not isinstance(getattr(type(split), "upper_dataset", None),
+                                                                   property):
         return
     try:
         upper = split.upper_dataset
-    except (RuntimeError, ValueError, AttributeError):  # no upper part after all: the callback will say so
+    except ValueError as err:  # the split cannot be made (a class with one sample): said before any training
+        raise PipelineSetupError(f"The search split of {type(split).__name__} cannot be made: {err}.") from None
+    except (RuntimeError, AttributeError):  # no upper part after all: the callback will say so
         return
     where = non_finite_sample(upper)
     if where is not None:
