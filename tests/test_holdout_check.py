@@ -289,3 +289,22 @@ def test_a_second_fit_of_the_same_callback_is_checked_again():
     trainer.fit(model, train_dataloaders=train)
     assert cb.check_result is not None and cb.check_result is not first
     assert all(torch.equal(cb._check.start_alpha[k], start[k]) for k in start)  # its start is this fit's
+
+
+def test_a_check_that_cannot_judge_says_so_and_puts_the_start_back():
+    """A NaN held-back input makes both figures NaN: the start goes back (fails closed), and the verdict says the
+    check could not judge instead of reading as a loss that lost."""
+    cannot = CheckResult(float("nan"), float("nan"), 4)
+    assert not cannot.keep and not cannot.judged and "cannot judge" in cannot.describe()
+    judged = CheckResult(1.0, 0.5, 4)
+    assert judged.keep and judged.judged and "cannot judge" not in judged.describe()
+
+
+def test_the_split_names_the_classes_the_check_cannot_judge(caplog):
+    from lightning_autobalance.lightning.check import HeldBackCheck
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])  # class 2: one upper sample, which stays in the search
+    with caplog.at_level("INFO"):
+        search = HeldBackCheck().split(lambda: (labels, None), None, None, seed=0, num_classes=3)
+    assert search is not None and 6 in search.tolist()
+    assert "cannot judge classes [2]" in caplog.text

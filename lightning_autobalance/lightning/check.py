@@ -23,12 +23,13 @@ its result (what the callback calls from its hooks and checkpoints).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -169,8 +170,17 @@ class CheckResult:
         """Whether the found loss wins (strictly lower objective than its start)."""
         return self.found < self.start
 
+    @property
+    def judged(self) -> bool:
+        """Whether both figures are finite (a NaN or infinite held-back input makes them not: the check cannot
+        judge, and the start is put back, as it is when the found loss loses)."""
+        return math.isfinite(self.start) and math.isfinite(self.found)
+
     def describe(self) -> str:
         verdict = "the found loss is kept" if self.keep else "the loss goes back to its start"
+        if not self.judged:
+            verdict = ("the check cannot judge (a figure is not finite: look for NaN or infinite values in the "
+                       "held-back upper data), so the loss goes back to its start")
         return (f"held-back check on {self.samples} upper samples: objective {self.found:.4f} with the found loss, "
                 f"{self.start:.4f} with the start loss: {verdict}")
 
@@ -318,6 +328,11 @@ class HeldBackCheck:
             return None
         self.held_back, self._labels = held, labels[held]
         self._groups = None if groups is None else groups[held]
+        unjudged = sorted(set(labels.tolist()) - set(self._labels.tolist()))
+        if unjudged:
+            rank_zero_info(f"AutoBalance: the held-back check cannot judge classes {unjudged[:20]}"
+                           f"{' ...' if len(unjudged) > 20 else ''}: each has a single upper sample, which stays in "
+                           "the search; its figure weighs the other classes only.")
         return search
 
     def loader(self, upper_loader: Any) -> DataLoader:
@@ -405,7 +420,7 @@ class HeldBackCheck:
         with preserve_random_state(pl_module.device):
             result = self.run(pl_module, params, trainer.train_dataloader, self.loader(upper_loader), built,
                               trainer.strategy.batch_to_device, reduce)
-        rank_zero_info(f"AutoBalance: {result.describe()}.")
+        (rank_zero_info if result.judged else rank_zero_warn)(f"AutoBalance: {result.describe()}.")
         if log and trainer.loggers:
             pl_module.log_dict({"autobalance/check_start": result.start, "autobalance/check_found": result.found},
                                on_step=False, on_epoch=True)
