@@ -77,8 +77,10 @@ def _watch_head(trainer: pl.Trainer, pl_module: Any) -> WatchedHead | str:
     modes = [(m, m.training) for m in pl_module.modules()]  # each submodule's own mode, as it was
     try:
         with preserve_random_state(trainer.strategy.root_device), torch.no_grad():
-            batch = move_data_to_device(_probe_batch(loader), pl_module.device)
-            inputs = pl_module.autobalance_unpack(batch)[0]
+            try:
+                inputs = pl_module.autobalance_unpack(move_data_to_device(_probe_batch(loader), pl_module.device))[0]
+            except (ValueError, TypeError):  # items that are not samples (a device-resident loader): its first batch
+                inputs = pl_module.autobalance_unpack(move_data_to_device(next(iter(loader)), pl_module.device))[0]
             pl_module.eval()
             return watch_head(pl_module, lambda: pl_module.autobalance_forward(inputs))
     except Exception as err:  # the caller's fallback says why
