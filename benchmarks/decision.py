@@ -302,12 +302,7 @@ def train_twin(config: Path, seed: int, out: Path, tables: Mapping[str, Sequence
     pl.seed_everything(seed, workers=True, verbose=False)  # as every pipeline stage does (its split is built before)
     model = _clone(model_t, **_counts(model_t, split), loss="autobalance", search=(), loss_file=str(loss_file),
                    freeze_loss=True)
-    keep = {k: v for k, v in trainer_kwargs.items()
-            if k not in ("callbacks", "logger", "enable_checkpointing", "default_root_dir", "max_epochs",
-                         "limit_val_batches", "num_sanity_val_steps", "enable_progress_bar", "enable_model_summary")}
-    trainer = pl.Trainer(**keep, max_epochs=epochs, logger=False, enable_checkpointing=False, callbacks=[],
-                         limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(out))
+    trainer = quality.plain_trainer(trainer_kwargs, epochs, out)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=split)
     fit_time = time.perf_counter() - t0

@@ -244,6 +244,18 @@ def _evaluate(model: Any, loader: Any, num_classes: int) -> dict[str, Any]:
             "per_class_ce": (losses / counts.clamp_min(1)).tolist(), "counts": counts.long().tolist()}
 
 
+def plain_trainer(trainer_kwargs: dict[str, Any], epochs: int, out: Path) -> Any:
+    """A Trainer of the config's settings for one quiet fit: no callbacks, logger, checkpoints or validation."""
+    import pytorch_lightning as pl
+
+    keep = {k: v for k, v in trainer_kwargs.items()
+            if k not in ("callbacks", "logger", "enable_checkpointing", "default_root_dir", "max_epochs",
+                         "limit_val_batches", "num_sanity_val_steps", "enable_progress_bar", "enable_model_summary")}
+    return pl.Trainer(**keep, max_epochs=epochs, logger=False, enable_checkpointing=False, callbacks=[],
+                      limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(out))
+
+
 def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, kwargs: dict[str, float],
                    extra: Sequence[str]) -> dict[str, Any]:
     """Trains one grid point on the search split (as the AutoBalance search does, with no callback) and scores it
@@ -261,12 +273,7 @@ def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, k
     split = _clone(dm_t, search_split=True, val_source="upper")
     model = _clone(model_t, class_counts=split.class_counts, num_classes=split.num_classes, loss="autobalance",
                    preset=preset, preset_kwargs=dict(kwargs), search=(), loss_file=None, freeze_loss=False)
-    keep = {k: v for k, v in trainer_kwargs.items()
-            if k not in ("callbacks", "logger", "enable_checkpointing", "default_root_dir", "max_epochs",
-                         "limit_val_batches", "num_sanity_val_steps", "enable_progress_bar", "enable_model_summary")}
-    trainer = pl.Trainer(**keep, max_epochs=epochs, logger=False, enable_checkpointing=False, callbacks=[],
-                         limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(out))
+    trainer = plain_trainer(trainer_kwargs, epochs, out)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=split)
     fit_time = time.perf_counter() - t0

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-__all__ = ["cell_index"]
+import torch
+from torch import Tensor
+
+__all__ = ["cell_index", "count_table"]
 
 _Index = TypeVar("_Index")
 
@@ -38,3 +41,23 @@ def cell_index(group: _Index, target: _Index, num_classes: int) -> _Index:
         tensor(5)
     """
     return group * num_classes + target  # type: ignore[operator, return-value]
+
+
+def count_table(labels: Tensor, groups: Tensor | None, num_classes: int,
+                 num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
+    """Counts of ``labels`` per class and, with ``groups`` of the same length, per (group, class) cell: a
+    ``num_groups x num_classes`` table (``num_groups`` ``None``: one past the largest group index).
+
+    Raises:
+        ValueError: a negative group index, or one at or beyond ``num_groups``.
+    """
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    if groups is None or groups.numel() != labels.numel():
+        return counts, None
+    if groups.numel() and groups.min() < 0:
+        raise ValueError("The upper data has negative group indices.")
+    g = int(num_groups) if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
+    if groups.numel() and groups.max() >= g:
+        raise ValueError(f"The upper data has group indices outside [0, {g}) ({g} groups).")
+    cells = torch.bincount(cell_index(groups, labels, num_classes), minlength=g * num_classes).view(g, num_classes)
+    return counts, cells.tolist()

@@ -33,7 +33,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.cells import cell_index, count_table
 from lightning_autobalance.core.head import (
     HeadProblem,
     augment_features,
@@ -349,11 +349,9 @@ class HeldBackCheck:
         weigh): what the check's objective is built from."""
         if self._labels is None:
             raise RuntimeError("HeldBackCheck.table: nothing is held back (holdout=0, or before setup).")
-        counts = torch.bincount(self._labels, minlength=num_classes).tolist()
-        if num_groups is not None and self._groups is not None and self._groups.numel() == self._labels.numel():
-            cells = torch.bincount(cell_index(self._groups, self._labels, num_classes),
-                                   minlength=num_groups * num_classes).view(num_groups, num_classes)
-            return [[max(c, 1) for c in row] for row in cells.tolist()]
+        counts, cells = count_table(self._labels, self._groups, num_classes, num_groups)
+        if num_groups is not None and cells is not None:
+            return [[max(c, 1) for c in row] for row in cells]
         return [max(c, 1) for c in counts]
 
     # at the start of the fit ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.cells import count_table
 from lightning_autobalance.core.coerce import coerce_value
 from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.lightning.batch_stream import BatchStream, map_style, why_not_resampled
@@ -175,7 +175,7 @@ class UpperBatches:
             counts, cells = self._counts(trainer, pl_module, loader, wants_cells, num_groups)
         else:  # the counts of the part the search sees
             labels, groups = self._labels_groups(trainer, pl_module, loader, params.num_classes)
-            counts, cells = _count_table(labels[search], None if groups is None else groups[search],
+            counts, cells = count_table(labels[search], None if groups is None else groups[search],
                                          params.num_classes, params.num_groups if params.num_groups > 1 else num_groups)
         num_classes = params.num_classes
         if counts is not None and len(counts) != num_classes:
@@ -269,7 +269,7 @@ class UpperBatches:
         if from_datamodule and getattr(datamodule, "upper_group_counts", None) is not None:
             cells = [[int(c) for c in row] for row in datamodule.upper_group_counts]
         if counts is None or (cells is None and (params.num_groups > 1 or wants_cells)):
-            read_counts, cells = _count_table(*self._labels_groups(trainer, pl_module, loader, params.num_classes),
+            read_counts, cells = count_table(*self._labels_groups(trainer, pl_module, loader, params.num_classes),
                                               params.num_classes, groups)
             counts = read_counts if counts is None else counts
         return counts, cells
@@ -311,21 +311,6 @@ class UpperBatches:
         groups = torch.cat(group_parts) if group_parts and len(group_parts) == len(parts) else None
         self._labels_read = (loader, labels, groups)
         return labels, groups
-
-
-def _count_table(labels: Tensor, groups: Tensor | None, num_classes: int,
-                 num_groups: int | None) -> tuple[list[int], list[list[int]] | None]:
-    """Counts per class and, with groups, per (group, class) cell."""
-    counts = torch.bincount(labels, minlength=num_classes).tolist()
-    if groups is None or groups.numel() != labels.numel():
-        return counts, None
-    if groups.numel() and groups.min() < 0:
-        raise ValueError("The upper data has negative group indices.")
-    g = int(num_groups) if num_groups is not None else int(groups.max()) + 1 if groups.numel() else 1
-    if groups.numel() and groups.max() >= g:
-        raise ValueError(f"The upper data has group indices outside [0, {g}) ({g} groups).")
-    cells = torch.bincount(cell_index(groups, labels, num_classes), minlength=g * num_classes).view(g, num_classes)
-    return counts, cells.tolist()
 
 
 def _check_ranks_agree(trainer: pl.Trainer, batches: int) -> None:
