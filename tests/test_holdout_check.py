@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, UpperData
 from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.lightning.batch_stream import BatchStream, ShardSampler
-from lightning_autobalance.lightning.check import CheckResult, compare_losses, head_weight_decay, holdout_split
+from lightning_autobalance.lightning.check import (
+    CheckResult,
+    check_found_loss,
+    compare_losses,
+    head_weight_decay,
+    holdout_split,
+    training_error,
+)
 
 K = 3
 
@@ -143,10 +150,10 @@ def _fit(callback, weight_decay=1e-3, epochs=3):
     return model, trainer.callbacks[0], start
 
 
-def _callback(hyper_lr):
+def _callback(hyper_lr, fit_tolerance=0.1):
     def make(upper):
         return AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5), warmup_fraction=0.0,
-                                   every_n_steps=1, hyper_lr=hyper_lr)
+                                   every_n_steps=1, hyper_lr=hyper_lr, fit_tolerance=fit_tolerance)
     return make
 
 
@@ -159,7 +166,8 @@ def test_the_check_runs_once_at_the_end_and_its_decision_matches_the_loss_left()
     assert moved == result.keep  # kept: the found loss stays; lost: exactly the start is back
     if not result.keep:
         assert all(torch.equal(alpha[k], start[k]) for k in start)
-    assert cb.state_dict()["check"]["result"] == {"start": result.start, "found": result.found, "samples": 15}
+    assert cb.state_dict()["check"]["result"] == {"start": result.start, "found": result.found, "samples": 15,
+                                                  "training_error": result.training_error, "fit_tolerance": 0.1}
     assert all(torch.equal(cb.state_dict()["check"]["start_alpha"][k], start[k]) for k in start)
 
 
@@ -308,3 +316,135 @@ def test_the_split_names_the_classes_the_check_cannot_judge(caplog):
         search = HeldBackCheck().split(lambda: (labels, None), None, None, seed=0, num_classes=3)
     assert search is not None and 6 in search.tolist()
     assert "cannot judge classes [2]" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the regime: a found loss is kept only where the network fits its training data
+# ---------------------------------------------------------------------------------------------------------------
+def test_training_error_is_the_balanced_error_of_the_adjusted_logits_sample_by_sample():
+    gen = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(40, K, generator=gen, dtype=torch.float64), torch.arange(40) % K
+    group = (torch.arange(40) // 20).long()
+    tables = LossTables(torch.rand(2, K, generator=gen, dtype=torch.float64) + 0.5,
+                        torch.randn(2, K, generator=gen, dtype=torch.float64), torch.ones(2, K, dtype=torch.float64))
+    wrong, seen = [0.0] * K, [0] * K  # the reference: a plain loop over samples
+    for z, y, g in zip(logits.tolist(), target.tolist(), group.tolist()):
+        adjusted = [tables.delta[g][k].item() * z[k] + tables.offset[g][k].item() for k in range(K)]
+        wrong[y] += float(max(range(K), key=adjusted.__getitem__) != y)
+        seen[y] += 1
+    expected = sum(w / n for w, n in zip(wrong, seen)) / K
+    assert float(training_error(logits, target, group, tables)) == pytest.approx(expected, abs=1e-12)
+    # a class absent from the rows is left out of the mean, not counted as right or wrong
+    two = target != 2
+    reference = training_error(logits[two], target[two], group[two], tables)
+    assert 0.0 <= float(reference) <= 1.0
+    assert float(training_error(torch.tensor([[5.0, 0.0, 0.0]]), torch.tensor([0]), None,
+                                _tables([0.0, 0.0, 0.0]))) == 0.0
+
+
+def test_check_result_keeps_a_winning_loss_only_where_the_network_fits():
+    assert CheckResult(1.0, 0.9, 10, training_error=0.05, fit_tolerance=0.1).keep
+    loses = CheckResult(1.0, 0.9, 10, training_error=0.3, fit_tolerance=0.1)
+    assert not loses.fits and not loses.keep and "does not fit its training data" in loses.describe()
+    assert CheckResult(1.0, 0.9, 10, training_error=0.3, fit_tolerance=None).keep  # the heads alone
+    assert not CheckResult(1.0, 1.1, 10, training_error=0.0, fit_tolerance=0.1).keep
+    record = loses.record()
+    assert record["decision"] == "start put back" and record["training_error"] == 0.3
+    assert record["objective_found"] == 0.9 and record["objective_start"] == 1.0 and record["fit_tolerance"] == 0.1
+    assert CheckResult(1.0, 0.9, 10).record()["decision"] == "found loss kept"  # a result saved before the rule
+
+
+def test_the_checks_training_error_is_the_modules_own_under_the_found_loss():
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    model = _module()([36, 9, 3], preset="la", search=("offset",))
+    params = model.autobalance_parameters()
+    start = {k: v.detach().clone() for k, v in params.alpha().items()}
+    with torch.no_grad():
+        params.alpha()["offset"].add_(torch.tensor([[0.5, -0.2, 0.1]]))
+    result = check_found_loss(model, params, start, train, upper, _balanced_ce([10, 10, 10]), 1e-3)
+    x, y = train.dataset.tensors
+    with torch.no_grad():
+        expected = training_error(model(x).double(), y, None, params.tables())
+    assert result.training_error == pytest.approx(float(expected), abs=1e-12)
+    assert result.fit_tolerance == 0.1
+
+
+def _separable_fit(fit_tolerance, tmp_path=None, epochs=4):
+    """A fit on data the linear module separates (every class far from the others), with checkpoints every epoch."""
+    torch.manual_seed(0)
+    x, y, xu, yu = _data(seed=0, n=48, m=30)
+    x, xu = x + 8.0 * torch.nn.functional.one_hot(y, 4).double(), xu + 8.0 * torch.nn.functional.one_hot(yu, 4).double()
+    train = DataLoader(TensorDataset(x.float(), y), batch_size=16)
+    upper = DataLoader(TensorDataset(xu.float(), yu), batch_size=8)
+    model = _module()([36, 9, 3], preset="la", search=("offset",))
+    checkpoints = [] if tmp_path is None else [pl.callbacks.ModelCheckpoint(tmp_path, filename="{epoch}",
+                                                                            save_top_k=-1)]
+    cb = AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5), warmup_fraction=0.0, every_n_steps=1,
+                             hyper_lr=0.5, fit_tolerance=fit_tolerance)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=tmp_path is not None,
+                         callbacks=[cb, *checkpoints])
+    trainer.fit(model, train_dataloaders=train)
+    return model, cb
+
+
+def test_a_network_that_does_not_fit_its_data_gets_its_start_back_and_every_record_says_why(tmp_path):
+    model, cb, start = _fit(_callback(0.5))
+    result = cb.check_result
+    assert result is not None and result.training_error > 0.1 and not result.keep  # the tiny noisy problem
+    assert all(torch.equal(model.autobalance_parameters().alpha()[k], start[k]) for k in start)
+    decision = model.autobalance_parameters().decision
+    assert decision == result.record() and "does not fit its training data" in decision["reason"]
+    # the loss file and the module's state dict carry it, and a module loaded from either gets it back
+    path = model.export_loss(tmp_path / "found.yaml")
+    assert "start put back" in path.read_text()
+    from lightning_autobalance.lightning.mixin import loss_from_file
+    assert loss_from_file(path, [36, 9, 3])[0].decision == decision
+    fresh = _module()([36, 9, 3], preset="la", search=("offset",))
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.autobalance_parameters().decision == decision
+    # the same fit with the rule off: the heads alone decide
+    _, alone, _ = _fit(_callback(0.5, fit_tolerance=None))
+    assert alone.check_result.keep == (alone.check_result.found < alone.check_result.start)
+    assert alone.check_result.training_error == pytest.approx(result.training_error)
+
+
+def test_where_the_network_fits_its_data_the_heads_decide(tmp_path):
+    model, cb = _separable_fit(0.1)
+    result = cb.check_result
+    assert result is not None and result.training_error == 0.0 and result.fits
+    assert result.keep == (result.found < result.start)
+    assert model.autobalance_parameters().decision["decision"] == ("found loss kept" if result.keep
+                                                                   else "start put back")
+
+
+def test_a_checkpoint_saved_before_the_check_says_its_loss_is_pending(tmp_path):
+    from lightning_autobalance.lightning.mixin import loss_from_file
+
+    _separable_fit(0.1, tmp_path, epochs=2)
+    first = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)["state_dict"]["autobalance._extra_state"]
+    last = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["state_dict"]["autobalance._extra_state"]
+    assert first["decision"]["decision"] == "pending"  # written during the search
+    assert last["decision"]["decision"] in ("found loss kept", "start put back")  # the check ran before it
+    model = _module()([36, 9, 3], preset="la", search=("offset",))
+    model.load_state_dict(torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)["state_dict"])
+    path = model.export_loss(tmp_path / "early.yaml")
+    with pytest.warns(UserWarning, match="written before the held-back check ruled on its loss"):
+        loss_from_file(path, [36, 9, 3])
+
+
+def test_a_fit_with_no_hyper_step_leaves_no_pending_decision():
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    model = _module()([36, 9, 3], preset="la", search=("offset",))
+    cb = AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5), start_step=10_000)
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
+    assert cb.hyper_steps == 0 and model.autobalance_parameters().decision is None
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, True, "0.1"])
+def test_fit_tolerance_is_validated_at_construction(bad):
+    with pytest.raises(ValueError, match="fit_tolerance must be a share in"):
+        AutoBalanceCallback(fit_tolerance=bad)

@@ -94,6 +94,9 @@ class LossParametrization(nn.Module):
         self.register_buffer("base_offset", base.offset)
         self.register_buffer("base_weight", base.weight)
         self.frozen = False
+        #: the keep-or-revert decision on the current values (plain values, set by the held-back check; ``None``: no
+        #: decision): saved with the loss in every state dict and loss file
+        self.decision: dict[str, Any] | None = None
         for name, shape in self._free_shapes().items():
             self.register_buffer(f"alpha_{name}", torch.zeros(shape))
         self._init_free()
@@ -171,13 +174,15 @@ class LossParametrization(nn.Module):
         return self
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "preset": self.preset, "search": list(self.search), "frozen": self.frozen}
+        return {"kind": self.kind, "preset": self.preset, "search": list(self.search), "frozen": self.frozen,
+                "decision": self.decision}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("kind", self.kind) != self.kind or list(state.get("search", self.search)) != list(self.search):
             raise ValueError(f"The saved loss parametrisation is {state.get('kind')!r} searching "
                              f"{state.get('search')}, but this module has {self.kind!r} searching {list(self.search)}.")
         self.frozen = bool(state.get("frozen", False))
+        self.decision = state.get("decision")
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, preset={self.preset!r}, "

@@ -37,7 +37,7 @@ from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
 from lightning_autobalance.lightning.batch_stream import BatchStream, map_style
-from lightning_autobalance.lightning.check import CHECK_WEIGHT_DECAY, CheckResult, HeldBackCheck
+from lightning_autobalance.lightning.check import CHECK_WEIGHT_DECAY, FIT_TOLERANCE, CheckResult, HeldBackCheck
 from lightning_autobalance.lightning.flat_settings import callback_values, flat_settings
 from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer, HyperUpdate, OptimizerCallable
 from lightning_autobalance.lightning.mixin import AutoBalanceMixin, training_loader
@@ -122,9 +122,11 @@ class AutoBalanceCallback(Callback):
 
     By default half of the upper data (per class) is held back from the search, and once the search is over the
     found loss is checked against the loss it started from: the classifier head is trained to its equilibrium on the
-    training features with each, and the found loss stays only if its head scores better on the held-back half;
-    otherwise the start is put back (:mod:`lightning_autobalance.lightning.check`; ``check_result`` has the figures,
-    ``should_check`` can be overridden, ``UpperData(holdout=0)`` turns it off). The head is the layer that makes the
+    training features with each, and the found loss stays only if its head scores better on the held-back half and
+    the network fits its training data (``fit_tolerance``); otherwise the start is put back
+    (:mod:`lightning_autobalance.lightning.check`; ``check_result`` has the figures, the decision is also kept with the
+    loss parameters, so every later checkpoint and ``export_loss`` carries it; ``should_check`` can be overridden,
+    ``UpperData(holdout=0)`` turns it off). The head is the layer that makes the
     logits, watched on a forward pass of a few training samples at setup (or ``Estimator(head=...)``); a fit whose head
     cannot be told is refused before training. Where the check cannot run (an iterable upper dataset, one upper sample
     per class, logits not made by an ``nn.Linear``) the search uses all the upper data, with a message.
@@ -169,6 +171,9 @@ class AutoBalanceCallback(Callback):
         upper_batches: upper batches per hyper step (the paper uses 10).
         log_max_classes: log every loss parameter per class up to this many classes, else summaries.
         seed: seeds the order of upper (and extra training) batches.
+        fit_tolerance: the held-back check keeps a found loss only where the network fits its training data: its
+            balanced error on the training rows the check reads, logits seen through the found loss, at most this
+            share (default 0.1). ``None``: the check's heads alone decide.
         **flat: settings by their flat names, as above.
 
     Raises:
@@ -198,10 +203,16 @@ class AutoBalanceCallback(Callback):
         upper_batches: int = 1,
         log_max_classes: int = 100,
         seed: int = 0,
+        fit_tolerance: float | None = FIT_TOLERANCE,
         **flat: Any,
     ) -> None:
         super().__init__()
         groups = flat_settings(**flat)
+        if fit_tolerance is not None and (isinstance(fit_tolerance, bool) or not isinstance(fit_tolerance, (int, float))
+                                          or not 0.0 <= fit_tolerance <= 1.0):
+            raise ValueError(f"fit_tolerance must be a share in [0, 1] (the training balanced error above which a "
+                             f"found loss is not kept) or None (no such rule); got {fit_tolerance!r}.")
+        self.fit_tolerance = None if fit_tolerance is None else float(fit_tolerance)
         if train_batches < 1 or upper_batches < 1:
             raise ValueError(f"train_batches and upper_batches must be at least 1; got {train_batches}, "
                              f"{upper_batches}.")
@@ -231,7 +242,7 @@ class AutoBalanceCallback(Callback):
         self._resumed_at = 0
         self._upper: UpperBatches | None = None  # this fit's upper data (UpperData.build)
         self._schedule = self.schedule  # this fit's plan (Schedule.plan), the settings until the fit starts
-        self._check = HeldBackCheck(self.upper.holdout, self.estimator.head)
+        self._check = HeldBackCheck(self.upper.holdout, self.estimator.head, self.fit_tolerance)
         self._head = self.estimator.head  # this fit's head: the nn.Linear watched making the logits (setup)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -385,6 +396,9 @@ class AutoBalanceCallback(Callback):
             rank_zero_warn(f"AutoBalance: {note}")
         # before any training: an explicit holdout needs weight decay on the head; a resumed fit keeps its start
         self._check.begin(pl_module, params.alpha(), groups, self._estimator.weight_decay, self._pending is not None)
+        if self._check.start_alpha is not None and self._check.result is None and not params.frozen:
+            params.decision = {"decision": "pending", "reason": "the held-back check has not ruled on this loss "
+                               "yet: it runs once the search is over"}
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -558,6 +572,9 @@ class AutoBalanceCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_check(trainer, pl_module)
+        params = pl_module.autobalance_parameters()  # type: ignore[attr-defined]
+        if self._check.result is None and (params.decision or {}).get("decision") == "pending":
+            params.decision = None  # the search made no hyper step: there was nothing to rule on
         self._read(trainer)
         log, schedule = self._log, self._schedule
         if log.fit_attempted - log.fit_skipped > 0 or self._update is None or trainer.sanity_checking:

@@ -8,6 +8,15 @@ when it wins; otherwise the loss goes back to where it started. What it answers 
 of the search's own model (trained with the found loss), not the network retrained with each loss, so a loss it keeps
 can still lose once retrained (measured in docs/results.md).
 
+Before that question, a second one, about the regime: **does the network fit its training data?** It is answered on
+the training rows the check reads anyway: the balanced error of the network's logits as its training loss sees them
+(``delta * logits + offset``, the found loss). Above ``fit_tolerance`` (default :data:`FIT_TOLERANCE`) the found loss
+is not kept, whatever the heads say. Where a network cannot fit its data (strong augmentation, a short schedule, a
+small network) a consistent start such as logit adjustment is already the answer for balanced error, and what a search
+finds on a few hundred upper images is its noise: on every augmented benchmark seed we measured, a found loss lost or
+tied once the network was retrained with it, while the heads preferred it on half of them (docs/results.md, "The
+decision"). The gain the search can bring is where a network memorises its training data, and there the heads decide.
+
 Each of the two heads is the equilibrium of the head's strongly convex training problem under weight decay
 (:func:`~lightning_autobalance.core.head.solve_head`, Newton's method from the network's own head) on the features of
 the training data; both are scored with the upper objective on the held-back features. Only the last layer responds to
@@ -46,8 +55,8 @@ from lightning_autobalance.core.head import (
 from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.core.random_state import preserve_random_state
 
-__all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "CheckResult", "HeldBackCheck", "check_found_loss", "compare_losses",
-           "head_weight_decay", "holdout_split", "read_features"]
+__all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "FIT_TOLERANCE", "CheckResult", "HeldBackCheck", "check_found_loss",
+           "compare_losses", "head_weight_decay", "holdout_split", "read_features", "training_error"]
 
 #: the share of the upper data held back for the check when ``UpperData(holdout=None)`` (the default)
 AUTO_HOLDOUT = 0.5
@@ -55,6 +64,10 @@ AUTO_HOLDOUT = 0.5
 #: the head's weight decay in the check when neither the model optimizer nor the estimator gives one (only with the
 #: default ``UpperData(holdout=None)``; an explicit ``holdout`` then refuses the fit)
 CHECK_WEIGHT_DECAY = 5e-4
+
+#: the training balanced error above which the network is said not to fit its training data, and the found loss is not
+#: kept (``AutoBalanceCallback(fit_tolerance=...)``)
+FIT_TOLERANCE = 0.1
 
 #: the most training rows the check reads (a shuffled loader gives a random sample of that size)
 TRAIN_ROWS = 65536
@@ -151,6 +164,25 @@ def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
     return torch.cat(features), torch.cat(targets), group_all
 
 
+def training_error(logits: Tensor, target: Tensor, group: Tensor | None, tables: LossTables) -> Tensor:
+    """The balanced error of ``logits`` as a loss of the family sees them: ``argmax(delta * logits + offset)`` (the
+    row of each sample's group) against ``target``, averaged over the classes present.
+
+    Example:
+        >>> tables = LossTables(torch.ones(1, 2), torch.tensor([[0.0, -3.0]]), torch.ones(1, 2))
+        >>> float(training_error(torch.tensor([[0.0, 1.0], [0.0, 4.0]]), torch.tensor([1, 1]), None, tables))
+        0.5
+    """
+    row = torch.zeros_like(target) if group is None else group.long()
+    delta, offset = tables.delta.to(logits)[row], tables.offset.to(logits)[row]
+    wrong = ((delta * logits + offset).argmax(-1) != target).to(logits.dtype)
+    k = logits.shape[-1]
+    counts = torch.bincount(target, minlength=k).to(logits.dtype)
+    errors = torch.zeros(k, dtype=logits.dtype, device=logits.device).index_add_(0, target, wrong)
+    present = counts > 0
+    return (errors[present] / counts[present]).mean()
+
+
 @dataclass(frozen=True)
 class CheckResult:
     """What the held-back check found.
@@ -159,16 +191,27 @@ class CheckResult:
         start: the upper objective on the held-back samples at the head trained with the start loss.
         found: the same with the found loss.
         samples: the held-back samples it was measured on.
+        training_error: the network's balanced error on the training rows the check read, its logits seen through the
+            found loss (:func:`training_error`); ``None``: not measured.
+        fit_tolerance: the training error above which the found loss is not kept; ``None``: no such rule.
     """
 
     start: float
     found: float
     samples: int
+    training_error: float | None = None
+    fit_tolerance: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        """Whether the network fits its training data (training error at most ``fit_tolerance``, or no rule)."""
+        return self.training_error is None or self.fit_tolerance is None or self.training_error <= self.fit_tolerance
 
     @property
     def keep(self) -> bool:
-        """Whether the found loss wins (strictly lower objective than its start)."""
-        return self.found < self.start
+        """Whether the found loss is kept: both figures finite, the network fits its training data and the found
+        loss's head scores strictly lower than its start's."""
+        return self.judged and self.fits and self.found < self.start
 
     @property
     def judged(self) -> bool:
@@ -176,13 +219,30 @@ class CheckResult:
         judge, and the start is put back, as it is when the found loss loses)."""
         return math.isfinite(self.start) and math.isfinite(self.found)
 
+    @property
+    def reason(self) -> str:
+        """Why the decision went the way it did, in a few words."""
+        if not self.judged:
+            return ("the check cannot judge: a figure is not finite (look for NaN or infinite values in the held-back "
+                    "upper data)")
+        if not self.fits:
+            return (f"the network does not fit its training data (training balanced error {self.training_error:.1%} "
+                    f"> fit_tolerance {self.fit_tolerance:.1%}): there a consistent start is already the answer and "
+                    "the search fits the upper data's noise")
+        return "the found loss scores lower" if self.keep else "the found loss does not score lower"
+
+    def record(self) -> dict[str, Any]:
+        """The decision and its figures as plain values (what ``found_loss.yaml``, ``result.json``, the loss's state
+        and the log carry)."""
+        return {"decision": "found loss kept" if self.keep else "start put back", "reason": self.reason,
+                "objective_found": self.found, "objective_start": self.start, "held_back_samples": self.samples,
+                "training_error": self.training_error, "fit_tolerance": self.fit_tolerance}
+
     def describe(self) -> str:
         verdict = "the found loss is kept" if self.keep else "the loss goes back to its start"
-        if not self.judged:
-            verdict = ("the check cannot judge (a figure is not finite: look for NaN or infinite values in the "
-                       "held-back upper data), so the loss goes back to its start")
+        fit = "" if self.training_error is None else f"; training balanced error {self.training_error:.1%}"
         return (f"held-back check on {self.samples} upper samples: objective {self.found:.4f} with the found loss, "
-                f"{self.start:.4f} with the start loss: {verdict}")
+                f"{self.start:.4f} with the start loss{fit}: {verdict} ({self.reason})")
 
 
 def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
@@ -232,9 +292,11 @@ def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
 def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tensor],
                      train_batches: Iterable[Any], held_back_batches: Iterable[Any], objective: Objective,
                      weight_decay: float, head: str | None = None, to_device: Callable[[Any], Any] | None = None,
-                     reduce: Callable[[Tensor], Tensor] | None = None, steps: int = 10) -> CheckResult:
+                     reduce: Callable[[Tensor], Tensor] | None = None, steps: int = 10,
+                     fit_tolerance: float | None = FIT_TOLERANCE) -> CheckResult:
     """The held-back check of an :class:`~lightning_autobalance.AutoBalanceMixin` module's current (found) loss
-    against ``start_alpha``: :func:`read_features` on both data, then :func:`compare_losses`.
+    against ``start_alpha``: :func:`read_features` on both data, :func:`training_error` of the module's own head on
+    the training rows, then :func:`compare_losses`.
 
     Args:
         module: the module (its ``autobalance_unpack``, ``autobalance_forward`` and ``autobalance_loss_from_tables``
@@ -247,8 +309,9 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
         weight_decay: the head's L2 coefficient, ``> 0``.
         head: the head's qualified name (default: the last ``nn.Linear``).
         to_device: moves a batch to the module's device.
-        reduce: averages the two figures over processes (each reads its own training shard); ``None``: one process.
+        reduce: averages the figures over processes (each reads its own training shard); ``None``: one process.
         steps: Newton steps per loss.
+        fit_tolerance: the training error above which the found loss is not kept (``None``: no such rule).
     """
     name = find_head(module, head)
     layer = dict(module.named_modules())[name]
@@ -262,11 +325,14 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
     values = compare_losses(*train, *held, [start, found], module.autobalance_loss_from_tables,  # type: ignore
                             objective, head_parameters(layer.weight, layer.bias), layer.weight.shape[0],
                             layer.bias is not None, weight_decay, steps)
-    pair = torch.stack(values)
+    with torch.no_grad():
+        logits = nn.functional.linear(train[0].to(layer.weight), layer.weight, layer.bias)
+        fit = training_error(logits.double(), train[1], train[2], found).to(values[0])
+    figures = torch.stack([*values, fit])
     if reduce is not None:
-        pair = reduce(pair)
-    start_value, found_value = pair.tolist()
-    return CheckResult(start_value, found_value, int(held[1].numel()))
+        figures = reduce(figures)
+    start_value, found_value, fit_value = figures.tolist()
+    return CheckResult(start_value, found_value, int(held[1].numel()), fit_value, fit_tolerance)
 
 
 class HeldBackCheck:
@@ -280,10 +346,13 @@ class HeldBackCheck:
             where the check can run and nothing (with a message) where it cannot; ``0`` no check; a share given
             explicitly is an error where the check cannot run.
         head: the classifier head's qualified name (default: the last ``nn.Linear``).
+        fit_tolerance: the training balanced error above which the found loss is not kept (:data:`FIT_TOLERANCE`;
+            ``None``: the heads alone decide).
     """
 
-    def __init__(self, share: float | None = None, head: str | None = None) -> None:
-        self.share, self.head = share, head
+    def __init__(self, share: float | None = None, head: str | None = None,
+                 fit_tolerance: float | None = FIT_TOLERANCE) -> None:
+        self.share, self.head, self.fit_tolerance = share, head, fit_tolerance
         self.held_back: Tensor | None = None  # after split(): the held-back dataset indices
         self._labels: Tensor | None = None
         self._groups: Tensor | None = None
@@ -399,12 +468,13 @@ class HeldBackCheck:
         """:func:`check_found_loss`; when the found loss loses, the start is copied back into ``params.alpha()``."""
         assert self.start_alpha is not None, "HeldBackCheck.run before begin"
         result = check_found_loss(module, params, self.start_alpha, train_batches, held_back_batches, objective,
-                                  self.weight_decay, self.head, to_device, reduce)
+                                  self.weight_decay, self.head, to_device, reduce, fit_tolerance=self.fit_tolerance)
         if not result.keep:
             with torch.no_grad():
                 for name, value in params.alpha().items():
                     value.copy_(self.start_alpha[name])
         self.result = result
+        params.decision = result.record()
         return result
 
     def run_in_fit(self, trainer: Any, pl_module: Any, objective: Any, upper_loader: Any, num_groups: int | None,
@@ -420,8 +490,9 @@ class HeldBackCheck:
                               trainer.strategy.batch_to_device, reduce)
         (rank_zero_info if result.judged else rank_zero_warn)(f"AutoBalance: {result.describe()}.")
         if log and trainer.loggers:
-            pl_module.log_dict({"autobalance/check_start": result.start, "autobalance/check_found": result.found},
-                               on_step=False, on_epoch=True)
+            pl_module.log_dict({"autobalance/check_start": result.start, "autobalance/check_found": result.found,
+                                "autobalance/check_training_error": result.training_error,
+                                "autobalance/check_kept": float(result.keep)}, on_step=False, on_epoch=True)
         return result
 
     def state_dict(self) -> dict[str, Any]:

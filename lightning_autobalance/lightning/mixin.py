@@ -91,7 +91,14 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
                                      f"{tuple(free[name].shape)}.")
                 free[name].copy_(value)
             tables = rebuilt.retraining_tables()
-    return PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts), info
+    decision = info.get("decision")
+    if isinstance(decision, Mapping) and decision.get("decision") == "pending":
+        rank_zero_warn(f"Loss file {str(path)!r} was written before the held-back check ruled on its loss (from a "
+                       "checkpoint saved during the search): the check may have put the start back. Export the loss "
+                       "from the module or checkpoint at the end of the search.")
+    loss = PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts)
+    loss.decision = dict(decision) if isinstance(decision, Mapping) else None
+    return loss, info
 
 #: What a module that never calls ``configure_autobalance`` searches (the defaults of that method).
 _DEFAULTS: dict[str, Any] = {"preset": "la", "search": ("offset",), "parametrization": "hierarchical",
@@ -708,7 +715,8 @@ class AutoBalanceMixin:
         return self.autobalance_parameters().frozen
 
     def export_loss(self, path: str | Path) -> Path:
-        """Writes the found loss (YAML or JSON by suffix).
+        """Writes the found loss (YAML or JSON by suffix), with the held-back check's decision on it (``decision``:
+        kept or put back, why, and its figures; ``pending`` when written before the check ruled; ``null``: none).
 
         The file holds the tables to retrain with (frequency bins interpolated to classes) and also the
         parametrisation and its free values, so that retraining on other class counts (the whole training set
@@ -724,7 +732,7 @@ class AutoBalanceMixin:
                                 preset=params.preset, preset_kwargs=dict(params.preset_kwargs),
                                 search=list(params.search), group_size=getattr(params, "group_size", 1),
                                 class_counts=(counts[0] if counts.shape[0] == 1 else counts).round().long().tolist(),
-                                alpha=alpha)
+                                alpha=alpha, decision=params.decision)
 
     def load_loss(self, path: str | Path, freeze: bool = True) -> None:
         """Replaces the loss by one exported with :meth:`export_loss`, frozen by default.

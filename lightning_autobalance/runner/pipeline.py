@@ -763,7 +763,7 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
                 model_.export_loss(loss_path)
             cb = next(c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback))
             result.update({"found_loss": str(loss_path), "hyper_steps": cb.hyper_steps,
-                           "skipped_steps": cb.skipped_steps})
+                           "skipped_steps": cb.skipped_steps, "decision": model_.autobalance_parameters().decision})
             if cb.hyper_steps == 0:
                 rank_zero_warn(f"The search took no hyper step in {trainer.current_epoch} epochs, so the found loss is "
                                "the starting preset: check the AutoBalanceCallback's start_epoch / start_step against "
