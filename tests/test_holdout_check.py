@@ -448,3 +448,21 @@ def test_a_fit_with_no_hyper_step_leaves_no_pending_decision():
 def test_fit_tolerance_is_validated_at_construction(bad):
     with pytest.raises(ValueError, match="fit_tolerance must be a share in"):
         AutoBalanceCallback(fit_tolerance=bad)
+
+
+def test_a_non_finite_upper_input_is_named_by_sample_and_refused_before_training():
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    x, y = upper.dataset.tensors
+    x = x.clone()
+    x[7, 2] = float("inf")
+    bad = DataLoader(TensorDataset(x, y), batch_size=8)
+    model = _module()([36, 9, 3], preset="la", search=("offset",))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[AutoBalanceCallback(upper_dataloader=bad)])
+    with pytest.raises(ValueError, match=r"The upper data holds non-finite values: sample 7 of 30 \(label 1\) holds "
+                                         r"inf"):
+        trainer.fit(model, train_dataloaders=train)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no training step was taken

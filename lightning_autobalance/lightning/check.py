@@ -54,6 +54,7 @@ from lightning_autobalance.core.head import (
 )
 from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.core.random_state import preserve_random_state
+from lightning_autobalance.data._checks import non_finite_sample
 
 __all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "FIT_TOLERANCE", "CheckResult", "HeldBackCheck", "check_found_loss",
            "compare_losses", "head_weight_decay", "holdout_split", "read_features", "training_error"]
@@ -363,7 +364,7 @@ class HeldBackCheck:
 
     # at setup -------------------------------------------------------------------------------------------------
     def split(self, labels_groups: Callable[[], tuple[Tensor, Tensor | None]], checkable: str | None,
-              not_resampled: str | None, seed: int, num_classes: int) -> Tensor | None:
+              not_resampled: str | None, seed: int, num_classes: int, dataset: Any = None) -> Tensor | None:
         """Chooses the held-back samples (:attr:`held_back`) and returns the indices the search draws from, or
         ``None`` when nothing is held back (a share of ``0``; or, by default, where the check cannot run: said once).
 
@@ -373,9 +374,11 @@ class HeldBackCheck:
             not_resampled: why the upper loader cannot be drawn by index, or ``None``.
             seed: seeds the split.
             num_classes: the loss's classes.
+            dataset: the upper dataset, looked at for NaN or infinite inputs where it is held in memory.
 
         Raises:
-            ValueError: a share given explicitly that cannot hold anything back.
+            ValueError: a share given explicitly that cannot hold anything back; a NaN or infinite upper input (the
+                check could not judge, and the hyper steps drawing it would be skipped), named by sample.
         """
         self.held_back = self._labels = self._groups = None
         share = AUTO_HOLDOUT if self.share is None else self.share
@@ -395,6 +398,10 @@ class HeldBackCheck:
             rank_zero_info(f"AutoBalance: no held-back check ({why}); the search uses all the upper data and its "
                            "found loss is kept as it is.")
             return None
+        where = None if dataset is None else non_finite_sample(dataset)
+        if where is not None:
+            raise ValueError(f"The upper data holds non-finite values: {where}. The held-back check could not judge a "
+                             "loss on it, and the hyper steps that draw it would be skipped; fix the data.")
         self.held_back, self._labels = held, labels[held]
         self._groups = None if groups is None else groups[held]
         unjudged = sorted(set(labels.tolist()) - set(self._labels.tolist()))

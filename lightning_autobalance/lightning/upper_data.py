@@ -162,7 +162,8 @@ class UpperBatches:
         try:
             if check is not None:
                 search = check.split(lambda: self._labels_groups(trainer, pl_module, loader, params.num_classes),
-                                     checkable, why_not_resampled(loader), seed, params.num_classes)
+                                     checkable, why_not_resampled(loader), seed, params.num_classes,
+                                     getattr(loader, "dataset", None))
             self.stream = BatchStream(loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size,
                                       subset=search)
             batches, error = self.stream.batches_per_pass(), None
