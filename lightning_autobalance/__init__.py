@@ -5,6 +5,7 @@ The public names:
 * :class:`AutoBalanceMixin`: gives a LightningModule a learnable loss;
 * :class:`AutoBalanceCallback`: searches it while the Trainer fits the model, from the values
   :class:`Schedule`, :class:`Estimator`, :class:`UpperObjective`, :class:`UpperData` and :class:`HyperOptimizer`;
+* :func:`find_loss`: the search on a copy of a module, the decided loss set on it frozen, before its own fit;
 * :class:`ImbalancedClassifier`: a ready LightningModule for long-tailed classification;
 * :func:`run_pipeline` (``lightning_autobalance.runner.pipeline``): search, retrain, compare, from Python or the CLI;
 * :class:`AdjustedCrossEntropy`: the loss family as a plain ``torch.nn.Module``;
@@ -48,6 +49,7 @@ from lightning_autobalance.core.parametrization import (
 from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.lightning.callback import AutoBalanceCallback
 from lightning_autobalance.lightning.classifier import ImbalancedClassifier
+from lightning_autobalance.lightning.find_loss import FoundLoss, find_loss
 from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer
 from lightning_autobalance.lightning.mixin import AutoBalanceMixin
 from lightning_autobalance.lightning.schedule import Schedule
@@ -79,6 +81,7 @@ __all__ = [
     "DatasetDependent",
     "EqualOpportunityGap",
     "Estimator",
+    "FoundLoss",
     "FocalLoss",
     "FrequencyGroups",
     "GroupDROLoss",
@@ -96,6 +99,7 @@ __all__ = [
     "WorstGroupLoss",
     "adjusted_cross_entropy",
     "build_parametrization",
+    "find_loss",
     "hypergradient",
     "preset_tables",
 ]
