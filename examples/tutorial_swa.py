@@ -6,10 +6,11 @@ averaging module, a subclass whose ``__init__`` takes the trained network and ca
 The data is scikit-learn's 8x8 digits made long-tailed (offline, seconds on a CPU) instead of CIFAR-10.
 
 The lines marked ``# autobalance`` are the only changes (``+1`` added, ``~1`` changed): the import, the mixin in
-the bases, the two training losses, the callback, and one line that gives the SWA module the loss the search
-found. No class counts: the mixin finds them at setup from the training split's labels. ``log_softmax`` stays:
-the default search moves additive offsets, which a per-sample constant does not change (the mixin warns only if
-``delta`` is searched). ::
+the bases, the two training losses, ``find_loss`` (the search on a copy of the module, on a per-class split of the
+training data; the loss the held-back check decides on is set on the module, frozen, before the tutorial's own fit
+trains the model to keep on all the training data), and one line that gives the SWA module that loss. No class
+counts: the mixin finds them from the training split's labels. ``log_softmax`` stays: the default search moves
+additive offsets, which a per-sample constant does not change (the mixin warns only if ``delta`` is searched). ::
 
     python examples/tutorial_swa.py [--epochs 8 --swa-epochs 3]
 """
@@ -30,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin  # autobalance: +1
+from lightning_autobalance import AutoBalanceMixin, find_loss  # autobalance: +1
 
 
 def long_tailed_digits(rho: float = 10.0, test_per_class: int = 30) -> tuple[TensorDataset, TensorDataset]:
@@ -130,22 +131,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_loader, test_loader = DataLoader(val_set, batch_size=64), DataLoader(test, batch_size=300)
 
     model = LitDigits(lr=0.05, steps_per_epoch=len(train_loader))
-    trainer = Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=root,
-                      callbacks=[AutoBalanceCallback(upper_dataloader=val_loader)])  # autobalance: +1
+    settings = dict(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=root)
+    found = find_loss(model, train_loader, val_loader, trainer_kwargs=settings)  # autobalance: +1
+    trainer = Trainer(**settings)
     trainer.fit(model, train_loader, val_loader)
     (tested,) = trainer.test(model, test_loader, verbose=False)
 
     swa_model = SWADigits(model.model, lr=0.01)
-    swa_model.autobalance_like(model)  # autobalance: +1 (train the SWA phase on the loss found)
+    swa_model.autobalance_like(model, freeze=True)  # autobalance: +1 (train the SWA phase on the loss found)
     swa_trainer = Trainer(max_epochs=args.swa_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                           enable_model_summary=False, default_root_dir=root)
     swa_trainer.fit(swa_model, train_loader, val_loader)
     (swa_tested,) = swa_trainer.test(swa_model, test_loader, verbose=False)
-    print(f"tau moved by {float(model.autobalance.alpha()['tau']):+.3f} from logit adjustment; balanced test accuracy "
+    print(f"the held-back check: {found.decision['decision']} ({found.decision['reason']}); balanced test accuracy "
           f"{tested['test_acc']:.3f}, after SWA {swa_tested['test_acc']:.3f}")
     return {"model": model, "trainer": trainer, "swa_model": swa_model, "swa_trainer": swa_trainer,
-            "test": tested, "swa_test": swa_tested}
+            "test": tested, "swa_test": swa_tested, "found": found}
 
 
 if __name__ == "__main__":

@@ -94,13 +94,20 @@ def _tiny(tmp_path: Path) -> dict[str, Any]:
 def test_hydra_template_example_trains_then_eval_py_tests_the_checkpoint(tmp_path, hydra_example):
     train, evaluate = hydra_example
     marked = _marked([*HYDRA.rglob("*.py"), *HYDRA.rglob("*.yaml")])
-    assert len(marked) <= 5 and len([m for m in marked if "import" not in m]) == 3, marked
+    assert len(marked) <= 6 and len([m for m in marked if "import" not in m]) == 4, marked
     cfg = compose("train", _tiny(tmp_path))
     metrics, trainer = train.train(cfg, instantiate)
-    (callback,) = [c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback)]
+    assert not [c for c in trainer.callbacks if isinstance(c, AutoBalanceCallback)]  # find_loss searched on a copy
     model = trainer.lightning_module
-    assert callback.hyper_steps > 0 and model.autobalance_loss_calls == trainer.global_step
+    assert model.loss_frozen and model.autobalance_loss_calls == trainer.global_step
+    assert model.autobalance_parameters().decision["decision"] in ("found loss kept", "start put back")
     assert sum(model.autobalance.class_counts[0].tolist()) == len(trainer.datamodule.data_train)
+    # every checkpoint of the fit holds the decided loss and its decision (one truth about the loss)
+    for path in Path(trainer.checkpoint_callback.dirpath).glob("*.ckpt"):
+        saved = torch.load(path, weights_only=False)["state_dict"]
+        loss = {k: v for k, v in model.state_dict().items() if k.startswith("autobalance.") and torch.is_tensor(v)}
+        assert loss and all(torch.equal(saved[k].cpu(), v.cpu()) for k, v in loss.items())
+        assert saved["autobalance._extra_state"]["decision"] == model.autobalance_parameters().decision
     assert 0.0 <= float(metrics["test/acc"]) <= 1.0
     # eval.py: a freshly built module and datamodule, the best checkpoint
     best = trainer.checkpoint_callback.best_model_path
@@ -129,10 +136,9 @@ def test_tutorial_shaped_example_with_an_swa_subclass(tmp_path):
     assert len([m for m in marked if "import" not in m]) <= 5 and len(marked) <= 6, marked
     out = load_script(path, "tutorial_swa").main(["--epochs", "2", "--swa-epochs", "1", "--root", str(tmp_path)])
     model, swa = out["model"], out["swa_model"]
-    (callback,) = [c for c in out["trainer"].callbacks if isinstance(c, AutoBalanceCallback)]
-    assert callback.hyper_steps > 0
+    assert out["found"].hyper_steps > 0 and model.loss_frozen  # the search ran on a copy; the model kept is fitted
+    assert out["found"].decision == model.autobalance_parameters().decision is not None
     found = model.autobalance_tables()
-    assert float(model.autobalance.alpha()["tau"]) != 0.0  # the search moved the loss
     for a, b in zip(swa.autobalance_tables(), found):  # the SWA phase trained on the loss found
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert swa.autobalance_loss_calls == out["swa_trainer"].global_step > 0

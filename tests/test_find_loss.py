@@ -38,7 +38,7 @@ def test_find_loss_sets_the_decided_loss_frozen_on_the_whole_counts_and_leaves_t
     weights = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("autobalance")}
     found = find_loss(model, _data(), trainer_kwargs={**TRAINER, "default_root_dir": tmp_path}, callback_kwargs=SEARCH)
     params = model.autobalance_parameters()
-    assert params.frozen and found.hyper_steps > 0 and found.path == tmp_path / "found_loss.yaml"
+    assert params.frozen and found.hyper_steps > 0 and found.path == tmp_path / "find_loss" / "found_loss.yaml"
     assert params.class_counts[0].tolist() == COUNTS  # the whole training set's, not the lower split's
     assert found.search_model.autobalance_parameters().class_counts[0].tolist() == [48, 19, 8]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # the search trained a copy

@@ -63,7 +63,7 @@ def _like(loader: DataLoader, dataset: Any, shuffle: bool) -> DataLoader:
                       persistent_workers=workers > 0 and loader.persistent_workers)
 
 
-def _training_loader(train_dataloaders: Any, datamodule: Any) -> DataLoader:
+def _loaders(train_dataloaders: Any, val_dataloaders: Any, datamodule: Any) -> tuple[DataLoader, Any]:
     if (train_dataloaders is None) == (datamodule is None):
         raise ValueError("find_loss needs the training data: give train_dataloaders (one DataLoader) or a datamodule, "
                          "not both.")
@@ -71,14 +71,17 @@ def _training_loader(train_dataloaders: Any, datamodule: Any) -> DataLoader:
         datamodule.prepare_data()
         datamodule.setup("fit")
         train_dataloaders = datamodule.train_dataloader()
+        if val_dataloaders is None and type(datamodule).val_dataloader is not pl.LightningDataModule.val_dataloader:
+            val_dataloaders = datamodule.val_dataloader()
     if not isinstance(train_dataloaders, DataLoader) or not hasattr(train_dataloaders.dataset, "__getitem__"):
         raise ValueError(f"find_loss splits the training data per class, so it needs one DataLoader over a map-style "
                          f"dataset; got {type(train_dataloaders).__name__}. Use search_split and the callback "
                          "directly for other data.")
-    return train_dataloaders
+    return train_dataloaders, val_dataloaders
 
 
-def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = None, datamodule: Any = None, *,
+def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = None, val_dataloaders: Any = None,
+              datamodule: Any = None, *,
               trainer_kwargs: Mapping[str, Any] | None = None, callback_kwargs: Mapping[str, Any] | None = None,
               fraction: float = 0.2, seed: int = 0, path: str | Path | None = None,
               upper_transform: Any = "auto") -> FoundLoss:
@@ -95,14 +98,18 @@ def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = 
     Args:
         model: a LightningModule with :class:`~lightning_autobalance.AutoBalanceMixin`.
         train_dataloaders: the training DataLoader (map-style dataset), or
-        datamodule: a datamodule whose ``train_dataloader()`` gives it (``prepare_data`` and ``setup("fit")`` are
-            called).
+        val_dataloaders: validation data for the search's fit (what the module's validation hooks, monitors and
+            ``ReduceLROnPlateau`` need; not the upper data), or
+        datamodule: a datamodule whose ``train_dataloader()`` gives the training data and ``val_dataloader()``, if it
+            has one, the validation data (``prepare_data`` and ``setup("fit")`` are called).
         trainer_kwargs: the search's Trainer arguments (as for your own fit: ``max_epochs``, ``accelerator``,
-            ``precision``, ...); its ``callbacks`` may not hold an AutoBalanceCallback (give ``callback_kwargs``).
+            ``precision``, ...); its ``callbacks`` may not hold an AutoBalanceCallback (give ``callback_kwargs``). Its
+            files go to ``<default_root_dir>/find_loss`` and it writes no checkpoint unless ``enable_checkpointing``
+            is given, so that the checkpoints of your own fit are the only ones beside it.
         callback_kwargs: the search's AutoBalanceCallback arguments (its upper data is the split's upper part).
         fraction: the share of each class held out for the upper data.
         seed: seeds the split.
-        path: where the loss file goes (default: ``<default_root_dir>/found_loss.yaml`` of the search's Trainer).
+        path: where the loss file goes (default: ``<default_root_dir>/find_loss/found_loss.yaml``).
         upper_transform: as in :func:`~lightning_autobalance.data.search_split.search_split`.
 
     Raises:
@@ -116,6 +123,9 @@ def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = 
         raise ValueError("find_loss: the module's loss is frozen, so there is nothing to search; unfreeze it "
                          "(model.unfreeze_loss()) or fit the module as it is.")
     kwargs = dict(trainer_kwargs or {})
+    # the search's files apart from those of the user's own fit (whose checkpoints must all hold the decided loss)
+    kwargs["default_root_dir"] = Path(kwargs.get("default_root_dir") or Path.cwd()) / "find_loss"
+    kwargs.setdefault("enable_checkpointing", False)
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if any(isinstance(c, AutoBalanceCallback) for c in callbacks):
         raise ValueError("find_loss adds its own AutoBalanceCallback: give its settings as callback_kwargs, not in "
@@ -124,7 +134,7 @@ def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = 
     if "upper" in settings or "upper_dataloader" in settings:
         raise ValueError("find_loss tunes the loss on the split's upper part: leave upper and upper_dataloader out of "
                          "callback_kwargs (fraction sets its size).")
-    loader = _training_loader(train_dataloaders, datamodule)
+    loader, val = _loaders(train_dataloaders, val_dataloaders, datamodule)
     split = search_split(loader.dataset, fraction, seed, num_classes=None if built is None else built.num_classes,
                          upper_transform=upper_transform)
     callback = AutoBalanceCallback(**settings, upper_dataloader=_like(loader, split.upper, shuffle=False))
@@ -133,7 +143,8 @@ def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = 
     if built is not None:  # counts given to the module: the copy's loss is rebuilt on the lower part's
         searched._autobalance_build(split.class_counts)
     trainer = pl.Trainer(**kwargs, callbacks=[*callbacks, callback])
-    trainer.fit(searched, train_dataloaders=_like(loader, split.lower, isinstance(loader.sampler, RandomSampler)))
+    trainer.fit(searched, train_dataloaders=_like(loader, split.lower, isinstance(loader.sampler, RandomSampler)),
+                val_dataloaders=val)
 
     target = Path(path) if path is not None else Path(trainer.default_root_dir) / "found_loss.yaml"
     if trainer.is_global_zero:

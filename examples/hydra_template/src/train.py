@@ -15,6 +15,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from lightning_autobalance import find_loss  # autobalance: +1
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the template's rootutils: `src` importable
 
 
@@ -28,10 +30,14 @@ def build(cfg: Mapping[str, Any], instantiate: Callable[..., Any]) -> tuple[Any,
 
 
 def train(cfg: Mapping[str, Any], instantiate: Callable[..., Any]) -> tuple[dict[str, Any], pl.Trainer]:
+    """Seeds, builds, searches the loss on a copy of the model (``find_loss``: the decided loss is set on the model,
+    frozen), fits the model to keep on all the training data, then tests the best checkpoint."""
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg["seed"], workers=True)
     datamodule, model, trainer = build(cfg, instantiate)
     if cfg.get("train"):
+        search = {k: v for k, v in cfg["trainer"].items() if k != "_target_"}  # autobalance: +1
+        find_loss(model, datamodule=datamodule, trainer_kwargs={**search, "logger": False})  # autobalance: +1
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = dict(trainer.callback_metrics)
     if cfg.get("test"):
