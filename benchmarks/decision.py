@@ -61,7 +61,15 @@ import quality
 from lightning_autobalance import AutoBalanceCallback
 from lightning_autobalance.core.head import find_head, head_parameters, optimizer_head_weight_decay
 from lightning_autobalance.core.losses import LossTables, save_loss_tables
-from lightning_autobalance.lightning.check import AUTO_HOLDOUT, compare_losses, holdout_split, read_features
+from lightning_autobalance.lightning.check import (
+    AUTO_HOLDOUT,
+    FIT_TOLERANCE,
+    TRAIN_ROWS,
+    compare_losses,
+    holdout_split,
+    read_features,
+    training_error,
+)
 from lightning_autobalance.runner.pipeline import _clone, _counts, _data
 
 ROOT = quality.ROOT
@@ -406,6 +414,42 @@ def start_tables(config: Path, seed: int, extra: Sequence[str], split: Any) -> d
     return {n: getattr(tables, n)[0].double().tolist() for n in TABLES}
 
 
+def search_training_error(config: Path, seed: int, out: Path, extra: Sequence[str]) -> float:
+    """What the check's fit rule measures, on the search's ``last.ckpt`` with the loss the search found (from its
+    log): the balanced error of the model's own head on the training rows the check reads (augmented where the data
+    is), logits seen through the found loss (:func:`~lightning_autobalance.lightning.check.training_error`). Runs no
+    training: one forward pass over the lower split."""
+    import pytorch_lightning as pl
+
+    model_t, dm_t, trainer_kwargs, _ = quality._templates(config, seed, tuple(extra))
+    split = _data(dm_t, search_split=True)
+    split.setup("fit")
+    rows = _read_csv(out / "search" / "logs")
+    start = start_tables(config, seed, extra, split)
+    found, _ = found_tables_from_log(rows, start, split.num_classes)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = _clone(model_t, **_counts(model_t, split), loss="autobalance")
+    state = torch.load(out / "search" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    layer = dict(model.named_modules())[find_head(model, _search_callback(trainer_kwargs).estimator.head)]
+    torch.manual_seed(1000 * seed)
+    features, target, group = read_features(model, layer, split.train_dataloader(), model.autobalance_unpack,
+                                            model.autobalance_forward, max_rows=TRAIN_ROWS)
+    tables = LossTables(*(torch.tensor([list(found[n])], dtype=torch.float64) for n in TABLES))
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(features, layer.weight, layer.bias).double()
+    return float(training_error(logits, target, group, tables))
+
+
+def with_training_error(config: Path, seed: int, out: Path, extra: Sequence[str]) -> None:
+    """Adds ``training_error`` (:func:`search_training_error`) to the seed's ``decision/replay.json`` if missing."""
+    path = out / "decision" / "replay.json"
+    replay = json.loads(path.read_text())
+    if "training_error" not in replay:
+        replay["training_error"] = search_training_error(config, seed, out, extra)
+        path.write_text(json.dumps(replay, indent=2))
+
+
 def run_one(config: Path, seed: int, out: Path, extra: Sequence[str], env: dict[str, str],
             margin: float) -> dict[str, Any]:
     commands = quality.run_seed(config, seed, out, [quality.AUTOBALANCE], extra, env)
@@ -445,6 +489,7 @@ def run_one(config: Path, seed: int, out: Path, extra: Sequence[str], env: dict[
                                                        dec / "start_twin" / "model.pt"),
                                         "found_hash": _tables_hash(found)}, indent=2))
     print(f"[seed {seed}] twins done in {time.perf_counter() - t0:.0f} s", flush=True)
+    with_training_error(config, seed, out, extra)
     return collect_one(out, seed, margin, commands["all"])
 
 
@@ -609,9 +654,11 @@ def report(args: argparse.Namespace, records: list[dict[str, Any]]) -> tuple[str
     return "\n".join(md), data
 
 
-def combine(paths: Sequence[Path], margin: float = MARGIN, target: float = 0.9) -> tuple[list[str], dict[str, Any]]:
+def combine(paths: Sequence[Path], margin: float = MARGIN, target: float = 0.9,
+            fit_tolerance: float = FIT_TOLERANCE) -> tuple[list[str], dict[str, Any]]:
     """The agreement over every finished benchmark-seed case of several reports' JSON files (judged anew with
-    ``margin``): a table of the cases and the summary (markdown lines, data)."""
+    ``margin``), for the heads alone (the check before the fit rule) and with the fit rule (``fit_tolerance``, on the
+    training error the replay measured): a table of the cases and the summaries (markdown lines, data)."""
     cases = []
     for path in paths:
         for r in json.loads(Path(path).read_text())["seeds"]:
@@ -619,12 +666,24 @@ def combine(paths: Sequence[Path], margin: float = MARGIN, target: float = 0.9) 
                 continue
             j = judge(r["check_start"], r["check_found"], r["twins"]["start"]["held_back"],
                       r["twins"]["found"]["held_back"], margin)
-            cases.append({"report": Path(path).stem, "seed": r["seed"], **j})
+            fit = r.get("replay", {}).get("training_error")
+            fits = fit is not None and fit <= fit_tolerance
+            # the decision of today's check: kept only where the network fits its training data and the heads agree
+            rule = judge(r["check_start"], r["check_found"] if fits else math.inf, r["twins"]["start"]["held_back"],
+                         r["twins"]["found"]["held_back"], margin)
+            cases.append({"report": Path(path).stem, "seed": r["seed"], **j, "training_error": fit,
+                          "rule": rule})
     summary = summarize(cases, target)
-    md = ["| report | seed | verdict | found twin - start twin, held-back balanced error (pp) | agree | decisive |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {c['report']} | {c['seed']} | {'kept found' if c['kept'] else 'start put back'} | "
-           f"{c['diff_error_pp']:+.2f} | {_agree(c)} | {'yes' if c['decisive'] else 'no'} |" for c in cases]
+    rule_summary = summarize([c["rule"] for c in cases if c["training_error"] is not None], target)
+    md = ["| report | seed | heads alone | training error % | with the fit rule (fit_tolerance "
+          f"{fit_tolerance:g}) | found twin - start twin, held-back balanced error (pp) | agree (heads alone) | "
+          "agree (with the rule) | decisive |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        fit = "-" if c["training_error"] is None else f"{100 * c['training_error']:.1f}"
+        md.append(f"| {c['report']} | {c['seed']} | {'kept found' if c['kept'] else 'start put back'} | {fit} | "
+                  f"{'kept found' if c['rule']['kept'] else 'start put back'} | {c['diff_error_pp']:+.2f} | "
+                  f"{_agree(c)} | {_agree(c['rule'])} | {'yes' if c['decisive'] else 'no'} |")
     md += ["", f"- cases: {summary['cases']}; agreement by balanced error: {summary['agree_error']}/"
            f"{summary['cases'] - summary['ties']} where the twins differ ({summary['ties']} ties); by balanced "
            f"cross-entropy: {summary['agree_ce']}/{summary['cases']}.",
@@ -632,8 +691,16 @@ def combine(paths: Sequence[Path], margin: float = MARGIN, target: float = 0.9) 
            f"{summary['agree_decisive']}/{summary['decisive']} (target: at least {target:.0%}, "
            f"{'met' if summary['target_met'] else 'not met'}).",
            "- disagreements, points of held-back balanced error the check's choice loses: "
-           + (", ".join(f"{c:.2f}" for c in summary["disagreement_cost_pp"]) or "none") + "."]
-    return md, {"cases": cases, "summary": summary}
+           + (", ".join(f"{c:.2f}" for c in summary["disagreement_cost_pp"]) or "none") + ".",
+           f"- **with the fit rule** (the found loss kept only where the training error is at most "
+           f"{fit_tolerance:g}; {rule_summary['cases']} cases with a measured training error): kept "
+           f"{rule_summary['kept']}; agreement by balanced error {rule_summary['agree_error']}/"
+           f"{rule_summary['cases'] - rule_summary['ties']} where the twins differ; decisive cases: "
+           f"{rule_summary['agree_decisive']}/{rule_summary['decisive']} agree (target: at least {target:.0%} of at "
+           f"least 10 cases; {'met' if rule_summary['target_met'] and rule_summary['decisive'] >= 10 else 'not met'})"
+           ". Disagreements cost: " + (", ".join(f"{c:.2f}" for c in rule_summary["disagreement_cost_pp"]) or "none")
+           + "."]
+    return md, {"cases": cases, "summary": summary, "with_fit_rule": rule_summary}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -691,6 +758,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.report_only:
                 command = quality._show(quality.pipeline_args(args.config, s, runs / f"seed_{s}",
                                                               [quality.AUTOBALANCE], list(args.set)))
+                if (runs / f"seed_{s}" / "decision" / "replay.json").is_file():
+                    with_training_error(args.config, s, runs / f"seed_{s}", list(args.set))
                 records.append(collect_one(runs / f"seed_{s}", s, args.margin, command))
             else:
                 records.append(run_one(args.config, s, runs / f"seed_{s}", list(args.set), env, args.margin))
