@@ -167,14 +167,15 @@ def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
 
 def training_error(logits: Tensor, target: Tensor, group: Tensor | None, tables: LossTables) -> Tensor:
     """The balanced error of ``logits`` as a loss of the family sees them: ``argmax(delta * logits + offset)`` (the
-    row of each sample's group) against ``target``, averaged over the classes present.
+    row of each sample's group; the one row of a per-class loss for every sample) against ``target``, averaged over
+    the classes present.
 
     Example:
         >>> tables = LossTables(torch.ones(1, 2), torch.tensor([[0.0, -3.0]]), torch.ones(1, 2))
         >>> float(training_error(torch.tensor([[0.0, 1.0], [0.0, 4.0]]), torch.tensor([1, 1]), None, tables))
         0.5
     """
-    row = torch.zeros_like(target) if group is None else group.long()
+    row = torch.zeros_like(target) if group is None or tables.delta.shape[0] == 1 else group.long()
     delta, offset = tables.delta.to(logits)[row], tables.offset.to(logits)[row]
     wrong = ((delta * logits + offset).argmax(-1) != target).to(logits.dtype)
     k = logits.shape[-1]
