@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,8 @@ class AutoBalanceMixin:
     """
 
     autobalance_reduction: Reduction = "mean"
+    #: Whether :meth:`autobalance_loss` checks labels, groups and logits on every call (one host synchronisation
+    #: per step); set ``self.autobalance_validate = False`` to skip the checks.
     autobalance_validate: bool = True
     #: Calls of :meth:`autobalance_loss` while the module is in training mode (``self.training``), over its life.
     #: :class:`~lightning_autobalance.AutoBalanceCallback` reads it to stop a fit whose training step never calls
@@ -267,9 +270,8 @@ class AutoBalanceMixin:
         preset_kwargs: Mapping[str, Any] | None = None,
         loss_file: str | Path | None = None,
         freeze: bool = False,
-        validate_inputs: bool = True,
-        like: AutoBalanceMixin | None = None,
         num_classes: int | None = None,
+        **deprecated: Any,
     ) -> LossParametrization | None:
         """Chooses the loss family to search and, optionally, the class counts; call it in ``__init__`` or ``setup``.
 
@@ -307,10 +309,12 @@ class AutoBalanceMixin:
             preset_kwargs: preset settings (``tau``, ``gamma``, ``beta``).
             loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
             freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.
-            validate_inputs: check labels, groups and logits on every call (one host synchronisation per step).
-            like: another module with the mixin whose loss to copy (see :meth:`autobalance_like`, the same).
             num_classes: the number of classes ``K`` when the counts are found from the labels (a class absent
                 from the training data then gets a clear error instead of a shorter count list).
+            **deprecated: the spellings of earlier versions, still taken with a ``FutureWarning``:
+                ``validate_inputs=False`` is ``self.autobalance_validate = False`` (checks of labels, groups and
+                logits on every call, one host synchronisation per step) and ``like=other`` is
+                :meth:`autobalance_like`.
 
         Returns:
             The parametrisation module (also ``self.autobalance``), or ``None`` while the counts are not known yet.
@@ -320,8 +324,8 @@ class AutoBalanceMixin:
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer or None; got {num_classes!r}.")
+        like = self._autobalance_deprecated(deprecated)
         self._autobalance_install_hooks()
-        self.autobalance_validate = validate_inputs
         if like is not None:
             return self.autobalance_like(like, freeze=freeze, class_counts=class_counts)
         config = {"preset": preset, "search": search, "parametrization": parametrization, "group_size": group_size,
@@ -331,20 +335,29 @@ class AutoBalanceMixin:
                   "num_classes": num_classes}
         existing = self._autobalance_built()
         previous = self._autobalance_state.config or {}
-        same = existing is not None and previous == config
-        if same and (class_counts is None or _same_counts(class_counts, existing, num_groups)):
-            return existing  # called again (e.g. setup for every stage): keep the loss found so far
-        if class_counts is None and existing is not None and previous.get("like"):
-            return existing  # a loss taken with autobalance_like stays (e.g. a setup() that configures again)
-        if class_counts is None and existing is None:
-            self._autobalance_state.config = config
-            return None  # the counts are found at setup (autobalance_parameters)
+        if existing is not None and ((class_counts is None and (previous == config or previous.get("like")))
+                                     or (previous == config and _same_counts(class_counts, existing, num_groups))):
+            return existing  # called again (e.g. setup for every stage), or a loss taken with autobalance_like
         self._autobalance_state.config = config
-        if class_counts is None:
-            class_counts = existing.class_counts  # new settings on the counts known before
-        else:
+        if class_counts is not None:
             self._autobalance_state.explicit = True
-        return self._autobalance_build(class_counts)
+        elif existing is None:
+            return None  # the counts are found at setup (autobalance_parameters)
+        return self._autobalance_build(existing.class_counts if class_counts is None else class_counts)
+
+    def _autobalance_deprecated(self, deprecated: dict[str, Any]) -> AutoBalanceMixin | None:
+        """Takes the spellings ``configure_autobalance`` no longer names, with a ``FutureWarning``; returns ``like``."""
+        unknown = sorted(set(deprecated) - {"validate_inputs", "like"})
+        if unknown:
+            raise TypeError(f"configure_autobalance() got an unexpected keyword argument {unknown[0]!r}")
+        if "validate_inputs" in deprecated:
+            warnings.warn("configure_autobalance(validate_inputs=...) is deprecated: set "
+                          "`self.autobalance_validate = ...` instead.", FutureWarning, stacklevel=3)
+            self.autobalance_validate = bool(deprecated["validate_inputs"])
+        if deprecated.get("like") is not None:
+            warnings.warn("configure_autobalance(like=other) is deprecated: call `self.autobalance_like(other)` "
+                          "instead.", FutureWarning, stacklevel=3)
+        return deprecated.get("like")
 
     def autobalance_like(self, other: AutoBalanceMixin, freeze: bool = False,
                          class_counts: Any = None) -> LossParametrization:
