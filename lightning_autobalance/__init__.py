@@ -69,33 +69,8 @@ for _old, _new in _MOVED.items():
     globals().setdefault(_old, _module)  # as an imported submodule would be; the function hypergradient stays
 del _old, _new, _module
 
-__all__ = [
-    "AdjustedCrossEntropy",
-    "AutoBalanceCallback",
-    "AutoBalanceMixin",
-    "BalancedCrossEntropy",
-    "Batch",
-    "BlendedObjective",
-    "DatasetDependent",
-    "EqualOpportunityGap",
-    "Estimator",
-    "FocalLoss",
-    "FrequencyGroups",
-    "GroupDROLoss",
-    "Hierarchical",
-    "HyperOptimizer",
-    "ImbalancedClassifier",
-    "LDAMLoss",
-    "LossParametrization",
-    "LossTables",
-    "PerClass",
-    "Reducer",
-    "Schedule",
-    "UpperData",
-    "UpperObjective",
-    "WorstGroupLoss",
-    "adjusted_cross_entropy",
-    "build_parametrization",
-    "hypergradient",
-    "preset_tables",
-]
+__all__ = ["AdjustedCrossEntropy", "AutoBalanceCallback", "AutoBalanceMixin", "BalancedCrossEntropy", "Batch",
+           "BlendedObjective", "DatasetDependent", "EqualOpportunityGap", "Estimator", "FocalLoss", "FrequencyGroups",
+           "GroupDROLoss", "Hierarchical", "HyperOptimizer", "ImbalancedClassifier", "LDAMLoss", "LossParametrization",
+           "LossTables", "PerClass", "Reducer", "Schedule", "UpperData", "UpperObjective", "WorstGroupLoss",
+           "adjusted_cross_entropy", "build_parametrization", "hypergradient", "preset_tables"]

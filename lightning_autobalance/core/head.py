@@ -348,27 +348,12 @@ def solve_head(problem: HeadProblem, theta: Tensor, steps: int, dense_limit: int
     return theta
 
 
-def head_hypergradient(
-    features: Tensor,
-    target: Tensor,
-    group: Tensor | None,
-    upper_features: Tensor,
-    upper_target: Tensor,
-    upper_group: Tensor | None,
-    alpha: Mapping[str, Tensor],
-    tables_fn: Callable[[Mapping[str, Tensor]], LossTables],
-    train_loss: TrainLoss,
-    objective: Objective,
-    theta: Tensor,
-    num_classes: int,
-    bias: bool,
-    weight_decay: float,
-    damping: float = 0.0,
-    steps: int = 10,
-    dense_limit: int = 4096,
-    cg_iterations: int = 50,
-    reduce: Reduce | None = None,
-) -> HeadResult:
+def head_hypergradient(features: Tensor, target: Tensor, group: Tensor | None, upper_features: Tensor,
+                       upper_target: Tensor, upper_group: Tensor | None, alpha: Mapping[str, Tensor],
+                       tables_fn: Callable[[Mapping[str, Tensor]], LossTables], train_loss: TrainLoss,
+                       objective: Objective, theta: Tensor, num_classes: int, bias: bool, weight_decay: float,
+                       damping: float = 0.0, steps: int = 10, dense_limit: int = 4096, cg_iterations: int = 50,
+                       reduce: Reduce | None = None) -> HeadResult:
     """``dU(theta*(alpha))/dalpha`` for a linear head ``theta = (W, b)`` on fixed features (see the module text).
 
     Args:

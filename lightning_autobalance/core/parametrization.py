@@ -32,16 +32,8 @@ from torch import Tensor, nn
 
 from lightning_autobalance.core.losses import LossTables, as_count_table, preset_tables, resolve_preset
 
-__all__ = [
-    "SEARCHABLE",
-    "DatasetDependent",
-    "FrequencyGroups",
-    "Hierarchical",
-    "LossParametrization",
-    "PerClass",
-    "build_parametrization",
-    "frequency_bins",
-]
+__all__ = ["SEARCHABLE", "DatasetDependent", "FrequencyGroups", "Hierarchical", "LossParametrization", "PerClass",
+           "build_parametrization", "frequency_bins"]
 
 SEARCHABLE = ("delta", "offset", "weight")
 ParametrizationKind = Literal["hierarchical", "class", "groups", "dataset"]
@@ -73,14 +65,9 @@ class LossParametrization(nn.Module):
 
     kind: str = "base"
 
-    def __init__(
-        self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-        preset: str = "ce",
-        search: Sequence[str] | str = ("delta", "offset"),
-        num_groups: int | None = None,
-        preset_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, preset: str = "ce",
+                 search: Sequence[str] | str = ("delta", "offset"), num_groups: int | None = None,
+                 preset_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if num_groups is not None and num_groups < 1:
             raise ValueError(f"num_groups must be at least 1; got {num_groups}.")
@@ -460,15 +447,10 @@ class Hierarchical(LossParametrization):
         return LossTables(delta, offset, weight)
 
 
-def build_parametrization(
-    kind: ParametrizationKind,
-    class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-    preset: str = "ce",
-    search: Sequence[str] | str = ("delta", "offset"),
-    num_groups: int | None = None,
-    group_size: int = 1,
-    preset_kwargs: Mapping[str, Any] | None = None,
-) -> LossParametrization:
+def build_parametrization(kind: ParametrizationKind, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+                          preset: str = "ce", search: Sequence[str] | str = ("delta", "offset"),
+                          num_groups: int | None = None, group_size: int = 1,
+                          preset_kwargs: Mapping[str, Any] | None = None) -> LossParametrization:
     """Makes a parametrisation by name: ``"hierarchical"`` (shared scalars plus per-class residuals), ``"class"``,
     ``"groups"`` (bins of ``group_size``) or ``"dataset"``.
 

@@ -83,23 +83,11 @@ class LongTailDataModule(pl.LightningDataModule):
         (10, True)
     """
 
-    def __init__(
-        self,
-        imbalance_ratio: float = 100.0,
-        profile: Literal["exponential", "step"] = "exponential",
-        upper_fraction: float = 0.2,
-        search_split: bool = False,
-        batch_size: int = 128,
-        upper_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_source: Literal["test", "upper", "none"] = "test",
-        min_count: int = 1,
-        step_fraction: float = 0.5,
-        upper_augment: bool = True,
-        fold_in_epoch: int | None = None,
-        device_resident: bool = False,
-    ) -> None:
+    def __init__(self, imbalance_ratio: float = 100.0, profile: Literal["exponential", "step"] = "exponential",
+                 upper_fraction: float = 0.2, search_split: bool = False, batch_size: int = 128,
+                 upper_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 val_source: Literal["test", "upper", "none"] = "test", min_count: int = 1, step_fraction: float = 0.5,
+                 upper_augment: bool = True, fold_in_epoch: int | None = None, device_resident: bool = False) -> None:
         super().__init__()
         self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, 1.0)
         self.profile = check_choice("profile", profile, ("exponential", "step"))
@@ -158,14 +146,8 @@ class LongTailDataModule(pl.LightningDataModule):
 
         The default applies the profile with ``n_max`` = the largest pool class.
         """
-        return profiles.long_tail_counts(
-            max(pool_counts),
-            len(pool_counts),
-            self.imbalance_ratio,
-            self.profile,
-            self.step_fraction,
-            self.min_count,
-        )
+        return profiles.long_tail_counts(max(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile,
+                                         self.step_fraction, self.min_count)
 
     def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
         """Dataset of the pool samples ``indices``, with or without training augmentation."""
@@ -201,9 +183,8 @@ class LongTailDataModule(pl.LightningDataModule):
             kept = profiles.select_long_tail(targets, counts, self.seed, class_names=names)
         strata, strata_names = self._strata(targets, kept, list(names))
         if self.search_split:
-            lower_pos, upper_pos = profiles.split_per_class(
-                strata, self.upper_fraction, self.seed, class_names=strata_names
-            )
+            lower_pos, upper_pos = profiles.split_per_class(strata, self.upper_fraction, self.seed,
+                                                            class_names=strata_names)
             lower, upper = kept[lower_pos], kept[upper_pos]
         else:
             lower, upper = kept, None
@@ -378,28 +359,14 @@ class LongTailDataModule(pl.LightningDataModule):
             _ = self.test_dataset
 
     # ------------------------------------------------------------------ dataloaders
-    def _loader(
-        self,
-        dataset: Dataset[Any],
-        batch_size: int,
-        shuffle: bool = False,
-        sampler: Sampler[int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> DataLoader[Any]:
+    def _loader(self, dataset: Dataset[Any], batch_size: int, shuffle: bool = False,
+                sampler: Sampler[int] | None = None, generator: torch.Generator | None = None) -> DataLoader[Any]:
         if isinstance(dataset, DeviceImageDataset):
             dataset.to(self._data_device())
             return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
                               drop_last=False, collate_fn=keep_batch)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            generator=generator,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                          drop_last=False, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled training batches ``(x, y)``, ``y`` an int64 tensor; no sample is dropped. With
@@ -434,9 +401,8 @@ class LongTailDataModule(pl.LightningDataModule):
         """
         sampler = self.upper_sampler()
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(
-            self.upper_dataset, self.upper_batch_size or self.batch_size, sampler=sampler, generator=generator
-        )
+        return self._loader(self.upper_dataset, self.upper_batch_size or self.batch_size, sampler=sampler,
+                            generator=generator)
 
     def val_dataloader(self) -> DataLoader[Any] | list[Any]:
         """Validation batches per ``val_source``; an empty list for ``"none"``."""

@@ -102,11 +102,8 @@ class _LongTailCIFAR(LongTailDataModule):
         self._ensure_plan()
         assert self._train_images is not None and self._train_targets is not None
         rows = torch.as_tensor(indices, dtype=torch.long)
-        return InMemoryImageDataset(
-            self._train_images[rows],
-            self._train_targets[indices],
-            transforms.cifar_transform(self._mean, self._std, train=augment),
-        )
+        return InMemoryImageDataset(self._train_images[rows], self._train_targets[indices],
+                                    transforms.cifar_transform(self._mean, self._std, train=augment))
 
     def _build_test_dataset(self) -> Dataset[Any]:
         images, targets, _ = self._read(train=False)

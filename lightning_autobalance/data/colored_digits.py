@@ -18,9 +18,8 @@ from lightning_autobalance.data.tinted_dataset import TintedImageDataset
 __all__ = ["PALETTE", "ColoredDigits"]
 
 #: RGB tints of the groups, in order: red, green, blue, yellow, magenta, cyan (before desaturation).
-PALETTE: tuple[tuple[float, float, float], ...] = (
-    (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0),
-)
+PALETTE: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0),
+                                                   (1.0, 0.0, 1.0), (0.0, 1.0, 1.0))
 
 
 class ColoredDigits(LongTailDataModule):
@@ -74,20 +73,9 @@ class ColoredDigits(LongTailDataModule):
         ((3, 8, 8), torch.int64, torch.int64)
     """
 
-    def __init__(
-        self,
-        task: Literal["digits", "binary"] = "digits",
-        num_groups: int = 2,
-        correlation: float = 0.95,
-        saturation: float = 0.8,
-        test_per_class: int = 40,
-        test_seed: int = 0,
-        augment: bool = False,
-        imbalance_ratio: float = 1.0,
-        batch_size: int = 64,
-        min_count: int = 2,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, task: Literal["digits", "binary"] = "digits", num_groups: int = 2, correlation: float = 0.95,
+                 saturation: float = 0.8, test_per_class: int = 40, test_seed: int = 0, augment: bool = False,
+                 imbalance_ratio: float = 1.0, batch_size: int = 64, min_count: int = 2, **kwargs: Any) -> None:
         if "device_resident" in kwargs:
             raise ValueError(f"{type(self).__name__} does not take device_resident (got "
                              f"{kwargs['device_resident']!r}): its images are tinted per sample on the host")
@@ -178,9 +166,8 @@ class ColoredDigits(LongTailDataModule):
     def _profile_counts(self, pool_counts: list[int]) -> list[int] | None:
         if self.imbalance_ratio == 1.0:
             return None
-        return profiles.long_tail_counts(
-            min(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile, self.step_fraction, self.min_count
-        )
+        return profiles.long_tail_counts(min(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile,
+                                         self.step_fraction, self.min_count)
 
     def _assign_groups(self, targets: np.ndarray, kept: np.ndarray, num_classes: int) -> np.ndarray:
         """Groups of the kept samples: per class, ``round(correlation * n_c)`` in the majority group, the rest

@@ -53,15 +53,8 @@ class LongTailDigits(LongTailDataModule):
         ((1, 8, 8), torch.int64)
     """
 
-    def __init__(
-        self,
-        test_per_class: int = 30,
-        test_seed: int = 0,
-        augment: bool = False,
-        batch_size: int = 64,
-        min_count: int = 2,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, test_per_class: int = 30, test_seed: int = 0, augment: bool = False, batch_size: int = 64,
+                 min_count: int = 2, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, min_count=min_count, **kwargs)
         self.test_per_class = check_int("test_per_class", test_per_class, 1)
         self.test_seed = check_int("test_seed", test_seed, 0)
@@ -96,14 +89,8 @@ class LongTailDigits(LongTailDataModule):
         return targets[pool], names
 
     def _profile_counts(self, pool_counts: list[int]) -> list[int] | None:
-        return profiles.long_tail_counts(
-            min(pool_counts),
-            len(pool_counts),
-            self.imbalance_ratio,
-            self.profile,
-            self.step_fraction,
-            self.min_count,
-        )
+        return profiles.long_tail_counts(min(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile,
+                                         self.step_fraction, self.min_count)
 
     def _transform(self, augment: bool) -> v2.Compose:
         steps: list[v2.Transform] = []

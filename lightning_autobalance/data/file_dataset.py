@@ -125,13 +125,9 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         ((3, 8, 8), 3)
     """
 
-    def __init__(
-        self,
-        paths: Sequence[str],
-        targets: Sequence[int] | np.ndarray,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        size: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, paths: Sequence[str], targets: Sequence[int] | np.ndarray,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 size: tuple[int, int] | None = None) -> None:
         labels = np.asarray(targets, dtype=np.int64)
         if len(paths) != labels.shape[0]:
             raise ValueError(f"got {len(paths)} paths but {labels.shape[0]} targets")

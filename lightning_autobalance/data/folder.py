@@ -88,20 +88,10 @@ class LongTailImageFolder(LongTailDataModule):
         12406
     """
 
-    def __init__(
-        self,
-        root: str,
-        train_list: str | None = None,
-        test_list: str | None = None,
-        n_max: int | None = None,
-        already_long_tailed: bool = False,
-        image_size: int | None = None,
-        cifar_size: int = 32,
-        train_augment: bool = True,
-        cache_in_memory: bool = False,
-        verify_images: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, root: str, train_list: str | None = None, test_list: str | None = None, n_max: int | None = None,
+                 already_long_tailed: bool = False, image_size: int | None = None, cifar_size: int = 32,
+                 train_augment: bool = True, cache_in_memory: bool = False, verify_images: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
@@ -270,9 +260,8 @@ class LongTailImageFolder(LongTailDataModule):
         if self.already_long_tailed:
             return None
         n_max = self.n_max if self.n_max is not None else max(pool_counts)
-        counts = profiles.long_tail_counts(
-            n_max, len(pool_counts), self.imbalance_ratio, self.profile, self.step_fraction, self.min_count
-        )
+        counts = profiles.long_tail_counts(n_max, len(pool_counts), self.imbalance_ratio, self.profile,
+                                           self.step_fraction, self.min_count)
         for c, (have, want) in enumerate(zip(pool_counts, counts)):
             if have < want:
                 raise ValueError(

@@ -22,12 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = [
-    "head_medium_tail",
-    "long_tail_counts",
-    "select_long_tail",
-    "split_per_class",
-]
+__all__ = ["head_medium_tail", "long_tail_counts", "select_long_tail", "split_per_class"]
 
 # Relative tolerance used to snap values such as 5000 * 100 ** -1 = 50.00000000000001 (or
 # 49.99999999999999) to the integer they stand for before taking the floor.
@@ -58,14 +53,9 @@ def _class_label(c: int, class_names: Sequence[str] | None) -> str:
     return f"class {c}"
 
 
-def long_tail_counts(
-    n_max: int,
-    num_classes: int,
-    imbalance_ratio: float,
-    profile: Literal["exponential", "step"] = "exponential",
-    step_fraction: float = 0.5,
-    min_count: int = 1,
-) -> list[int]:
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
+                     profile: Literal["exponential", "step"] = "exponential", step_fraction: float = 0.5,
+                     min_count: int = 1) -> list[int]:
     """Per-class sample counts of a long-tailed training set.
 
     Classes keep the dataset's own order: class 0 is the head.
@@ -143,12 +133,8 @@ def _targets_array(targets: Sequence[int] | np.ndarray, name: str = "targets") -
     return array.astype(np.int64, copy=False)
 
 
-def select_long_tail(
-    targets: Sequence[int] | np.ndarray,
-    counts: Sequence[int],
-    seed: int,
-    class_names: Sequence[str] | None = None,
-) -> np.ndarray:
+def select_long_tail(targets: Sequence[int] | np.ndarray, counts: Sequence[int], seed: int,
+                     class_names: Sequence[str] | None = None) -> np.ndarray:
     """Seeded choice of the samples that a long-tailed subset keeps.
 
     One ``numpy.random.default_rng(seed)`` generator is used for all classes, in class
@@ -205,12 +191,8 @@ def select_long_tail(
     return np.sort(np.concatenate(kept)).astype(np.int64, copy=False)
 
 
-def split_per_class(
-    targets: Sequence[int] | np.ndarray,
-    fraction: float = 0.2,
-    seed: int = 0,
-    class_names: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def split_per_class(targets: Sequence[int] | np.ndarray, fraction: float = 0.2, seed: int = 0,
+                    class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split into a lower (training) part and an upper (held-out) part.
 
     Each class ``c`` with ``n_c`` samples gives ``round(fraction * n_c)`` (rounded half up)
@@ -262,18 +244,12 @@ def split_per_class(
     if not lower:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty.copy()
-    return (
-        np.sort(np.concatenate(lower)).astype(np.int64, copy=False),
-        np.sort(np.concatenate(upper)).astype(np.int64, copy=False),
-    )
+    return (np.sort(np.concatenate(lower)).astype(np.int64, copy=False),
+            np.sort(np.concatenate(upper)).astype(np.int64, copy=False))
 
 
-def head_medium_tail(
-    class_counts: Sequence[int] | np.ndarray,
-    many_threshold: int = 100,
-    few_threshold: int = 20,
-    rule: Literal["auto", "shots", "thirds"] = "auto",
-) -> np.ndarray:
+def head_medium_tail(class_counts: Sequence[int] | np.ndarray, many_threshold: int = 100, few_threshold: int = 20,
+                     rule: Literal["auto", "shots", "thirds"] = "auto") -> np.ndarray:
     """Label each class ``"head"``, ``"medium"`` or ``"tail"`` from its training count.
 
     The rule:

@@ -79,9 +79,8 @@ class CIFAR10Reader(_OptionalIntegrityMixin, CIFAR10):
         (10000, 32, 32, 3)
     """
 
-    def __init__(
-        self, root: str | Path, train: bool = True, download: bool = False, check_integrity: bool = True
-    ) -> None:
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
+                 check_integrity: bool = True) -> None:
         super().__init__(root, train=train, download=download, check_integrity=check_integrity)
 
 
@@ -100,7 +99,6 @@ class CIFAR100Reader(_OptionalIntegrityMixin, CIFAR100):
         100
     """
 
-    def __init__(
-        self, root: str | Path, train: bool = True, download: bool = False, check_integrity: bool = True
-    ) -> None:
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
+                 check_integrity: bool = True) -> None:
         super().__init__(root, train=train, download=download, check_integrity=check_integrity)

@@ -230,32 +230,17 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                 init_args: {drw_epoch: 30}
     """
 
-    def __init__(
-        self,
-        network: str | Callable[[int], nn.Module] = "resnet32",
-        num_classes: int = 10,
-        class_counts: list[int] | None = None,
-        loss: LossName | nn.Module | Criterion = "autobalance",
-        preset: str = "la",
-        search: Sequence[str] = ("offset",),
-        parametrization: ParametrizationKind = "hierarchical",
-        group_size: int = 1,
-        num_groups: int | None = None,
-        group_counts: list[list[int]] | None = None,
-        preset_kwargs: dict[str, float] | None = None,
-        reduction: Reduction = "mean",
-        loss_file: str | None = None,
-        freeze_loss: bool = False,
-        ldam_max_margin: float | None = None,
-        ldam_scale: float | None = None,
-        drw_epoch: int | None = None,
-        focal_gamma: float | None = None,
-        dro_step_size: float | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
-        log_max_classes: int = 100,
-    ) -> None:
+    def __init__(self, network: str | Callable[[int], nn.Module] = "resnet32", num_classes: int = 10,
+                 class_counts: list[int] | None = None, loss: LossName | nn.Module | Criterion = "autobalance",
+                 preset: str = "la", search: Sequence[str] = ("offset",),
+                 parametrization: ParametrizationKind = "hierarchical", group_size: int = 1,
+                 num_groups: int | None = None, group_counts: list[list[int]] | None = None,
+                 preset_kwargs: dict[str, float] | None = None, reduction: Reduction = "mean",
+                 loss_file: str | None = None, freeze_loss: bool = False, ldam_max_margin: float | None = None,
+                 ldam_scale: float | None = None, drw_epoch: int | None = None, focal_gamma: float | None = None,
+                 dro_step_size: float | None = None, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None, channels_last: bool = False,
+                 log_max_classes: int = 100) -> None:
         super().__init__()
         if class_counts is None:
             raise ValueError("ImbalancedClassifier needs class_counts (samples per class); from the CLI they are "

@@ -258,21 +258,13 @@ class AutoBalanceMixin:
         super().__init__(*args, **kwargs)
         self._autobalance_install_hooks()
 
-    def configure_autobalance(
-        self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None = None,
-        preset: str = "la",
-        search: Sequence[str] | str = ("offset",),
-        parametrization: ParametrizationKind = "hierarchical",
-        group_size: int = 1,
-        num_groups: int | None = None,
-        reduction: Reduction = "mean",
-        preset_kwargs: Mapping[str, Any] | None = None,
-        loss_file: str | Path | None = None,
-        freeze: bool = False,
-        num_classes: int | None = None,
-        **deprecated: Any,
-    ) -> LossParametrization | None:
+    def configure_autobalance(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None = None,
+                              preset: str = "la", search: Sequence[str] | str = ("offset",),
+                              parametrization: ParametrizationKind = "hierarchical", group_size: int = 1,
+                              num_groups: int | None = None, reduction: Reduction = "mean",
+                              preset_kwargs: Mapping[str, Any] | None = None, loss_file: str | Path | None = None,
+                              freeze: bool = False, num_classes: int | None = None,
+                              **deprecated: Any) -> LossParametrization | None:
         """Chooses the loss family to search and, optionally, the class counts; call it in ``__init__`` or ``setup``.
 
         Optional: a module that never calls it searches the default family below on counts it finds itself.

@@ -25,16 +25,8 @@ from lightning_autobalance.models.resnet_cifar import ResNetCIFAR
 from lightning_autobalance.models.small import DigitsNet
 from lightning_autobalance.models.torchvision_resnet import TorchvisionResNet
 
-__all__ = [
-    "NETWORK_NAMES",
-    "BasicBlockA",
-    "DigitsNet",
-    "NormedLinear",
-    "ResNet32",
-    "ResNetCIFAR",
-    "TorchvisionResNet",
-    "build_network",
-]
+__all__ = ["NETWORK_NAMES", "BasicBlockA", "DigitsNet", "NormedLinear", "ResNet32", "ResNetCIFAR", "TorchvisionResNet",
+           "build_network"]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": partial(ResNetCIFAR, depth=20),

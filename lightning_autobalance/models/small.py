@@ -42,15 +42,8 @@ class DigitsNet(nn.Module):
         torch.Size([5, 128])
     """
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_features: int = 64,
-        hidden: int = 128,
-        depth: int = 2,
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_features: int = 64, hidden: int = 128, depth: int = 2,
+                 dropout: float = 0.0, batch_norm: bool = False) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_features", in_features), ("hidden", hidden)):
             if value < 1:
