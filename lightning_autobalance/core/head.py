@@ -1,10 +1,9 @@
 """The implicit hypergradient of the classifier head at its equilibrium (the ``"head"`` method).
 
-A one-step hypergradient on a young model answers "which loss helps the model at its next step"; early in
-training that means "push the under-fit tail", whatever the end of training needs (short-horizon bias). This
-method answers a longer question exactly, for the part of the network the loss acts on most directly: **if the
-last linear layer were trained to convergence on the current features, how would the upper objective move with
-the loss parameters?**
+A one-step hypergradient on a young model answers "which loss helps the model at its next step"; early in training that
+means "push the under-fit tail", whatever the end of training needs (short-horizon bias). This method answers a longer
+question exactly, for the part of the network the loss acts on most directly: **if the last linear layer were trained to
+convergence on the current features, how would the upper objective move with the loss parameters?**
 
 With the features ``x_i`` of the training samples held fixed (rows of ``X``, a buffer of recent training
 batches) and the head ``theta = (W, b)`` (``K x d`` plus ``K``), the head's training problem
@@ -207,8 +206,7 @@ class HeadResult:
         grad: ``dU(theta*(alpha))/dalpha`` by name (float32 or wider).
         objective: the upper objective at the equilibrium head ``theta*``.
         theta: the equilibrium head, flat: ``K`` rows ``(w_k, b_k)`` (``w_k`` alone without a bias).
-        grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device
-            tensor.
+        grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device tensor.
         residual: ``grad_norm`` relative to ``lambda ||theta||`` (at the equilibrium the data gradient equals
             ``-lambda theta``): about the rounding error when Newton converged, ``1e-3`` and above when it stopped
             early (too few ``head_steps`` for a weak weight decay), a device tensor.
@@ -325,11 +323,10 @@ def solve_head(problem: HeadProblem, theta: Tensor, steps: int, dense_limit: int
                cg_iterations: int = 50) -> Tensor:
     """Newton's method on the head's strongly convex training problem, from ``theta``, for ``steps`` steps.
 
-    Each step tries the step sizes ``1, 1/2, ..., 1/2048`` and ``0`` along the Newton direction at once (the
-    logits are linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the longest whose
-    loss is the lowest up to rounding: the loss never increases beyond rounding, the full step converges
-    quadratically to the solution once the losses can no longer tell the candidates apart, and nothing is read back
-    to the host.
+    Each step tries the step sizes ``1, 1/2, ..., 1/2048`` and ``0`` along the Newton direction at once (the logits are
+    linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the longest whose loss is the
+    lowest up to rounding: the loss never increases beyond rounding, the full step converges quadratically to the
+    solution once the losses can no longer tell the candidates apart, and nothing is read back to the host.
     """
     steps_t = torch.tensor(_STEPS, dtype=theta.dtype, device=theta.device)
     for _ in range(steps):

@@ -377,8 +377,7 @@ def equal_opportunity_gap(logits: Tensor, target: Tensor, group: Tensor, num_gro
 
     * ``pairs="max"``: ``max_g L(y, g) - min_g L(y, g)``, the largest pairwise gap (for two groups
       ``|L(y, 0) - L(y, 1)|``);
-    * ``pairs="mean"``: the mean over pairs ``g < h`` of ``|L(y, g) - L(y, h)|`` (equal to ``"max"`` for two
-      groups);
+    * ``pairs="mean"``: the mean over pairs ``g < h`` of ``|L(y, g) - L(y, h)|`` (equal to ``"max"`` for two groups);
 
     squared with ``gap="square"`` (smooth at zero). The objective is the mean of the gaps over the labels in
     ``labels`` (default: every label) that have samples of at least two groups in the batch. For a binary task,

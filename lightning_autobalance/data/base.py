@@ -21,41 +21,34 @@ __all__ = ["LongTailDataModule"]
 class LongTailDataModule(pl.LightningDataModule):
     """Base of the long-tailed datamodules.
 
-    A subclass provides a *pool* (the full training set it starts from) through
-    :meth:`_load_pool`, which returns the pool's labels and class names cheaply (no image
-    decoding), and builds datasets from pool indices through :meth:`_build_dataset` and
-    :meth:`_build_test_dataset`. This base then
+    A subclass provides a *pool* (the full training set it starts from) through :meth:`_load_pool`, which returns the
+    pool's labels and class names cheaply (no image decoding), and builds datasets from pool indices through
+    :meth:`_build_dataset` and :meth:`_build_test_dataset`. This base then
 
     1. computes the long-tail counts (:func:`~lightning_autobalance.data.profiles.long_tail_counts`
        with ``n_max`` = the largest pool class, unless the subclass says otherwise),
-    2. keeps a seeded choice of samples per class
-       (:func:`~lightning_autobalance.data.profiles.select_long_tail`),
+    2. keeps a seeded choice of samples per class (:func:`~lightning_autobalance.data.profiles.select_long_tail`),
     3. with ``search_split=True``, splits the kept samples per class into a lower part (the
        training set) and an upper part held out for the loss search
        (:func:`~lightning_autobalance.data.profiles.split_per_class`), both seeded by ``seed``,
     4. serves the dataloaders.
 
-    The counts (:attr:`class_counts`, :attr:`num_classes`, ...) are computed on first access
-    and cached, so they can be read right after construction (LightningCLI links them into
-    the model); any error about the data (a missing folder, a class with too few samples)
-    surfaces there, before training starts. All arguments are checked at construction.
+    The counts (:attr:`class_counts`, :attr:`num_classes`, ...) are computed on first access and cached, so they can be
+    read right after construction (LightningCLI links them into the model); any error about the data (a missing folder,
+    a class with too few samples) surfaces there, before training starts. All arguments are checked at construction.
 
     Args:
         imbalance_ratio: ``rho = n_max / n_min`` of the profile, finite and >= 1.
         profile: ``"exponential"`` or ``"step"``.
-        upper_fraction: Fraction of each class held out as the upper part when
-            ``search_split`` is True, in (0, 1).
-        search_split: If True, the training dataloader serves only the lower part and
-            :meth:`upper_dataloader` the held-out upper part; if False, training uses the
-            whole long-tailed set.
+        upper_fraction: Fraction of each class held out as the upper part when ``search_split`` is True, in (0, 1).
+        search_split: If True, the training dataloader serves only the lower part and :meth:`upper_dataloader` the
+            held-out upper part; if False, training uses the whole long-tailed set.
         batch_size: Batch size of the training, validation and test dataloaders.
         upper_batch_size: Batch size of :meth:`upper_dataloader`; None means ``batch_size``.
         num_workers: Dataloader worker processes (persistent when > 0).
-        seed: Seeds the choice of kept samples and the search split (and the order of the
-            upper dataloader).
-        val_source: What :meth:`val_dataloader` serves: ``"test"`` (the balanced test set),
-            ``"upper"`` (the held-out part, without augmentation; needs ``search_split``) or
-            ``"none"`` (no validation).
+        seed: Seeds the choice of kept samples and the search split (and the order of the upper dataloader).
+        val_source: What :meth:`val_dataloader` serves: ``"test"`` (the balanced test set), ``"upper"`` (the held-out
+            part, without augmentation; needs ``search_split``) or ``"none"`` (no validation).
         min_count: Smallest per-class count of the profile, >= 1.
         step_fraction: Fraction of minority classes of the step profile, in [0, 1].
         upper_augment: Whether the upper dataloader applies the training augmentation.
@@ -73,8 +66,7 @@ class LongTailDataModule(pl.LightningDataModule):
             datamodules that accept it say so.
 
     Raises:
-        ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"``
-            without ``search_split``).
+        ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"`` without ``search_split``).
 
     Example:
         >>> from lightning_autobalance.data import LongTailDigits

@@ -19,13 +19,11 @@ __all__ = ["LongTailCIFAR10", "LongTailCIFAR100"]
 class _LongTailCIFAR(LongTailDataModule):
     """Shared logic of :class:`LongTailCIFAR10` and :class:`LongTailCIFAR100`.
 
-    Reads the official python release with torchvision (``torchvision.datasets.CIFAR10`` /
-    ``CIFAR100``), keeps the decoded ``uint8`` images in memory as ``(N, 3, 32, 32)``
-    tensors, and long-tails the training set with ``n_max`` = the per-class count of the
-    release (5,000 for CIFAR-10, 500 for CIFAR-100). Within a class, samples are numbered
-    in the order of the release; the seeded choice of
-    :func:`~lightning_autobalance.data.profiles.select_long_tail` picks positions in that
-    order. The test set is the balanced official one.
+    Reads the official python release with torchvision (``torchvision.datasets.CIFAR10`` / ``CIFAR100``), keeps the
+    decoded ``uint8`` images in memory as ``(N, 3, 32, 32)`` tensors, and long-tails the training set with ``n_max`` =
+    the per-class count of the release (5,000 for CIFAR-10, 500 for CIFAR-100). Within a class, samples are numbered in
+    the order of the release; the seeded choice of :func:`~lightning_autobalance.data.profiles.select_long_tail` picks
+    positions in that order. The test set is the balanced official one.
 
     Training augmentation: ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``,
     ``Normalize`` with the dataset's mean and standard deviation; evaluation: ``Normalize``.

@@ -18,23 +18,19 @@ __all__ = ["LongTailDigits"]
 class LongTailDigits(LongTailDataModule):
     """Long-tailed version of ``sklearn.datasets.load_digits()`` (1,797 8x8 grey images).
 
-    Protocol: a balanced test set of ``test_per_class`` images per class is taken out first
-    (seeded by ``test_seed``, so it stays the same across training seeds); of the rest (the
-    pool, about 150 per class) ``n_max`` = the smallest pool class count, and the profile
-    keeps ``n_c`` samples of class ``c`` (seeded by ``seed``). The default ``min_count=2``
-    keeps every class splittable by ``search_split``: with ``imbalance_ratio=100`` the
-    exponential tail would be ``floor(n_max / 100) = 1``, so the effective tail is 2
-    samples and the effective ratio ``n_max / 2``.
+    Protocol: a balanced test set of ``test_per_class`` images per class is taken out first (seeded by ``test_seed``, so
+    it stays the same across training seeds); of the rest (the pool, about 150 per class) ``n_max`` = the smallest pool
+    class count, and the profile keeps ``n_c`` samples of class ``c`` (seeded by ``seed``). The default ``min_count=2``
+    keeps every class splittable by ``search_split``: with ``imbalance_ratio=100`` the exponential tail would be
+    ``floor(n_max / 100) = 1``, so the effective tail is 2 samples and the effective ratio ``n_max / 2``.
 
-    Images are ``float32`` tensors of shape ``(1, 8, 8)``: pixel values scaled to [0, 1],
-    then normalised with the mean and standard deviation of the pool. All data stays in
-    memory.
+    Images are ``float32`` tensors of shape ``(1, 8, 8)``: pixel values scaled to [0, 1], then normalised with the mean
+    and standard deviation of the pool. All data stays in memory.
 
     Args:
         test_per_class: Test images per class, >= 1.
         test_seed: Seed of the choice of test images.
-        augment: If True, training images are shifted at random by up to one pixel
-            (zero padding before normalisation).
+        augment: If True, training images are shifted at random by up to one pixel (zero padding before normalisation).
         batch_size: Batch size of the training, validation and test dataloaders (default 64 here).
         min_count: Smallest per-class count of the profile, >= 1 (default 2 here; see above).
         **kwargs: The other arguments of :class:`LongTailDataModule` (``imbalance_ratio``, ``search_split``,

@@ -23,28 +23,24 @@ class LongTailImageFolder(LongTailDataModule):
 
     Two layouts:
 
-    * **Folder tree** (``train_list=None``): ``root/train/<class>/<image>`` and
-      ``root/test/<class>/<image>`` as ``torchvision.datasets.ImageFolder`` reads them:
-      classes are the sorted subfolder names, and within a class the files are in
-      ImageFolder's order (sorted by path, so by file name in a flat folder). The training
-      set is long-tailed with the profile and ``n_max`` (default: the largest class), using
-      the same seeded per-class choice of positions as :class:`LongTailCIFAR10`; on the
-      CIFAR-10 JPEG copy (files numbered in the release's order) it gives the same 12,406
-      images as CIFAR-10-LT from the binary release.
-    * **List files** (ImageNet-LT style): ``train_list`` and ``test_list`` name text files
-      of ``<relative/path> <label>`` lines, paths relative to ``root``; blank lines and lines
-      starting with ``#`` are skipped. A list file is looked up as given, then relative to
-      ``root``. Labels run from 0 to the largest training label. Class names are the image's
-      parent folder (when each class has one folder of its own), else the label. The
+    * **Folder tree** (``train_list=None``): ``root/train/<class>/<image>`` and ``root/test/<class>/<image>`` as
+      ``torchvision.datasets.ImageFolder`` reads them: classes are the sorted subfolder names, and within a class the
+      files are in ImageFolder's order (sorted by path, so by file name in a flat folder). The training set is
+      long-tailed with the profile and ``n_max`` (default: the largest class), using the same seeded per-class choice of
+      positions as :class:`LongTailCIFAR10`; on the CIFAR-10 JPEG copy (files numbered in the release's order) it gives
+      the same 12,406 images as CIFAR-10-LT from the binary release.
+    * **List files** (ImageNet-LT style): ``train_list`` and ``test_list`` name text files of
+      ``<relative/path> <label>`` lines, paths relative to ``root``; blank lines and lines starting with ``#`` are
+      skipped. A list file is looked up as given, then relative to ``root``. Labels run from 0 to the largest training
+      label. Class names are the image's parent folder (when each class has one folder of its own), else the label. The
       ImageNet-LT lists are long-tailed already: set ``already_long_tailed=True``.
 
     With ``already_long_tailed=True`` the training data's own counts are used as they are.
 
-    Transforms: with ``image_size=None`` images are decoded at 32x32 (``cifar_size``; resized
-    when they differ) and get CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip,
-    CIFAR-10 mean/std); with an integer, ``RandomResizedCrop(image_size)`` and flip for
-    training, ``Resize(int(image_size * 256 / 224))`` and ``CenterCrop(image_size)`` for
-    evaluation, ImageNet mean/std.
+    Transforms: with ``image_size=None`` images are decoded at 32x32 (``cifar_size``; resized when they differ) and get
+    CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip, CIFAR-10 mean/std); with an integer,
+    ``RandomResizedCrop(image_size)`` and flip for training, ``Resize(int(image_size * 256 / 224))`` and
+    ``CenterCrop(image_size)`` for evaluation, ImageNet mean/std.
 
     Images are decoded lazily with PIL, item by item; ``cache_in_memory=True`` decodes each
     used image once (when the datasets are built) into ``uint8`` tensors and keeps them.
@@ -64,20 +60,18 @@ class LongTailImageFolder(LongTailDataModule):
             resized crop); False trains on the images as they are, which fits the training set
             quickly (a terminal-phase benchmark). The upper part follows it (and ``upper_augment``).
         cache_in_memory: Decode once and keep the images in memory.
-        verify_images: Check, when the counts are first read (before any training), that every
-            image the run uses is one: it opens as an image, passes PIL's ``verify()``, and a
-            JPEG decodes at 1/8 scale (which finds one cut short); in parallel threads, each
-            file once per process. A bad file (corrupt, truncated, not an image despite its
-            suffix) is named then, by path, rather than when its batch is read.
+        verify_images: Check, when the counts are first read (before any training), that every image the run uses is
+            one: it opens as an image, passes PIL's ``verify()``, and a JPEG decodes at 1/8 scale (which finds one cut
+            short); in parallel threads, each file once per process. A bad file (corrupt, truncated, not an image
+            despite its suffix) is named then, by path, rather than when its batch is read.
         **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
             ``search_split``, ``batch_size``, ``seed``, ...), with its defaults; ``device_resident`` only with
             ``image_size=None`` (the images are then decoded once, as with ``cache_in_memory``).
 
     Raises:
-        ValueError: At construction, a bad argument. When the counts are first computed:
-            a folder without class subfolders, a class folder without images, a malformed
-            list line or a label out of range (naming the file and line), a class with
-            fewer images than the profile asks for.
+        ValueError: At construction, a bad argument. When the counts are first computed: a folder without class
+            subfolders, a class folder without images, a malformed list line or a label out of range (naming the file
+            and line), a class with fewer images than the profile asks for.
         FileNotFoundError: (idem) a missing folder, list file or listed image.
         RuntimeError: An image that cannot be used (naming the file): when the counts are first
             read with ``verify_images``, else when it is decoded.

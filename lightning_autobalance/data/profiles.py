@@ -1,9 +1,8 @@
 """Long-tail profiles, seeded sample selection and per-class splits.
 
-Plain numpy; nothing here knows about Lightning. These functions fix the data protocol of
-the long-tailed benchmarks: which class keeps how many samples, which
-samples stay, how the training set is split into a lower (training) and an upper (held-out)
-part for the loss search, and which classes count as head, medium or tail.
+Plain numpy; nothing here knows about Lightning. These functions fix the data protocol of the long-tailed benchmarks:
+which class keeps how many samples, which samples stay, how the training set is split into a lower (training) and an
+upper (held-out) part for the loss search, and which classes count as head, medium or tail.
 
 Example:
     >>> counts = long_tail_counts(5000, 10, 100.0)
@@ -137,17 +136,15 @@ def select_long_tail(targets: Sequence[int] | np.ndarray, counts: Sequence[int],
                      class_names: Sequence[str] | None = None) -> np.ndarray:
     """Seeded choice of the samples that a long-tailed subset keeps.
 
-    One ``numpy.random.default_rng(seed)`` generator is used for all classes, in class
-    order. For class ``c`` it draws ``counts[c]`` distinct *positions* among that class's
-    samples (the class's indices in increasing order), so the positions kept depend only on
-    the seed and the per-class totals, not on how classes are interleaved. Two datasets that
-    list each class's samples in the same order (e.g. the CIFAR-10 batches and an image
-    folder sorted by file name) therefore keep the same samples.
+    One ``numpy.random.default_rng(seed)`` generator is used for all classes, in class order. For class ``c`` it draws
+    ``counts[c]`` distinct *positions* among that class's samples (the class's indices in increasing order), so the
+    positions kept depend only on the seed and the per-class totals, not on how classes are interleaved. Two datasets
+    that list each class's samples in the same order (e.g. the CIFAR-10 batches and an image folder sorted by file name)
+    therefore keep the same samples.
 
     Args:
         targets: Class index of every sample of the full (balanced) set.
-        counts: Number of samples to keep for each class; ``len(counts)`` is the number of
-            classes.
+        counts: Number of samples to keep for each class; ``len(counts)`` is the number of classes.
         seed: Seed of the generator.
         class_names: Optional class names, used in error messages.
 
@@ -195,11 +192,10 @@ def split_per_class(targets: Sequence[int] | np.ndarray, fraction: float = 0.2, 
                     class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split into a lower (training) part and an upper (held-out) part.
 
-    Each class ``c`` with ``n_c`` samples gives ``round(fraction * n_c)`` (rounded half up)
-    samples to the upper part, but at least 1, and keeps at least 1 in the lower part, so
-    both parts follow the same imbalance profile and contain every class. The split uses one
-    ``numpy.random.default_rng(seed)`` generator, classes in increasing label order. Labels
-    that never occur are skipped.
+    Each class ``c`` with ``n_c`` samples gives ``round(fraction * n_c)`` (rounded half up) samples to the upper part,
+    but at least 1, and keeps at least 1 in the lower part, so both parts follow the same imbalance profile and contain
+    every class. The split uses one ``numpy.random.default_rng(seed)`` generator, classes in increasing label order.
+    Labels that never occur are skipped.
 
     Args:
         targets: Class index of every sample.
@@ -254,10 +250,9 @@ def head_medium_tail(class_counts: Sequence[int] | np.ndarray, many_threshold: i
 
     The rule:
 
-    * ``"shots"`` (the usual many/medium/few-shot convention of ImageNet-LT and
-      CIFAR-100-LT, Liu et al. 2019): ``count > many_threshold`` is head,
-      ``few_threshold <= count <= many_threshold`` is medium, ``count < few_threshold`` is
-      tail. With the defaults: head > 100, medium 20..100, tail < 20.
+    * ``"shots"`` (the usual many/medium/few-shot convention of ImageNet-LT and CIFAR-100-LT, Liu et al. 2019):
+      ``count > many_threshold`` is head, ``few_threshold <= count <= many_threshold`` is medium,
+      ``count < few_threshold`` is tail. With the defaults: head > 100, medium 20..100, tail < 20.
     * ``"thirds"``: classes sorted by decreasing count (ties by class index) are cut into
       three consecutive groups of near-equal size (``numpy.array_split``; the first groups
       take the remainder), head, medium, tail. Meant for small datasets.

@@ -35,9 +35,8 @@ def cifar_transform(mean: Sequence[float], std: Sequence[float], train: bool, si
                     padding: int = 4) -> v2.Compose:
     """CIFAR-style transform of a ``uint8`` ``(C, H, W)`` tensor.
 
-    Training: ``RandomCrop(size, padding)`` (zero padding), ``RandomHorizontalFlip``, then
-    scaling to [0, 1] and ``Normalize(mean, std)``. Evaluation: scaling and ``Normalize``
-    only.
+    Training: ``RandomCrop(size, padding)`` (zero padding), ``RandomHorizontalFlip``, then scaling to [0, 1] and
+    ``Normalize(mean, std)``. Evaluation: scaling and ``Normalize`` only.
 
     Args:
         mean: Per-channel mean of the [0, 1]-scaled images.

@@ -45,8 +45,7 @@ class HyperOptimizer:
             more than an order of magnitude as the training set is fitted, so no single SGD learning rate suits a
             whole run (``docs/tuning.md``).
         lr: learning rate of the default Adam (``None``: 0.02); giving it with ``optimizer`` is an error.
-        scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step (replaces
-            ``lr_schedule``).
+        scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step (replaces ``lr_schedule``).
         lr_schedule: ``"cosine"``: the learning rate decays from its value to 0 along a cosine over the planned
             hyper steps (constant when the run's length is unknown); ``"constant"``: no decay.
         shrinkage: after every hyper step each per-class free value ``a`` informed by ``n`` upper samples is

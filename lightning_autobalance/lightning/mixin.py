@@ -195,27 +195,24 @@ class AutoBalanceMixin:
     """Adds a learnable AutoBalance loss to a :class:`~pytorch_lightning.LightningModule`.
 
     Put the mixin *before* ``LightningModule`` in the bases (after it, call :meth:`configure_autobalance` in
-    ``__init__``, with or without counts, so that a fresh module can load a checkpoint) and use
-    :meth:`autobalance_loss` as the training loss;
-    add :class:`~lightning_autobalance.AutoBalanceCallback` to the Trainer. That is all a module needs: the class
-    counts are found when the Trainer sets the module up (see :meth:`configure_autobalance` for where from), saved
-    in the module's checkpoints, and restored by ``load_from_checkpoint``, ``trainer.test(ckpt_path=...)`` or
-    ``load_state_dict`` on a freshly built module. Call :meth:`configure_autobalance` (in ``__init__`` or in
+    ``__init__``, with or without counts, so that a fresh module can load a checkpoint) and use :meth:`autobalance_loss`
+    as the training loss; add :class:`~lightning_autobalance.AutoBalanceCallback` to the Trainer. That is all a module
+    needs: the class counts are found when the Trainer sets the module up (see :meth:`configure_autobalance` for where
+    from), saved in the module's checkpoints, and restored by ``load_from_checkpoint``, ``trainer.test(ckpt_path=...)``
+    or ``load_state_dict`` on a freshly built module. Call :meth:`configure_autobalance` (in ``__init__`` or in
     ``setup``) only to choose another loss family or to give the counts yourself.
 
     The loss parameters live in a submodule (``self.autobalance``) as buffers: they are saved in the module's
-    ``state_dict`` (so even a weights-only checkpoint restores the learned loss) but are not
-    ``nn.Parameter``\\ s, so the model's optimizer, including LightningCLI's automatic one, never trains them.
-    The callback updates them.
+    ``state_dict`` (so even a weights-only checkpoint restores the learned loss) but are not ``nn.Parameter``\\ s, so
+    the model's optimizer, including LightningCLI's automatic one, never trains them. The callback updates them.
 
     A module built around another's trained network (e.g. a stochastic-weight-averaging module made from a trained
     one) takes the found loss with one line, ``swa_module.autobalance_like(trained_module)``.
 
-    For the callback, the mixin also says how to read a batch (:meth:`autobalance_unpack`) and how to get logits
-    from inputs (:meth:`autobalance_forward`); the defaults handle ``(x, y)``/``(x, y, g)`` batches and
-    ``self(x)``. Override them for other layouts. :attr:`autobalance_loss_calls` counts the calls of
-    :meth:`autobalance_loss` in training mode, which lets the callback tell a training step that never uses the
-    searched loss.
+    For the callback, the mixin also says how to read a batch (:meth:`autobalance_unpack`) and how to get logits from
+    inputs (:meth:`autobalance_forward`); the defaults handle ``(x, y)``/``(x, y, g)`` batches and ``self(x)``. Override
+    them for other layouts. :attr:`autobalance_loss_calls` counts the calls of :meth:`autobalance_loss` in training
+    mode, which lets the callback tell a training step that never uses the searched loss.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -304,9 +301,8 @@ class AutoBalanceMixin:
             num_classes: the number of classes ``K`` when the counts are found from the labels (a class absent
                 from the training data then gets a clear error instead of a shorter count list).
             **deprecated: the spellings of earlier versions, still taken with a ``FutureWarning``:
-                ``validate_inputs=False`` is ``self.autobalance_validate = False`` (checks of labels, groups and
-                logits on every call, one host synchronisation per step) and ``like=other`` is
-                :meth:`autobalance_like`.
+                ``validate_inputs=False`` is ``self.autobalance_validate = False`` (checks of labels, groups and logits
+                on every call, one host synchronisation per step) and ``like=other`` is :meth:`autobalance_like`.
 
         Returns:
             The parametrisation module (also ``self.autobalance``), or ``None`` while the counts are not known yet.
@@ -715,10 +711,9 @@ class AutoBalanceMixin:
     def export_loss(self, path: str | Path) -> Path:
         """Writes the found loss (YAML or JSON by suffix).
 
-        The file holds the tables to retrain with (frequency bins interpolated to classes) and also the
-        parametrisation and its free values, so that retraining on other class counts (the whole training set
-        instead of the search split) rebuilds the preset on those counts and adds the searched deviation to it
-        (see :func:`loss_from_file`).
+        The file holds the tables to retrain with (frequency bins interpolated to classes) and also the parametrisation
+        and its free values, so that retraining on other class counts (the whole training set instead of the search
+        split) rebuilds the preset on those counts and adds the searched deviation to it (see :func:`loss_from_file`).
         """
         params = self.autobalance_parameters()
         with torch.no_grad():

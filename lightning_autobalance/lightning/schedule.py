@@ -126,8 +126,7 @@ class Schedule:
 
     # ------------------------------------------------------------------------------------------------------------
     def bounds(self) -> tuple[tuple[str, int], list[tuple[str, int]]]:
-        """The window of the search, defined once: its start and its stops, each ``("step", s)`` or
-        ``("epoch", e)``."""
+        """The window of the search, defined once: its start and its stops, each ``("step", s)`` or ``("epoch", e)``."""
         if self.start_step is not None:
             start = ("step", self.start_step)
         elif self.start_epoch is not None:

@@ -1,8 +1,7 @@
 """Networks: the CIFAR ResNets of the long-tail literature, a small digits MLP, torchvision ResNets.
 
-Every network takes ``num_classes`` as its first constructor argument and exposes
-``forward_features(x)`` (the features fed to the classifier) and ``head`` (the final
-``nn.Linear``). ``build_network`` builds one by name.
+Every network takes ``num_classes`` as its first constructor argument and exposes ``forward_features(x)`` (the features
+fed to the classifier) and ``head`` (the final ``nn.Linear``). ``build_network`` builds one by name.
 
 Example:
     >>> from lightning_autobalance.models import build_network
