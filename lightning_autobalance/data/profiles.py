@@ -21,20 +21,13 @@ from typing import Literal
 
 import numpy as np
 
+from lightning_autobalance.data._checks import check_int, check_real
+
 __all__ = ["head_medium_tail", "long_tail_counts", "select_long_tail", "split_per_class"]
 
 # Relative tolerance used to snap values such as 5000 * 100 ** -1 = 50.00000000000001 (or
 # 49.99999999999999) to the integer they stand for before taking the floor.
 _SNAP_RTOL = 1e-9
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` as an int, or raise a ValueError naming ``name`` and the range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _floor_snapped(value: float) -> int:
@@ -88,9 +81,9 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
         >>> long_tail_counts(5000, 10, 1000.0, min_count=10)[-1]
         10
     """
-    n_max = _check_int("n_max", n_max, 1)
-    num_classes = _check_int("num_classes", num_classes, 1)
-    min_count = _check_int("min_count", min_count, 1)
+    n_max = check_int("n_max", n_max, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
+    min_count = check_int("min_count", min_count, 1)
     if min_count > n_max:
         raise ValueError(f"min_count must be between 1 and n_max={n_max}, got {min_count}")
     if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, numbers.Real):
@@ -98,18 +91,13 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
     rho = float(imbalance_ratio)
     if not math.isfinite(rho) or rho < 1.0:
         raise ValueError(f"imbalance_ratio must be a finite number >= 1, got {imbalance_ratio!r}")
-
     if profile == "exponential":
         if num_classes == 1:
             raw = [n_max]
         else:
             raw = [_floor_snapped(n_max * rho ** (-c / (num_classes - 1))) for c in range(num_classes)]
     elif profile == "step":
-        if isinstance(step_fraction, bool) or not isinstance(step_fraction, numbers.Real):
-            raise ValueError(f"step_fraction must be a number in [0, 1], got {step_fraction!r}")
-        fraction = float(step_fraction)
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"step_fraction must be a number in [0, 1], got {step_fraction!r}")
+        fraction = check_real("step_fraction", step_fraction, 0.0, 1.0)
         num_tail = math.floor(fraction * num_classes + 0.5)
         tail = _floor_snapped(n_max / rho)
         raw = [n_max] * (num_classes - num_tail) + [tail] * num_tail
@@ -215,11 +203,7 @@ def split_per_class(targets: Sequence[int] | np.ndarray, fraction: float = 0.2, 
         >>> len(lower), len(upper)
         (12, 3)
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-        raise ValueError(f"fraction must be a number in the open interval (0, 1), got {fraction!r}")
-    frac = float(fraction)
-    if not 0.0 < frac < 1.0:
-        raise ValueError(f"fraction must be a number in the open interval (0, 1), got {fraction!r}")
+    frac = check_real("fraction", fraction, 0.0, 1.0, low_open=True, high_open=True)
     labels = _targets_array(targets)
     rng = np.random.default_rng(seed)
     lower: list[np.ndarray] = []
