@@ -56,7 +56,7 @@ from lightning_autobalance.lightning.upper_data import UpperData
 __version__ = "0.1.0.dev0"
 
 # Before the layers had folders, every module sat at the top of the package. The old paths still import, so that
-# configs, checkpoints and code written against them keep working: ``lightning_autobalance.lightning.callback`` is
+# configs, checkpoints and code written against them keep working: ``lightning_autobalance.callback`` is
 # ``lightning_autobalance.lightning.callback``, and so on.
 _MOVED = {"guard": "lightning.check", **{name: f"{layer}.{name}" for layer, names in (
     ("core", "cells coerce estimator head hypergradient losses lr_schedule metrics objectives parametrization "

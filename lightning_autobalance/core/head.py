@@ -141,13 +141,12 @@ def find_head(module: nn.Module, name: str | None = None) -> str:
         ValueError: when ``name`` is not an ``nn.Linear`` of ``module`` or ``module`` has none.
     """
     modules = dict(module.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if name is not None:
         if not isinstance(modules.get(name), nn.Linear):
-            linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
             raise ValueError(f"Estimator(head={name!r}) must name an nn.Linear layer of {type(module).__name__}; "
                              f"its nn.Linear layers are {linear}.")
         return name
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if not linear:
         raise ValueError(f"The 'head' method needs the network's last layer to be an nn.Linear (the classifier head); "
                          f"{type(module).__name__} has none. Give Estimator(head='<layer name>') or use another "

@@ -435,11 +435,7 @@ def load_loss_tables(path: str | Path) -> tuple[LossTables, dict[str, Any]]:
     return tables, info
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Baselines outside the family
-# ----------------------------------------------------------------------------------------------------------
-
-
+# -- Baselines outside the family --------------------------------------------------------------------------------------
 def ldam_margins(class_counts: Sequence[int] | Tensor, max_margin: float = 0.5) -> Tensor:
     """LDAM margins ``m_y`` proportional to ``n_y ** (-1/4)``, the largest equal to ``max_margin``."""
     counts = as_count_table(class_counts)[0]

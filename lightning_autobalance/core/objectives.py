@@ -557,9 +557,10 @@ class BlendedObjective:
         self.check_settings(lam=lam, accuracy=accuracy, fairness=fairness, accuracy_kwargs=accuracy_kwargs,
                             fairness_kwargs=fairness_kwargs, num_groups=num_groups)
         self.lam = float(lam)
-        common = {} if num_groups is None else {"num_groups": num_groups}
+        groups = {} if num_groups is None else {"num_groups": num_groups}  # a named part's, unless its settings say
         self.accuracy, self.fairness = (
-            UpperObjective(part, **_with_groups(part, common, kwargs))._make(class_counts, reducer, validate)
+            UpperObjective(part, **(groups if isinstance(part, str) else {}) | dict(kwargs or {}))._make(
+                class_counts, reducer, validate)
             for part, kwargs in ((accuracy, accuracy_kwargs), (fairness, fairness_kwargs)))
         self.requires_all_classes = any(getattr(o, "requires_all_classes", False)
                                         for o in (self.accuracy, self.fairness))
@@ -592,12 +593,6 @@ class BlendedObjective:
 
     def __repr__(self) -> str:
         return f"BlendedObjective(lam={self.lam}, accuracy={self.accuracy!r}, fairness={self.fairness!r})"
-
-
-def _with_groups(part: Any, common: dict[str, Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A named part's settings with the blend's ``num_groups`` (every named objective takes it)."""
-    out = dict(kwargs or {})
-    return {**common, **out} if isinstance(part, str) else out
 
 
 # -- Registry ----------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from lightning_autobalance.core.losses import (
     save_loss_tables,
 )
 from lightning_autobalance.core.parametrization import (
+    PARAMETRIZATIONS,
     LossParametrization,
     ParametrizationKind,
     PerClass,
@@ -76,10 +77,7 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
         raise ValueError(f"Loss file {str(path)!r} has {tables.num_classes} classes but class_counts has {k}.")
     alpha = info.get("alpha")
     if isinstance(alpha, dict) and "parametrization" in info:
-        rebuilt = build_parametrization(info["parametrization"], class_counts, preset=info.get("preset", "ce"),
-                                        search=info.get("search", ()), num_groups=tables.num_groups,
-                                        group_size=int(info.get("group_size", 1)),
-                                        preset_kwargs=info.get("preset_kwargs"))
+        rebuilt = _rebuild(info["parametrization"], class_counts, info, tables.num_groups)
         free = rebuilt.alpha()
         if set(free) != set(alpha):
             raise ValueError(f"Loss file {str(path)!r}: free values {sorted(alpha)} do not match its "
@@ -93,6 +91,14 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
                 free[name].copy_(value)
             tables = rebuilt.retraining_tables()
     return PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts), info
+
+
+def _rebuild(kind: str, class_counts: Any, saved: Mapping[str, Any], num_groups: int | None) -> LossParametrization:
+    """A parametrisation of ``kind`` on ``class_counts`` with the settings a loss file or a state dict saved."""
+    return build_parametrization(kind, class_counts, preset=saved.get("preset", "ce"), search=saved.get("search", ()),
+                                 num_groups=num_groups, group_size=int(saved.get("group_size", 1)),
+                                 preset_kwargs=saved.get("preset_kwargs"))
+
 
 #: What a module that never calls ``configure_autobalance`` searches (the defaults of that method).
 _DEFAULTS: dict[str, Any] = {"preset": "la", "search": ("offset",), "parametrization": "hierarchical",
@@ -438,13 +444,10 @@ class AutoBalanceMixin:
             if fits or self._autobalance_state.explicit:
                 return  # the usual load (and its usual errors for counts given explicitly)
         kind = saved.get("kind")
-        if kind not in ("hierarchical", "class", "groups", "dataset"):
+        if kind not in PARAMETRIZATIONS:
             kind = self._autobalance_settings()["parametrization"]
         table = torch.as_tensor(counts).detach().cpu().double()
-        params = build_parametrization(
-            kind, table, preset=saved.get("preset", "ce"), search=saved.get("search", ()),
-            num_groups=int(table.shape[0]) if table.shape[0] > 1 else None,
-            group_size=int(saved.get("group_size", 1)), preset_kwargs=saved.get("preset_kwargs"))
+        params = _rebuild(kind, table, saved, int(table.shape[0]) if table.shape[0] > 1 else None)
         self._autobalance_set(params, saved.get("reduction", self._autobalance_settings()["reduction"]))
         self._autobalance_state.explicit = False
 
@@ -645,9 +648,7 @@ class AutoBalanceMixin:
         if self._autobalance_state.counts_checked == id(trainer):
             return
         self._autobalance_state.counts_checked = id(trainer)
-        loader = getattr(trainer, "train_dataloader", None)
-        loader = _first_loader(loader)
-        dataset = getattr(loader, "dataset", None)
+        dataset = getattr(_first_loader(getattr(trainer, "train_dataloader", None)), "dataset", None)
         labels = dataset_targets(dataset, read=False) if dataset is not None else None
         if labels is None or labels.size == 0:
             return
