@@ -160,10 +160,8 @@ class LongTailDataModule(pl.LightningDataModule):
         if num_classes < 1:
             raise ValueError(f"{type(self).__name__}: the training data has no classes")
         if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
-            raise ValueError(
-                f"{type(self).__name__}: labels must lie in 0..{num_classes - 1}, "
-                f"found {int(targets.min())}..{int(targets.max())}"
-            )
+            raise ValueError(f"{type(self).__name__}: labels must lie in 0..{num_classes - 1}, found "
+                             f"{int(targets.min())}..{int(targets.max())}")
         pool_counts = np.bincount(targets, minlength=num_classes).tolist()
         for c, n in enumerate(pool_counts):
             if n == 0:
@@ -270,10 +268,8 @@ class LongTailDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ datasets
     def _require_upper(self) -> np.ndarray:
         if not self.search_split:
-            raise RuntimeError(
-                f"{type(self).__name__} has no upper split: construct it with search_split=True "
-                "to hold out part of the training set for the loss search"
-            )
+            raise RuntimeError(f"{type(self).__name__} has no upper split: construct it with search_split=True to hold "
+                               "out part of the training set for the loss search")
         self._ensure_plan()
         assert self._upper is not None
         return self._upper

@@ -65,18 +65,14 @@ class _LongTailCIFAR(LongTailDataModule):
         """Decode one split with torchvision: ``uint8`` images ``(N, 3, 32, 32)``, labels, names."""
         folder = self.data_folder
         if not self.download and not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f"{self._title} data folder '{folder}' not found: pass download=True to fetch the "
-                f"official release into root='{self.root}', or set root to the folder that contains "
-                f"'{self._reader.base_folder}'"
-            )
+            raise FileNotFoundError(f"{self._title} data folder '{folder}' not found: pass download=True to fetch the "
+                                    f"official release into root='{self.root}', or set root to the folder that "
+                                    f"contains '{self._reader.base_folder}'")
         try:
             reader = self._reader(self.root, train=train, download=self.download, check_integrity=self.check_integrity)
         except RuntimeError as err:
-            raise RuntimeError(
-                f"{self._title} files in '{folder}' are missing or corrupted ({err}); pass download=True to "
-                "fetch the official release again"
-            ) from err
+            raise RuntimeError(f"{self._title} files in '{folder}' are missing or corrupted ({err}); pass "
+                               "download=True to fetch the official release again") from err
         images = torch.from_numpy(np.ascontiguousarray(reader.data)).permute(0, 3, 1, 2).contiguous()
         return images, np.asarray(reader.targets, dtype=np.int64), list(reader.classes)
 

@@ -149,10 +149,8 @@ class ColoredDigits(LongTailDataModule):
         digit = np.asarray(digits.target, dtype=np.int64)
         for d, n in enumerate(np.bincount(digit, minlength=10).tolist()):
             if n < self.test_per_class + self.min_count:
-                raise ValueError(
-                    f"digit {d} has {n} images: too few for test_per_class={self.test_per_class} "
-                    f"plus min_count={self.min_count} training images"
-                )
+                raise ValueError(f"digit {d} has {n} images: too few for test_per_class={self.test_per_class} plus "
+                                 f"min_count={self.min_count} training images")
         test = profiles.select_long_tail(digit, [self.test_per_class] * 10, self.test_seed)
         pool = np.setdiff1d(np.arange(digit.size), test)
         images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
@@ -201,11 +199,9 @@ class ColoredDigits(LongTailDataModule):
         present = np.bincount(cells, minlength=self._num_groups * k)
         empty = [cell_names[j] for j in np.flatnonzero(present == 0)]
         if empty:
-            raise ValueError(
-                f"{type(self).__name__}: no training sample for {', '.join(empty[:4])}"
-                f"{' and more' if len(empty) > 4 else ''} (correlation={self.correlation}); every (class, group) "
-                "cell needs samples: lower the correlation or keep more samples per class"
-            )
+            raise ValueError(f"{type(self).__name__}: no training sample for {', '.join(empty[:4])}"
+                             f"{' and more' if len(empty) > 4 else ''} (correlation={self.correlation}); every (class, "
+                             "group) cell needs samples: lower the correlation or keep more samples per class")
         self._pool_groups = groups
         return cells, cell_names
 

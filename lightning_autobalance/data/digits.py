@@ -72,10 +72,8 @@ class LongTailDigits(LongTailDataModule):
         available = np.bincount(targets, minlength=num_classes)
         for c, n in enumerate(available.tolist()):
             if n < self.test_per_class + self.min_count:
-                raise ValueError(
-                    f"digit class {c} has {n} images: too few for test_per_class={self.test_per_class} "
-                    f"plus min_count={self.min_count} training images"
-                )
+                raise ValueError(f"digit class {c} has {n} images: too few for test_per_class={self.test_per_class} "
+                                 f"plus min_count={self.min_count} training images")
         test = profiles.select_long_tail(targets, [self.test_per_class] * num_classes, self.test_seed)
         pool = np.setdiff1d(np.arange(targets.size), test)
         images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)

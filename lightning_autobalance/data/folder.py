@@ -116,9 +116,8 @@ class LongTailImageFolder(LongTailDataModule):
         #: Decode once and keep: asked for, or needed to hold the images on the device.
         self._in_memory = self.cache_in_memory or self.device_resident
         if self.train_list is not None and self.test_list is None and self.val_source == "test":
-            raise ValueError(
-                "val_source='test' needs test_list in list mode; give test_list or choose val_source 'upper' or 'none'"
-            )
+            raise ValueError("val_source='test' needs test_list in list mode; give test_list or choose val_source "
+                             "'upper' or 'none'")
         self._train_paths: list[str] = []
         self._names: list[str] = []
         self._test_files: tuple[list[str], np.ndarray] | None = None
@@ -136,10 +135,9 @@ class LongTailImageFolder(LongTailDataModule):
             raise FileNotFoundError(f"image folder root '{self.root}' does not exist")
         base = os.path.join(self.root, split)
         if not os.path.isdir(base):
-            raise FileNotFoundError(
-                f"folder '{base}' not found: LongTailImageFolder expects root/{split}/<class>/<image> "
-                "(ImageFolder layout), or list files given as train_list/test_list"
-            )
+            raise FileNotFoundError(f"folder '{base}' not found: LongTailImageFolder expects "
+                                    f"root/{split}/<class>/<image> (ImageFolder layout), or list files given as "
+                                    "train_list/test_list")
         classes = sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
         if not classes:
             raise ValueError(f"folder '{base}' has no class subfolders (expected {base}/<class>/<image>)")
@@ -183,9 +181,8 @@ class LongTailImageFolder(LongTailDataModule):
                         raise ValueError
                     label = int(parts[1])
                 except ValueError:
-                    raise ValueError(
-                        f"{name} '{path}', line {number}: expected '<relative/path> <integer label>', got {line!r}"
-                    ) from None
+                    raise ValueError(f"{name} '{path}', line {number}: expected '<relative/path> <integer label>', got "
+                                     f"{line!r}") from None
                 if label < 0 or (num_classes is not None and label >= num_classes):
                     expected = "a label >= 0" if num_classes is None else f"a label in 0..{num_classes - 1}"
                     raise ValueError(f"{name} '{path}', line {number}: expected {expected}, got {label}")
@@ -216,11 +213,10 @@ class LongTailImageFolder(LongTailDataModule):
             missing = sorted(set(range(num_classes)) - set(labels.tolist()))
             if missing:
                 path = self._resolve_list(self.train_list, "train_list")
-                raise ValueError(
-                    f"train_list '{path}': the labels run up to {num_classes - 1} (e.g. '{paths[int(labels.argmax())]}'"
-                    f") but no line has the labels {missing[:10]}{'...' if len(missing) > 10 else ''}: labels must "
-                    f"run from 0 to K-1 with at least one training image per class"
-                )
+                raise ValueError(f"train_list '{path}': the labels run up to {num_classes - 1} (e.g. "
+                                 f"'{paths[int(labels.argmax())]}') but no line has the labels "
+                                 f"{missing[:10]}{'...' if len(missing) > 10 else ''}: labels must run from 0 to K-1 "
+                                 "with at least one training image per class")
             names = self._list_class_names(paths, labels, num_classes)
         else:
             paths, labels, names = self._scan_tree("train")
@@ -243,10 +239,8 @@ class LongTailImageFolder(LongTailDataModule):
             else:
                 paths, labels, classes = self._scan_tree("test")
                 if classes != self._names:
-                    raise ValueError(
-                        f"the class folders of '{os.path.join(self.root, 'test')}' ({classes}) differ from "
-                        f"those of '{os.path.join(self.root, 'train')}' ({self._names})"
-                    )
+                    raise ValueError(f"the class folders of '{os.path.join(self.root, 'test')}' ({classes}) differ "
+                                     f"from those of '{os.path.join(self.root, 'train')}' ({self._names})")
                 self._test_files = (paths, labels)
         return self._test_files
 
@@ -258,11 +252,9 @@ class LongTailImageFolder(LongTailDataModule):
                                            self.step_fraction, self.min_count)
         for c, (have, want) in enumerate(zip(pool_counts, counts)):
             if have < want:
-                raise ValueError(
-                    f"class {c} ({self._names[c]!r}) has {have} training images but the profile asks for "
-                    f"{want} (n_max={n_max}, imbalance_ratio={self.imbalance_ratio:g}); lower n_max, or set "
-                    "already_long_tailed=True to use the data's own counts"
-                )
+                raise ValueError(f"class {c} ({self._names[c]!r}) has {have} training images but the profile asks for "
+                                 f"{want} (n_max={n_max}, imbalance_ratio={self.imbalance_ratio:g}); lower n_max, or "
+                                 "set already_long_tailed=True to use the data's own counts")
         return counts
 
     # ------------------------------------------------------------------ datasets
@@ -305,11 +297,9 @@ class LongTailImageFolder(LongTailDataModule):
             return
         bad = bad_images(paths)
         if bad:
-            raise RuntimeError(
-                f"LongTailImageFolder: {len(bad)} of the {len(paths)} {what} images cannot be opened: "
-                f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Fix or remove them (or pass "
-                "verify_images=False to skip this check)"
-            )
+            raise RuntimeError(f"LongTailImageFolder: {len(bad)} of the {len(paths)} {what} images cannot be opened: "
+                               f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Fix or remove them (or pass "
+                               "verify_images=False to skip this check)")
 
     def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
         self._ensure_plan()  # which checked every image the run trains on

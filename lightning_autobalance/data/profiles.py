@@ -153,10 +153,8 @@ def select_long_tail(targets: Sequence[int] | np.ndarray, counts: Sequence[int],
     wanted = [int(n) for n in counts]
     num_classes = len(wanted)
     if labels.size and labels.max() >= num_classes:
-        raise ValueError(
-            f"targets hold class index {int(labels.max())} but counts has only {num_classes} entries "
-            f"(expected labels in 0..{num_classes - 1})"
-        )
+        raise ValueError(f"targets hold class index {int(labels.max())} but counts has only {num_classes} entries "
+                         f"(expected labels in 0..{num_classes - 1})")
     rng = np.random.default_rng(seed)
     kept: list[np.ndarray] = []
     for c, n in enumerate(wanted):
@@ -166,9 +164,8 @@ def select_long_tail(targets: Sequence[int] | np.ndarray, counts: Sequence[int],
         if members.size == 0:
             raise ValueError(f"{_class_label(c, class_names)} has no samples; expected at least {n} to keep")
         if members.size < n:
-            raise ValueError(
-                f"{_class_label(c, class_names)} has {members.size} samples but the long-tail profile asks for {n}"
-            )
+            raise ValueError(f"{_class_label(c, class_names)} has {members.size} samples but the long-tail profile "
+                             f"asks for {n}")
         positions = rng.choice(members.size, size=n, replace=False)
         kept.append(members[positions])
     if not kept:
@@ -213,10 +210,8 @@ def split_per_class(targets: Sequence[int] | np.ndarray, fraction: float = 0.2, 
         n = members.size
         if n < 2:
             name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
-            raise ValueError(
-                f"a search split needs at least 2 samples of class {name!r} (index {c}), it has {n}; "
-                "lower the imbalance ratio, raise min_count, or disable search_split"
-            )
+            raise ValueError(f"a search split needs at least 2 samples of class {name!r} (index {c}), it has {n}; "
+                             "lower the imbalance ratio, raise min_count, or disable search_split")
         n_upper = min(max(math.floor(frac * n + 0.5), 1), n - 1)
         order = rng.permutation(n)
         upper.append(members[order[:n_upper]])

@@ -51,9 +51,8 @@ class ResNetCIFAR(nn.Module):
     def __init__(self, num_classes: int = 10, depth: int = 32, in_channels: int = 3, width: int = 16) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(
-                f"ResNetCIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got {depth!r}"
-            )
+            raise ValueError("ResNetCIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got "
+                             f"{depth!r}")
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
             if value < 1:
                 raise ValueError(f"{name} must be positive; got {value}")
