@@ -202,9 +202,7 @@ class LongTailDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         """Number of classes."""
-        self._ensure_plan()
-        assert self._class_names is not None
-        return len(self._class_names)
+        return len(self.class_names)
 
     @property
     def long_tail_counts(self) -> list[int]:
