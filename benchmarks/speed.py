@@ -63,7 +63,8 @@ class Net(AutoBalanceMixin, pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         counts = [max(int(500 * 100 ** (-c / max(num_classes - 1, 1))), 5) for c in range(num_classes)]
-        self.configure_autobalance(counts, preset="la", validate_inputs=False)
+        self.configure_autobalance(counts, preset="la")
+        self.autobalance_validate = False
         self.lr = lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ from lightning_autobalance.lightning.upper_data import UpperData
 __version__ = "0.1.0.dev0"
 
 # Before the layers had folders, every module sat at the top of the package. The old paths still import, so that
-# configs, checkpoints and code written against them keep working: ``lightning_autobalance.lightning.callback`` is
+# configs, checkpoints and code written against them keep working: ``lightning_autobalance.callback`` is
 # ``lightning_autobalance.lightning.callback``, and so on.
 _MOVED = {"guard": "lightning.check", **{name: f"{layer}.{name}" for layer, names in (
     ("core", "cells coerce estimator head hypergradient losses lr_schedule metrics objectives parametrization "
@@ -71,35 +71,9 @@ for _old, _new in _MOVED.items():
     globals().setdefault(_old, _module)  # as an imported submodule would be; the function hypergradient stays
 del _old, _new, _module
 
-__all__ = [
-    "AdjustedCrossEntropy",
-    "AutoBalanceCallback",
-    "AutoBalanceMixin",
-    "BalancedCrossEntropy",
-    "Batch",
-    "BlendedObjective",
-    "DatasetDependent",
-    "EqualOpportunityGap",
-    "Estimator",
-    "FoundLoss",
-    "FocalLoss",
-    "FrequencyGroups",
-    "GroupDROLoss",
-    "Hierarchical",
-    "HyperOptimizer",
-    "ImbalancedClassifier",
-    "LDAMLoss",
-    "LossParametrization",
-    "LossTables",
-    "PerClass",
-    "Reducer",
-    "Schedule",
-    "UpperData",
-    "UpperObjective",
-    "WorstGroupLoss",
-    "adjusted_cross_entropy",
-    "build_parametrization",
-    "find_loss",
-    "hypergradient",
-    "preset_tables",
-]
+__all__ = ["AdjustedCrossEntropy", "AutoBalanceCallback", "AutoBalanceMixin", "BalancedCrossEntropy", "Batch",
+           "BlendedObjective", "DatasetDependent", "EqualOpportunityGap", "Estimator", "FocalLoss", "FoundLoss",
+           "FrequencyGroups", "GroupDROLoss", "Hierarchical", "HyperOptimizer", "ImbalancedClassifier", "LDAMLoss",
+           "LossParametrization", "LossTables", "PerClass", "Reducer", "Schedule", "UpperData", "UpperObjective",
+           "WorstGroupLoss", "adjusted_cross_entropy", "build_parametrization", "find_loss", "hypergradient",
+           "preset_tables"]

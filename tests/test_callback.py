@@ -70,8 +70,9 @@ def _upper_loader(seed: int = 0, per_class: int = 30, batch_size: int = 45, coun
 
 class Net(AutoBalanceMixin, pl.LightningModule):
     def __init__(self, counts=COUNTS, *, bn: bool = False, dropout: float = 0.0, hidden: int = 32, lr: float = 0.1,
-                 **autobalance):
+                 validate: bool = True, **autobalance):
         super().__init__()
+        self.autobalance_validate = validate
         layers: list[nn.Module] = [nn.Linear(D, hidden)]
         if bn:
             layers.append(nn.BatchNorm1d(hidden))
@@ -679,7 +680,7 @@ def test_iterable_upper_labels_are_checked_as_each_batch_is_drawn():
     callback = AutoBalanceCallback(every_n_steps=1, start_step=0,
                                    upper=UpperData(dataloader=DataLoader(_Stream(x, y), batch_size=8),
                                                    class_counts=[10] * K, holdout=0))
-    model = Net(validate_inputs=False)
+    model = Net(validate=False)
     trainer = _trainer([callback], max_steps=10)
     with pytest.raises(ValueError, match=r"labels from 2 to 3, but the loss has 3 classes"):  # the fourth batch's
         trainer.fit(model, _train_loader())
@@ -1111,7 +1112,7 @@ def test_an_optimizer_step_with_a_hyper_step_makes_no_host_read(estimator, objec
     batches = {k: settings.pop(k) for k in ("train_batches", "upper_batches") if k in settings}
     max_norm = settings.pop("max_norm", None)
     torch.manual_seed(0)
-    model = Net(search=("offset", "weight"), validate_inputs=False)
+    model = Net(search=("offset", "weight"), validate=False)
     callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, estimator=estimator, objective=objective,
                                    objective_kwargs=settings or None, max_norm=max_norm, **batches,
                                    upper_dataloader=_group_upper_loader() if groups else _upper_loader())
@@ -1138,7 +1139,7 @@ class _DecayNet(Net):
 
 def _head_run(estimator: Estimator, model_class=_DecayNet) -> tuple[dict[str, torch.Tensor], list[str]]:
     torch.manual_seed(0)
-    model = model_class(search=("offset",), validate_inputs=False)
+    model = model_class(search=("offset",), validate=False)
     callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, estimator=estimator,
                                    upper_dataloader=_upper_loader())
     with warnings.catch_warnings(record=True) as seen:
@@ -1171,7 +1172,7 @@ def test_an_unconverged_head_solve_is_warned_of_and_a_converged_one_is_not():
                                        estimator=Estimator(method="head", head_steps=steps, head_memory=0))
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            _trainer([callback], max_steps=3).fit(_DecayNet(search=("offset",), validate_inputs=False),
+            _trainer([callback], max_steps=3).fit(_DecayNet(search=("offset",), validate=False),
                                                   _train_loader())
         assert callback.hyper_steps == 3
         return [str(w.message) for w in seen if "stopped short of convergence" in str(w.message)]
@@ -1201,7 +1202,7 @@ def test_step_log_logs_a_solver_residual_and_keeps_the_steps_above_the_limit():
 
 
 def test_head_method_without_weight_decay_on_the_head_fails_before_training():
-    model = Net(search=("offset",), validate_inputs=False)  # its SGD has no weight decay
+    model = Net(search=("offset",), validate=False)  # its SGD has no weight decay
     callback = AutoBalanceCallback(holdout=0, estimator=Estimator(method="head"), upper_dataloader=_upper_loader())
     _fails_before_training(model, callback, ValueError, r"needs weight decay on the classifier head 'net.4'.*"
                                                         r"gives it weight_decay 0")
@@ -1218,7 +1219,7 @@ def test_the_probe_sees_a_read_in_the_optimizer_step(monkeypatch):
 
     probe = _HostReads()
     probe.install(monkeypatch)
-    model = Reading(search=("offset",), validate_inputs=False)
+    model = Reading(search=("offset",), validate=False)
     callback = AutoBalanceCallback(every_n_steps=1, start_step=0, upper_dataloader=_upper_loader())
     _trainer([_WatchOptimizerSteps(probe), callback], max_steps=2).fit(model, _train_loader())
     monkeypatch.undo()

@@ -514,13 +514,14 @@ def test_the_mixin_may_come_before_or_after_lightning_module():
 
 
 def test_a_module_built_from_a_trained_one_copies_its_found_loss():
-    """E.g. an SWA module whose __init__ calls a bare super().__init__(): ``like=`` brings counts and found loss."""
+    """E.g. an SWA module whose __init__ calls a bare super().__init__(): ``autobalance_like`` brings counts and found
+    loss."""
     trained = Net(preset="ce", search="offset")
     with torch.no_grad():
         trained.autobalance.alpha()["tau"].fill_(0.9)
         trained.autobalance.alpha()["offset"].copy_(torch.tensor([[0.2, -0.1, 0.4]]))
     swa = Net(configure=False)
-    swa.configure_autobalance(None, like=trained, freeze=True)
+    swa.autobalance_like(trained, freeze=True)
     for a, b in zip(swa.autobalance_tables(), trained.autobalance_tables()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert swa.loss_frozen and not trained.loss_frozen
@@ -529,7 +530,7 @@ def test_a_module_built_from_a_trained_one_copies_its_found_loss():
         swa.autobalance.alpha()["tau"].fill_(0.0)  # a copy, not the same tensors
     assert float(trained.autobalance.alpha()["tau"]) == pytest.approx(0.9)
     with pytest.raises(ValueError, match=r"class_counts has shape \(1, 4\), but the module given as `like` has"):
-        Net(configure=False).configure_autobalance([5, 4, 3, 2], like=trained)
+        Net(configure=False).autobalance_like(trained, class_counts=[5, 4, 3, 2])
     assert Net(configure=False).configure_autobalance(None) is None  # counts found at setup (test_real_shapes.py)
     with pytest.raises(ValueError, match=r"autobalance_like: Net has no AutoBalance loss yet"):
         Net(configure=False).autobalance_like(Net(configure=False))
@@ -796,3 +797,19 @@ def test_log_softmax_is_harmless_with_offsets_only():
     raw = model(x).detach().requires_grad_(True)
     logp = F.log_softmax(raw, dim=1)
     torch.testing.assert_close(model.autobalance_loss(logp, y), model.autobalance_loss(raw, y))
+
+
+def test_the_earlier_spellings_of_configure_autobalance_still_work_with_a_future_warning():
+    """``validate_inputs=`` (now ``self.autobalance_validate``) and ``like=`` (now ``autobalance_like``)."""
+    trained = Net(preset="ce", search="offset")
+    model = Net(configure=False)
+    with pytest.warns(FutureWarning, match=r"validate_inputs=\.\.\.\) is deprecated"):
+        model.configure_autobalance(COUNTS, validate_inputs=False)
+    assert model.autobalance_validate is False
+    with pytest.warns(FutureWarning, match=r"like=other\) is deprecated"):
+        params = model.configure_autobalance(None, like=trained, freeze=True)
+    assert params is model.autobalance and model.loss_frozen
+    for a, b in zip(model.autobalance_tables(), trained.autobalance_tables()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'presets'"):
+        model.configure_autobalance(COUNTS, presets="la")

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["cell_index", "count_table"]
+__all__ = ["cell_index", "count_table", "num_units", "unit_index"]
 
 _Index = TypeVar("_Index")
 
@@ -41,6 +41,20 @@ def cell_index(group: _Index, target: _Index, num_classes: int) -> _Index:
         tensor(5)
     """
     return group * num_classes + target  # type: ignore[operator, return-value]
+
+
+def unit_index(over: str, target: Tensor, group: Tensor | None, num_classes: int) -> Tensor:
+    """The unit of every sample when a loss is taken per ``over``: ``"class"`` (the label), ``"group"`` or ``"cell"``
+    (:func:`cell_index`); ``group`` is needed unless ``over="class"``."""
+    if over == "class":
+        return target
+    assert group is not None
+    return group if over == "group" else cell_index(group, target, num_classes)
+
+
+def num_units(over: str, num_classes: int, num_groups: int) -> int:
+    """How many units :func:`unit_index` numbers."""
+    return {"class": num_classes, "group": num_groups, "cell": num_groups * num_classes}[over]
 
 
 def count_table(labels: Tensor, groups: Tensor | None, num_classes: int,

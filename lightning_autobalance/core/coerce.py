@@ -1,12 +1,13 @@
 """Settings from a plain mapping (a YAML group, a Hydra ``DictConfig``, a jsonargparse dict), checked alike by
-every value the callback takes (``Estimator``, ``Schedule``, ``HyperOptimizer``, ``UpperData``). Plain Python."""
+every value the callback takes (``Estimator``, ``Schedule``, ``HyperOptimizer``, ``UpperData``), and the one way
+their checks raise (``raise_first``). Plain Python."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["coerce_value", "mapping_settings"]
+__all__ = ["coerce_value", "mapping_settings", "raise_first"]
 
 T = TypeVar("T")
 
@@ -28,6 +29,13 @@ def mapping_settings(value: Mapping[Any, Any], known: Iterable[str], what: str) 
     if unknown:
         raise ValueError(f"{what}: unknown settings {unknown}; expected some of {known}.")
     return settings
+
+
+def raise_first(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raises ``ValueError`` with the message of the first ``(ok, message)`` check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def coerce_value(cls: type[T], value: Any, what: str, known: Iterable[str],

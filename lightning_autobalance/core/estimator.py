@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_autobalance.core.coerce import coerce_value
+from lightning_autobalance.core.coerce import coerce_value, raise_first
 from lightning_autobalance.core.head import optimizer_head_weight_decay
 from lightning_autobalance.core.problem import CURVATURES, PRODUCTS, Curvature, ProductMode
 from lightning_autobalance.core.solvers import SOLVERS
@@ -78,7 +78,7 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
     def __post_init__(self) -> None:
         if self.product == "auto":
             object.__setattr__(self, "product", "difference")
-        checks = [
+        raise_first([
             (self.method in SOLVERS, f"method must be one of {tuple(SOLVERS)}; got {self.method!r}."),
             (self.curvature in CURVATURES, f"curvature must be one of {CURVATURES}; got {self.curvature!r}."),
             (self.product in PRODUCTS, f"product must be one of {PRODUCTS}; got {self.product!r}."),
@@ -93,10 +93,7 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
              f"head_memory (feature rows kept) must be >= 0; got {self.head_memory}."),
             (isinstance(self.head_steps, int) and self.head_steps >= 1,
              f"head_steps (Newton steps) must be at least 1; got {self.head_steps}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
 
     @classmethod
     def coerce(cls, value: Any) -> Estimator:

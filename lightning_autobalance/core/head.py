@@ -1,10 +1,9 @@
 """The implicit hypergradient of the classifier head at its equilibrium (the ``"head"`` method).
 
-A one-step hypergradient on a young model answers "which loss helps the model at its next step"; early in
-training that means "push the under-fit tail", whatever the end of training needs (short-horizon bias). This
-method answers a longer question exactly, for the part of the network the loss acts on most directly: **if the
-last linear layer were trained to convergence on the current features, how would the upper objective move with
-the loss parameters?**
+A one-step hypergradient on a young model answers "which loss helps the model at its next step"; early in training that
+means "push the under-fit tail", whatever the end of training needs (short-horizon bias). This method answers a longer
+question exactly, for the part of the network the loss acts on most directly: **if the last linear layer were trained to
+convergence on the current features, how would the upper objective move with the loss parameters?**
 
 With the features ``x_i`` of the training samples held fixed (rows of ``X``, a buffer of recent training
 batches) and the head ``theta = (W, b)`` (``K x d`` plus ``K``), the head's training problem
@@ -142,13 +141,12 @@ def find_head(module: nn.Module, name: str | None = None) -> str:
         ValueError: when ``name`` is not an ``nn.Linear`` of ``module`` or ``module`` has none.
     """
     modules = dict(module.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if name is not None:
         if not isinstance(modules.get(name), nn.Linear):
-            linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
             raise ValueError(f"Estimator(head={name!r}) must name an nn.Linear layer of {type(module).__name__}; "
                              f"its nn.Linear layers are {linear}.")
         return name
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if not linear:
         raise ValueError(f"The 'head' method needs the network's last layer to be an nn.Linear (the classifier head); "
                          f"{type(module).__name__} has none. Give Estimator(head='<layer name>') or use another "
@@ -207,8 +205,7 @@ class HeadResult:
         grad: ``dU(theta*(alpha))/dalpha`` by name (float32 or wider).
         objective: the upper objective at the equilibrium head ``theta*``.
         theta: the equilibrium head, flat: ``K`` rows ``(w_k, b_k)`` (``w_k`` alone without a bias).
-        grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device
-            tensor.
+        grad_norm: the norm of the head's training gradient at ``theta`` (how well Newton converged), a device tensor.
         residual: ``grad_norm`` relative to ``lambda ||theta||`` (at the equilibrium the data gradient equals
             ``-lambda theta``): about the rounding error when Newton converged, ``1e-3`` and above when it stopped
             early (too few ``head_steps`` for a weak weight decay), a device tensor.
@@ -325,11 +322,10 @@ def solve_head(problem: HeadProblem, theta: Tensor, steps: int, dense_limit: int
                cg_iterations: int = 50) -> Tensor:
     """Newton's method on the head's strongly convex training problem, from ``theta``, for ``steps`` steps.
 
-    Each step tries the step sizes ``1, 1/2, ..., 1/2048`` and ``0`` along the Newton direction at once (the
-    logits are linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the longest whose
-    loss is the lowest up to rounding: the loss never increases beyond rounding, the full step converges
-    quadratically to the solution once the losses can no longer tell the candidates apart, and nothing is read back
-    to the host.
+    Each step tries the step sizes ``1, 1/2, ..., 1/2048`` and ``0`` along the Newton direction at once (the logits are
+    linear in ``theta``, so every candidate costs one cheap loss evaluation) and keeps the longest whose loss is the
+    lowest up to rounding: the loss never increases beyond rounding, the full step converges quadratically to the
+    solution once the losses can no longer tell the candidates apart, and nothing is read back to the host.
     """
     steps_t = torch.tensor(_STEPS, dtype=theta.dtype, device=theta.device)
     for _ in range(steps):
@@ -348,27 +344,12 @@ def solve_head(problem: HeadProblem, theta: Tensor, steps: int, dense_limit: int
     return theta
 
 
-def head_hypergradient(
-    features: Tensor,
-    target: Tensor,
-    group: Tensor | None,
-    upper_features: Tensor,
-    upper_target: Tensor,
-    upper_group: Tensor | None,
-    alpha: Mapping[str, Tensor],
-    tables_fn: Callable[[Mapping[str, Tensor]], LossTables],
-    train_loss: TrainLoss,
-    objective: Objective,
-    theta: Tensor,
-    num_classes: int,
-    bias: bool,
-    weight_decay: float,
-    damping: float = 0.0,
-    steps: int = 10,
-    dense_limit: int = 4096,
-    cg_iterations: int = 50,
-    reduce: Reduce | None = None,
-) -> HeadResult:
+def head_hypergradient(features: Tensor, target: Tensor, group: Tensor | None, upper_features: Tensor,
+                       upper_target: Tensor, upper_group: Tensor | None, alpha: Mapping[str, Tensor],
+                       tables_fn: Callable[[Mapping[str, Tensor]], LossTables], train_loss: TrainLoss,
+                       objective: Objective, theta: Tensor, num_classes: int, bias: bool, weight_decay: float,
+                       damping: float = 0.0, steps: int = 10, dense_limit: int = 4096, cg_iterations: int = 50,
+                       reduce: Reduce | None = None) -> HeadResult:
     """``dU(theta*(alpha))/dalpha`` for a linear head ``theta = (W, b)`` on fixed features (see the module text).
 
     Args:

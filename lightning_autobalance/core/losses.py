@@ -28,28 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.cells import num_units, unit_index
 from lightning_autobalance.core.reduce import Reducer
 
-__all__ = [
-    "PRESETS",
-    "AdjustedCrossEntropy",
-    "FocalLoss",
-    "GroupDROLoss",
-    "LDAMLoss",
-    "LossTables",
-    "adjusted_cross_entropy",
-    "as_count_table",
-    "class_balanced_weights",
-    "focal_loss",
-    "ldam_loss",
-    "ldam_margins",
-    "load_loss_tables",
-    "preset_tables",
-    "resolve_preset",
-    "save_loss_tables",
-    "unit_mean_losses",
-]
+__all__ = ["PRESETS", "AdjustedCrossEntropy", "FocalLoss", "GroupDROLoss", "LDAMLoss", "LossTables",
+           "adjusted_cross_entropy", "as_count_table", "class_balanced_weights", "focal_loss", "ldam_loss",
+           "ldam_margins", "load_loss_tables", "preset_tables", "resolve_preset", "save_loss_tables",
+           "unit_mean_losses"]
 
 Reduction = Literal["mean", "weighted_mean", "sum", "none"]
 _REDUCTIONS = ("mean", "weighted_mean", "sum", "none")
@@ -151,16 +136,9 @@ def class_balanced_weights(counts: Tensor, beta: float = 0.9999) -> Tensor:
     return raw / raw.sum(dim=-1, keepdim=True) * counts.shape[-1]
 
 
-def preset_tables(
-    name: str,
-    class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-    num_groups: int | None = None,
-    *,
-    tau: float = 1.0,
-    gamma: float | None = None,
-    beta: float = 0.9999,
-    dtype: torch.dtype = torch.float32,
-) -> LossTables:
+def preset_tables(name: str, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+                  num_groups: int | None = None, *, tau: float = 1.0, gamma: float | None = None, beta: float = 0.9999,
+                  dtype: torch.dtype = torch.float32) -> LossTables:
     """Builds the ``(delta, offset, weight)`` tables of a named preset from the class counts.
 
     ========================  ==========================================================================
@@ -266,16 +244,9 @@ def _row(table: Tensor | None, group: Tensor | None, num_classes: int, name: str
     return table[group]
 
 
-def adjusted_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    delta: Tensor | None = None,
-    offset: Tensor | None = None,
-    weight: Tensor | None = None,
-    group: Tensor | None = None,
-    reduction: Reduction = "mean",
-    validate: bool = True,
-) -> Tensor:
+def adjusted_cross_entropy(logits: Tensor, target: Tensor, delta: Tensor | None = None, offset: Tensor | None = None,
+                           weight: Tensor | None = None, group: Tensor | None = None, reduction: Reduction = "mean",
+                           validate: bool = True) -> Tensor:
     """The loss family ``w_{g,y} * CE(delta_g * f + offset_g, y)``.
 
     Args:
@@ -397,15 +368,11 @@ def save_loss_tables(path: str | Path, tables: LossTables, **info: Any) -> Path:
         **info: extra JSON-serialisable entries stored beside them (e.g. ``reduction``, ``preset``).
     """
     path = Path(path)
-    doc: dict[str, Any] = {
-        "format": LOSS_FILE_FORMAT,
-        "num_groups": tables.num_groups,
-        "num_classes": tables.num_classes,
-        **info,
-        "delta": tables.delta.detach().double().cpu().tolist(),
-        "offset": tables.offset.detach().double().cpu().tolist(),
-        "weight": tables.weight.detach().double().cpu().tolist(),
-    }
+    doc: dict[str, Any] = {"format": LOSS_FILE_FORMAT, "num_groups": tables.num_groups,
+                           "num_classes": tables.num_classes, **info,
+                           "delta": tables.delta.detach().double().cpu().tolist(),
+                           "offset": tables.offset.detach().double().cpu().tolist(),
+                           "weight": tables.weight.detach().double().cpu().tolist()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -468,11 +435,7 @@ def load_loss_tables(path: str | Path) -> tuple[LossTables, dict[str, Any]]:
     return tables, info
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Baselines outside the family
-# ----------------------------------------------------------------------------------------------------------
-
-
+# -- Baselines outside the family --------------------------------------------------------------------------------------
 def ldam_margins(class_counts: Sequence[int] | Tensor, max_margin: float = 0.5) -> Tensor:
     """LDAM margins ``m_y`` proportional to ``n_y ** (-1/4)``, the largest equal to ``max_margin``."""
     counts = as_count_table(class_counts)[0]
@@ -665,7 +628,7 @@ class GroupDROLoss(nn.Module):
         self.num_classes, self.num_groups, self.step_size, self.over = num_classes, num_groups, float(step_size), over
         self.register_buffer("q", None)
         if num_classes is not None and num_groups is not None:
-            units = {"cell": num_classes * num_groups, "group": num_groups, "class": num_classes}[over]
+            units = num_units(over, num_classes, num_groups)
             self.q = torch.full((units,), 1.0 / units)
 
     def for_model(self, class_counts: Sequence[int], num_groups: int | None = None) -> GroupDROLoss:
@@ -682,11 +645,7 @@ class GroupDROLoss(nn.Module):
         check_loss_inputs(logits, target, group if self.over != "class" else None, self.num_groups)
         losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
                                  reduction="none")
-        if self.over == "class":
-            index = target
-        else:
-            assert group is not None
-            index = group if self.over == "group" else cell_index(group, target, self.num_classes)
+        index = unit_index(self.over, target, group, self.num_classes)
         training = self.training and torch.is_grad_enabled()
         means, _ = unit_mean_losses(losses, index, self.q.numel(), self.reducer if training else None)
         if training:

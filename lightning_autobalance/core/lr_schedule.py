@@ -91,14 +91,8 @@ class WarmupDecayLR(LambdaLR):
         [0.05, 0.1, 0.1, 0.1, 0.01, 0.01]
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        schedule: ScheduleKind = "cosine",
-        warmup_epochs: float = 0.0,
-        milestones: Sequence[int] = (160, 180),
-        lr_decay: float = 0.1,
-    ) -> None:
+    def __init__(self, optimizer: Optimizer, schedule: ScheduleKind = "cosine", warmup_epochs: float = 0.0,
+                 milestones: Sequence[int] = (160, 180), lr_decay: float = 0.1) -> None:
         if schedule not in ("step", "cosine", "constant"):
             raise ValueError(f"schedule must be 'step', 'cosine' or 'constant'; got {schedule!r}.")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int | float) or not warmup_epochs >= 0 \

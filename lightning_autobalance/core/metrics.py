@@ -49,14 +49,10 @@ def group_report(correct: Tensor, total: Tensor) -> dict[str, Any]:
         gaps.append(float(column.max() - column.min()) if column.numel() >= 2 else math.nan)
     valid = [v for v in gaps if not math.isnan(v)]
     n = float(total.sum())
-    return {
-        "cell_error": [[float(v) for v in row] for row in cell],
-        "group_error": group_error,
-        "worst_group_error": float(cell[present].max()) if present.any() else math.nan,
-        "average_error": 1.0 - float(correct.sum()) / n if n > 0 else math.nan,
-        "eo_gap": sum(valid) / len(valid) if valid else math.nan,
-        "eo_gap_per_label": gaps,
-    }
+    return {"cell_error": [[float(v) for v in row] for row in cell], "group_error": group_error,
+            "worst_group_error": float(cell[present].max()) if present.any() else math.nan,
+            "average_error": 1.0 - float(correct.sum()) / n if n > 0 else math.nan,
+            "eo_gap": sum(valid) / len(valid) if valid else math.nan, "eo_gap_per_label": gaps}
 
 
 class GroupErrors(Metric):

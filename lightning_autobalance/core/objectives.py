@@ -43,10 +43,8 @@ units are masked with ``torch.where``, not by indexing. ``validate=True`` (the d
 values of every batch (one host read) and warns when an equal-opportunity batch has no gap to measure;
 ``missing="raise"`` reads whether every unit is present.
 
-**As a value.** :class:`UpperObjective` holds what to build (a name of :data:`OBJECTIVES`, an objective class, or
-a ready callable) with its settings, validated when it is constructed; it builds the objective from the upper
-data's counts. :class:`~lightning_autobalance.AutoBalanceCallback` takes one (or a name, or a mapping
-``{"name": ..., **settings}``) and knows no objective by name.
+**As a value.** :class:`UpperObjective` (what :class:`~lightning_autobalance.AutoBalanceCallback` takes, knowing no
+objective by name) holds what to build and its settings, validated, and builds it from the upper data's counts.
 
 Plain PyTorch; nothing of Lightning.
 """
@@ -63,27 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_autobalance.core.cells import cell_index
+from lightning_autobalance.core.cells import cell_index, num_units, unit_index
 from lightning_autobalance.core.losses import as_count_table, check_loss_inputs, unit_mean_losses
 from lightning_autobalance.core.reduce import Reducer
 
-__all__ = [
-    "OBJECTIVES",
-    "BalancedCrossEntropy",
-    "BlendedObjective",
-    "EqualOpportunityGap",
-    "WorstClassLoss",
-    "UpperObjective",
-    "WorstGroupLoss",
-    "balanced_cross_entropy",
-    "blended_objective",
-    "build_objective",
-    "check_objective",
-    "equal_opportunity_gap",
-    "resolve_objective",
-    "unit_mean_losses",
-    "worst_group_loss",
-]
+__all__ = ["OBJECTIVES", "BalancedCrossEntropy", "BlendedObjective", "EqualOpportunityGap", "WorstClassLoss",
+           "UpperObjective", "WorstGroupLoss", "balanced_cross_entropy", "blended_objective", "build_objective",
+           "check_objective", "equal_opportunity_gap", "resolve_objective", "unit_mean_losses", "worst_group_loss"]
 
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 Over = Literal["class", "group", "cell"]
@@ -92,11 +76,7 @@ _OVER = ("class", "group", "cell")
 _MISSING = ("mask", "raise")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
+# -- Small helpers -----------------------------------------------------------------------------------------------------
 def _wide(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
@@ -120,11 +100,6 @@ def _count_table(counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, num_g
     return table
 
 
-def _unit_means(losses: Tensor, index: Tensor, num_units: int, reducer: Reducer | None) -> tuple[Tensor, Tensor]:
-    """``unit_mean_losses`` of this batch, or of the union of all processes' batches with a ``reducer``."""
-    return unit_mean_losses(losses, index, num_units, reducer)
-
-
 class _OnDevice:
     """Copies of a host tensor on the devices (and dtypes) it is used on, made once each."""
 
@@ -138,10 +113,6 @@ class _OnDevice:
         if copy is None:
             copy = self._copies[key] = self.host.to(device).to(key[1])
         return copy
-
-
-def _units(over: str, num_classes: int, num_groups: int) -> int:
-    return {"class": num_classes, "group": num_groups, "cell": num_groups * num_classes}[over]
 
 
 def _unit_name(over: str, j: int, num_classes: int) -> str:
@@ -179,13 +150,6 @@ def _check_batch(logits: Tensor, target: Tensor, group: Tensor | None, num_group
     return g
 
 
-def _unit_index(over: str, target: Tensor, group: Tensor | None, num_classes: int) -> Tensor:
-    if over == "class":
-        return target
-    assert group is not None
-    return group if over == "group" else cell_index(group, target, num_classes)
-
-
 def _missing_error(what: str, names: list[str], batch: bool) -> ValueError:
     where = "this upper batch" if batch else "the upper data"
     fix = ("use larger upper batches (upper_batch_size) or missing='mask'" if batch else
@@ -194,11 +158,7 @@ def _missing_error(what: str, names: list[str], batch: bool) -> ValueError:
     return ValueError(f"{what}: {where} has no sample of {shown}; {fix}.")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Balanced cross-entropy (the default)
-# ---------------------------------------------------------------------------------------------------------
-
-
+# -- Balanced cross-entropy (the default) ------------------------------------------------------------------------------
 def balanced_cross_entropy(logits: Tensor, target: Tensor, class_weight: Tensor,
                            group: Tensor | None = None) -> Tensor:
     """``mean_i class_weight[y_i] * CE(logits_i, y_i)``, computed in float32 or wider.
@@ -276,11 +236,7 @@ class BalancedCrossEntropy:
         return f"BalancedCrossEntropy(num_classes={self.class_counts.numel()}{cells})"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Smooth worst class / worst group
-# ---------------------------------------------------------------------------------------------------------
-
-
+# -- Smooth worst class / worst group ----------------------------------------------------------------------------------
 def _soft_max(values: Tensor, present: Tensor, mode: str, temperature: float, fraction: float) -> Tensor:
     """Over the units ``present``: ``T log mean exp(v / T)`` (``"lse"``), the CVaR at ``fraction`` (``"cvar"``) or
     the maximum (``"max"``). Absent units are masked with ``torch.where`` (no indexing by a mask: nothing is read
@@ -301,19 +257,10 @@ def _soft_max(values: Tensor, present: Tensor, mode: str, temperature: float, fr
     return (weights * ordered).sum() / mass
 
 
-def worst_group_loss(
-    logits: Tensor,
-    target: Tensor,
-    group: Tensor | None = None,
-    num_groups: int | None = None,
-    over: Over = "cell",
-    mode: Literal["lse", "cvar", "max"] = "lse",
-    temperature: float = 0.1,
-    fraction: float = 0.2,
-    missing: Missing = "mask",
-    validate: bool = True,
-    reducer: Reducer | None = None,
-) -> Tensor:
+def worst_group_loss(logits: Tensor, target: Tensor, group: Tensor | None = None, num_groups: int | None = None,
+                     over: Over = "cell", mode: Literal["lse", "cvar", "max"] = "lse", temperature: float = 0.1,
+                     fraction: float = 0.2, missing: Missing = "mask", validate: bool = True,
+                     reducer: Reducer | None = None) -> Tensor:
     """A smooth maximum over classes, groups or (label, group) cells of their mean cross-entropy in the batch.
 
     With ``L_j`` the mean cross-entropy of the samples of unit ``j`` in the batch, over the ``m`` units present:
@@ -331,7 +278,7 @@ def worst_group_loss(
         num_groups: the number of groups ``G``.
         over: ``"class"``, ``"group"`` or ``"cell"`` (a (label, group) pair, the groups of group DRO).
         mode: ``"lse"``, ``"cvar"`` or ``"max"``.
-        temperature: ``T > 0`` of ``"lse"``.
+        temperature: ``T > 0`` of ``"lse"``: small is close to the maximum, large to the mean.
         fraction: CVaR level in ``(0, 1]``.
         missing: a unit absent from the batch is left out (``"mask"``) or raises (``"raise"``, one host read).
         validate: check the label and group ranges (one host read); shapes are always checked.
@@ -347,9 +294,8 @@ def worst_group_loss(
                                   num_groups=num_groups)
     k = logits.shape[-1]
     g = _check_batch(logits, target, group, num_groups, over != "class", f"worst-{over} objective", validate)
-    units = _units(over, k, g)
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = _unit_means(losses, _unit_index(over, target, group, k), units, reducer)
+    means, present = unit_mean_losses(losses, unit_index(over, target, group, k), num_units(over, k, g), reducer)
     if missing == "raise" and not bool(present.all()):
         names = [_unit_name(over, j, k) for j in (~present).nonzero().flatten().tolist()]
         raise _missing_error(f"worst-{over} objective", names, batch=True)
@@ -362,15 +308,8 @@ class WorstGroupLoss:
     Args:
         class_counts: ``K`` class counts or a ``G x K`` table of (group, class) counts of the upper data. Every unit
             the objective ranges over must have at least one upper sample (checked here, before training).
-        over: ``"class"``, ``"group"`` or ``"cell"`` ((label, group) pairs, as in group DRO).
-        mode: ``"lse"`` (log-sum-exp with a temperature), ``"cvar"`` or ``"max"``.
-        temperature: ``T > 0`` of the log-sum-exp: small is close to the maximum, large to the mean.
-        fraction: CVaR level in ``(0, 1]``.
-        missing: ``"mask"`` (units absent from a batch are left out) or ``"raise"``.
         num_groups: ``G`` (default: the rows of ``class_counts``).
-        reducer: makes it the objective of the union of the processes' batches
-            (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: each process's own batch).
-        validate: check the label and group ranges of every batch (one host read; see :func:`worst_group_loss`).
+        over, mode, temperature, fraction, missing, reducer, validate: as in :func:`worst_group_loss`.
 
     Example:
         >>> objective = WorstGroupLoss([[20, 2], [2, 20]], over="cell", temperature=0.5)
@@ -425,23 +364,11 @@ class WorstGroupLoss:
         return f"WorstGroupLoss(over={self.over!r}, mode={self.mode!r}, {setting}, num_groups={self.num_groups})"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Difference of equal opportunity
-# ---------------------------------------------------------------------------------------------------------
-
-
-def equal_opportunity_gap(
-    logits: Tensor,
-    target: Tensor,
-    group: Tensor,
-    num_groups: int,
-    gap: Literal["abs", "square"] = "abs",
-    pairs: Literal["max", "mean"] = "max",
-    labels: Sequence[int] | None = None,
-    missing: Missing = "mask",
-    validate: bool = True,
-    reducer: Reducer | None = None,
-) -> Tensor:
+# -- Difference of equal opportunity -----------------------------------------------------------------------------------
+def equal_opportunity_gap(logits: Tensor, target: Tensor, group: Tensor, num_groups: int,
+                          gap: Literal["abs", "square"] = "abs", pairs: Literal["max", "mean"] = "max",
+                          labels: Sequence[int] | None = None, missing: Missing = "mask", validate: bool = True,
+                          reducer: Reducer | None = None) -> Tensor:
     """A differentiable surrogate of the difference of equal opportunity (DEO) between groups.
 
     With ``L(y, g)`` the mean cross-entropy of the samples of label ``y`` and group ``g`` in the batch (a
@@ -450,8 +377,7 @@ def equal_opportunity_gap(
 
     * ``pairs="max"``: ``max_g L(y, g) - min_g L(y, g)``, the largest pairwise gap (for two groups
       ``|L(y, 0) - L(y, 1)|``);
-    * ``pairs="mean"``: the mean over pairs ``g < h`` of ``|L(y, g) - L(y, h)|`` (equal to ``"max"`` for two
-      groups);
+    * ``pairs="mean"``: the mean over pairs ``g < h`` of ``|L(y, g) - L(y, h)|`` (equal to ``"max"`` for two groups);
 
     squared with ``gap="square"`` (smooth at zero). The objective is the mean of the gaps over the labels in
     ``labels`` (default: every label) that have samples of at least two groups in the batch. For a binary task,
@@ -463,8 +389,11 @@ def equal_opportunity_gap(
     label and group ranges back) and ``missing="raise"`` nothing is read back from the device.
 
     Args:
+        gap: ``"abs"`` or ``"square"``; pairs: ``"max"`` or ``"mean"`` (above).
         labels: the labels whose gaps are averaged: class indices, or a boolean mask of ``K`` entries (default:
             every label).
+        missing: ``"mask"`` (a label with fewer than two groups in the batch is left out) or ``"raise"``.
+        validate: check the label and group ranges of every batch and warn when it has no gap (one host read).
         reducer: the objective of the union of the processes' batches
             (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: this batch).
 
@@ -485,15 +414,13 @@ def equal_opportunity_gap(
     if validate and labels is not None and not mask_given and any(not 0 <= y < k for y in labels):
         raise ValueError(f"labels must lie in [0, {k}); got {list(labels)}.")
     losses = F.cross_entropy(_wide(logits), target, reduction="none")
-    means, present = _unit_means(losses, cell_index(group, target, k), num_groups * k, reducer)
+    means, present = unit_mean_losses(losses, cell_index(group, target, k), num_groups * k, reducer)
     means, present = means.view(num_groups, k), present.view(num_groups, k)
     if mask_given:
         wanted = labels.to(device=means.device, dtype=torch.bool)  # type: ignore[union-attr]
     else:
-        wanted = torch.zeros(k, dtype=torch.bool, device=means.device)
-        if labels is None:
-            wanted = ~wanted
-        else:
+        wanted = torch.full((k,), labels is None, dtype=torch.bool, device=means.device)
+        if labels is not None:
             wanted[torch.as_tensor(list(labels), dtype=torch.long, device=means.device)] = True
     if missing == "raise":
         absent = [f"(label {y}, group {g_})" for g_ in range(num_groups) for y in range(k)
@@ -527,14 +454,8 @@ class EqualOpportunityGap:
     Args:
         class_counts: a ``G x K`` table of (group, class) counts of the upper data, ``G >= 2``. Every (label, group)
             cell of the requested labels needs at least one upper sample (checked here, before training).
-        gap: ``"abs"`` or ``"square"``.
-        pairs: for more than two groups, the largest (``"max"``) or the mean (``"mean"``) pairwise gap.
-        labels: the labels whose gaps are averaged (default: all).
-        missing: ``"mask"`` (a label with fewer than two groups in the batch is left out) or ``"raise"``.
         num_groups: ``G`` (default: the rows of ``class_counts``).
-        reducer: makes it the objective of the union of the processes' batches
-            (:class:`~lightning_autobalance.core.reduce.Reducer`; ``None``: each process's own batch).
-        validate: check the label and group ranges of every batch and warn when it has no gap (one host read).
+        gap, pairs, labels, missing, reducer, validate: as in :func:`equal_opportunity_gap`.
 
     Example:
         >>> objective = EqualOpportunityGap([[20, 2], [2, 20]])
@@ -561,14 +482,14 @@ class EqualOpportunityGap:
         self.labels = None if labels is None else [int(y) for y in labels]
         if self.labels is not None and any(not 0 <= y < k for y in self.labels):
             raise ValueError(f"labels must lie in [0, {k}); got {self.labels}.")
-        wanted = range(k) if self.labels is None else self.labels
+        wanted = list(range(k)) if self.labels is None else self.labels
         absent = [f"(label {y}, group {g})" for g in range(self.num_groups) for y in wanted if table[g, y] == 0]
         if absent:
             raise _missing_error("The equal-opportunity objective", absent, batch=False)
         self.gap, self.pairs, self.missing = gap, pairs, missing
-        wanted = torch.zeros(k, dtype=torch.bool)
-        wanted[list(range(k) if self.labels is None else self.labels)] = True
-        self._wanted = _OnDevice(wanted)  # the labels as a mask, copied to a device once
+        mask = torch.zeros(k, dtype=torch.bool)
+        mask[wanted] = True
+        self._wanted = _OnDevice(mask)  # the labels as a mask, copied to a device once
 
     @staticmethod
     def check_settings(gap: Any = "abs", pairs: Any = "max", missing: Any = "mask", num_groups: Any = None,
@@ -594,11 +515,7 @@ class EqualOpportunityGap:
                 f"num_groups={self.num_groups})")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Blend of an accuracy and a fairness objective
-# ---------------------------------------------------------------------------------------------------------
-
-
+# -- Blend of an accuracy and a fairness objective ---------------------------------------------------------------------
 def _check_lam(lam: Any) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam (the weight of the fairness objective) must lie in [0, 1]; got {lam!r}.")
@@ -640,9 +557,10 @@ class BlendedObjective:
         self.check_settings(lam=lam, accuracy=accuracy, fairness=fairness, accuracy_kwargs=accuracy_kwargs,
                             fairness_kwargs=fairness_kwargs, num_groups=num_groups)
         self.lam = float(lam)
-        common = {} if num_groups is None else {"num_groups": num_groups}
+        groups = {} if num_groups is None else {"num_groups": num_groups}  # a named part's, unless its settings say
         self.accuracy, self.fairness = (
-            UpperObjective(part, **_with_groups(part, common, kwargs))._make(class_counts, reducer, validate)
+            UpperObjective(part, **(groups if isinstance(part, str) else {}) | dict(kwargs or {}))._make(
+                class_counts, reducer, validate)
             for part, kwargs in ((accuracy, accuracy_kwargs), (fairness, fairness_kwargs)))
         self.requires_all_classes = any(getattr(o, "requires_all_classes", False)
                                         for o in (self.accuracy, self.fairness))
@@ -677,17 +595,7 @@ class BlendedObjective:
         return f"BlendedObjective(lam={self.lam}, accuracy={self.accuracy!r}, fairness={self.fairness!r})"
 
 
-def _with_groups(part: Any, common: dict[str, Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A named part's settings with the blend's ``num_groups`` (every named objective takes it)."""
-    out = dict(kwargs or {})
-    return {**common, **out} if isinstance(part, str) else out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------------------
-
-
+# -- Registry ----------------------------------------------------------------------------------------------------------
 class WorstClassLoss(WorstGroupLoss):
     """The ``"worst_class"`` objective: :class:`WorstGroupLoss` over classes (``over="class"``, the only value
     it takes).
@@ -701,10 +609,8 @@ class WorstClassLoss(WorstGroupLoss):
                  mode: Literal["lse", "cvar", "max"] = "lse", temperature: float = 0.1, fraction: float = 0.2,
                  missing: Missing = "mask", num_groups: int | None = None, *, reducer: Reducer | None = None,
                  validate: bool = True) -> None:
-        self.check_settings(over=over, mode=mode, temperature=temperature, fraction=fraction, missing=missing,
-                            num_groups=num_groups)
-        super().__init__(class_counts, "class", mode, temperature, fraction, missing, num_groups, reducer=reducer,
-                         validate=validate)
+        super().__init__(class_counts, over, mode, temperature, fraction, missing, num_groups, reducer=reducer,
+                         validate=validate)  # its check_settings refuses any other ``over``
 
     @staticmethod
     def check_settings(over: Any = "class", mode: Any = "lse", temperature: Any = 0.1, fraction: Any = 0.2,
@@ -717,13 +623,9 @@ class WorstClassLoss(WorstGroupLoss):
 
 #: Objectives selectable by name; each entry builds the objective from the upper counts (``K`` class counts or a
 #: ``G x K`` table of (group, class) counts) and its settings.
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "balanced_ce": BalancedCrossEntropy,
-    "worst_class": WorstClassLoss,
-    "worst_group": WorstGroupLoss,
-    "deo": EqualOpportunityGap,
-    "blend": BlendedObjective,
-}
+OBJECTIVES: dict[str, Callable[..., Objective]] = {"balanced_ce": BalancedCrossEntropy, "worst_class": WorstClassLoss,
+                                                   "worst_group": WorstGroupLoss, "deo": EqualOpportunityGap,
+                                                   "blend": BlendedObjective}
 _ALIASES = {"balanced_cross_entropy": "balanced_ce", "equal_opportunity": "deo", "eo_gap": "deo",
             "blended": "blend"}
 
@@ -895,13 +797,8 @@ def check_objective(objective: str | Objective, **kwargs: Any) -> None:
 
 def build_objective(objective: str | Objective, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
                     **kwargs: Any) -> Objective:
-    """Returns a callable objective: a name from :data:`OBJECTIVES` built from the counts, or a callable as is.
-
-    Args:
-        objective: a name (``"balanced_ce"``, ``"worst_class"``, ``"worst_group"``, ``"deo"``, ``"blend"``) or a
-            callable ``objective(logits, target, group) -> scalar``.
-        class_counts: the upper data's ``K`` class counts or ``G x K`` (group, class) counts.
-        **kwargs: the named objective's settings.
+    """A callable objective: a named one (with its settings ``kwargs``) built from the upper data's counts, as
+    :meth:`UpperObjective.build` makes it but without the scalar check, or a callable as it is.
 
     Raises:
         ValueError: for an unknown name, bad settings, or units the objective needs that the counts lack.

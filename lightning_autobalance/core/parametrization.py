@@ -32,20 +32,14 @@ from torch import Tensor, nn
 
 from lightning_autobalance.core.losses import LossTables, as_count_table, preset_tables, resolve_preset
 
-__all__ = [
-    "SEARCHABLE",
-    "DatasetDependent",
-    "FrequencyGroups",
-    "Hierarchical",
-    "LossParametrization",
-    "PerClass",
-    "build_parametrization",
-    "frequency_bins",
-]
+__all__ = ["PARAMETRIZATIONS", "SEARCHABLE", "DatasetDependent", "FrequencyGroups", "Hierarchical",
+           "LossParametrization", "PerClass", "build_parametrization", "frequency_bins"]
 
 SEARCHABLE = ("delta", "offset", "weight")
 ParametrizationKind = Literal["hierarchical", "class", "groups", "dataset"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: The shared scalar of each table in the dataset-level parametrisations.
+_SCALARS = {"delta": "gamma", "offset": "tau", "weight": "omega"}
 
 
 def _check_search(search: Sequence[str] | str) -> tuple[str, ...]:
@@ -73,14 +67,9 @@ class LossParametrization(nn.Module):
 
     kind: str = "base"
 
-    def __init__(
-        self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-        preset: str = "ce",
-        search: Sequence[str] | str = ("delta", "offset"),
-        num_groups: int | None = None,
-        preset_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor, preset: str = "ce",
+                 search: Sequence[str] | str = ("delta", "offset"), num_groups: int | None = None,
+                 preset_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if num_groups is not None and num_groups < 1:
             raise ValueError(f"num_groups must be at least 1; got {num_groups}.")
@@ -358,7 +347,6 @@ class DatasetDependent(LossParametrization):
     """
 
     kind = "dataset"
-    _SCALARS = {"delta": "gamma", "offset": "tau", "weight": "omega"}
 
     def __init__(self, class_counts: Sequence[int] | Tensor, preset: str = "ce", **kwargs: Any) -> None:
         if resolve_preset(preset) in ("class_balanced", "group_balanced"):
@@ -367,7 +355,7 @@ class DatasetDependent(LossParametrization):
         super().__init__(class_counts, preset=preset, **kwargs)
 
     def _free_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {self._SCALARS[name]: () for name in self.search}
+        return {_SCALARS[name]: () for name in self.search}
 
     def _start(self) -> dict[str, float]:
         kw = self.preset_kwargs
@@ -387,7 +375,7 @@ class DatasetDependent(LossParametrization):
                 t.fill_(start[name])
 
     def alpha(self) -> dict[str, Tensor]:
-        return {self._SCALARS[n]: getattr(self, f"alpha_{self._SCALARS[n]}") for n in self.search}
+        return {_SCALARS[n]: getattr(self, f"alpha_{_SCALARS[n]}") for n in self.search}
 
     def tables(self, alpha: Mapping[str, Tensor] | None = None) -> LossTables:
         alpha = self.alpha() if alpha is None else alpha
@@ -433,12 +421,11 @@ class Hierarchical(LossParametrization):
     """
 
     kind = "hierarchical"
-    _SCALARS = {"delta": "gamma", "offset": "tau", "weight": "omega"}
 
     def _free_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self.search:
-            shapes[self._SCALARS[name]] = ()
+            shapes[_SCALARS[name]] = ()
             shapes[name] = (self.num_groups, self.num_classes)
         return shapes
 
@@ -465,15 +452,10 @@ class Hierarchical(LossParametrization):
         return LossTables(delta, offset, weight)
 
 
-def build_parametrization(
-    kind: ParametrizationKind,
-    class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-    preset: str = "ce",
-    search: Sequence[str] | str = ("delta", "offset"),
-    num_groups: int | None = None,
-    group_size: int = 1,
-    preset_kwargs: Mapping[str, Any] | None = None,
-) -> LossParametrization:
+def build_parametrization(kind: ParametrizationKind, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+                          preset: str = "ce", search: Sequence[str] | str = ("delta", "offset"),
+                          num_groups: int | None = None, group_size: int = 1,
+                          preset_kwargs: Mapping[str, Any] | None = None) -> LossParametrization:
     """Makes a parametrisation by name: ``"hierarchical"`` (shared scalars plus per-class residuals), ``"class"``,
     ``"groups"`` (bins of ``group_size``) or ``"dataset"``.
 
@@ -481,14 +463,14 @@ def build_parametrization(
         >>> build_parametrization("groups", list(range(100, 0, -1)), preset="la", group_size=10).num_free()
         20
     """
-    common = {"preset": preset, "search": search, "num_groups": num_groups, "preset_kwargs": preset_kwargs}
-    if kind == "hierarchical":
-        return Hierarchical(class_counts, **common)
-    if kind == "class":
-        return PerClass(class_counts, **common)
-    if kind == "groups":
-        return FrequencyGroups(class_counts, group_size=group_size, **common)
-    if kind == "dataset":
-        return DatasetDependent(class_counts, **common)
-    raise ValueError(f"Unknown parametrization {kind!r}; expected 'hierarchical', 'class', 'groups' or 'dataset'.")
+    if kind not in PARAMETRIZATIONS:
+        raise ValueError(f"Unknown parametrization {kind!r}; expected 'hierarchical', 'class', 'groups' or 'dataset'.")
+    extra = {"group_size": group_size} if kind == "groups" else {}
+    return PARAMETRIZATIONS[kind](class_counts, preset=preset, search=search, num_groups=num_groups,
+                                  preset_kwargs=preset_kwargs, **extra)
+
+
+#: The parametrisations by name (their ``kind``).
+PARAMETRIZATIONS: dict[str, type[LossParametrization]] = {
+    p.kind: p for p in (Hierarchical, PerClass, FrequencyGroups, DatasetDependent)}
 

@@ -16,33 +16,11 @@ from lightning_autobalance.data.file_dataset import ImageFileDataset, decode_ima
 from lightning_autobalance.data.fold_in import FoldInSampler
 from lightning_autobalance.data.folder import LongTailImageFolder
 from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
-from lightning_autobalance.data.profiles import (
-    head_medium_tail,
-    long_tail_counts,
-    select_long_tail,
-    split_per_class,
-)
+from lightning_autobalance.data.profiles import head_medium_tail, long_tail_counts, select_long_tail, split_per_class
 from lightning_autobalance.data.search_split import LabelledSubset, SearchSplit, dataset_targets, search_split
 from lightning_autobalance.data.tinted_dataset import TintedImageDataset
 
-__all__ = [
-    "ColoredDigits",
-    "FoldInSampler",
-    "ImageFileDataset",
-    "InMemoryImageDataset",
-    "LabelledSubset",
-    "LongTailCIFAR10",
-    "LongTailCIFAR100",
-    "LongTailDataModule",
-    "LongTailDigits",
-    "LongTailImageFolder",
-    "SearchSplit",
-    "TintedImageDataset",
-    "dataset_targets",
-    "decode_image",
-    "head_medium_tail",
-    "long_tail_counts",
-    "search_split",
-    "select_long_tail",
-    "split_per_class",
-]
+__all__ = ["ColoredDigits", "FoldInSampler", "ImageFileDataset", "InMemoryImageDataset", "LabelledSubset",
+           "LongTailCIFAR10", "LongTailCIFAR100", "LongTailDataModule", "LongTailDigits", "LongTailImageFolder",
+           "SearchSplit", "TintedImageDataset", "dataset_targets", "decode_image", "head_medium_tail",
+           "long_tail_counts", "search_split", "select_long_tail", "split_per_class"]

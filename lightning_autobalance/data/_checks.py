@@ -33,14 +33,8 @@ def check_int(name: str, value: object, minimum: int, allow_none: bool = False) 
     return int(value)
 
 
-def check_real(
-    name: str,
-    value: object,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
+def check_real(name: str, value: object, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False) -> float:
     """Return ``value`` as a finite float inside the given interval, else raise ValueError.
 
     Example:

@@ -21,41 +21,34 @@ __all__ = ["LongTailDataModule"]
 class LongTailDataModule(pl.LightningDataModule):
     """Base of the long-tailed datamodules.
 
-    A subclass provides a *pool* (the full training set it starts from) through
-    :meth:`_load_pool`, which returns the pool's labels and class names cheaply (no image
-    decoding), and builds datasets from pool indices through :meth:`_build_dataset` and
-    :meth:`_build_test_dataset`. This base then
+    A subclass provides a *pool* (the full training set it starts from) through :meth:`_load_pool`, which returns the
+    pool's labels and class names cheaply (no image decoding), and builds datasets from pool indices through
+    :meth:`_build_dataset` and :meth:`_build_test_dataset`. This base then
 
     1. computes the long-tail counts (:func:`~lightning_autobalance.data.profiles.long_tail_counts`
        with ``n_max`` = the largest pool class, unless the subclass says otherwise),
-    2. keeps a seeded choice of samples per class
-       (:func:`~lightning_autobalance.data.profiles.select_long_tail`),
+    2. keeps a seeded choice of samples per class (:func:`~lightning_autobalance.data.profiles.select_long_tail`),
     3. with ``search_split=True``, splits the kept samples per class into a lower part (the
        training set) and an upper part held out for the loss search
        (:func:`~lightning_autobalance.data.profiles.split_per_class`), both seeded by ``seed``,
     4. serves the dataloaders.
 
-    The counts (:attr:`class_counts`, :attr:`num_classes`, ...) are computed on first access
-    and cached, so they can be read right after construction (LightningCLI links them into
-    the model); any error about the data (a missing folder, a class with too few samples)
-    surfaces there, before training starts. All arguments are checked at construction.
+    The counts (:attr:`class_counts`, :attr:`num_classes`, ...) are computed on first access and cached, so they can be
+    read right after construction (LightningCLI links them into the model); any error about the data (a missing folder,
+    a class with too few samples) surfaces there, before training starts. All arguments are checked at construction.
 
     Args:
         imbalance_ratio: ``rho = n_max / n_min`` of the profile, finite and >= 1.
         profile: ``"exponential"`` or ``"step"``.
-        upper_fraction: Fraction of each class held out as the upper part when
-            ``search_split`` is True, in (0, 1).
-        search_split: If True, the training dataloader serves only the lower part and
-            :meth:`upper_dataloader` the held-out upper part; if False, training uses the
-            whole long-tailed set.
+        upper_fraction: Fraction of each class held out as the upper part when ``search_split`` is True, in (0, 1).
+        search_split: If True, the training dataloader serves only the lower part and :meth:`upper_dataloader` the
+            held-out upper part; if False, training uses the whole long-tailed set.
         batch_size: Batch size of the training, validation and test dataloaders.
         upper_batch_size: Batch size of :meth:`upper_dataloader`; None means ``batch_size``.
         num_workers: Dataloader worker processes (persistent when > 0).
-        seed: Seeds the choice of kept samples and the search split (and the order of the
-            upper dataloader).
-        val_source: What :meth:`val_dataloader` serves: ``"test"`` (the balanced test set),
-            ``"upper"`` (the held-out part, without augmentation; needs ``search_split``) or
-            ``"none"`` (no validation).
+        seed: Seeds the choice of kept samples and the search split (and the order of the upper dataloader).
+        val_source: What :meth:`val_dataloader` serves: ``"test"`` (the balanced test set), ``"upper"`` (the held-out
+            part, without augmentation; needs ``search_split``) or ``"none"`` (no validation).
         min_count: Smallest per-class count of the profile, >= 1.
         step_fraction: Fraction of minority classes of the step profile, in [0, 1].
         upper_augment: Whether the upper dataloader applies the training augmentation.
@@ -73,8 +66,7 @@ class LongTailDataModule(pl.LightningDataModule):
             datamodules that accept it say so.
 
     Raises:
-        ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"``
-            without ``search_split``).
+        ValueError: An argument is out of range or inconsistent (e.g. ``val_source="upper"`` without ``search_split``).
 
     Example:
         >>> from lightning_autobalance.data import LongTailDigits
@@ -83,23 +75,11 @@ class LongTailDataModule(pl.LightningDataModule):
         (10, True)
     """
 
-    def __init__(
-        self,
-        imbalance_ratio: float = 100.0,
-        profile: Literal["exponential", "step"] = "exponential",
-        upper_fraction: float = 0.2,
-        search_split: bool = False,
-        batch_size: int = 128,
-        upper_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_source: Literal["test", "upper", "none"] = "test",
-        min_count: int = 1,
-        step_fraction: float = 0.5,
-        upper_augment: bool = True,
-        fold_in_epoch: int | None = None,
-        device_resident: bool = False,
-    ) -> None:
+    def __init__(self, imbalance_ratio: float = 100.0, profile: Literal["exponential", "step"] = "exponential",
+                 upper_fraction: float = 0.2, search_split: bool = False, batch_size: int = 128,
+                 upper_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 val_source: Literal["test", "upper", "none"] = "test", min_count: int = 1, step_fraction: float = 0.5,
+                 upper_augment: bool = True, fold_in_epoch: int | None = None, device_resident: bool = False) -> None:
         super().__init__()
         self.imbalance_ratio = check_real("imbalance_ratio", imbalance_ratio, 1.0)
         self.profile = check_choice("profile", profile, ("exponential", "step"))
@@ -158,14 +138,8 @@ class LongTailDataModule(pl.LightningDataModule):
 
         The default applies the profile with ``n_max`` = the largest pool class.
         """
-        return profiles.long_tail_counts(
-            max(pool_counts),
-            len(pool_counts),
-            self.imbalance_ratio,
-            self.profile,
-            self.step_fraction,
-            self.min_count,
-        )
+        return profiles.long_tail_counts(max(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile,
+                                         self.step_fraction, self.min_count)
 
     def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
         """Dataset of the pool samples ``indices``, with or without training augmentation."""
@@ -186,10 +160,8 @@ class LongTailDataModule(pl.LightningDataModule):
         if num_classes < 1:
             raise ValueError(f"{type(self).__name__}: the training data has no classes")
         if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
-            raise ValueError(
-                f"{type(self).__name__}: labels must lie in 0..{num_classes - 1}, "
-                f"found {int(targets.min())}..{int(targets.max())}"
-            )
+            raise ValueError(f"{type(self).__name__}: labels must lie in 0..{num_classes - 1}, found "
+                             f"{int(targets.min())}..{int(targets.max())}")
         pool_counts = np.bincount(targets, minlength=num_classes).tolist()
         for c, n in enumerate(pool_counts):
             if n == 0:
@@ -201,9 +173,8 @@ class LongTailDataModule(pl.LightningDataModule):
             kept = profiles.select_long_tail(targets, counts, self.seed, class_names=names)
         strata, strata_names = self._strata(targets, kept, list(names))
         if self.search_split:
-            lower_pos, upper_pos = profiles.split_per_class(
-                strata, self.upper_fraction, self.seed, class_names=strata_names
-            )
+            lower_pos, upper_pos = profiles.split_per_class(strata, self.upper_fraction, self.seed,
+                                                            class_names=strata_names)
             lower, upper = kept[lower_pos], kept[upper_pos]
         else:
             lower, upper = kept, None
@@ -231,9 +202,7 @@ class LongTailDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         """Number of classes."""
-        self._ensure_plan()
-        assert self._class_names is not None
-        return len(self._class_names)
+        return len(self.class_names)
 
     @property
     def long_tail_counts(self) -> list[int]:
@@ -297,10 +266,8 @@ class LongTailDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ datasets
     def _require_upper(self) -> np.ndarray:
         if not self.search_split:
-            raise RuntimeError(
-                f"{type(self).__name__} has no upper split: construct it with search_split=True "
-                "to hold out part of the training set for the loss search"
-            )
+            raise RuntimeError(f"{type(self).__name__} has no upper split: construct it with search_split=True to hold "
+                               "out part of the training set for the loss search")
         self._ensure_plan()
         assert self._upper is not None
         return self._upper
@@ -378,28 +345,14 @@ class LongTailDataModule(pl.LightningDataModule):
             _ = self.test_dataset
 
     # ------------------------------------------------------------------ dataloaders
-    def _loader(
-        self,
-        dataset: Dataset[Any],
-        batch_size: int,
-        shuffle: bool = False,
-        sampler: Sampler[int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> DataLoader[Any]:
+    def _loader(self, dataset: Dataset[Any], batch_size: int, shuffle: bool = False,
+                sampler: Sampler[int] | None = None, generator: torch.Generator | None = None) -> DataLoader[Any]:
         if isinstance(dataset, DeviceImageDataset):
             dataset.to(self._data_device())
             return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
                               drop_last=False, collate_fn=keep_batch)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            generator=generator,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                          drop_last=False, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled training batches ``(x, y)``, ``y`` an int64 tensor; no sample is dropped. With
@@ -434,9 +387,8 @@ class LongTailDataModule(pl.LightningDataModule):
         """
         sampler = self.upper_sampler()
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(
-            self.upper_dataset, self.upper_batch_size or self.batch_size, sampler=sampler, generator=generator
-        )
+        return self._loader(self.upper_dataset, self.upper_batch_size or self.batch_size, sampler=sampler,
+                            generator=generator)
 
     def val_dataloader(self) -> DataLoader[Any] | list[Any]:
         """Validation batches per ``val_source``; an empty list for ``"none"``."""

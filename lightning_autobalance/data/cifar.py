@@ -19,13 +19,11 @@ __all__ = ["LongTailCIFAR10", "LongTailCIFAR100"]
 class _LongTailCIFAR(LongTailDataModule):
     """Shared logic of :class:`LongTailCIFAR10` and :class:`LongTailCIFAR100`.
 
-    Reads the official python release with torchvision (``torchvision.datasets.CIFAR10`` /
-    ``CIFAR100``), keeps the decoded ``uint8`` images in memory as ``(N, 3, 32, 32)``
-    tensors, and long-tails the training set with ``n_max`` = the per-class count of the
-    release (5,000 for CIFAR-10, 500 for CIFAR-100). Within a class, samples are numbered
-    in the order of the release; the seeded choice of
-    :func:`~lightning_autobalance.data.profiles.select_long_tail` picks positions in that
-    order. The test set is the balanced official one.
+    Reads the official python release with torchvision (``torchvision.datasets.CIFAR10`` / ``CIFAR100``), keeps the
+    decoded ``uint8`` images in memory as ``(N, 3, 32, 32)`` tensors, and long-tails the training set with ``n_max`` =
+    the per-class count of the release (5,000 for CIFAR-10, 500 for CIFAR-100). Within a class, samples are numbered in
+    the order of the release; the seeded choice of :func:`~lightning_autobalance.data.profiles.select_long_tail` picks
+    positions in that order. The test set is the balanced official one.
 
     Training augmentation: ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``,
     ``Normalize`` with the dataset's mean and standard deviation; evaluation: ``Normalize``.
@@ -67,18 +65,14 @@ class _LongTailCIFAR(LongTailDataModule):
         """Decode one split with torchvision: ``uint8`` images ``(N, 3, 32, 32)``, labels, names."""
         folder = self.data_folder
         if not self.download and not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f"{self._title} data folder '{folder}' not found: pass download=True to fetch the "
-                f"official release into root='{self.root}', or set root to the folder that contains "
-                f"'{self._reader.base_folder}'"
-            )
+            raise FileNotFoundError(f"{self._title} data folder '{folder}' not found: pass download=True to fetch the "
+                                    f"official release into root='{self.root}', or set root to the folder that "
+                                    f"contains '{self._reader.base_folder}'")
         try:
             reader = self._reader(self.root, train=train, download=self.download, check_integrity=self.check_integrity)
         except RuntimeError as err:
-            raise RuntimeError(
-                f"{self._title} files in '{folder}' are missing or corrupted ({err}); pass download=True to "
-                "fetch the official release again"
-            ) from err
+            raise RuntimeError(f"{self._title} files in '{folder}' are missing or corrupted ({err}); pass "
+                               "download=True to fetch the official release again") from err
         images = torch.from_numpy(np.ascontiguousarray(reader.data)).permute(0, 3, 1, 2).contiguous()
         return images, np.asarray(reader.targets, dtype=np.int64), list(reader.classes)
 
@@ -102,11 +96,8 @@ class _LongTailCIFAR(LongTailDataModule):
         self._ensure_plan()
         assert self._train_images is not None and self._train_targets is not None
         rows = torch.as_tensor(indices, dtype=torch.long)
-        return InMemoryImageDataset(
-            self._train_images[rows],
-            self._train_targets[indices],
-            transforms.cifar_transform(self._mean, self._std, train=augment),
-        )
+        return InMemoryImageDataset(self._train_images[rows], self._train_targets[indices],
+                                    transforms.cifar_transform(self._mean, self._std, train=augment))
 
     def _build_test_dataset(self) -> Dataset[Any]:
         images, targets, _ = self._read(train=False)

@@ -18,9 +18,8 @@ from lightning_autobalance.data.tinted_dataset import TintedImageDataset
 __all__ = ["PALETTE", "ColoredDigits"]
 
 #: RGB tints of the groups, in order: red, green, blue, yellow, magenta, cyan (before desaturation).
-PALETTE: tuple[tuple[float, float, float], ...] = (
-    (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0),
-)
+PALETTE: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0),
+                                                   (1.0, 0.0, 1.0), (0.0, 1.0, 1.0))
 
 
 class ColoredDigits(LongTailDataModule):
@@ -74,20 +73,9 @@ class ColoredDigits(LongTailDataModule):
         ((3, 8, 8), torch.int64, torch.int64)
     """
 
-    def __init__(
-        self,
-        task: Literal["digits", "binary"] = "digits",
-        num_groups: int = 2,
-        correlation: float = 0.95,
-        saturation: float = 0.8,
-        test_per_class: int = 40,
-        test_seed: int = 0,
-        augment: bool = False,
-        imbalance_ratio: float = 1.0,
-        batch_size: int = 64,
-        min_count: int = 2,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, task: Literal["digits", "binary"] = "digits", num_groups: int = 2, correlation: float = 0.95,
+                 saturation: float = 0.8, test_per_class: int = 40, test_seed: int = 0, augment: bool = False,
+                 imbalance_ratio: float = 1.0, batch_size: int = 64, min_count: int = 2, **kwargs: Any) -> None:
         if "device_resident" in kwargs:
             raise ValueError(f"{type(self).__name__} does not take device_resident (got "
                              f"{kwargs['device_resident']!r}): its images are tinted per sample on the host")
@@ -161,10 +149,8 @@ class ColoredDigits(LongTailDataModule):
         digit = np.asarray(digits.target, dtype=np.int64)
         for d, n in enumerate(np.bincount(digit, minlength=10).tolist()):
             if n < self.test_per_class + self.min_count:
-                raise ValueError(
-                    f"digit {d} has {n} images: too few for test_per_class={self.test_per_class} "
-                    f"plus min_count={self.min_count} training images"
-                )
+                raise ValueError(f"digit {d} has {n} images: too few for test_per_class={self.test_per_class} plus "
+                                 f"min_count={self.min_count} training images")
         test = profiles.select_long_tail(digit, [self.test_per_class] * 10, self.test_seed)
         pool = np.setdiff1d(np.arange(digit.size), test)
         images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
@@ -178,9 +164,8 @@ class ColoredDigits(LongTailDataModule):
     def _profile_counts(self, pool_counts: list[int]) -> list[int] | None:
         if self.imbalance_ratio == 1.0:
             return None
-        return profiles.long_tail_counts(
-            min(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile, self.step_fraction, self.min_count
-        )
+        return profiles.long_tail_counts(min(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile,
+                                         self.step_fraction, self.min_count)
 
     def _assign_groups(self, targets: np.ndarray, kept: np.ndarray, num_classes: int) -> np.ndarray:
         """Groups of the kept samples: per class, ``round(correlation * n_c)`` in the majority group, the rest
@@ -214,11 +199,9 @@ class ColoredDigits(LongTailDataModule):
         present = np.bincount(cells, minlength=self._num_groups * k)
         empty = [cell_names[j] for j in np.flatnonzero(present == 0)]
         if empty:
-            raise ValueError(
-                f"{type(self).__name__}: no training sample for {', '.join(empty[:4])}"
-                f"{' and more' if len(empty) > 4 else ''} (correlation={self.correlation}); every (class, group) "
-                "cell needs samples: lower the correlation or keep more samples per class"
-            )
+            raise ValueError(f"{type(self).__name__}: no training sample for {', '.join(empty[:4])}"
+                             f"{' and more' if len(empty) > 4 else ''} (correlation={self.correlation}); every (class, "
+                             "group) cell needs samples: lower the correlation or keep more samples per class")
         self._pool_groups = groups
         return cells, cell_names
 

@@ -18,23 +18,19 @@ __all__ = ["LongTailDigits"]
 class LongTailDigits(LongTailDataModule):
     """Long-tailed version of ``sklearn.datasets.load_digits()`` (1,797 8x8 grey images).
 
-    Protocol: a balanced test set of ``test_per_class`` images per class is taken out first
-    (seeded by ``test_seed``, so it stays the same across training seeds); of the rest (the
-    pool, about 150 per class) ``n_max`` = the smallest pool class count, and the profile
-    keeps ``n_c`` samples of class ``c`` (seeded by ``seed``). The default ``min_count=2``
-    keeps every class splittable by ``search_split``: with ``imbalance_ratio=100`` the
-    exponential tail would be ``floor(n_max / 100) = 1``, so the effective tail is 2
-    samples and the effective ratio ``n_max / 2``.
+    Protocol: a balanced test set of ``test_per_class`` images per class is taken out first (seeded by ``test_seed``, so
+    it stays the same across training seeds); of the rest (the pool, about 150 per class) ``n_max`` = the smallest pool
+    class count, and the profile keeps ``n_c`` samples of class ``c`` (seeded by ``seed``). The default ``min_count=2``
+    keeps every class splittable by ``search_split``: with ``imbalance_ratio=100`` the exponential tail would be
+    ``floor(n_max / 100) = 1``, so the effective tail is 2 samples and the effective ratio ``n_max / 2``.
 
-    Images are ``float32`` tensors of shape ``(1, 8, 8)``: pixel values scaled to [0, 1],
-    then normalised with the mean and standard deviation of the pool. All data stays in
-    memory.
+    Images are ``float32`` tensors of shape ``(1, 8, 8)``: pixel values scaled to [0, 1], then normalised with the mean
+    and standard deviation of the pool. All data stays in memory.
 
     Args:
         test_per_class: Test images per class, >= 1.
         test_seed: Seed of the choice of test images.
-        augment: If True, training images are shifted at random by up to one pixel
-            (zero padding before normalisation).
+        augment: If True, training images are shifted at random by up to one pixel (zero padding before normalisation).
         batch_size: Batch size of the training, validation and test dataloaders (default 64 here).
         min_count: Smallest per-class count of the profile, >= 1 (default 2 here; see above).
         **kwargs: The other arguments of :class:`LongTailDataModule` (``imbalance_ratio``, ``search_split``,
@@ -53,15 +49,8 @@ class LongTailDigits(LongTailDataModule):
         ((1, 8, 8), torch.int64)
     """
 
-    def __init__(
-        self,
-        test_per_class: int = 30,
-        test_seed: int = 0,
-        augment: bool = False,
-        batch_size: int = 64,
-        min_count: int = 2,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, test_per_class: int = 30, test_seed: int = 0, augment: bool = False, batch_size: int = 64,
+                 min_count: int = 2, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, min_count=min_count, **kwargs)
         self.test_per_class = check_int("test_per_class", test_per_class, 1)
         self.test_seed = check_int("test_seed", test_seed, 0)
@@ -83,10 +72,8 @@ class LongTailDigits(LongTailDataModule):
         available = np.bincount(targets, minlength=num_classes)
         for c, n in enumerate(available.tolist()):
             if n < self.test_per_class + self.min_count:
-                raise ValueError(
-                    f"digit class {c} has {n} images: too few for test_per_class={self.test_per_class} "
-                    f"plus min_count={self.min_count} training images"
-                )
+                raise ValueError(f"digit class {c} has {n} images: too few for test_per_class={self.test_per_class} "
+                                 f"plus min_count={self.min_count} training images")
         test = profiles.select_long_tail(targets, [self.test_per_class] * num_classes, self.test_seed)
         pool = np.setdiff1d(np.arange(targets.size), test)
         images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
@@ -96,14 +83,8 @@ class LongTailDigits(LongTailDataModule):
         return targets[pool], names
 
     def _profile_counts(self, pool_counts: list[int]) -> list[int] | None:
-        return profiles.long_tail_counts(
-            min(pool_counts),
-            len(pool_counts),
-            self.imbalance_ratio,
-            self.profile,
-            self.step_fraction,
-            self.min_count,
-        )
+        return profiles.long_tail_counts(min(pool_counts), len(pool_counts), self.imbalance_ratio, self.profile,
+                                         self.step_fraction, self.min_count)
 
     def _transform(self, augment: bool) -> v2.Compose:
         steps: list[v2.Transform] = []

@@ -23,10 +23,9 @@ _CHECKED_LOCK = threading.Lock()
 def check_image(path: str) -> str | None:
     """Why an image file cannot be used (``"UnidentifiedImageError: cannot identify image file"``), or None.
 
-    Cheap, without a full decode: the file must open as an image (not a text file with a ``.png`` suffix), pass
-    PIL's ``verify()`` (a PNG's chunks and checksums, to its end), and a JPEG must decode at 1/8 scale (PIL's
-    ``draft`` mode, about a millisecond), which finds one cut short; PIL refuses those when it decodes them for
-    training.
+    Cheap, without a full decode: the file must open as an image (not a text file with a ``.png`` suffix), pass PIL's
+    ``verify()`` (a PNG's chunks and checksums, to its end), and a JPEG must decode at 1/8 scale (PIL's ``draft`` mode,
+    about a millisecond), which finds one cut short; PIL refuses those when it decodes them for training.
 
     Example:
         >>> import tempfile, os
@@ -72,8 +71,7 @@ def decode_image(path: str, size: tuple[int, int] | None = None) -> torch.Tensor
 
     Args:
         path: The image file.
-        size: Optional ``(height, width)``; images of another size are resized to it
-            (bilinear).
+        size: Optional ``(height, width)``; images of another size are resized to it (bilinear).
 
     Returns:
         The decoded image.
@@ -125,13 +123,9 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         ((3, 8, 8), 3)
     """
 
-    def __init__(
-        self,
-        paths: Sequence[str],
-        targets: Sequence[int] | np.ndarray,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        size: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, paths: Sequence[str], targets: Sequence[int] | np.ndarray,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 size: tuple[int, int] | None = None) -> None:
         labels = np.asarray(targets, dtype=np.int64)
         if len(paths) != labels.shape[0]:
             raise ValueError(f"got {len(paths)} paths but {labels.shape[0]} targets")

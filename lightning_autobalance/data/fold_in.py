@@ -47,8 +47,7 @@ class FoldInSampler(Sampler[int]):
 
     Args:
         lower_indices: dataset indices of the lower part (trained on from the start).
-        upper_indices: dataset indices of the upper part (held out for the loss search, folded in at
-            ``fold_in_epoch``).
+        upper_indices: dataset indices of the upper part (held out for the loss search, folded in at ``fold_in_epoch``).
         fold_in_epoch: the first epoch (0-based) that trains on both parts; ``>= 1``.
         seed: seeds the order (with the epoch).
 

@@ -23,28 +23,24 @@ class LongTailImageFolder(LongTailDataModule):
 
     Two layouts:
 
-    * **Folder tree** (``train_list=None``): ``root/train/<class>/<image>`` and
-      ``root/test/<class>/<image>`` as ``torchvision.datasets.ImageFolder`` reads them:
-      classes are the sorted subfolder names, and within a class the files are in
-      ImageFolder's order (sorted by path, so by file name in a flat folder). The training
-      set is long-tailed with the profile and ``n_max`` (default: the largest class), using
-      the same seeded per-class choice of positions as :class:`LongTailCIFAR10`; on the
-      CIFAR-10 JPEG copy (files numbered in the release's order) it gives the same 12,406
-      images as CIFAR-10-LT from the binary release.
-    * **List files** (ImageNet-LT style): ``train_list`` and ``test_list`` name text files
-      of ``<relative/path> <label>`` lines, paths relative to ``root``; blank lines and lines
-      starting with ``#`` are skipped. A list file is looked up as given, then relative to
-      ``root``. Labels run from 0 to the largest training label. Class names are the image's
-      parent folder (when each class has one folder of its own), else the label. The
+    * **Folder tree** (``train_list=None``): ``root/train/<class>/<image>`` and ``root/test/<class>/<image>`` as
+      ``torchvision.datasets.ImageFolder`` reads them: classes are the sorted subfolder names, and within a class the
+      files are in ImageFolder's order (sorted by path, so by file name in a flat folder). The training set is
+      long-tailed with the profile and ``n_max`` (default: the largest class), using the same seeded per-class choice of
+      positions as :class:`LongTailCIFAR10`; on the CIFAR-10 JPEG copy (files numbered in the release's order) it gives
+      the same 12,406 images as CIFAR-10-LT from the binary release.
+    * **List files** (ImageNet-LT style): ``train_list`` and ``test_list`` name text files of
+      ``<relative/path> <label>`` lines, paths relative to ``root``; blank lines and lines starting with ``#`` are
+      skipped. A list file is looked up as given, then relative to ``root``. Labels run from 0 to the largest training
+      label. Class names are the image's parent folder (when each class has one folder of its own), else the label. The
       ImageNet-LT lists are long-tailed already: set ``already_long_tailed=True``.
 
     With ``already_long_tailed=True`` the training data's own counts are used as they are.
 
-    Transforms: with ``image_size=None`` images are decoded at 32x32 (``cifar_size``; resized
-    when they differ) and get CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip,
-    CIFAR-10 mean/std); with an integer, ``RandomResizedCrop(image_size)`` and flip for
-    training, ``Resize(int(image_size * 256 / 224))`` and ``CenterCrop(image_size)`` for
-    evaluation, ImageNet mean/std.
+    Transforms: with ``image_size=None`` images are decoded at 32x32 (``cifar_size``; resized when they differ) and get
+    CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip, CIFAR-10 mean/std); with an integer,
+    ``RandomResizedCrop(image_size)`` and flip for training, ``Resize(int(image_size * 256 / 224))`` and
+    ``CenterCrop(image_size)`` for evaluation, ImageNet mean/std.
 
     Images are decoded lazily with PIL, item by item; ``cache_in_memory=True`` decodes each
     used image once (when the datasets are built) into ``uint8`` tensors and keeps them.
@@ -64,20 +60,18 @@ class LongTailImageFolder(LongTailDataModule):
             resized crop); False trains on the images as they are, which fits the training set
             quickly (a terminal-phase benchmark). The upper part follows it (and ``upper_augment``).
         cache_in_memory: Decode once and keep the images in memory.
-        verify_images: Check, when the counts are first read (before any training), that every
-            image the run uses is one: it opens as an image, passes PIL's ``verify()``, and a
-            JPEG decodes at 1/8 scale (which finds one cut short); in parallel threads, each
-            file once per process. A bad file (corrupt, truncated, not an image despite its
-            suffix) is named then, by path, rather than when its batch is read.
+        verify_images: Check, when the counts are first read (before any training), that every image the run uses is
+            one: it opens as an image, passes PIL's ``verify()``, and a JPEG decodes at 1/8 scale (which finds one cut
+            short); in parallel threads, each file once per process. A bad file (corrupt, truncated, not an image
+            despite its suffix) is named then, by path, rather than when its batch is read.
         **kwargs: The arguments of :class:`~lightning_autobalance.data.LongTailDataModule` (``imbalance_ratio``,
             ``search_split``, ``batch_size``, ``seed``, ...), with its defaults; ``device_resident`` only with
             ``image_size=None`` (the images are then decoded once, as with ``cache_in_memory``).
 
     Raises:
-        ValueError: At construction, a bad argument. When the counts are first computed:
-            a folder without class subfolders, a class folder without images, a malformed
-            list line or a label out of range (naming the file and line), a class with
-            fewer images than the profile asks for.
+        ValueError: At construction, a bad argument. When the counts are first computed: a folder without class
+            subfolders, a class folder without images, a malformed list line or a label out of range (naming the file
+            and line), a class with fewer images than the profile asks for.
         FileNotFoundError: (idem) a missing folder, list file or listed image.
         RuntimeError: An image that cannot be used (naming the file): when the counts are first
             read with ``verify_images``, else when it is decoded.
@@ -88,20 +82,10 @@ class LongTailImageFolder(LongTailDataModule):
         12406
     """
 
-    def __init__(
-        self,
-        root: str,
-        train_list: str | None = None,
-        test_list: str | None = None,
-        n_max: int | None = None,
-        already_long_tailed: bool = False,
-        image_size: int | None = None,
-        cifar_size: int = 32,
-        train_augment: bool = True,
-        cache_in_memory: bool = False,
-        verify_images: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, root: str, train_list: str | None = None, test_list: str | None = None, n_max: int | None = None,
+                 already_long_tailed: bool = False, image_size: int | None = None, cifar_size: int = 32,
+                 train_augment: bool = True, cache_in_memory: bool = False, verify_images: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(root, str | os.PathLike) or not str(root):
             raise ValueError(f"root must be a non-empty folder path, got {root!r}")
@@ -132,9 +116,8 @@ class LongTailImageFolder(LongTailDataModule):
         #: Decode once and keep: asked for, or needed to hold the images on the device.
         self._in_memory = self.cache_in_memory or self.device_resident
         if self.train_list is not None and self.test_list is None and self.val_source == "test":
-            raise ValueError(
-                "val_source='test' needs test_list in list mode; give test_list or choose val_source 'upper' or 'none'"
-            )
+            raise ValueError("val_source='test' needs test_list in list mode; give test_list or choose val_source "
+                             "'upper' or 'none'")
         self._train_paths: list[str] = []
         self._names: list[str] = []
         self._test_files: tuple[list[str], np.ndarray] | None = None
@@ -152,10 +135,9 @@ class LongTailImageFolder(LongTailDataModule):
             raise FileNotFoundError(f"image folder root '{self.root}' does not exist")
         base = os.path.join(self.root, split)
         if not os.path.isdir(base):
-            raise FileNotFoundError(
-                f"folder '{base}' not found: LongTailImageFolder expects root/{split}/<class>/<image> "
-                "(ImageFolder layout), or list files given as train_list/test_list"
-            )
+            raise FileNotFoundError(f"folder '{base}' not found: LongTailImageFolder expects "
+                                    f"root/{split}/<class>/<image> (ImageFolder layout), or list files given as "
+                                    "train_list/test_list")
         classes = sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
         if not classes:
             raise ValueError(f"folder '{base}' has no class subfolders (expected {base}/<class>/<image>)")
@@ -199,9 +181,8 @@ class LongTailImageFolder(LongTailDataModule):
                         raise ValueError
                     label = int(parts[1])
                 except ValueError:
-                    raise ValueError(
-                        f"{name} '{path}', line {number}: expected '<relative/path> <integer label>', got {line!r}"
-                    ) from None
+                    raise ValueError(f"{name} '{path}', line {number}: expected '<relative/path> <integer label>', got "
+                                     f"{line!r}") from None
                 if label < 0 or (num_classes is not None and label >= num_classes):
                     expected = "a label >= 0" if num_classes is None else f"a label in 0..{num_classes - 1}"
                     raise ValueError(f"{name} '{path}', line {number}: expected {expected}, got {label}")
@@ -232,11 +213,10 @@ class LongTailImageFolder(LongTailDataModule):
             missing = sorted(set(range(num_classes)) - set(labels.tolist()))
             if missing:
                 path = self._resolve_list(self.train_list, "train_list")
-                raise ValueError(
-                    f"train_list '{path}': the labels run up to {num_classes - 1} (e.g. '{paths[int(labels.argmax())]}'"
-                    f") but no line has the labels {missing[:10]}{'...' if len(missing) > 10 else ''}: labels must "
-                    f"run from 0 to K-1 with at least one training image per class"
-                )
+                raise ValueError(f"train_list '{path}': the labels run up to {num_classes - 1} (e.g. "
+                                 f"'{paths[int(labels.argmax())]}') but no line has the labels "
+                                 f"{missing[:10]}{'...' if len(missing) > 10 else ''}: labels must run from 0 to K-1 "
+                                 "with at least one training image per class")
             names = self._list_class_names(paths, labels, num_classes)
         else:
             paths, labels, names = self._scan_tree("train")
@@ -259,10 +239,8 @@ class LongTailImageFolder(LongTailDataModule):
             else:
                 paths, labels, classes = self._scan_tree("test")
                 if classes != self._names:
-                    raise ValueError(
-                        f"the class folders of '{os.path.join(self.root, 'test')}' ({classes}) differ from "
-                        f"those of '{os.path.join(self.root, 'train')}' ({self._names})"
-                    )
+                    raise ValueError(f"the class folders of '{os.path.join(self.root, 'test')}' ({classes}) differ "
+                                     f"from those of '{os.path.join(self.root, 'train')}' ({self._names})")
                 self._test_files = (paths, labels)
         return self._test_files
 
@@ -270,16 +248,13 @@ class LongTailImageFolder(LongTailDataModule):
         if self.already_long_tailed:
             return None
         n_max = self.n_max if self.n_max is not None else max(pool_counts)
-        counts = profiles.long_tail_counts(
-            n_max, len(pool_counts), self.imbalance_ratio, self.profile, self.step_fraction, self.min_count
-        )
+        counts = profiles.long_tail_counts(n_max, len(pool_counts), self.imbalance_ratio, self.profile,
+                                           self.step_fraction, self.min_count)
         for c, (have, want) in enumerate(zip(pool_counts, counts)):
             if have < want:
-                raise ValueError(
-                    f"class {c} ({self._names[c]!r}) has {have} training images but the profile asks for "
-                    f"{want} (n_max={n_max}, imbalance_ratio={self.imbalance_ratio:g}); lower n_max, or set "
-                    "already_long_tailed=True to use the data's own counts"
-                )
+                raise ValueError(f"class {c} ({self._names[c]!r}) has {have} training images but the profile asks for "
+                                 f"{want} (n_max={n_max}, imbalance_ratio={self.imbalance_ratio:g}); lower n_max, or "
+                                 "set already_long_tailed=True to use the data's own counts")
         return counts
 
     # ------------------------------------------------------------------ datasets
@@ -322,11 +297,9 @@ class LongTailImageFolder(LongTailDataModule):
             return
         bad = bad_images(paths)
         if bad:
-            raise RuntimeError(
-                f"LongTailImageFolder: {len(bad)} of the {len(paths)} {what} images cannot be opened: "
-                f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Fix or remove them (or pass "
-                "verify_images=False to skip this check)"
-            )
+            raise RuntimeError(f"LongTailImageFolder: {len(bad)} of the {len(paths)} {what} images cannot be opened: "
+                               f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Fix or remove them (or pass "
+                               "verify_images=False to skip this check)")
 
     def _build_dataset(self, indices: np.ndarray, augment: bool) -> Dataset[Any]:
         self._ensure_plan()  # which checked every image the run trains on

@@ -34,12 +34,9 @@ class InMemoryImageDataset(Dataset[tuple[torch.Tensor, int]]):
         ((1, 8, 8), 1)
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor | Sequence[torch.Tensor],
-        targets: Sequence[int] | np.ndarray | torch.Tensor,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self, images: torch.Tensor | Sequence[torch.Tensor],
+                 targets: Sequence[int] | np.ndarray | torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         labels = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64)
         if len(images) != labels.shape[0]:
             raise ValueError(f"got {len(images)} images but {labels.shape[0]} targets")

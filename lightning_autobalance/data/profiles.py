@@ -1,9 +1,8 @@
 """Long-tail profiles, seeded sample selection and per-class splits.
 
-Plain numpy; nothing here knows about Lightning. These functions fix the data protocol of
-the long-tailed benchmarks: which class keeps how many samples, which
-samples stay, how the training set is split into a lower (training) and an upper (held-out)
-part for the loss search, and which classes count as head, medium or tail.
+Plain numpy; nothing here knows about Lightning. These functions fix the data protocol of the long-tailed benchmarks:
+which class keeps how many samples, which samples stay, how the training set is split into a lower (training) and an
+upper (held-out) part for the loss search, and which classes count as head, medium or tail.
 
 Example:
     >>> counts = long_tail_counts(5000, 10, 100.0)
@@ -22,25 +21,13 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = [
-    "head_medium_tail",
-    "long_tail_counts",
-    "select_long_tail",
-    "split_per_class",
-]
+from lightning_autobalance.data._checks import check_int, check_real
+
+__all__ = ["head_medium_tail", "long_tail_counts", "select_long_tail", "split_per_class"]
 
 # Relative tolerance used to snap values such as 5000 * 100 ** -1 = 50.00000000000001 (or
 # 49.99999999999999) to the integer they stand for before taking the floor.
 _SNAP_RTOL = 1e-9
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` as an int, or raise a ValueError naming ``name`` and the range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _floor_snapped(value: float) -> int:
@@ -58,14 +45,9 @@ def _class_label(c: int, class_names: Sequence[str] | None) -> str:
     return f"class {c}"
 
 
-def long_tail_counts(
-    n_max: int,
-    num_classes: int,
-    imbalance_ratio: float,
-    profile: Literal["exponential", "step"] = "exponential",
-    step_fraction: float = 0.5,
-    min_count: int = 1,
-) -> list[int]:
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
+                     profile: Literal["exponential", "step"] = "exponential", step_fraction: float = 0.5,
+                     min_count: int = 1) -> list[int]:
     """Per-class sample counts of a long-tailed training set.
 
     Classes keep the dataset's own order: class 0 is the head.
@@ -99,9 +81,9 @@ def long_tail_counts(
         >>> long_tail_counts(5000, 10, 1000.0, min_count=10)[-1]
         10
     """
-    n_max = _check_int("n_max", n_max, 1)
-    num_classes = _check_int("num_classes", num_classes, 1)
-    min_count = _check_int("min_count", min_count, 1)
+    n_max = check_int("n_max", n_max, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
+    min_count = check_int("min_count", min_count, 1)
     if min_count > n_max:
         raise ValueError(f"min_count must be between 1 and n_max={n_max}, got {min_count}")
     if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, numbers.Real):
@@ -109,18 +91,13 @@ def long_tail_counts(
     rho = float(imbalance_ratio)
     if not math.isfinite(rho) or rho < 1.0:
         raise ValueError(f"imbalance_ratio must be a finite number >= 1, got {imbalance_ratio!r}")
-
     if profile == "exponential":
         if num_classes == 1:
             raw = [n_max]
         else:
             raw = [_floor_snapped(n_max * rho ** (-c / (num_classes - 1))) for c in range(num_classes)]
     elif profile == "step":
-        if isinstance(step_fraction, bool) or not isinstance(step_fraction, numbers.Real):
-            raise ValueError(f"step_fraction must be a number in [0, 1], got {step_fraction!r}")
-        fraction = float(step_fraction)
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"step_fraction must be a number in [0, 1], got {step_fraction!r}")
+        fraction = check_real("step_fraction", step_fraction, 0.0, 1.0)
         num_tail = math.floor(fraction * num_classes + 0.5)
         tail = _floor_snapped(n_max / rho)
         raw = [n_max] * (num_classes - num_tail) + [tail] * num_tail
@@ -143,25 +120,19 @@ def _targets_array(targets: Sequence[int] | np.ndarray, name: str = "targets") -
     return array.astype(np.int64, copy=False)
 
 
-def select_long_tail(
-    targets: Sequence[int] | np.ndarray,
-    counts: Sequence[int],
-    seed: int,
-    class_names: Sequence[str] | None = None,
-) -> np.ndarray:
+def select_long_tail(targets: Sequence[int] | np.ndarray, counts: Sequence[int], seed: int,
+                     class_names: Sequence[str] | None = None) -> np.ndarray:
     """Seeded choice of the samples that a long-tailed subset keeps.
 
-    One ``numpy.random.default_rng(seed)`` generator is used for all classes, in class
-    order. For class ``c`` it draws ``counts[c]`` distinct *positions* among that class's
-    samples (the class's indices in increasing order), so the positions kept depend only on
-    the seed and the per-class totals, not on how classes are interleaved. Two datasets that
-    list each class's samples in the same order (e.g. the CIFAR-10 batches and an image
-    folder sorted by file name) therefore keep the same samples.
+    One ``numpy.random.default_rng(seed)`` generator is used for all classes, in class order. For class ``c`` it draws
+    ``counts[c]`` distinct *positions* among that class's samples (the class's indices in increasing order), so the
+    positions kept depend only on the seed and the per-class totals, not on how classes are interleaved. Two datasets
+    that list each class's samples in the same order (e.g. the CIFAR-10 batches and an image folder sorted by file name)
+    therefore keep the same samples.
 
     Args:
         targets: Class index of every sample of the full (balanced) set.
-        counts: Number of samples to keep for each class; ``len(counts)`` is the number of
-            classes.
+        counts: Number of samples to keep for each class; ``len(counts)`` is the number of classes.
         seed: Seed of the generator.
         class_names: Optional class names, used in error messages.
 
@@ -182,10 +153,8 @@ def select_long_tail(
     wanted = [int(n) for n in counts]
     num_classes = len(wanted)
     if labels.size and labels.max() >= num_classes:
-        raise ValueError(
-            f"targets hold class index {int(labels.max())} but counts has only {num_classes} entries "
-            f"(expected labels in 0..{num_classes - 1})"
-        )
+        raise ValueError(f"targets hold class index {int(labels.max())} but counts has only {num_classes} entries "
+                         f"(expected labels in 0..{num_classes - 1})")
     rng = np.random.default_rng(seed)
     kept: list[np.ndarray] = []
     for c, n in enumerate(wanted):
@@ -195,9 +164,8 @@ def select_long_tail(
         if members.size == 0:
             raise ValueError(f"{_class_label(c, class_names)} has no samples; expected at least {n} to keep")
         if members.size < n:
-            raise ValueError(
-                f"{_class_label(c, class_names)} has {members.size} samples but the long-tail profile asks for {n}"
-            )
+            raise ValueError(f"{_class_label(c, class_names)} has {members.size} samples but the long-tail profile "
+                             f"asks for {n}")
         positions = rng.choice(members.size, size=n, replace=False)
         kept.append(members[positions])
     if not kept:
@@ -205,19 +173,14 @@ def select_long_tail(
     return np.sort(np.concatenate(kept)).astype(np.int64, copy=False)
 
 
-def split_per_class(
-    targets: Sequence[int] | np.ndarray,
-    fraction: float = 0.2,
-    seed: int = 0,
-    class_names: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def split_per_class(targets: Sequence[int] | np.ndarray, fraction: float = 0.2, seed: int = 0,
+                    class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split into a lower (training) part and an upper (held-out) part.
 
-    Each class ``c`` with ``n_c`` samples gives ``round(fraction * n_c)`` (rounded half up)
-    samples to the upper part, but at least 1, and keeps at least 1 in the lower part, so
-    both parts follow the same imbalance profile and contain every class. The split uses one
-    ``numpy.random.default_rng(seed)`` generator, classes in increasing label order. Labels
-    that never occur are skipped.
+    Each class ``c`` with ``n_c`` samples gives ``round(fraction * n_c)`` (rounded half up) samples to the upper part,
+    but at least 1, and keeps at least 1 in the lower part, so both parts follow the same imbalance profile and contain
+    every class. The split uses one ``numpy.random.default_rng(seed)`` generator, classes in increasing label order.
+    Labels that never occur are skipped.
 
     Args:
         targets: Class index of every sample.
@@ -237,11 +200,7 @@ def split_per_class(
         >>> len(lower), len(upper)
         (12, 3)
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-        raise ValueError(f"fraction must be a number in the open interval (0, 1), got {fraction!r}")
-    frac = float(fraction)
-    if not 0.0 < frac < 1.0:
-        raise ValueError(f"fraction must be a number in the open interval (0, 1), got {fraction!r}")
+    frac = check_real("fraction", fraction, 0.0, 1.0, low_open=True, high_open=True)
     labels = _targets_array(targets)
     rng = np.random.default_rng(seed)
     lower: list[np.ndarray] = []
@@ -251,10 +210,8 @@ def split_per_class(
         n = members.size
         if n < 2:
             name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
-            raise ValueError(
-                f"a search split needs at least 2 samples of class {name!r} (index {c}), it has {n}; "
-                "lower the imbalance ratio, raise min_count, or disable search_split"
-            )
+            raise ValueError(f"a search split needs at least 2 samples of class {name!r} (index {c}), it has {n}; "
+                             "lower the imbalance ratio, raise min_count, or disable search_split")
         n_upper = min(max(math.floor(frac * n + 0.5), 1), n - 1)
         order = rng.permutation(n)
         upper.append(members[order[:n_upper]])
@@ -262,26 +219,19 @@ def split_per_class(
     if not lower:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty.copy()
-    return (
-        np.sort(np.concatenate(lower)).astype(np.int64, copy=False),
-        np.sort(np.concatenate(upper)).astype(np.int64, copy=False),
-    )
+    return (np.sort(np.concatenate(lower)).astype(np.int64, copy=False),
+            np.sort(np.concatenate(upper)).astype(np.int64, copy=False))
 
 
-def head_medium_tail(
-    class_counts: Sequence[int] | np.ndarray,
-    many_threshold: int = 100,
-    few_threshold: int = 20,
-    rule: Literal["auto", "shots", "thirds"] = "auto",
-) -> np.ndarray:
+def head_medium_tail(class_counts: Sequence[int] | np.ndarray, many_threshold: int = 100, few_threshold: int = 20,
+                     rule: Literal["auto", "shots", "thirds"] = "auto") -> np.ndarray:
     """Label each class ``"head"``, ``"medium"`` or ``"tail"`` from its training count.
 
     The rule:
 
-    * ``"shots"`` (the usual many/medium/few-shot convention of ImageNet-LT and
-      CIFAR-100-LT, Liu et al. 2019): ``count > many_threshold`` is head,
-      ``few_threshold <= count <= many_threshold`` is medium, ``count < few_threshold`` is
-      tail. With the defaults: head > 100, medium 20..100, tail < 20.
+    * ``"shots"`` (the usual many/medium/few-shot convention of ImageNet-LT and CIFAR-100-LT, Liu et al. 2019):
+      ``count > many_threshold`` is head, ``few_threshold <= count <= many_threshold`` is medium,
+      ``count < few_threshold`` is tail. With the defaults: head > 100, medium 20..100, tail < 20.
     * ``"thirds"``: classes sorted by decreasing count (ties by class index) are cut into
       three consecutive groups of near-equal size (``numpy.array_split``; the first groups
       take the remainder), head, medium, tail. Meant for small datasets.

@@ -36,16 +36,9 @@ class TintedImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
         ((3, 8, 8), 0, 1, [0.0, 1.0, 0.0])
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        targets: Sequence[int] | np.ndarray,
-        groups: Sequence[int] | np.ndarray,
-        palette: torch.Tensor,
-        mean: float = 0.0,
-        std: float = 1.0,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self, images: torch.Tensor, targets: Sequence[int] | np.ndarray, groups: Sequence[int] | np.ndarray,
+                 palette: torch.Tensor, mean: float = 0.0, std: float = 1.0,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         labels = np.asarray(targets, dtype=np.int64)
         group_ids = np.asarray(groups, dtype=np.int64)
         if images.ndim != 4 or images.shape[1] != 1:

@@ -45,11 +45,10 @@ __all__ = ["CIFAR10Reader", "CIFAR100Reader"]
 class _OptionalIntegrityMixin:
     """Lets torchvision's CIFAR reader skip its md5 checks when ``check_integrity=False``.
 
-    torchvision checks every batch file and the meta file against fixed md5 sums, which
-    rejects anything but the official release. With ``check_integrity=False`` the md5 sums
-    in this instance's file tables are set to None, which torchvision's ``check_integrity``
-    treats as "the file exists"; the real torchvision code then parses the pickled files, through
-    an unpickler that accepts arrays only (a crafted file in the data folder cannot run code).
+    torchvision checks every batch file and the meta file against fixed md5 sums, which rejects anything but the
+    official release. With ``check_integrity=False`` the md5 sums in this instance's file tables are set to None, which
+    torchvision's ``check_integrity`` treats as "the file exists"; the real torchvision code then parses the pickled
+    files, through an unpickler that accepts arrays only (a crafted file in the data folder cannot run code).
     """
 
     def __init__(self, *args: Any, check_integrity: bool = True, **kwargs: Any) -> None:
@@ -79,9 +78,8 @@ class CIFAR10Reader(_OptionalIntegrityMixin, CIFAR10):
         (10000, 32, 32, 3)
     """
 
-    def __init__(
-        self, root: str | Path, train: bool = True, download: bool = False, check_integrity: bool = True
-    ) -> None:
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
+                 check_integrity: bool = True) -> None:
         super().__init__(root, train=train, download=download, check_integrity=check_integrity)
 
 
@@ -100,7 +98,6 @@ class CIFAR100Reader(_OptionalIntegrityMixin, CIFAR100):
         100
     """
 
-    def __init__(
-        self, root: str | Path, train: bool = True, download: bool = False, check_integrity: bool = True
-    ) -> None:
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
+                 check_integrity: bool = True) -> None:
         super().__init__(root, train=train, download=download, check_integrity=check_integrity)

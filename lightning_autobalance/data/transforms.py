@@ -20,17 +20,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-__all__ = [
-    "BatchTransform",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "cifar_transform",
-    "imagenet_transform",
-]
+__all__ = ["BatchTransform", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN",
+           "IMAGENET_STD", "cifar_transform", "imagenet_transform"]
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
@@ -40,14 +31,12 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def cifar_transform(
-    mean: Sequence[float], std: Sequence[float], train: bool, size: int = 32, padding: int = 4
-) -> v2.Compose:
+def cifar_transform(mean: Sequence[float], std: Sequence[float], train: bool, size: int = 32,
+                    padding: int = 4) -> v2.Compose:
     """CIFAR-style transform of a ``uint8`` ``(C, H, W)`` tensor.
 
-    Training: ``RandomCrop(size, padding)`` (zero padding), ``RandomHorizontalFlip``, then
-    scaling to [0, 1] and ``Normalize(mean, std)``. Evaluation: scaling and ``Normalize``
-    only.
+    Training: ``RandomCrop(size, padding)`` (zero padding), ``RandomHorizontalFlip``, then scaling to [0, 1] and
+    ``Normalize(mean, std)``. Evaluation: scaling and ``Normalize`` only.
 
     Args:
         mean: Per-channel mean of the [0, 1]-scaled images.
@@ -72,12 +61,8 @@ def cifar_transform(
     return v2.Compose(steps)
 
 
-def imagenet_transform(
-    image_size: int,
-    train: bool,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
+def imagenet_transform(image_size: int, train: bool, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """ImageNet-style transform of a ``uint8`` ``(C, H, W)`` tensor of any size.
 
     Training: ``RandomResizedCrop(image_size)`` and ``RandomHorizontalFlip``. Evaluation:
@@ -100,15 +85,9 @@ def imagenet_transform(
         torch.Size([3, 24, 24])
     """
     if train:
-        steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
+        steps: list[v2.Transform] = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
-        steps = [
-            v2.Resize(int(image_size * 256 / 224), antialias=True),
-            v2.CenterCrop(image_size),
-        ]
+        steps = [v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 

@@ -136,14 +136,13 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
     """A classifier trained with an AutoBalance loss (or the LDAM-DRW / focal / group DRO baselines), with long-tail
     and group metrics.
 
-    The optimiser and schedule are LightningCLI callables (``class_path`` plus ``init_args`` in YAML); by default
-    SGD (``lr=0.1, momentum=0.9, weight_decay=2e-4``) under
-    :class:`~lightning_autobalance.core.lr_schedule.WarmupDecayLR`
-    (cosine annealing to 0 over the run, stepped every optimizer step; the paper's linear warm-up and step decay are
-    its ``warmup_epochs``, ``schedule="step"``, ``milestones`` and ``lr_decay``). Validation and test log the
-    balanced error (``1 -`` the macro-averaged recall, i.e. torchmetrics' ``MulticlassAccuracy(average="macro")``),
-    the error on head, medium and tail classes, and (up to ``log_max_classes`` classes) the error of every class. At
-    test time the raw logits are used: the loss adjustment shapes training only.
+    The optimiser and schedule are LightningCLI callables (``class_path`` plus ``init_args`` in YAML); by default SGD
+    (``lr=0.1, momentum=0.9, weight_decay=2e-4``) under :class:`~lightning_autobalance.core.lr_schedule.WarmupDecayLR`
+    (cosine annealing to 0 over the run, stepped every optimizer step; the paper's linear warm-up and step decay are its
+    ``warmup_epochs``, ``schedule="step"``, ``milestones`` and ``lr_decay``). Validation and test log the balanced error
+    (``1 -`` the macro-averaged recall, i.e. torchmetrics' ``MulticlassAccuracy(average="macro")``), the error on head,
+    medium and tail classes, and (up to ``log_max_classes`` classes) the error of every class. At test time the raw
+    logits are used: the loss adjustment shapes training only.
 
     With groups (``num_groups >= 2``, batches ``(x, y, g)``) the loss tables are ``G x K`` (from ``group_counts``
     when given, so presets see the counts of every (group, class) cell) and validation and test also log the group
@@ -230,32 +229,17 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                 init_args: {drw_epoch: 30}
     """
 
-    def __init__(
-        self,
-        network: str | Callable[[int], nn.Module] = "resnet32",
-        num_classes: int = 10,
-        class_counts: list[int] | None = None,
-        loss: LossName | nn.Module | Criterion = "autobalance",
-        preset: str = "la",
-        search: Sequence[str] = ("offset",),
-        parametrization: ParametrizationKind = "hierarchical",
-        group_size: int = 1,
-        num_groups: int | None = None,
-        group_counts: list[list[int]] | None = None,
-        preset_kwargs: dict[str, float] | None = None,
-        reduction: Reduction = "mean",
-        loss_file: str | None = None,
-        freeze_loss: bool = False,
-        ldam_max_margin: float | None = None,
-        ldam_scale: float | None = None,
-        drw_epoch: int | None = None,
-        focal_gamma: float | None = None,
-        dro_step_size: float | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
-        log_max_classes: int = 100,
-    ) -> None:
+    def __init__(self, network: str | Callable[[int], nn.Module] = "resnet32", num_classes: int = 10,
+                 class_counts: list[int] | None = None, loss: LossName | nn.Module | Criterion = "autobalance",
+                 preset: str = "la", search: Sequence[str] = ("offset",),
+                 parametrization: ParametrizationKind = "hierarchical", group_size: int = 1,
+                 num_groups: int | None = None, group_counts: list[list[int]] | None = None,
+                 preset_kwargs: dict[str, float] | None = None, reduction: Reduction = "mean",
+                 loss_file: str | None = None, freeze_loss: bool = False, ldam_max_margin: float | None = None,
+                 ldam_scale: float | None = None, drw_epoch: int | None = None, focal_gamma: float | None = None,
+                 dro_step_size: float | None = None, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None, channels_last: bool = False,
+                 log_max_classes: int = 100) -> None:
         super().__init__()
         if class_counts is None:
             raise ValueError("ImbalancedClassifier needs class_counts (samples per class); from the CLI they are "

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_autobalance.core.coerce import coerce_value
+from lightning_autobalance.core.coerce import coerce_value, raise_first
 
 __all__ = ["HyperOptimizer", "HyperUpdate", "OptimizerCallable", "SchedulerCallable"]
 
@@ -45,8 +45,7 @@ class HyperOptimizer:
             more than an order of magnitude as the training set is fitted, so no single SGD learning rate suits a
             whole run (``docs/tuning.md``).
         lr: learning rate of the default Adam (``None``: 0.02); giving it with ``optimizer`` is an error.
-        scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step (replaces
-            ``lr_schedule``).
+        scheduler: a callable ``optimizer -> scheduler``, stepped after every hyper step (replaces ``lr_schedule``).
         lr_schedule: ``"cosine"``: the learning rate decays from its value to 0 along a cosine over the planned
             hyper steps (constant when the run's length is unknown); ``"constant"``: no decay.
         shrinkage: after every hyper step each per-class free value ``a`` informed by ``n`` upper samples is
@@ -71,7 +70,7 @@ class HyperOptimizer:
     max_norm: float | None = None
 
     def __post_init__(self) -> None:
-        checks = [
+        raise_first([
             (self.optimizer is None or callable(self.optimizer),
              f"hyper_optimizer must be a callable params -> Optimizer; got {type(self.optimizer).__name__}."),
             (self.lr is None or self.lr > 0, f"hyper_lr must be positive; got {self.lr}."),
@@ -83,10 +82,7 @@ class HyperOptimizer:
              f"hyper_lr_schedule must be 'cosine' or 'constant'; got {self.lr_schedule!r}."),
             (self.shrinkage >= 0, f"shrinkage must be >= 0; got {self.shrinkage}."),
             (self.max_norm is None or self.max_norm > 0, f"max_norm must be positive or None; got {self.max_norm}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
 
     @classmethod
     def coerce(cls, value: Any) -> HyperOptimizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning_autobalance.core.losses import (
     save_loss_tables,
 )
 from lightning_autobalance.core.parametrization import (
+    PARAMETRIZATIONS,
     LossParametrization,
     ParametrizationKind,
     PerClass,
@@ -75,10 +77,7 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
         raise ValueError(f"Loss file {str(path)!r} has {tables.num_classes} classes but class_counts has {k}.")
     alpha = info.get("alpha")
     if isinstance(alpha, dict) and "parametrization" in info:
-        rebuilt = build_parametrization(info["parametrization"], class_counts, preset=info.get("preset", "ce"),
-                                        search=info.get("search", ()), num_groups=tables.num_groups,
-                                        group_size=int(info.get("group_size", 1)),
-                                        preset_kwargs=info.get("preset_kwargs"))
+        rebuilt = _rebuild(info["parametrization"], class_counts, info, tables.num_groups)
         free = rebuilt.alpha()
         if set(free) != set(alpha):
             raise ValueError(f"Loss file {str(path)!r}: free values {sorted(alpha)} do not match its "
@@ -99,6 +98,14 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
     loss = PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts)
     loss.decision = dict(decision) if isinstance(decision, Mapping) else None
     return loss, info
+
+
+def _rebuild(kind: str, class_counts: Any, saved: Mapping[str, Any], num_groups: int | None) -> LossParametrization:
+    """A parametrisation of ``kind`` on ``class_counts`` with the settings a loss file or a state dict saved."""
+    return build_parametrization(kind, class_counts, preset=saved.get("preset", "ce"), search=saved.get("search", ()),
+                                 num_groups=num_groups, group_size=int(saved.get("group_size", 1)),
+                                 preset_kwargs=saved.get("preset_kwargs"))
+
 
 #: What a module that never calls ``configure_autobalance`` searches (the defaults of that method).
 _DEFAULTS: dict[str, Any] = {"preset": "la", "search": ("offset",), "parametrization": "hierarchical",
@@ -201,27 +208,24 @@ class AutoBalanceMixin:
     """Adds a learnable AutoBalance loss to a :class:`~pytorch_lightning.LightningModule`.
 
     Put the mixin *before* ``LightningModule`` in the bases (after it, call :meth:`configure_autobalance` in
-    ``__init__``, with or without counts, so that a fresh module can load a checkpoint) and use
-    :meth:`autobalance_loss` as the training loss;
-    add :class:`~lightning_autobalance.AutoBalanceCallback` to the Trainer. That is all a module needs: the class
-    counts are found when the Trainer sets the module up (see :meth:`configure_autobalance` for where from), saved
-    in the module's checkpoints, and restored by ``load_from_checkpoint``, ``trainer.test(ckpt_path=...)`` or
-    ``load_state_dict`` on a freshly built module. Call :meth:`configure_autobalance` (in ``__init__`` or in
+    ``__init__``, with or without counts, so that a fresh module can load a checkpoint) and use :meth:`autobalance_loss`
+    as the training loss; add :class:`~lightning_autobalance.AutoBalanceCallback` to the Trainer. That is all a module
+    needs: the class counts are found when the Trainer sets the module up (see :meth:`configure_autobalance` for where
+    from), saved in the module's checkpoints, and restored by ``load_from_checkpoint``, ``trainer.test(ckpt_path=...)``
+    or ``load_state_dict`` on a freshly built module. Call :meth:`configure_autobalance` (in ``__init__`` or in
     ``setup``) only to choose another loss family or to give the counts yourself.
 
     The loss parameters live in a submodule (``self.autobalance``) as buffers: they are saved in the module's
-    ``state_dict`` (so even a weights-only checkpoint restores the learned loss) but are not
-    ``nn.Parameter``\\ s, so the model's optimizer, including LightningCLI's automatic one, never trains them.
-    The callback updates them.
+    ``state_dict`` (so even a weights-only checkpoint restores the learned loss) but are not ``nn.Parameter``\\ s, so
+    the model's optimizer, including LightningCLI's automatic one, never trains them. The callback updates them.
 
     A module built around another's trained network (e.g. a stochastic-weight-averaging module made from a trained
     one) takes the found loss with one line, ``swa_module.autobalance_like(trained_module)``.
 
-    For the callback, the mixin also says how to read a batch (:meth:`autobalance_unpack`) and how to get logits
-    from inputs (:meth:`autobalance_forward`); the defaults handle ``(x, y)``/``(x, y, g)`` batches and
-    ``self(x)``. Override them for other layouts. :attr:`autobalance_loss_calls` counts the calls of
-    :meth:`autobalance_loss` in training mode, which lets the callback tell a training step that never uses the
-    searched loss.
+    For the callback, the mixin also says how to read a batch (:meth:`autobalance_unpack`) and how to get logits from
+    inputs (:meth:`autobalance_forward`); the defaults handle ``(x, y)``/``(x, y, g)`` batches and ``self(x)``. Override
+    them for other layouts. :attr:`autobalance_loss_calls` counts the calls of :meth:`autobalance_loss` in training
+    mode, which lets the callback tell a training step that never uses the searched loss.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -243,6 +247,8 @@ class AutoBalanceMixin:
     """
 
     autobalance_reduction: Reduction = "mean"
+    #: Whether :meth:`autobalance_loss` checks labels, groups and logits on every call (one host synchronisation
+    #: per step); set ``self.autobalance_validate = False`` to skip the checks.
     autobalance_validate: bool = True
     #: Calls of :meth:`autobalance_loss` while the module is in training mode (``self.training``), over its life.
     #: :class:`~lightning_autobalance.AutoBalanceCallback` reads it to stop a fit whose training step never calls
@@ -262,22 +268,13 @@ class AutoBalanceMixin:
         super().__init__(*args, **kwargs)
         self._autobalance_install_hooks()
 
-    def configure_autobalance(
-        self,
-        class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None = None,
-        preset: str = "la",
-        search: Sequence[str] | str = ("offset",),
-        parametrization: ParametrizationKind = "hierarchical",
-        group_size: int = 1,
-        num_groups: int | None = None,
-        reduction: Reduction = "mean",
-        preset_kwargs: Mapping[str, Any] | None = None,
-        loss_file: str | Path | None = None,
-        freeze: bool = False,
-        validate_inputs: bool = True,
-        like: AutoBalanceMixin | None = None,
-        num_classes: int | None = None,
-    ) -> LossParametrization | None:
+    def configure_autobalance(self, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor | None = None,
+                              preset: str = "la", search: Sequence[str] | str = ("offset",),
+                              parametrization: ParametrizationKind = "hierarchical", group_size: int = 1,
+                              num_groups: int | None = None, reduction: Reduction = "mean",
+                              preset_kwargs: Mapping[str, Any] | None = None, loss_file: str | Path | None = None,
+                              freeze: bool = False, num_classes: int | None = None,
+                              **deprecated: Any) -> LossParametrization | None:
         """Chooses the loss family to search and, optionally, the class counts; call it in ``__init__`` or ``setup``.
 
         Optional: a module that never calls it searches the default family below on counts it finds itself.
@@ -314,10 +311,11 @@ class AutoBalanceMixin:
             preset_kwargs: preset settings (``tau``, ``gamma``, ``beta``).
             loss_file: start from a loss exported by :meth:`export_loss` instead of a preset (e.g. to retrain).
             freeze: freeze the loss (the callback will not change it), e.g. when retraining with a found loss.
-            validate_inputs: check labels, groups and logits on every call (one host synchronisation per step).
-            like: another module with the mixin whose loss to copy (see :meth:`autobalance_like`, the same).
             num_classes: the number of classes ``K`` when the counts are found from the labels (a class absent
                 from the training data then gets a clear error instead of a shorter count list).
+            **deprecated: the spellings of earlier versions, still taken with a ``FutureWarning``:
+                ``validate_inputs=False`` is ``self.autobalance_validate = False`` (checks of labels, groups and logits
+                on every call, one host synchronisation per step) and ``like=other`` is :meth:`autobalance_like`.
 
         Returns:
             The parametrisation module (also ``self.autobalance``), or ``None`` while the counts are not known yet.
@@ -327,8 +325,8 @@ class AutoBalanceMixin:
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer or None; got {num_classes!r}.")
+        like = self._autobalance_deprecated(deprecated)
         self._autobalance_install_hooks()
-        self.autobalance_validate = validate_inputs
         if like is not None:
             return self.autobalance_like(like, freeze=freeze, class_counts=class_counts)
         config = {"preset": preset, "search": search, "parametrization": parametrization, "group_size": group_size,
@@ -338,20 +336,29 @@ class AutoBalanceMixin:
                   "num_classes": num_classes}
         existing = self._autobalance_built()
         previous = self._autobalance_state.config or {}
-        same = existing is not None and previous == config
-        if same and (class_counts is None or _same_counts(class_counts, existing, num_groups)):
-            return existing  # called again (e.g. setup for every stage): keep the loss found so far
-        if class_counts is None and existing is not None and previous.get("like"):
-            return existing  # a loss taken with autobalance_like stays (e.g. a setup() that configures again)
-        if class_counts is None and existing is None:
-            self._autobalance_state.config = config
-            return None  # the counts are found at setup (autobalance_parameters)
+        if existing is not None and ((class_counts is None and (previous == config or previous.get("like")))
+                                     or (previous == config and _same_counts(class_counts, existing, num_groups))):
+            return existing  # called again (e.g. setup for every stage), or a loss taken with autobalance_like
         self._autobalance_state.config = config
-        if class_counts is None:
-            class_counts = existing.class_counts  # new settings on the counts known before
-        else:
+        if class_counts is not None:
             self._autobalance_state.explicit = True
-        return self._autobalance_build(class_counts)
+        elif existing is None:
+            return None  # the counts are found at setup (autobalance_parameters)
+        return self._autobalance_build(existing.class_counts if class_counts is None else class_counts)
+
+    def _autobalance_deprecated(self, deprecated: dict[str, Any]) -> AutoBalanceMixin | None:
+        """Takes the spellings ``configure_autobalance`` no longer names, with a ``FutureWarning``; returns ``like``."""
+        unknown = sorted(set(deprecated) - {"validate_inputs", "like"})
+        if unknown:
+            raise TypeError(f"configure_autobalance() got an unexpected keyword argument {unknown[0]!r}")
+        if "validate_inputs" in deprecated:
+            warnings.warn("configure_autobalance(validate_inputs=...) is deprecated: set "
+                          "`self.autobalance_validate = ...` instead.", FutureWarning, stacklevel=3)
+            self.autobalance_validate = bool(deprecated["validate_inputs"])
+        if deprecated.get("like") is not None:
+            warnings.warn("configure_autobalance(like=other) is deprecated: call `self.autobalance_like(other)` "
+                          "instead.", FutureWarning, stacklevel=3)
+        return deprecated.get("like")
 
     def autobalance_like(self, other: AutoBalanceMixin, freeze: bool = False,
                          class_counts: Any = None) -> LossParametrization:
@@ -444,13 +451,10 @@ class AutoBalanceMixin:
             if fits or self._autobalance_state.explicit:
                 return  # the usual load (and its usual errors for counts given explicitly)
         kind = saved.get("kind")
-        if kind not in ("hierarchical", "class", "groups", "dataset"):
+        if kind not in PARAMETRIZATIONS:
             kind = self._autobalance_settings()["parametrization"]
         table = torch.as_tensor(counts).detach().cpu().double()
-        params = build_parametrization(
-            kind, table, preset=saved.get("preset", "ce"), search=saved.get("search", ()),
-            num_groups=int(table.shape[0]) if table.shape[0] > 1 else None,
-            group_size=int(saved.get("group_size", 1)), preset_kwargs=saved.get("preset_kwargs"))
+        params = _rebuild(kind, table, saved, int(table.shape[0]) if table.shape[0] > 1 else None)
         self._autobalance_set(params, saved.get("reduction", self._autobalance_settings()["reduction"]))
         self._autobalance_state.explicit = False
 
@@ -651,9 +655,7 @@ class AutoBalanceMixin:
         if self._autobalance_state.counts_checked == id(trainer):
             return
         self._autobalance_state.counts_checked = id(trainer)
-        loader = getattr(trainer, "train_dataloader", None)
-        loader = _first_loader(loader)
-        dataset = getattr(loader, "dataset", None)
+        dataset = getattr(_first_loader(getattr(trainer, "train_dataloader", None)), "dataset", None)
         labels = dataset_targets(dataset, read=False) if dataset is not None else None
         if labels is None or labels.size == 0:
             return
@@ -718,10 +720,9 @@ class AutoBalanceMixin:
         """Writes the found loss (YAML or JSON by suffix), with the held-back check's decision on it (``decision``:
         kept or put back, why, and its figures; ``pending`` when written before the check ruled; ``null``: none).
 
-        The file holds the tables to retrain with (frequency bins interpolated to classes) and also the
-        parametrisation and its free values, so that retraining on other class counts (the whole training set
-        instead of the search split) rebuilds the preset on those counts and adds the searched deviation to it
-        (see :func:`loss_from_file`).
+        The file holds the tables to retrain with (frequency bins interpolated to classes) and also the parametrisation
+        and its free values, so that retraining on other class counts (the whole training set instead of the search
+        split) rebuilds the preset on those counts and adds the searched deviation to it (see :func:`loss_from_file`).
         """
         params = self.autobalance_parameters()
         with torch.no_grad():

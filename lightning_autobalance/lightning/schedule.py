@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lightning_autobalance.core.coerce import coerce_value
+from lightning_autobalance.core.coerce import coerce_value, raise_first
 
 __all__ = ["MAX_AUTO_INTERVAL", "ONE_PHASE_HYPER_SHARE", "Schedule", "auto_interval"]
 
@@ -91,6 +91,7 @@ class Schedule:
     stop_epoch: int | None = None
     stop_step: int | None = None
     warmup_fraction: float = 0.2
+
     def __post_init__(self) -> None:
         checks = [
             (self.every_n_steps is None or self.every_n_steps >= 1,
@@ -103,9 +104,7 @@ class Schedule:
             checks.append((start is None or start >= 0, f"start_{name} must be >= 0; got {start}."))
             checks.append((stop is None or start is None or stop > start,
                            f"stop_{name} ({stop}) must come after start_{name} ({start})."))
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first(checks)
         # The plan of a fit (set on the copy plan() returns; plain attributes, not settings).
         #: the optimizer step where the automatic warm-up ends
         self.auto_start_step = 0
@@ -126,8 +125,7 @@ class Schedule:
 
     # ------------------------------------------------------------------------------------------------------------
     def bounds(self) -> tuple[tuple[str, int], list[tuple[str, int]]]:
-        """The window of the search, defined once: its start and its stops, each ``("step", s)`` or
-        ``("epoch", e)``."""
+        """The window of the search, defined once: its start and its stops, each ``("step", s)`` or ``("epoch", e)``."""
         if self.start_step is not None:
             start = ("step", self.start_step)
         elif self.start_epoch is not None:

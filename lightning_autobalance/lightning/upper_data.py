@@ -1,11 +1,6 @@
-"""``UpperData``: where the search's held-out ("upper") batches come from, as one value.
-
-An :class:`UpperData` holds the settings (where to look, an explicit dataloader, known counts, class-balanced
-batches); at the start of a fit :meth:`UpperData.setup` finds the loader (the datamodule's or the module's
-``upper_dataloader()``, the one given, or the validation data), checks that every process has batches, learns the
-upper counts per class (and per (group, class) cell when the batches carry groups) and the label of every sample,
-and opens its :class:`~lightning_autobalance.lightning.batch_stream.BatchStream` once. With ``holdout`` it keeps part
-of the upper data away from the stream for the held-back check (:mod:`lightning_autobalance.lightning.check`).
+"""``UpperData``: where the search's held-out ("upper") batches come from, as one value; at the start of a fit
+:meth:`UpperData.build` makes the fit's :class:`UpperBatches` (the loader found, its
+:class:`~lightning_autobalance.lightning.batch_stream.BatchStream`, the upper counts, the part held back for the check).
 
 This is the callback's side of the data: it reads the Trainer (its datamodule, its validation loader, its
 strategy's ``all_gather``).

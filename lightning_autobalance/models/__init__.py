@@ -1,8 +1,7 @@
 """Networks: the CIFAR ResNets of the long-tail literature, a small digits MLP, torchvision ResNets.
 
-Every network takes ``num_classes`` as its first constructor argument and exposes
-``forward_features(x)`` (the features fed to the classifier) and ``head`` (the final
-``nn.Linear``). ``build_network`` builds one by name.
+Every network takes ``num_classes`` as its first constructor argument and exposes ``forward_features(x)`` (the features
+fed to the classifier) and ``head`` (the final ``nn.Linear``). ``build_network`` builds one by name.
 
 Example:
     >>> from lightning_autobalance.models import build_network
@@ -25,16 +24,8 @@ from lightning_autobalance.models.resnet_cifar import ResNetCIFAR
 from lightning_autobalance.models.small import DigitsNet
 from lightning_autobalance.models.torchvision_resnet import TorchvisionResNet
 
-__all__ = [
-    "NETWORK_NAMES",
-    "BasicBlockA",
-    "DigitsNet",
-    "NormedLinear",
-    "ResNet32",
-    "ResNetCIFAR",
-    "TorchvisionResNet",
-    "build_network",
-]
+__all__ = ["NETWORK_NAMES", "BasicBlockA", "DigitsNet", "NormedLinear", "ResNet32", "ResNetCIFAR", "TorchvisionResNet",
+           "build_network"]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": partial(ResNetCIFAR, depth=20),

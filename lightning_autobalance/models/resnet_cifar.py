@@ -1,9 +1,8 @@
 """The CIFAR-style ResNet of He et al. (2016) with parameter-free (option A) shortcuts.
 
-This is the ResNet-32 that the long-tail literature (LDAM-DRW, logit adjustment, CDT,
-AutoBalance) trains on CIFAR-10-LT and CIFAR-100-LT. It is written to be safe under
-``torch.func`` transforms: no operation writes in place into a tensor that it did not create,
-so ``functional_call``, ``jvp`` and ``vjp`` all work on it, in train mode too when the BatchNorm
+This is the ResNet-32 that the long-tail literature (LDAM-DRW, logit adjustment, CDT, AutoBalance) trains on CIFAR-10-LT
+and CIFAR-100-LT. It is written to be safe under ``torch.func`` transforms: no operation writes in place into a tensor
+that it did not create, so ``functional_call``, ``jvp`` and ``vjp`` all work on it, in train mode too when the BatchNorm
 buffers are cloned inside the transformed function.
 """
 
@@ -21,11 +20,10 @@ __all__ = ["ResNetCIFAR"]
 class ResNetCIFAR(nn.Module):
     """CIFAR ResNet of depth 6n+2: three stages of n basic blocks, then pooling and a linear head.
 
-    The stages have ``width``, ``2 * width`` and ``4 * width`` channels (16, 32, 64 by default)
-    and work at full, half and quarter resolution. Shortcuts between stages are parameter-free
-    (option A of He et al. 2016): stride-2 subsampling plus zero-padded channels. Convolutions
-    and the linear head use Kaiming-normal initialisation. Any input size works (the pooling is
-    adaptive), though the architecture is meant for 32x32 images.
+    The stages have ``width``, ``2 * width`` and ``4 * width`` channels (16, 32, 64 by default) and work at full, half
+    and quarter resolution. Shortcuts between stages are parameter-free (option A of He et al. 2016): stride-2
+    subsampling plus zero-padded channels. Convolutions and the linear head use Kaiming-normal initialisation. Any input
+    size works (the pooling is adaptive), though the architecture is meant for 32x32 images.
 
     Attributes:
         head: The final ``nn.Linear`` from pooled features to logits.
@@ -53,9 +51,8 @@ class ResNetCIFAR(nn.Module):
     def __init__(self, num_classes: int = 10, depth: int = 32, in_channels: int = 3, width: int = 16) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(
-                f"ResNetCIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got {depth!r}"
-            )
+            raise ValueError("ResNetCIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got "
+                             f"{depth!r}")
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
             if value < 1:
                 raise ValueError(f"{name} must be positive; got {value}")

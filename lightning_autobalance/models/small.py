@@ -11,10 +11,9 @@ __all__ = ["DigitsNet"]
 class DigitsNet(nn.Module):
     """Multilayer perceptron: flatten, ``depth`` hidden layers of ``hidden`` units, linear head.
 
-    Each hidden layer is ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout]``; with batch norm the
-    linear layers drop their (redundant) bias. With ``depth=0`` the network is a linear model
-    on the flattened input. It is small enough for fast tests and CPU examples and, like the
-    CIFAR ResNets, safe under ``torch.func`` transforms.
+    Each hidden layer is ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout]``; with batch norm the linear layers drop their
+    (redundant) bias. With ``depth=0`` the network is a linear model on the flattened input. It is small enough for fast
+    tests and CPU examples and, like the CIFAR ResNets, safe under ``torch.func`` transforms.
 
     Attributes:
         features: The hidden layers (``nn.Sequential``; empty when ``depth=0``).
@@ -30,8 +29,7 @@ class DigitsNet(nn.Module):
         batch_norm: Whether to put ``BatchNorm1d`` after each hidden linear layer.
 
     Raises:
-        ValueError: If a size is not positive, ``depth`` is negative or ``dropout`` is outside
-            [0, 1).
+        ValueError: If a size is not positive, ``depth`` is negative or ``dropout`` is outside [0, 1).
 
     Example:
         >>> import torch
@@ -42,15 +40,8 @@ class DigitsNet(nn.Module):
         torch.Size([5, 128])
     """
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_features: int = 64,
-        hidden: int = 128,
-        depth: int = 2,
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_features: int = 64, hidden: int = 128, depth: int = 2,
+                 dropout: float = 0.0, batch_norm: bool = False) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_features", in_features), ("hidden", hidden)):
             if value < 1:
@@ -79,8 +70,7 @@ class DigitsNet(nn.Module):
         """Activations of the last hidden layer.
 
         Args:
-            x: Inputs of shape (N, 1, 8, 8), (N, 64) or anything that flattens to
-                (N, in_features).
+            x: Inputs of shape (N, 1, 8, 8), (N, 64) or anything that flattens to (N, in_features).
 
         Returns:
             Tensor of shape (N, num_features).

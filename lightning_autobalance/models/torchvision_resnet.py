@@ -12,12 +12,11 @@ __all__ = ["TorchvisionResNet"]
 class TorchvisionResNet(nn.Module):
     """A torchvision ResNet or ResNeXt with its classifier split off as ``head``.
 
-    The torchvision network is kept as ``backbone`` with its ``fc`` layer replaced by an
-    identity, so ``backbone(x)`` returns the pooled features and ``head`` maps them to logits.
-    ``weights`` is handed to torchvision's builder (e.g. ``"DEFAULT"`` or ``"IMAGENET1K_V2"``;
-    torchvision downloads them on first use). When pretrained weights are asked for with a
-    number of classes different from theirs, the backbone keeps the pretrained weights and
-    ``head`` is a freshly initialised linear layer (the usual fine-tuning set-up).
+    The torchvision network is kept as ``backbone`` with its ``fc`` layer replaced by an identity, so ``backbone(x)``
+    returns the pooled features and ``head`` maps them to logits. ``weights`` is handed to torchvision's builder (e.g.
+    ``"DEFAULT"`` or ``"IMAGENET1K_V2"``; torchvision downloads them on first use). When pretrained weights are asked
+    for with a number of classes different from theirs, the backbone keeps the pretrained weights and ``head`` is a
+    freshly initialised linear layer (the usual fine-tuning set-up).
 
     Attributes:
         ARCHS: Names of the supported architectures.
@@ -28,8 +27,7 @@ class TorchvisionResNet(nn.Module):
     Args:
         num_classes: Number of output logits.
         arch: One of ``ARCHS``.
-        weights: Name of a torchvision weights entry for ``arch``, or None for random
-            initialisation.
+        weights: Name of a torchvision weights entry for ``arch``, or None for random initialisation.
 
     Raises:
         ValueError: If ``arch`` or ``weights`` is not known.

@@ -33,10 +33,9 @@ import torch
 __all__ = ["IGNORED_TRAINER_KEYS", "callback_settings", "changes", "describe", "file_digest", "resolve_paths"]
 
 #: Trainer arguments that do not change what a stage computes (display, logging, where files go), left out.
-IGNORED_TRAINER_KEYS = frozenset({
-    "callbacks", "logger", "default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
-    "enable_checkpointing", "profiler", "num_sanity_val_steps", "max_epochs",
-})
+IGNORED_TRAINER_KEYS = frozenset({"callbacks", "logger", "default_root_dir", "enable_progress_bar",
+                                  "enable_model_summary", "log_every_n_steps", "enable_checkpointing", "profiler",
+                                  "num_sanity_val_steps", "max_epochs"})
 #: Datamodule arguments that change how fast data arrives, not which data: left out.
 IGNORED_DATA_KEYS = frozenset({"num_workers", "verify_images"})
 _LARGE = 4096
