@@ -469,3 +469,17 @@ def test_a_non_finite_upper_input_is_named_by_sample_and_refused_before_training
                                          r"inf"):
         trainer.fit(model, train_dataloaders=train)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no training step was taken
+
+
+def test_a_search_started_from_cross_entropy_is_judged_by_the_heads_alone():
+    """The fit rule is about a consistent start (LA): from plain CE the search moves towards it, and the heads judge."""
+    torch.manual_seed(0)
+    train, upper = _loaders()
+    model = _module()([36, 9, 3], preset="ce", search=("offset",))
+    cb = _callback(0.5)(upper)
+    pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
+    result = cb.check_result
+    assert result.training_error > 0.1 and result.fit_tolerance is None  # does not fit, and no rule applies
+    assert result.keep == (result.found < result.start)
+    assert model.autobalance_parameters().decision["fit_tolerance"] is None

@@ -122,8 +122,9 @@ class AutoBalanceCallback(Callback):
 
     By default half of the upper data (per class) is held back from the search, and once the search is over the
     found loss is checked against the loss it started from: the classifier head is trained to its equilibrium on the
-    training features with each, and the found loss stays only if its head scores better on the held-back half and
-    the network fits its training data (``fit_tolerance``); otherwise the start is put back
+    training features with each, and the found loss stays only if its head scores better on the held-back half and,
+    for a search started from logit adjustment, the network fits its training data (``fit_tolerance``); otherwise the
+    start is put back
     (:mod:`lightning_autobalance.lightning.check`; ``check_result`` has the figures, the decision is also kept with the
     loss parameters, so every later checkpoint and ``export_loss`` carries it; ``should_check`` can be overridden,
     ``UpperData(holdout=0)`` turns it off). The head is the layer that makes the
@@ -171,9 +172,10 @@ class AutoBalanceCallback(Callback):
         upper_batches: upper batches per hyper step (the paper uses 10).
         log_max_classes: log every loss parameter per class up to this many classes, else summaries.
         seed: seeds the order of upper (and extra training) batches.
-        fit_tolerance: the held-back check keeps a found loss only where the network fits its training data: its
-            balanced error on the training rows the check reads, logits seen through the found loss, at most this
-            share (default 0.1). ``None``: the check's heads alone decide.
+        fit_tolerance: for a search started from logit adjustment (the default preset, or ``group_balanced``), the
+            held-back check keeps a found loss only where the network fits its training data: its balanced error on
+            the training rows the check reads, logits seen through the found loss, at most this share (default 0.1).
+            ``None``: the check's heads alone decide (as they do for other starts).
         **flat: settings by their flat names, as above.
 
     Raises:

@@ -8,14 +8,17 @@ when it wins; otherwise the loss goes back to where it started. What it answers 
 of the search's own model (trained with the found loss), not the network retrained with each loss, so a loss it keeps
 can still lose once retrained (measured in docs/results.md).
 
-Before that question, a second one, about the regime: **does the network fit its training data?** It is answered on
-the training rows the check reads anyway: the balanced error of the network's logits as its training loss sees them
-(``delta * logits + offset``, the found loss). Above ``fit_tolerance`` (default :data:`FIT_TOLERANCE`) the found loss
-is not kept, whatever the heads say. Where a network cannot fit its data (strong augmentation, a short schedule, a
-small network) a consistent start such as logit adjustment is already the answer for balanced error, and what a search
-finds on a few hundred upper images is its noise: on every augmented benchmark seed we measured, a found loss lost or
-tied once the network was retrained with it, while the heads preferred it on half of them (docs/results.md, "The
-decision"). The gain the search can bring is where a network memorises its training data, and there the heads decide.
+For a search started from logit adjustment (the default; :data:`CONSISTENT_STARTS`), a second question comes first,
+about the regime: **does the network fit its training data?** It is answered on the training rows the check reads
+anyway: the balanced error of the network's logits as its training loss sees them (``delta * logits + offset``, the
+found loss). Above ``fit_tolerance`` (default :data:`FIT_TOLERANCE`) the found loss is not kept, whatever the heads
+say. Where a network cannot fit its data (augmentation, a short schedule, a small network), logit adjustment is
+already the consistent loss for balanced error (Menon et al., 2021), so what a search started there finds on a few
+hundred upper images is their noise: on every augmented benchmark seed we measured, such a found loss lost or tied once
+the network was retrained with it, while the heads preferred it on half of them (docs/results.md, "The decision,
+rebuilt"). Where the network memorises its training data, logit adjustment loses its grip and the search has
+something to find (the multiplicative adjustment of the VS loss, docs/theory.md); there the heads decide. A search
+started elsewhere (plain cross-entropy, which the search moves towards logit adjustment) is judged by the heads alone.
 
 Each of the two heads is the equilibrium of the head's strongly convex training problem under weight decay
 (:func:`~lightning_autobalance.core.head.solve_head`, Newton's method from the network's own head) on the features of
@@ -56,8 +59,9 @@ from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.data._checks import non_finite_sample
 
-__all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "FIT_TOLERANCE", "CheckResult", "HeldBackCheck", "check_found_loss",
-           "compare_losses", "head_weight_decay", "holdout_split", "read_features", "training_error"]
+__all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "CONSISTENT_STARTS", "FIT_TOLERANCE", "CheckResult", "HeldBackCheck",
+           "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split", "read_features",
+           "training_error"]
 
 #: the share of the upper data held back for the check when ``UpperData(holdout=None)`` (the default)
 AUTO_HOLDOUT = 0.5
@@ -67,8 +71,12 @@ AUTO_HOLDOUT = 0.5
 CHECK_WEIGHT_DECAY = 5e-4
 
 #: the training balanced error above which the network is said not to fit its training data, and the found loss is not
-#: kept (``AutoBalanceCallback(fit_tolerance=...)``)
+#: kept (``AutoBalanceCallback(fit_tolerance=...)``), for a search started from one of :data:`CONSISTENT_STARTS`
 FIT_TOLERANCE = 0.1
+
+#: the presets whose loss is already the consistent one for balanced error where the network does not fit its data
+#: (logit adjustment, per class or per (group, class) cell): the fit rule applies to searches started from them
+CONSISTENT_STARTS = ("la", "group_balanced")
 
 #: the most training rows the check reads (a shuffled loader gives a random sample of that size)
 TRAIN_ROWS = 65536
@@ -349,7 +357,8 @@ class HeldBackCheck:
             explicitly is an error where the check cannot run.
         head: the classifier head's qualified name (default: the last ``nn.Linear``).
         fit_tolerance: the training balanced error above which the found loss is not kept (:data:`FIT_TOLERANCE`;
-            ``None``: the heads alone decide).
+            ``None``: the heads alone decide), for a search started from one of :data:`CONSISTENT_STARTS` (others are
+            judged by the heads alone).
     """
 
     def __init__(self, share: float | None = None, head: str | None = None,
@@ -475,8 +484,10 @@ class HeldBackCheck:
             reduce: Callable[[Tensor], Tensor] | None = None) -> CheckResult:
         """:func:`check_found_loss`; when the found loss loses, the start is copied back into ``params.alpha()``."""
         assert self.start_alpha is not None, "HeldBackCheck.run before begin"
+        consistent = getattr(params, "preset", None) in CONSISTENT_STARTS
         result = check_found_loss(module, params, self.start_alpha, train_batches, held_back_batches, objective,
-                                  self.weight_decay, self.head, to_device, reduce, fit_tolerance=self.fit_tolerance)
+                                  self.weight_decay, self.head, to_device, reduce,
+                                  fit_tolerance=self.fit_tolerance if consistent else None)
         if not result.keep:
             with torch.no_grad():
                 for name, value in params.alpha().items():
