@@ -71,8 +71,8 @@ def in_fit(config: Path, run: Path, repeats: int) -> None:
         epoch_times.append(time.perf_counter() - t0)
     ratio = statistics.median(c / e for c, e in zip(checks, epoch_times))
     print(f"check {statistics.median(checks):.2f} s, one plain epoch {statistics.median(epoch_times):.2f} s "
-          f"(medians of {repeats}, alternating); the check is {ratio:.2f} plain epochs = {ratio / epochs:.4f} of a {epochs}-epoch "
-          "plain training")
+          f"(medians of {repeats}, alternating); the check is {ratio:.2f} plain epochs = {ratio / epochs:.4f} of a "
+          f"{epochs}-epoch plain training")
 
 
 def main() -> None:
