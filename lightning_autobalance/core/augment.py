@@ -287,7 +287,8 @@ def augment(x: Tensor, target: Tensor, group: Tensor | None, params: Mapping[str
 
     Args:
         x: the inputs, ``(N, ...)``; images ``(N, C, H, W)`` for ``flip`` and ``shift``.
-        target: labels ``(N,)``; group: group indices ``(N,)`` or ``None`` (then the tables have one row).
+        target: labels ``(N,)``; group: group indices ``(N,)`` or ``None`` (then the tables have one row; tables
+            of one row apply to every group).
         params: the free ``(G, K)`` tables by name (:attr:`AugmentSettings.names`).
         draws: from :func:`draw` for these settings and this batch (fixed: the result is a function of them).
         settings: the ops and their constants.
@@ -302,7 +303,7 @@ def augment(x: Tensor, target: Tensor, group: Tensor | None, params: Mapping[str
     rows, num_classes = params[settings.names[0]].shape
     if group is None and rows != 1:
         raise ValueError(f"The tables have {rows} group rows, so a group index is needed for every sample.")
-    cells = target if group is None else cell_index(group, target, num_classes)
+    cells = target if group is None or rows == 1 else cell_index(group, target, num_classes)  # 1 row: every group
     free = {name: params[name].to(x.device).reshape(-1)[cells].to(x.dtype) for name in settings.names}
     value = {name: settings.limit(name) * torch.sigmoid(a) for name, a in free.items()}
     d = draws.to(x.device)

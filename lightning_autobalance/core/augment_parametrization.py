@@ -32,18 +32,37 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_autobalance.core.augment import AugmentSettings, initial_params, strengths
+from lightning_autobalance.core.augment import AugmentSettings, Draws, draw, initial_params, strengths
 from lightning_autobalance.core.coerce import coerce_value
 from lightning_autobalance.core.losses import as_count_table
 from lightning_autobalance.core.parametrization import frequency_bins
 
-__all__ = ["AUGMENT_KINDS", "PREFIX", "AugmentKind", "AugmentParameters", "coerce_settings"]
+__all__ = ["AUGMENT_KINDS", "PREFIX", "STREAMS", "AugmentKind", "AugmentParameters", "coerce_settings", "stream_seed"]
 
 AugmentKind = Literal["hierarchical", "class", "groups", "dataset"]
 AUGMENT_KINDS = ("hierarchical", "class", "groups", "dataset")
 #: the prefix of every free augmentation value's name
 PREFIX = "augment_"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: the draw streams: the training steps' batches, and the extra training batches of the hyper steps
+STREAMS = ("train", "hyper")
+_MASK = (1 << 64) - 1
+
+
+def stream_seed(*values: int) -> int:
+    """A seed from integers (a seed, a stream, a rank, a count), mixed as in splitmix64 so that neighbouring counts
+    give unrelated generators; the same integers always give the same seed.
+
+    Example:
+        >>> stream_seed(0, 0, 0, 1) == stream_seed(0, 0, 0, 1) != stream_seed(0, 0, 0, 2)
+        True
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & _MASK)) * 0xBF58476D1CE4E5B9) & _MASK
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
 
 
 def coerce_settings(value: AugmentSettings | Mapping[str, Any] | None) -> AugmentSettings:
@@ -109,6 +128,8 @@ class AugmentParameters(nn.Module):
         for name, shape in self._free_shapes().items():
             self.register_buffer(f"free_{name}", torch.zeros(shape))
         self.frozen = False
+        #: draws made so far per stream (saved with the parameters: a resumed fit goes on with the same draws)
+        self.draw_counts = dict.fromkeys(STREAMS, 0)
 
     # -- the shapes --------------------------------------------------------------------------------------
     def _free_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -171,6 +192,20 @@ class AugmentParameters(nn.Module):
         per_column = table @ self.expand.to(table) if self.kind == "groups" else table
         return {PREFIX + name: per_column.clone() for name in self.settings.names if self.kind != "dataset"}
 
+    def next_draws(self, shape: Sequence[int], device: torch.device | str, stream: str = "train",
+                   rank: int = 0) -> Draws:
+        """The next draws of ``stream`` for a batch of ``shape``, from a generator on ``device`` seeded with
+        :func:`stream_seed` of (``seed``, the stream, ``rank``, the stream's count): deterministic given these, the
+        global random state untouched, different on every process, reproduced after a checkpoint (the counts are
+        saved)."""
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {list(STREAMS)}; got {stream!r}.")
+        count = self.draw_counts[stream]
+        self.draw_counts[stream] = count + 1
+        gen = torch.Generator(device=device)
+        gen.manual_seed(stream_seed(self.seed, STREAMS.index(stream), rank, count))
+        return draw(self.settings, shape, gen)
+
     def reset(self) -> None:
         """Returns the free values to the start."""
         with torch.no_grad():
@@ -195,7 +230,7 @@ class AugmentParameters(nn.Module):
                 "start": dict(self.start), "seed": self.seed}
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {**self.config(), "frozen": self.frozen}
+        return {**self.config(), "frozen": self.frozen, "draw_counts": dict(self.draw_counts)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         saved = {k: state.get(k) for k in ("settings", "kind")}
@@ -204,6 +239,7 @@ class AugmentParameters(nn.Module):
             raise ValueError(f"The saved augmentation parameters are {saved['kind']!r} with settings "
                              f"{saved['settings']}, but this module has {self.kind!r} with {mine['settings']}.")
         self.frozen = bool(state.get("frozen", False))
+        self.draw_counts = {s: int(state.get("draw_counts", {}).get(s, 0)) for s in STREAMS}
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, kind={self.kind!r}, "
