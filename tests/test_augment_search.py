@@ -211,3 +211,30 @@ def test_the_augmentation_alone_is_searched_with_the_head_method():
     trainer([callback], max_epochs=2).fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
     assert callback.hyper_steps == 8 and model.autobalance.num_free() == 0
     assert all(not torch.equal(v, start[k]) for k, v in model.autobalance_augmentation.alpha().items())
+
+
+@pytest.mark.parametrize("estimator", [{}, {"method": "unroll", "eta": 0.1, "product": "jvp"},
+                                       {"method": "head", "weight_decay": 0.01, "head_steps": 2, "head_memory": 64,
+                                        "head": "net.1"}])
+def test_a_hyper_step_with_the_augmentation_searched_makes_no_host_read(estimator, monkeypatch):
+    """The probe of tests/test_callback.py, watching the new files too: the whole optimizer step of a hyper step with
+    the augmentation searched (every op, a gated one, an extra training batch) reads nothing back from the device."""
+    import test_callback
+
+    monkeypatch.setattr(test_callback, "_CORE", (*test_callback._CORE, "augment.py", "augment_term.py",
+                                                 "augment_parametrization.py", "augment_step.py", "problem.py",
+                                                 "solvers.py", "linear_solve.py"))
+    x, y = images(COUNTS, 1)
+    xu, yu = images([8] * K, 2)
+    torch.manual_seed(0)
+    model = Module(search=("offset", "augment"), validate_inputs=False)
+    model.configure_augment({"ops": "mix+flip+shift+erase+noise", "gated": "noise"})
+    callback = AutoBalanceCallback(holdout=0, every_n_steps=1, start_step=0, estimator=estimator, train_batches=2,
+                                   upper_dataloader=DataLoader(TensorDataset(xu, yu), batch_size=12))
+    probe = test_callback._HostReads()
+    probe.install(monkeypatch)
+    trainer([test_callback._WatchOptimizerSteps(probe), callback], max_steps=4).fit(
+        model, DataLoader(TensorDataset(x, y), batch_size=16))
+    monkeypatch.undo()
+    assert callback.hyper_steps == 4 and callback.skipped_steps == 0
+    assert sorted(set(probe.reads)) == []
