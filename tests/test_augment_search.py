@@ -81,7 +81,7 @@ def search_setup(train_batches: int = 2):
                                    estimator={"method": "unroll", "eta": 0.5})
     torch.manual_seed(0)
     model = ImbalancedClassifier("digits_net", num_classes=K, class_counts=COUNTS, search=("offset", "augment"),
-                                 augment=dict(AUGMENT))
+                                 augmentation=dict(AUGMENT))
     return model, callback, train
 
 

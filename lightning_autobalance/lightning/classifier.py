@@ -179,7 +179,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
             may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``); with ``"augment"``
-            also a per-class augmentation of the training batches (``augment``), applied in ``training_step``.
+            also a per-class augmentation of the training batches (``augmentation``), applied in ``training_step``.
         parametrization: ``"hierarchical"`` (default: shared scalars plus per-class residuals), ``"class"``,
             ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.core.parametrization`).
         group_size: classes per frequency bin for ``parametrization="groups"``.
@@ -206,7 +206,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             ``WarmupDecayLR`` with ``schedule: constant``.
         channels_last: use the ``channels_last`` memory format for image inputs (faster convolutions on CPU).
         log_max_classes: log the error of every class up to this many classes.
-        augment: the searched augmentation when ``search`` names ``"augment"``: a mapping with the fields of
+        augmentation: the searched augmentation when ``search`` names ``"augment"``: a mapping with the fields of
             :class:`~lightning_autobalance.core.augment.AugmentSettings` (``ops``, ``gated``, ``max_shift``, ...)
             and optionally ``parametrization``, ``group_size``, ``start`` and ``seed`` (see
             :meth:`~lightning_autobalance.AutoBalanceMixin.configure_augment`). ``None``: flip and shift, in the
@@ -261,7 +261,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
         log_max_classes: int = 100,
-        augment: dict[str, Any] | None = None,
+        augmentation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if class_counts is None:
@@ -314,8 +314,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                                    parametrization=parametrization, group_size=group_size, num_groups=num_groups,
                                    reduction=reduction, preset_kwargs=preset_kwargs, loss_file=loss_file,
                                    freeze=freeze_loss or loss_file is not None)
-        if augment is not None:
-            given = dict(augment)
+        if augmentation is not None:  # not ``augment``: the datamodules' hyperparameter of their own augmentation
+            given = dict(augmentation)
             extra = {k: given.pop(k) for k in ("parametrization", "group_size", "start", "seed") if k in given}
             self.configure_augment(given, **extra)
         if isinstance(criterion, LDAMLoss):
