@@ -180,6 +180,8 @@ def test_autobalance_augment_is_the_identity_unless_searched_and_in_training():
     assert groups.autobalance.search == ("offset",)
     assert groups.autobalance_augmentation.kind == "groups"
     assert groups.autobalance_augmentation.alpha()["augment_shift"].shape == (1, 2)
+    with pytest.raises(ValueError, match="parametrization must be one of"):
+        groups.configure_augment(parametrization="rows")
     # no longer searched: the parameters go
     groups.configure_autobalance(COUNTS, search="offset", parametrization="groups", group_size=2)
     assert groups.autobalance_augment_parameters() is None

@@ -15,7 +15,12 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_autobalance.core.augment import AugmentSettings, Draws, augment
-from lightning_autobalance.core.augment_parametrization import AugmentKind, AugmentParameters, coerce_settings
+from lightning_autobalance.core.augment_parametrization import (
+    AUGMENT_KINDS,
+    AugmentKind,
+    AugmentParameters,
+    coerce_settings,
+)
 from lightning_autobalance.core.losses import (
     AdjustedCrossEntropy,
     LossTables,
@@ -772,6 +777,9 @@ class AutoBalanceMixin:
             ['augment_erase', 'augment_noise']
         """
         coerce_settings(settings)  # checked now, kept as given
+        if parametrization is not None and parametrization not in AUGMENT_KINDS:
+            raise ValueError(f"configure_augment: parametrization must be one of {list(AUGMENT_KINDS)} or None (the "
+                             f"loss's); got {parametrization!r}.")
         self._autobalance_install_hooks()
         self._autobalance_state.augment = {"settings": settings, "parametrization": parametrization,
                                            "group_size": group_size, "start": None if start is None else dict(start),
