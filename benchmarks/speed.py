@@ -3,7 +3,8 @@
 Prints (and with --out writes as markdown):
 
 1. the cost of one hyper step per method (ResNet-32, CIFAR-shaped batch 128 by default), as a median ratio to a
-   plain training step (forward, backward, SGD) timed in the same process, interleaved;
+   plain training step (forward, backward, SGD) timed in the same process, interleaved; also with a searched
+   per-class augmentation (its hypergradient through the inputs, ``hypergradient(augmentation=...)``);
 2. the authors' protocol (Neumann, eta 1, J 5, 10 training and 10 upper batches) as a configuration;
 3. the wall time of a search epoch relative to a plain epoch, both through ``pytorch_lightning.Trainer`` with
    and without :class:`~lightning_autobalance.AutoBalanceCallback` at its defaults, at the interval its automatic
@@ -20,6 +21,7 @@ Usage::
     python benchmarks/speed.py --quick                 # fewer repeats
     python benchmarks/speed.py --epoch-only            # only the search-epoch table
     python benchmarks/speed.py --one-phase-only        # only the one-phase run's cost
+    python benchmarks/speed.py --quick --steps-only    # only the hyper-step table (no authors' protocol)
     python benchmarks/speed.py --device cuda --out docs/speed_gpu.md
 """
 
@@ -37,7 +39,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
-from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, hypergradient
+from lightning_autobalance.core.augment_parametrization import AugmentParameters
+from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, InputAugmentation, hypergradient
 from lightning_autobalance.core.objectives import BalancedCrossEntropy
 from lightning_autobalance.data import FoldInSampler, search_split
 from lightning_autobalance.data.fold_in import fold_in_epoch
@@ -51,6 +54,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "neumann J=5, eta 0.1, Gauss-Newton": {"terms": 5, "eta": 0.1},
     "neumann J=5, eta 0.1, Hessian": {"terms": 5, "eta": 0.1, "curvature": "hessian"},
     "cg 5 iterations, Gauss-Newton, damping 1": {"method": "cg", "cg_iterations": 5, "damping": 1.0},
+    "default + augmentation searched (flip, shift; per class)": {"augment": "flip+shift"},
+    "default + augmentation searched (all five ops, gated noise)": {"augment": "mix+flip+shift+erase+noise"},
 }
 AUTHORS = {"terms": 5, "eta": 1.0, "curvature": "hessian", "train_batches": 10, "upper_batches": 10}
 
@@ -121,14 +126,20 @@ def step_costs(model: Net, device: torch.device, k: int, bs: int, repeats: int,
     def hyper(cfg: dict[str, Any]) -> Callable[[], None]:
         cfg = dict(cfg)
         n_train, n_upper = cfg.pop("train_batches", 1), cfg.pop("upper_batches", 1)
+        ops = cfg.pop("augment", None)  # a searched augmentation: its hypergradient through the inputs too
+        gated = "noise" if ops is not None and "noise" in ops else ""
+        aug = None if ops is None else AugmentParameters(params.class_counts.cpu(), {"ops": ops, "gated": gated},
+                                                         kind="class").to(device)
 
         def run() -> None:
             fm = FunctionalModel(model, lambda m, x: m.autobalance_forward(x))
             x, y = batches[0]
             train = [Batch(x, y, logits=state["logits"])] + [Batch(*batches[1 + i]) for i in range(n_train - 1)]
             upper = [Batch(*batches[10 + i % 10]) for i in range(n_upper)]
+            augmentation = None if aug is None else InputAugmentation(
+                aug.alpha(), aug.settings, [aug.next_draws(b.inputs.shape, device) for b in train], aug.tables)
             hypergradient(fm, params.alpha(), params.tables, model.autobalance_loss_from_tables, objective, train,
-                          upper, **cfg)
+                          upper, augmentation=augmentation, **cfg)
 
         return run
 
@@ -249,6 +260,8 @@ def main() -> None:
     parser.add_argument("--epoch-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the scaling table")
     parser.add_argument("--epoch-only", action="store_true", help="only the search-epoch overhead table")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the hyper-step table, without the authors' protocol (minutes on a CPU)")
     parser.add_argument("--schedules", type=int, nargs="+", default=[300, 12],
                         help="search lengths in epochs whose automatic interval is timed")
     parser.add_argument("--one-phase-only", action="store_true", help="only the one-phase run's cost")
@@ -282,11 +295,17 @@ def main() -> None:
     if not args.epoch_only:
         emit("| hyper step | cost (plain steps) | peak memory (plain steps) |")
         emit("|---|---|---|")
-        configs = {**METHODS, "authors' protocol (neumann J=5, eta 1, Hessian, 10+10 batches)": AUTHORS}
+        configs = dict(METHODS) if args.steps_only else {
+            **METHODS, "authors' protocol (neumann J=5, eta 1, Hessian, 10+10 batches)": AUTHORS}
         costs = step_costs(Net(), device, 10, args.batch_size, args.repeats, configs,
                            lambda label, ratio, mem: emit(f"| {label} | {ratio:.2f} | "
                                                           f"{'n/a (CPU)' if mem is None else f'{mem:.2f}'} |"))
         emit()
+        if args.steps_only:
+            if args.out:
+                with open(args.out, "w") as fh:
+                    fh.write("\n".join(lines) + "\n")
+            return
     # The interval the callback's automatic schedule picks for a CIFAR-10-LT search (9,925 lower images, batch 128:
     # 78 optimizer steps an epoch, the first 20% warm-up; 2,481 upper images: 20 upper batches a pass).
     emit("| search run (CIFAR-10-LT sized, default schedule) | interval chosen | search epoch / plain epoch |")

@@ -33,11 +33,19 @@ from torch import Tensor
 
 from lightning_autobalance.core.cells import cell_index
 from lightning_autobalance.core.linear_solve import Tree, axpy, scale
-from lightning_autobalance.core.problem import Batch, FunctionalModel, Problem, difference_step, reduce_tree
+from lightning_autobalance.core.problem import (
+    Batch,
+    FunctionalModel,
+    Problem,
+    difference_step,
+    reduce_tree,
+    wide_dtype,
+)
 from lightning_autobalance.core.random_state import from_state
 
-__all__ = ["IMAGE_OPS", "OPS", "AugmentSettings", "Draws", "augment", "draw", "erase", "gate", "initial_params",
-           "input_hypergradient", "input_mixed_term", "partners", "strengths", "translate"]
+__all__ = ["IMAGE_OPS", "OPS", "AugmentSettings", "Draws", "InputPasses", "augment", "draw", "erase", "gate",
+           "initial_params", "input_hypergradient", "input_mixed_term", "input_passes", "partners", "strengths",
+           "translate"]
 
 OPS = ("mix", "flip", "shift", "erase", "noise")  # in the order they are applied
 IMAGE_OPS = ("flip", "shift")
@@ -279,7 +287,8 @@ def augment(x: Tensor, target: Tensor, group: Tensor | None, params: Mapping[str
 
     Args:
         x: the inputs, ``(N, ...)``; images ``(N, C, H, W)`` for ``flip`` and ``shift``.
-        target: labels ``(N,)``; group: group indices ``(N,)`` or ``None`` (then the tables have one row).
+        target: labels ``(N,)``; group: group indices ``(N,)`` or ``None`` (then the tables have one row; tables
+            of one row apply to every group).
         params: the free ``(G, K)`` tables by name (:attr:`AugmentSettings.names`).
         draws: from :func:`draw` for these settings and this batch (fixed: the result is a function of them).
         settings: the ops and their constants.
@@ -294,7 +303,7 @@ def augment(x: Tensor, target: Tensor, group: Tensor | None, params: Mapping[str
     rows, num_classes = params[settings.names[0]].shape
     if group is None and rows != 1:
         raise ValueError(f"The tables have {rows} group rows, so a group index is needed for every sample.")
-    cells = target if group is None else cell_index(group, target, num_classes)
+    cells = target if group is None or rows == 1 else cell_index(group, target, num_classes)  # 1 row: every group
     free = {name: params[name].to(x.device).reshape(-1)[cells].to(x.dtype) for name in settings.names}
     value = {name: settings.limit(name) * torch.sigmoid(a) for name, a in free.items()}
     d = draws.to(x.device)
@@ -334,23 +343,55 @@ def input_mixed_term(fmodel: FunctionalModel, params: Tree, batch: Batch, direct
     kept from the training step's backward pass), a forward difference needs one pass only. ``loss(logits, target,
     group)`` is the training loss (a mean), run in float32 or wider with autocast off.
     """
+    return input_passes(fmodel, params, batch, direction, phi, draws, settings, loss, input_grad).grad
+
+
+class InputPasses(NamedTuple):
+    """What the passes of :func:`input_passes` give: the mixed term in ``phi`` and, from the same forward passes,
+    the logits on the augmented inputs and their product ``J direction`` (a difference of logits)."""
+
+    grad: Tree
+    logits: Tensor | None  # None for a forward difference on a batch without its logits
+    tangent: Tensor | None
+
+
+def input_passes(fmodel: FunctionalModel, params: Tree, batch: Batch, direction: Tree, phi: Mapping[str, Tensor],
+                 draws: Draws, settings: AugmentSettings, loss: Loss, input_grad: Tensor | None = None) -> InputPasses:
+    """:func:`input_mixed_term` with what its forward passes give on the way: the logits ``f`` at ``theta`` on the
+    augmented inputs (``batch.logits`` when given, else the mean of the two passes) and ``u = J direction``, the
+    difference of the logits of the passes (central; forward from ``batch.logits`` with ``input_grad``), so that the
+    loss parameters' mixed term (:func:`~lightning_autobalance.core.problem.mixed_term`) needs no pass of its own."""
     h, zero = difference_step(params, direction, central=input_grad is None)
     device = fmodel.device
     leaf = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
     with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
         x_aug = augment(batch.inputs, batch.target, batch.group, leaf, draws, settings)
-        input_grads = []
+        input_grads, outputs = [], []
         for sign in (1.0,) if input_grad is not None else (1.0, -1.0):
             x_in = x_aug.detach().requires_grad_(True)
             with from_state(batch.rng_state, device):
-                out = loss(fmodel(axpy(sign * h, direction, params), x_in), batch.target, batch.group)
+                logits = fmodel(axpy(sign * h, direction, params), x_in)
+                out = loss(logits, batch.target, batch.group)
             input_grads.append(torch.autograd.grad(out, x_in)[0])
+            outputs.append(logits.detach())
         if input_grad is None:
             diff = (input_grads[0] - input_grads[1]) / (2.0 * h).to(x_aug.dtype)
         else:
             diff = (input_grads[0] - input_grad.to(x_aug.dtype)) / h.to(x_aug.dtype)
         diff = torch.where(zero, torch.zeros_like(diff), diff)
         grads = torch.autograd.grad(x_aug, list(leaf.values()), grad_outputs=diff, allow_unused=True)
+    wide = wide_dtype(outputs[0].dtype)
+    if len(outputs) == 2:
+        plus, minus = outputs[0].to(wide), outputs[1].to(wide)
+        f, u = (plus + minus) / 2.0 if batch.logits is None else batch.logits, (plus - minus) / (2.0 * h).to(wide)
+    elif batch.logits is not None:
+        f, u = batch.logits, (outputs[0].to(wide) - batch.logits.to(wide)) / h.to(wide)
+    else:  # a forward difference without the logits at theta: no product
+        return InputPasses(_filled(leaf, grads), None, None)
+    return InputPasses(_filled(leaf, grads), f, torch.where(zero, torch.zeros_like(u), u))
+
+
+def _filled(leaf: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> Tree:
     return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaf.items(), grads)}
 
 

@@ -209,6 +209,8 @@ class HeadResult:
         residual: ``grad_norm`` relative to ``lambda ||theta||`` (at the equilibrium the data gradient equals
             ``-lambda theta``): about the rounding error when Newton converged, ``1e-3`` and above when it stopped
             early (too few ``head_steps`` for a weak weight decay), a device tensor.
+        direction: ``p = (H + mu I)^{-1} v`` at ``theta``, flat like it (what a mixed term in other free values,
+            e.g. a searched augmentation's, is applied to).
     """
 
     grad: dict[str, Tensor]
@@ -216,6 +218,7 @@ class HeadResult:
     theta: Tensor
     grad_norm: Tensor = field(repr=False)
     residual: Tensor = field(repr=False)
+    direction: Tensor | None = field(default=None, repr=False)
 
 
 def augment_features(features: Tensor, bias: bool) -> Tensor:
@@ -401,7 +404,7 @@ def head_hypergradient(features: Tensor, target: Tensor, group: Tensor | None, u
         scale = weight_decay * torch.linalg.vector_norm(theta_star).detach()
         residual = grad_norm / scale.clamp_min(torch.finfo(wide).tiny)
     return HeadResult(grad=grad, objective=value.detach(), theta=theta_star.detach(), grad_norm=grad_norm,
-                      residual=residual)
+                      residual=residual, direction=p.detach())
 
 
 def head_parameters(weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -413,6 +416,8 @@ def head_parameters(weight: Tensor, bias: Tensor | None) -> Tensor:
 def _mixed(problem: HeadProblem, theta: Tensor, p: Tensor, alpha: Mapping[str, Tensor],
            tables_fn: Callable[[Mapping[str, Tensor]], LossTables], train_loss: TrainLoss) -> dict[str, Tensor]:
     """``d^2 L_train / d alpha d theta . p``: the gradient in ``alpha`` of ``<d L_train/d f, J p>``."""
+    if not alpha:  # nothing of the loss searched (a searched augmentation alone)
+        return {}
     wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in alpha.items()}
     leaf = {k: v.detach().to(wide[k]).requires_grad_(True) for k, v in alpha.items()}
     tables = tables_fn(leaf)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_autobalance.core.augment_term import InputAugmentation
 from lightning_autobalance.core.estimator import Estimator
 from lightning_autobalance.core.linear_solve import Tree, conjugate_gradient, neumann_series
 from lightning_autobalance.core.losses import LossTables
@@ -61,8 +62,8 @@ from lightning_autobalance.core.problem import (
 from lightning_autobalance.core.solvers import SOLVERS, Solution
 
 # the pieces are re-exported: the one import a user of the functional core needs
-__all__ = ["SOLVERS", "Batch", "Estimator", "FunctionalModel", "HypergradientResult", "Problem", "Solution",
-           "conjugate_gradient", "curvature_product", "hypergradient", "logits_product", "mixed_term",
+__all__ = ["SOLVERS", "Batch", "Estimator", "FunctionalModel", "HypergradientResult", "InputAugmentation", "Problem",
+           "Solution", "conjugate_gradient", "curvature_product", "hypergradient", "logits_product", "mixed_term",
            "neumann_series", "upper_gradient"]
 
 
@@ -102,9 +103,11 @@ def hypergradient(
     reduce: Reduce | None = None,
     forward: Callable[[nn.Module, Any], Tensor] | None = None,
     loss_scale: float = 1.0,
+    augmentation: InputAugmentation | None = None,
     **settings: Any,
 ) -> HypergradientResult:
-    """The gradient of the upper objective with respect to the loss parameters ``alpha``.
+    """The gradient of the upper objective with respect to the loss parameters ``alpha`` (and, with
+    ``augmentation``, with respect to a searched augmentation's free values).
 
     Args:
         model: the network (or a :class:`FunctionalModel` of it) at the current ``theta``.
@@ -122,6 +125,11 @@ def hypergradient(
         forward: ``forward(module, inputs) -> logits`` when ``model`` is a module and not ``module(inputs)``.
         loss_scale: factor applied to losses before backward passes through the network and removed after (the
             gradient scaler's scale under float16 autocast).
+        augmentation: a searched augmentation of the training batches
+            (:class:`~lightning_autobalance.core.augment_term.InputAugmentation`): ``train_batches`` then hold the
+            clean inputs (and, where given, the logits of their augmented twins), and the result's ``grad`` also
+            holds the free values of ``augmentation.free``. ``alpha`` may then be empty. ``None`` (default): the
+            loss parameters alone, at the cost described above.
         **settings: instead of ``estimator``, its fields by name (``method="cg", cg_iterations=20``).
 
     Returns:
@@ -145,14 +153,21 @@ def hypergradient(
     est = estimator if estimator is not None else Estimator(**settings)
     if not train_batches or not upper_batches:
         raise ValueError("hypergradient needs at least one training batch and one upper batch.")
+    clean: Sequence[Batch] = ()
+    if augmentation is not None:
+        clash = sorted(set(alpha) & set(augmentation.free))
+        if clash:
+            raise ValueError(f"The augmentation's free values {clash} have the names of loss parameters; rename them.")
+        clean, train_batches = train_batches, augmentation.augmented(train_batches)
     fmodel = model if isinstance(model, FunctionalModel) else FunctionalModel(model, forward)
     params = fmodel.params()
     with torch.no_grad():
         tables = LossTables(*(t.detach() for t in tables_fn({k: v.detach() for k, v in alpha.items()})))
 
     problem = Problem(fmodel, params, train_batches, upper_batches, tables, train_loss, objective, est, reduce,
-                      loss_scale, alpha, tables_fn)
+                      loss_scale, alpha, tables_fn, augmentation, clean)
     solved = SOLVERS[est.method](problem)
-    grad = {k: solved.grad[k].to(wide_dtype(alpha[k].dtype)) for k in alpha}
+    names = dict(alpha) if augmentation is None else {**alpha, **augmentation.free}
+    grad = {k: solved.grad[k].to(wide_dtype(names[k].dtype)) for k in names}
     finite = torch.stack([torch.isfinite(t).all() for t in grad.values()]).all()
     return HypergradientResult(grad=grad, objective=solved.objective, finite=finite, residual=solved.residual)

@@ -338,6 +338,11 @@ class Problem:
     loss_scale: float
     alpha: Mapping[str, Tensor] | None = None
     tables_fn: TablesFn | None = None
+    #: the searched augmentation (:class:`~lightning_autobalance.core.augment_term.InputAugmentation`, typed ``Any``:
+    #: that module imports this one) or ``None``; with it ``train_batches`` hold the augmented inputs and
+    #: ``clean_batches`` the same batches with the clean ones
+    augmentation: Any = None
+    clean_batches: Sequence[Batch] = ()
 
     def upper_gradient(self, params: Tree | None = None) -> tuple[Tree, Tensor]:
         """``v = grad_theta L_upper`` at ``params`` (default ``theta``) and the objective's value there."""

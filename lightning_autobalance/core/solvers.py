@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_autobalance.core.augment_term import direction_term, head_input_term
 from lightning_autobalance.core.head import FeatureMemory, find_head, head_hypergradient, head_parameters
 from lightning_autobalance.core.linear_solve import Tree, axpy, conjugate_gradient, neumann_series, scale
 from lightning_autobalance.core.problem import Problem, logits_product, mixed_term, reduce_tree
@@ -45,7 +46,11 @@ class Solution(NamedTuple):
 def from_direction(problem: Problem, p: Tree, objective: Tensor) -> Solution:
     """The hypergradient ``-d^2 L_train / d alpha d theta . p`` for a direction ``p`` in the weights: per training
     batch the logits product ``J p`` and the mixed term through the loss head, averaged over the batches and reduced
-    over processes (no double backward through the network)."""
+    over processes (no double backward through the network). With a searched augmentation
+    (``problem.augmentation``) also in its free values, through the inputs
+    (:func:`~lightning_autobalance.core.augment_term.direction_term`)."""
+    if problem.augmentation is not None:
+        return Solution(direction_term(problem, p), objective)
     grad: Tree | None = None
     for batch in problem.train_batches:
         logits, u = logits_product(problem.fmodel, problem.params, batch, p, problem.estimator.product)
@@ -133,7 +138,12 @@ def head_solver(problem: Problem) -> Solution:
         num_classes=w.shape[0], bias=b is not None, weight_decay=est.weight_decay, damping=est.damping,
         steps=int(getattr(est, "head_steps", 10)), cg_iterations=est.cg_iterations * 10, reduce=problem.reduce)
     memory["theta"] = result.theta
-    return Solution(result.grad, result.objective, result.residual)
+    grad = result.grad
+    if problem.augmentation is not None:  # the current training rows are the last of the memory's
+        assert result.direction is not None
+        grad = {**grad, **head_input_term(problem, head, *train, result.theta, result.direction, w.shape[0],
+                                          b is not None)}
+    return Solution(grad, result.objective, result.residual)
 
 
 #: The hypergradient methods by name. Adding an entry is all a new method needs.

@@ -36,6 +36,7 @@ from lightning_autobalance.core.objectives import Objective, UpperObjective
 from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.data.fold_in import find_fold_in_sampler
+from lightning_autobalance.lightning import augment_step
 from lightning_autobalance.lightning.batch_stream import BatchStream, map_style
 from lightning_autobalance.lightning.check import CHECK_WEIGHT_DECAY, FIT_TOLERANCE, CheckResult, HeldBackCheck
 from lightning_autobalance.lightning.flat_settings import callback_values, flat_settings
@@ -314,7 +315,7 @@ class AutoBalanceCallback(Callback):
             raise RuntimeError(f"AutoBalanceCallback does not support the sharded strategy "
                                f"{type(trainer.strategy).__name__}: the hypergradient needs the whole model on every "
                                "process. Use strategy='ddp' (or 'ddp_spawn') or a single device.")
-        if params.num_free() == 0:
+        if params.num_free() == 0 and augment_step.searched_augmentation(pl_module) is None:
             rank_zero_warn("The AutoBalance loss has nothing to search (search=() or a loaded loss): the callback "
                            "will do nothing.")
         objective = self.objective
@@ -340,8 +341,9 @@ class AutoBalanceCallback(Callback):
                              "per-class split: `lower, upper, class_counts, _ = "
                              f"lightning_autobalance.data.search_split(train_dataset)`.{longer}")
         training_counts = params.class_counts.sum(0).tolist()
-        self._shrink_counts = params.free_value_counts(torch.as_tensor(
-            shrink_table if shrink_table is not None else training_counts, dtype=torch.float64))
+        counts = torch.as_tensor(shrink_table if shrink_table is not None else training_counts, dtype=torch.float64)
+        self._shrink_counts = {**params.free_value_counts(counts),
+                               **augment_step.shrink_counts(pl_module, counts)}  # a searched augmentation's
         self._reducer = Reducer.from_strategy(trainer.strategy, trainer.world_size)
         try:
             self._objective_fn = objective.build(table if table is not None else training_counts, self._reducer,
@@ -386,7 +388,8 @@ class AutoBalanceCallback(Callback):
         self._schedule = self.schedule.plan(total, trainer.max_epochs,
                                             stream.batches_per_pass() if stream is not None else 1,
                                             None if sampler is None else sampler.fold_in_epoch)
-        self._update = self.hyper_optimizer.build(params.alpha(), self._schedule.planned, self._shrink_counts)
+        self._update = self.hyper_optimizer.build(augment_step.searched_values(pl_module), self._schedule.planned,
+                                                  self._shrink_counts)
         self._log.start_fit()
         self._fmodel = None
         self._loss_calls = getattr(pl_module, "autobalance_loss_calls", None)
@@ -491,6 +494,7 @@ class AutoBalanceCallback(Callback):
                 train.append(self._as_batch(pl_module, extra))
             upper = [self._as_batch(pl_module, trainer.strategy.batch_to_device(upper_data.next()))
                      for _ in range(self.upper_batches)]
+            train, augmentation = augment_step.augmented_train(pl_module, train)  # clean inputs when searched
             sizes = None
             if trainer.world_size > 1:  # checked when the figures are read: every rank gathers, none waits
                 sizes = trainer.strategy.all_gather(torch.tensor(
@@ -501,12 +505,15 @@ class AutoBalanceCallback(Callback):
             result = hypergradient(
                 self._fmodel, params.alpha(), params.tables, pl_module.autobalance_loss_from_tables,
                 self._objective_fn, train, upper, self._estimator,
-                reduce=None if self._reducer.is_local else self._reducer, loss_scale=_loss_scale(trainer))
+                reduce=None if self._reducer.is_local else self._reducer, loss_scale=_loss_scale(trainer),
+                augmentation=augmentation)
         finite = result.finite if sizes is None else result.finite & (sizes == sizes[0]).all().to(result.finite)
-        norm = self._update.step(params.alpha(), result.grad, finite)
+        norm = self._update.step(augment_step.searched_values(pl_module), result.grad, finite)
         names, values = ([], [])
         if trainer.loggers and trainer.global_rank == 0:
             names, values = parameter_figures(params, self.log_max_classes)
+            more = augment_step.augment_figures(pl_module, self.log_max_classes)
+            names, values = [*names, *more[0]], [*values, *more[1]]
         if result.residual is not None:  # read with the other figures, and warned of when too large
             names, values = ["autobalance/solver_residual", *names], [result.residual.reshape(1), *values]
         self._log.record(trainer.global_step, finite, result.objective, norm, names, values, sizes)

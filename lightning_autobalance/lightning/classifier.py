@@ -177,7 +177,8 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
         preset: starting point of the AutoBalance loss (``"ce"``, ``"la"``, ``"cdt"``, ``"vs"``,
             ``"class_balanced"``, ``"inverse_frequency"``).
         search: which of ``"delta"``, ``"offset"``, ``"weight"`` an :class:`~lightning_autobalance.AutoBalanceCallback`
-            may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``).
+            may change (default: the offsets, from the ``"la"`` start; see ``docs/tuning.md``); with ``"augment"``
+            also a per-class augmentation of the training batches (``augmentation``), applied in ``training_step``.
         parametrization: ``"hierarchical"`` (default: shared scalars plus per-class residuals), ``"class"``,
             ``"groups"`` or ``"dataset"`` (see :mod:`lightning_autobalance.core.parametrization`).
         group_size: classes per frequency bin for ``parametrization="groups"``.
@@ -204,6 +205,11 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
             ``WarmupDecayLR`` with ``schedule: constant``.
         channels_last: use the ``channels_last`` memory format for image inputs (faster convolutions on CPU).
         log_max_classes: log the error of every class up to this many classes.
+        augmentation: the searched augmentation when ``search`` names ``"augment"``: a mapping with the fields of
+            :class:`~lightning_autobalance.core.augment.AugmentSettings` (``ops``, ``gated``, ``max_shift``, ...)
+            and optionally ``parametrization``, ``group_size``, ``start`` and ``seed`` (see
+            :meth:`~lightning_autobalance.AutoBalanceMixin.configure_augment`). ``None``: flip and shift, in the
+            loss's parametrisation. It acts on top of the datamodule's own augmentation.
 
     Example:
         >>> model = ImbalancedClassifier("digits_net", num_classes=10, class_counts=[100] * 5 + [10] * 5, preset="la")
@@ -239,7 +245,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                  ldam_scale: float | None = None, drw_epoch: int | None = None, focal_gamma: float | None = None,
                  dro_step_size: float | None = None, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None, channels_last: bool = False,
-                 log_max_classes: int = 100) -> None:
+                 log_max_classes: int = 100, augmentation: dict[str, Any] | None = None) -> None:
         super().__init__()
         if class_counts is None:
             raise ValueError("ImbalancedClassifier needs class_counts (samples per class); from the CLI they are "
@@ -291,6 +297,10 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
                                    parametrization=parametrization, group_size=group_size, num_groups=num_groups,
                                    reduction=reduction, preset_kwargs=preset_kwargs, loss_file=loss_file,
                                    freeze=freeze_loss or loss_file is not None)
+        if augmentation is not None:  # not ``augment``: the datamodules' hyperparameter of their own augmentation
+            given = dict(augmentation)
+            extra = {k: given.pop(k) for k in ("parametrization", "group_size", "start", "seed") if k in given}
+            self.configure_augment(given, **extra)
         if isinstance(criterion, LDAMLoss):
             head = getattr(self.network, "head", None)
             if not isinstance(head, nn.Linear):
@@ -321,6 +331,7 @@ class ImbalancedClassifier(AutoBalanceMixin, pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, g = self.autobalance_unpack(batch)
+        x = self.autobalance_augment(x, y, g)  # the identity unless "augment" is searched
         logits = self(x)
         if self.criterion is not None:
             loss = self.criterion(logits, y, g)

@@ -8,13 +8,20 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_autobalance.core.augment import AugmentSettings, Draws, augment
+from lightning_autobalance.core.augment_parametrization import (
+    AUGMENT_KINDS,
+    AugmentKind,
+    AugmentParameters,
+    coerce_settings,
+)
 from lightning_autobalance.core.losses import (
     AdjustedCrossEntropy,
     LossTables,
@@ -33,7 +40,31 @@ from lightning_autobalance.core.parametrization import (
 )
 from lightning_autobalance.data.search_split import SearchSplit, dataset_targets
 
-__all__ = ["AutoBalanceMixin", "MixinState", "loss_from_file", "training_loader", "unpack_batch"]
+__all__ = ["AUGMENT", "AugmentRecord", "AutoBalanceMixin", "MixinState", "loss_from_file", "training_loader",
+           "unpack_batch"]
+
+#: the name in ``configure_autobalance(search=...)`` that turns the searched augmentation on
+AUGMENT = "augment"
+
+
+def _search_names(search: Sequence[str] | str) -> list[str]:
+    items = search.replace("+", ",").split(",") if isinstance(search, str) else list(search)
+    return [str(s).strip().lower() for s in items if str(s).strip()]
+
+
+def _loss_search(search: Sequence[str] | str) -> tuple[str, ...]:
+    """What the loss's parametrisation searches: ``search`` without :data:`AUGMENT`."""
+    return tuple(s for s in _search_names(search) if s != AUGMENT)
+
+
+class AugmentRecord(NamedTuple):
+    """What :meth:`AutoBalanceMixin.autobalance_augment` was given and drew, kept for the hyper step: the clean
+    inputs, labels, groups (``None`` where the tables have one row) and the draws."""
+
+    inputs: Tensor
+    target: Tensor
+    group: Tensor | None
+    draws: Draws
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
@@ -140,6 +171,11 @@ class MixinState:
     search_checked: int | None = None
     #: the fit (``id`` of its Trainer) an AutoBalanceCallback set this module up for
     searched_by: int | None = None
+    #: the searched augmentation: the settings given to ``configure_augment``, what ``autobalance_augment`` kept for
+    #: the callback (asked with the logits), and its tables with the versions of the values they were computed from
+    augment: dict[str, Any] | None = None
+    augmented: AugmentRecord | None = None
+    augment_cache: tuple[Any, dict[str, Tensor]] | None = None
 
 
 def _mark_reached(flag: list[bool], grad: Tensor) -> None:
@@ -202,6 +238,8 @@ def _restore_from_state(module: Any, state_dict: Mapping[str, Any], prefix: str,
     counts were found at setup, rebuilt with ``load_from_checkpoint`` or for ``trainer.test(ckpt_path=...)``)."""
     if isinstance(module, AutoBalanceMixin) and prefix + "autobalance.class_counts" in state_dict:
         module._autobalance_restore(state_dict, prefix)
+    if isinstance(module, AutoBalanceMixin) and prefix + "autobalance_augmentation.class_counts" in state_dict:
+        module._autobalance_restore_augment(state_dict, prefix)
 
 
 class AutoBalanceMixin:
@@ -414,10 +452,11 @@ class AutoBalanceMixin:
             reduction = info.get("reduction", reduction)
         else:
             params = build_parametrization(config["parametrization"], class_counts, preset=config["preset"],
-                                           search=config["search"], num_groups=config["num_groups"],
+                                           search=_loss_search(config["search"]), num_groups=config["num_groups"],
                                            group_size=config["group_size"], preset_kwargs=config["preset_kwargs"])
         params.frozen = bool(config["freeze"])
         self._autobalance_set(params, reduction)
+        self._autobalance_build_augment()
         return params
 
     def _autobalance_set(self, params: LossParametrization, reduction: str) -> None:
@@ -543,6 +582,7 @@ class AutoBalanceMixin:
         """
         self._autobalance_state.record = bool(enabled)
         self._autobalance_state.recorded = None
+        self._autobalance_state.augmented = None
 
     @property
     def autobalance_recorded_logits(self) -> Tensor | None:
@@ -703,6 +743,161 @@ class AutoBalanceMixin:
     def autobalance_forward(self, inputs: Any) -> Tensor:
         """Returns the logits for ``inputs``; by default ``self(inputs)``. Override if ``forward`` differs."""
         return self(inputs)  # type: ignore[operator]
+
+    # -- the searched augmentation (``search=[..., "augment"]``) ------------------------------------------------
+    def configure_augment(
+        self,
+        settings: AugmentSettings | Mapping[str, Any] | None = None,
+        parametrization: AugmentKind | None = None,
+        group_size: int | None = None,
+        start: Mapping[str, float] | None = None,
+        seed: int = 0,
+    ) -> AugmentParameters | None:
+        """Chooses the searched per-class augmentation; it is on when ``configure_autobalance(search=...)`` names
+        ``"augment"`` (then, without this call, ``AugmentSettings()``: flip and shift of images).
+
+        Its free values sit beside the loss's (``self.autobalance_augmentation``, buffers saved in the
+        ``state_dict``), in the loss's parametrisation unless another is named, and move with the same hyper
+        optimizer. A training step applies it with :meth:`autobalance_augment` before its forward pass.
+
+        Args:
+            settings: the ops and their constants
+                (:class:`~lightning_autobalance.core.augment.AugmentSettings` or a mapping of its fields); for inputs
+                other than images ``(N, C, H, W)`` choose among the generic ops (``mix``, ``erase``, ``noise``).
+            parametrization: ``"hierarchical"``, ``"class"``, ``"groups"`` or ``"dataset"``
+                (:mod:`~lightning_autobalance.core.augment_parametrization`); default: the loss's.
+            group_size: classes per bin for ``"groups"``; default: the loss's.
+            start: the start strengths by table name (default: half of each op's limit).
+            seed: the seed of the draws (with the process's rank and a count of draws saved with the values).
+
+        Returns:
+            The parameters (``self.autobalance_augmentation``), or ``None`` while the loss is not built yet or
+            ``"augment"`` is not searched.
+
+        Example:
+            >>> import pytorch_lightning as pl
+            >>> class Net(AutoBalanceMixin, pl.LightningModule):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.layer = torch.nn.Linear(8, 3)
+            ...         self.configure_autobalance([100, 10, 1], search=("offset", "augment"))
+            ...         self.configure_augment({"ops": "noise+erase"}, parametrization="class")
+            >>> sorted(Net().autobalance_augmentation.alpha())
+            ['augment_erase', 'augment_noise']
+        """
+        coerce_settings(settings)  # checked now, kept as given
+        if parametrization is not None and parametrization not in AUGMENT_KINDS:
+            raise ValueError(f"configure_augment: parametrization must be one of {list(AUGMENT_KINDS)} or None (the "
+                             f"loss's); got {parametrization!r}.")
+        self._autobalance_install_hooks()
+        self._autobalance_state.augment = {"settings": settings, "parametrization": parametrization,
+                                           "group_size": group_size, "start": None if start is None else dict(start),
+                                           "seed": seed}
+        return self._autobalance_build_augment()
+
+    def _autobalance_augment_built(self) -> AugmentParameters | None:
+        aug = self.__dict__.get("_modules", {}).get("autobalance_augmentation")
+        return aug if isinstance(aug, AugmentParameters) else None
+
+    def _autobalance_build_augment(self) -> AugmentParameters | None:
+        """Builds (or keeps, or drops) the augmentation's parameters to match the settings, once the loss is built."""
+        loss = self._autobalance_built()
+        config = self._autobalance_settings()
+        existing = self._autobalance_augment_built()
+        if loss is None or AUGMENT not in _search_names(config["search"]):
+            if existing is not None and loss is not None:
+                del self._modules["autobalance_augmentation"]  # type: ignore[attr-defined]
+            return None
+        given = self._autobalance_state.augment or {}
+        settings = coerce_settings(given.get("settings"))
+        kind = given.get("parametrization") or config["parametrization"]
+        group_size = given.get("group_size") or config["group_size"]
+        start, seed = dict(given.get("start") or {}), int(given.get("seed", 0))
+        if existing is not None and existing.settings == settings and existing.kind == kind and \
+                existing.group_size == group_size and existing.start == start and existing.seed == seed and \
+                torch.equal(existing.class_counts, loss.class_counts.to(existing.class_counts)):
+            return existing
+        aug = AugmentParameters(loss.class_counts.detach().cpu(), settings, kind, group_size, start=start, seed=seed)
+        aug.frozen = bool(config["freeze"])
+        self.autobalance_augmentation = aug.to(loss.class_counts.device)
+        self._autobalance_state.augment_cache = None
+        return self.autobalance_augmentation
+
+    def _autobalance_restore_augment(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """Builds the augmentation's parameters from a state dict when this module has none yet."""
+        if self._autobalance_augment_built() is not None:
+            return
+        saved = state_dict.get(prefix + "autobalance_augmentation._extra_state")
+        saved = dict(saved) if isinstance(saved, Mapping) else {}
+        aug = AugmentParameters(
+            torch.as_tensor(state_dict[prefix + "autobalance_augmentation.class_counts"]).detach().cpu().double(),
+            saved.get("settings"), saved.get("kind", "hierarchical"), int(saved.get("group_size", 1)),
+            start=saved.get("start"), seed=int(saved.get("seed", 0)))
+        device = next((t.device for t in self.parameters()), None)  # type: ignore[attr-defined]
+        self.autobalance_augmentation = aug if device is None else aug.to(device)
+
+    def autobalance_augment_parameters(self) -> AugmentParameters | None:
+        """The searched augmentation's parameters (``self.autobalance_augmentation``), or ``None`` when
+        ``"augment"`` is not searched (built with the loss, from the counts found at setup if need be)."""
+        if AUGMENT not in _search_names(self._autobalance_settings()["search"]):
+            return self._autobalance_augment_built()  # restored from a checkpoint, or none
+        built = self._autobalance_augment_built()
+        if built is not None:
+            return built
+        self.autobalance_parameters()  # builds the loss (from counts found at setup if need be)
+        return self._autobalance_build_augment()
+
+    def _autobalance_augment_tables(self, aug: AugmentParameters) -> dict[str, Tensor]:
+        watched = [*aug.alpha().values()]
+        key = (id(aug), *((t._version, t.data_ptr(), t.device, t.dtype) for t in watched))
+        cache = self._autobalance_state.augment_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = self._autobalance_state.augment_cache = (key, {k: v.detach() for k, v in aug.tables().items()})
+        return cache[1]
+
+    def _autobalance_rank(self) -> int:
+        trainer = self._autobalance_trainer()
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+
+    def autobalance_augment(self, x: Tensor, y: Tensor, group: Tensor | None = None) -> Tensor:
+        """The batch augmented with the searched per-class (or per cell) strengths; call it in ``training_step``
+        before the forward pass: ``x = self.autobalance_augment(x, y)``.
+
+        The identity when ``"augment"`` is not searched and in evaluation mode. The draws come from a generator of
+        their own, seeded with the augmentation's ``seed``, the process's rank and a count of draws saved with the
+        parameters (:meth:`~lightning_autobalance.core.augment_parametrization.AugmentParameters.next_draws`): the
+        global random state (dropout, the data order) is untouched, and a resumed fit makes the same draws. The
+        result carries no gradient to the augmentation's values: the callback's hyper step takes their
+        hypergradient, from the clean inputs and draws kept here when it asks.
+
+        Args:
+            x: the inputs on their device (images ``(N, C, H, W)`` for ``flip`` and ``shift``).
+            y: labels ``(N,)``.
+            group: group indices ``(N,)`` when the tables have a row per group (class x group); else ignored.
+        """
+        aug = self.autobalance_augment_parameters()
+        if aug is None or not bool(getattr(self, "training", False)):
+            return x
+        group = group if aug.num_groups > 1 else None
+        draws = aug.next_draws(x.shape, x.device, "train", self._autobalance_rank())
+        with torch.no_grad():
+            out = augment(x, y, group, self._autobalance_augment_tables(aug), draws, aug.settings)
+        if self._autobalance_state.record:
+            self._autobalance_state.augmented = AugmentRecord(x.detach(), y, group, draws)
+        return out
+
+    @property
+    def autobalance_recorded_augment(self) -> AugmentRecord | None:
+        """What :meth:`autobalance_augment` kept since :meth:`autobalance_request_logits`, or None."""
+        return self._autobalance_state.augmented
+
+    def autobalance_hyper_draws(self, inputs: Tensor) -> Draws:
+        """Draws for an extra training batch of a hyper step (a stream of their own: :meth:`autobalance_augment`)."""
+        aug = self.autobalance_augment_parameters()
+        if aug is None:
+            raise RuntimeError("autobalance_hyper_draws: 'augment' is not searched.")
+        return aug.next_draws(inputs.shape, inputs.device, "hyper", self._autobalance_rank())
 
     # -- freezing, export, import ------------------------------------------------------------------------
     def freeze_loss(self) -> None:
