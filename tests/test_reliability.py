@@ -306,3 +306,37 @@ def test_a_loss_file_with_non_finite_alpha_is_refused(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError, match=rf"alpha.{name} holds non-finite"):
         load_loss_tables(bad)
+
+
+# ------------------------------------------------------------------------------------------- settings a fit refuses
+@pytest.mark.parametrize(("setting", "message"), [
+    (["--trainer.callbacks.init_args.estimator", "{method: head}", "--model.optimizer.init_args.weight_decay", "0"],
+     "Estimator(method='head') needs weight decay on the classifier head 'network.head'"),
+    (["--trainer.callbacks.init_args.upper", "{holdout: 0.5}", "--data.init_args.upper_fraction", "0.01"],
+     "UpperData(holdout=0.5) holds nothing back: every class of the upper data has one sample"),
+])
+def test_a_setting_the_search_refuses_is_one_line_before_anything_is_written(
+        setting: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What the search's fit refuses at its setup or start (the head method with no weight decay on the head, a
+    holdout its upper split is too small for) is said in one line before anything is written: no folder, no
+    fingerprint to block the corrected rerun, and a `--restart all` with the bad setting removes nothing. (It used to
+    be a 53 to 59-line traceback raised inside the search's fit, after config.yaml and the stage's fingerprint.)"""
+    out = tmp_path / "run"
+    args = ["pipeline", "--config", DIGITS, *QUICK, "--baselines", "[]", "--output_dir", str(out)]
+
+    def refused(*extra: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main([*args, *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    err = refused(*setting)
+    assert f"The stage 'search' cannot train as configured: {message}" in err
+    assert not out.exists()
+    main([*args, *setting[:2]])  # corrected: the method or the holdout kept, its cause fixed
+    before = _mtimes(out)
+    assert "results.json" in before
+    assert message in refused(*setting, "--restart", "all")
+    assert _mtimes(out) == before

@@ -11,8 +11,9 @@ One config file serves every subcommand: ``fit``, ``validate`` and ``test`` acce
 with an ``AutoBalanceCallback`` needs a datamodule with ``search_split: true`` (or the callback's own upper data)
 and says so in one line before any training.
 
-A bad setting (an out-of-range value, an unknown objective, a missing data folder) is reported in one line, the
-library's own message, with exit status 2; set ``LIGHTNING_AUTOBALANCE_DEBUG=1`` for the full traceback.
+A bad setting (an out-of-range value, an unknown objective, a missing data folder, a setting a stage's fit would
+refuse) is reported in one line, the library's own message, with exit status 2; set
+``LIGHTNING_AUTOBALANCE_DEBUG=1`` for the full traceback.
 """
 
 from __future__ import annotations
@@ -176,13 +177,16 @@ class UsageError(ValueError):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-autobalance`` console script."""
+    debug = bool(os.environ.get("LIGHTNING_AUTOBALANCE_DEBUG"))
     try:
         AutoBalanceCLI(args=args)
     except (UsageError, PipelineSetupError) as err:
+        if debug and err.__cause__ is not None:  # refused inside a fit (the preflight): where it was raised
+            raise
         print(f"lightning-autobalance: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except argparse.ArgumentError as err:  # the parser's: an unknown key, a value of the wrong type, a missing file
-        if os.environ.get("LIGHTNING_AUTOBALANCE_DEBUG"):
+        if debug:
             raise
         print(f"lightning-autobalance: error: {_parse_message(str(err))} (lightning-autobalance <subcommand> --help "
               "lists the options)", file=sys.stderr)
