@@ -3,6 +3,7 @@ stage files, fit time over interruptions, bad images and list files named before
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from lightning_autobalance.core.losses import load_loss_tables
 from lightning_autobalance.data import LongTailImageFolder
 from lightning_autobalance.runner.cli import main
 from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
+from lightning_autobalance.runner.pipeline import PipelineDiskFull, no_space
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits_lt.yaml")
@@ -340,3 +342,59 @@ def test_a_setting_the_search_refuses_is_one_line_before_anything_is_written(
     assert "results.json" in before
     assert message in refused(*setting, "--restart", "all")
     assert _mtimes(out) == before
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def _no_space_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """The stage's `call`-th checkpoint write fails as on a full disk."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    original, calls = TorchCheckpointIO.save_checkpoint, []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        calls.append(path)
+        if len(calls) == call:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", save_checkpoint)
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_rerun_resumes_in_place(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A write that finds no room stops the run with one line that names the output folder and says to free space and
+    rerun (exit status 1, no traceback: it used to be 36 to 109 lines); the same command then resumes in place: the
+    interrupted stage continues from its last checkpoint."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as info:
+        _no_space_at(patch, 2)  # the second epoch's checkpoint
+        _run(out)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"lightning-autobalance: error: No space left on the disk of {out} (writing {out}/la/")
+    assert "free space there and rerun the same command" in err and "resumes where it stopped" in err
+    assert not (out / "la" / "result.json").exists()
+    _run(out)
+    assert json.loads((out / "la" / "result.json").read_text())["attempts"] == 2  # resumed, not started again
+
+
+def test_a_full_disk_keeps_its_traceback_under_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_AUTOBALANCE_DEBUG", "1")
+    _no_space_at(monkeypatch, 1)
+    with pytest.raises(PipelineDiskFull, match="free space there") as info:
+        _run(tmp_path / "run")
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+
+
+def test_no_space_is_found_through_the_exception_chain() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt")
+    try:
+        try:
+            raise full
+        except OSError as err:
+            raise RuntimeError("writing failed") from err
+    except RuntimeError as wrapped:
+        assert no_space(wrapped) is full
+    assert no_space(OSError(errno.EACCES, "Permission denied")) is None
+    assert no_space(ValueError("no")) is None

@@ -12,7 +12,8 @@ with an ``AutoBalanceCallback`` needs a datamodule with ``search_split: true`` (
 and says so in one line before any training.
 
 A bad setting (an out-of-range value, an unknown objective, a missing data folder, a setting a stage's fit would
-refuse) is reported in one line, the library's own message, with exit status 2; set
+refuse) is reported in one line, the library's own message, with exit status 2; a full disk in one line naming the
+folder, with exit status 1 (the same command resumes the pipeline once there is room). Set
 ``LIGHTNING_AUTOBALANCE_DEBUG=1`` for the full traceback.
 """
 
@@ -29,7 +30,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from lightning_autobalance.data.base import LongTailDataModule
 from lightning_autobalance.lightning.callback import AutoBalanceCallback
 from lightning_autobalance.lightning.classifier import ImbalancedClassifier
-from lightning_autobalance.runner.pipeline import AutoBalanceTrainer, PipelineSetupError
+from lightning_autobalance.runner.pipeline import AutoBalanceTrainer, PipelineDiskFull, PipelineSetupError, no_space
 
 __all__ = ["AutoBalanceCLI", "UsageError", "main"]
 
@@ -191,6 +192,18 @@ def main(args: list[str] | None = None) -> None:
         print(f"lightning-autobalance: error: {_parse_message(str(err))} (lightning-autobalance <subcommand> --help "
               "lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:  # a write that found no room, in the pipeline or in fit/test's own logs and checkpoints
+        full = err if isinstance(err, PipelineDiskFull) else no_space(err)
+        if full is None or debug:
+            raise
+        if isinstance(full, PipelineDiskFull):  # names the output folder and how the run resumes
+            message = str(full)
+        else:
+            where = full.filename2 or full.filename  # a copy's (shutil.move across disks) is its target
+            place = f" of {Path(os.fspath(where)).parent} (writing {where})" if where else ""
+            message = f"No space left on the disk{place}: free space there and run the command again."
+        print(f"lightning-autobalance: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _parse_message(message: str) -> str:

@@ -36,7 +36,8 @@ folder never runs. An unreadable ``result.json``, ``last.ckpt`` or found loss fi
 aside (``*.corrupt``) and replaced by the fallback: the previous epoch's checkpoint (``previous.ckpt``), else a fresh
 start (a search's loss file is exported again from the search's checkpoint). Every argument is checked before
 anything is written, and so is whatever a stage's fit would refuse at its start (a preflight fits each stage that is
-to search up to its first optimizer step, saving nothing). One run per ``output_dir`` at a time
+to search up to its first optimizer step, saving nothing). A write that finds the disk full stops the run with
+:class:`PipelineDiskFull`; the same command resumes it in place. One run per ``output_dir`` at a time
 (:class:`~lightning_autobalance.runner.output_lock.OutputLock`;
 a lock left by a killed run is taken over). A stage's ``fit_time_s`` is its total over interruptions (``attempts``
 counts them), up to its last checkpoint in each.
@@ -50,9 +51,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import importlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -96,7 +99,7 @@ from lightning_autobalance.runner.fingerprint import (
 )
 from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
 
-__all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineSetupError", "run_pipeline"]
+__all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineDiskFull", "PipelineSetupError", "no_space", "run_pipeline"]
 
 #: Baseline name -> model overrides (a fixed loss, no search).
 BASELINES: dict[str, dict[str, Any]] = {
@@ -116,6 +119,29 @@ BASELINES: dict[str, dict[str, Any]] = {
 _GROUP_BASELINES = ("group_balanced", "group_dro")
 #: Callbacks a stage replaces with its own: checkpoints go to the stage's folder, the config is saved once.
 _DROPPED_CALLBACKS = (SaveConfigCallback, ModelCheckpoint)
+
+
+#: the errors of a write that found no room: the disk is full, or the user's quota is spent
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space(err: BaseException) -> OSError | None:
+    """The ``OSError`` of a write that found no room (:data:`NO_SPACE`) in the chain of ``err`` (as Python prints it:
+    causes and contexts), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class PipelineDiskFull(OSError):
+    """A write of the pipeline found no room (a full disk, a spent quota): the run stopped where it was, and the same
+    command resumes it in place once there is space (every file is written whole or not at all). The CLI prints it in
+    one line."""
 
 
 class PipelineSetupError(ValueError):
@@ -492,6 +518,7 @@ def run_pipeline(
             image or non-finite upper data, an output folder that cannot be used or holds another configuration's
             stages (see ``restart``), an output folder in use by another run, a setting a stage's fit refuses at
             its start (the head method with no weight decay on the head, a ``holdout`` the upper data cannot give).
+        PipelineDiskFull: a write found no room (``ENOSPC``, ``EDQUOT``); the same call resumes the run in place.
     """
     search_epochs, retrain_epochs, seed = _check_arguments(search, baselines, search_epochs, retrain_epochs, resume,
                                                            plot, seed, one_phase, dict(trainer_kwargs or {}))
@@ -586,6 +613,17 @@ def run_pipeline(
     try:
         return _run_plan(plan, recompute, out, found, model, datamodule, kwargs, full, counts, seed, search_epochs,
                          retrain_epochs, resume, plot, fold_epoch, write_config)
+    except Exception as err:
+        full_disk = no_space(err)
+        if full_disk is None:
+            raise
+        where = full_disk.filename2 or full_disk.filename  # a copy's (shutil.move across disks) is its target
+        inside = where is not None and Path(os.fspath(where)).resolve().is_relative_to(out.resolve())
+        raise PipelineDiskFull(
+            f"No space left on the disk of {out if inside or where is None else Path(os.fspath(where)).parent}"
+            f"{f' (writing {where})' if where is not None else ''}: free space there and rerun the same command (or "
+            f"move {out} to a disk with room and give its new place as output_dir): the run resumes where it stopped, "
+            "finished stages kept and the interrupted one continued from its last checkpoint.") from err
     finally:
         if lock is not None:
             lock.release()
