@@ -260,6 +260,25 @@ def test_changed_images_are_a_new_configuration_and_the_same_images_are_not(tmp_
     assert digest() not in (first, replaced)
 
 
+def test_changed_images_are_refused_in_words(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The rerun on changed images is refused in one line that says what changed (its old form showed two
+    digests); the same images reuse the stage."""
+    _folder(tmp_path / "data")
+    args = ["pipeline", "--config", str(ROOT / "examples" / "cifar10_lt_jpeg.yaml"), *QUICK, "--retrain_epochs", "1",
+            "--data.init_args.root", str(tmp_path / "data"), "--data.init_args.already_long_tailed", "true",
+            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--model.network", "resnet20",
+            "--search", "false", "--baselines", "[ce]", "--output_dir", str(tmp_path / "run")]
+    main(args)
+    image = tmp_path / "data" / "train" / "class1" / "0.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(image)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "holds the stage 'ce' of another configuration (data.content: the training or test files changed" in err
+
+
 def test_a_class_with_one_image_is_said_in_one_line_before_anything_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The search split needs two images of every class: one is refused in one line (it used to be a traceback of

@@ -782,6 +782,9 @@ def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any], quiet: bool = 
         rank_zero_info(f"[{st.name}] {stage_dir} holds no result or checkpoint of its earlier configuration: the stage "
                        "starts afresh.")
     elif diff:
+        # the data's digest says nothing by its value: say what it stands for
+        diff = ["data.content: the training or test files changed (added, removed or modified)"
+                if d.startswith("data.content:") else d for d in diff]
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise PipelineSetupError(f"{stage_dir} holds the stage '{st.name}' of another configuration ({shown}). "
                                  + _way_out(st.name))
