@@ -623,7 +623,7 @@ def run_pipeline(
             f"No space left on the disk of {out if inside or where is None else Path(os.fspath(where)).parent}"
             f"{f' (writing {where})' if where is not None else ''}: free space there and rerun the same command (or "
             f"move {out} to a disk with room and give its new place as output_dir): the run resumes where it stopped, "
-            "finished stages kept and the interrupted one continued from its last checkpoint.") from err
+            "finished stages kept and the interrupted one continued from its last readable checkpoint.") from err
     finally:
         if lock is not None:
             lock.release()
