@@ -313,6 +313,16 @@ def test_tutorial_module_twin_takes_at_most_ten_changed_lines(tmp_path: Path) ->
     (["--config", "/no/such/file.yaml"], "File does not exist"),
     (["--search_epochs", "2.5"], 'Parser key "search_epochs": Expected a <class \'int\'>; Given value: 2.5'),
     (["--trainer.no_such_key", "3"], "unrecognized arguments: --trainer.no_such_key 3"),
+    # a class's own argument: named down to it (it used to be 'Parser key "data": Problem with given class_path ...:;
+    # Given value: NestedArg(...)', with neither the argument's type nor a key the command line takes)
+    (["--data.init_args.batch_size", "abc"],
+     'Parser key "data.init_args.batch_size": Expected a <class \'int\'>; Given value: abc'),
+    (["--model.optimizer.init_args.lr", "fast"],
+     'Parser key "model.optimizer.init_args.lr": Expected a <class \'float\'>; Given value: fast'),
+    (["--trainer.callbacks.init_args.seed", "x"],
+     'Parser key "trainer.callbacks.init_args.seed": Expected a <class \'int\'>; Given value: x'),
+    (["--data.init_args.no_such", "1"],
+     'Parser key "data.init_args.no_such": lightning_autobalance.data.LongTailDigits takes no argument \'no_such\''),
 ])
 def test_a_parse_error_is_one_line(extra, expected, capsys, monkeypatch):
     """A missing config file, a value of the wrong type and an unknown key: one line naming what is wrong, exit 2,

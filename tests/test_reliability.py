@@ -3,6 +3,7 @@ stage files, fit time over interruptions, bad images and list files named before
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from lightning_autobalance.core.losses import load_loss_tables
 from lightning_autobalance.data import LongTailImageFolder
 from lightning_autobalance.runner.cli import main
 from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
+from lightning_autobalance.runner.pipeline import PipelineDiskFull, no_space
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits_lt.yaml")
@@ -258,6 +260,25 @@ def test_changed_images_are_a_new_configuration_and_the_same_images_are_not(tmp_
     assert digest() not in (first, replaced)
 
 
+def test_changed_images_are_refused_in_words(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The rerun on changed images is refused in one line that says what changed (its old form showed two
+    digests); the same images reuse the stage."""
+    _folder(tmp_path / "data")
+    args = ["pipeline", "--config", str(ROOT / "examples" / "cifar10_lt_jpeg.yaml"), *QUICK, "--retrain_epochs", "1",
+            "--data.init_args.root", str(tmp_path / "data"), "--data.init_args.already_long_tailed", "true",
+            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--model.network", "resnet20",
+            "--search", "false", "--baselines", "[ce]", "--output_dir", str(tmp_path / "run")]
+    main(args)
+    image = tmp_path / "data" / "train" / "class1" / "0.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(image)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "holds the stage 'ce' of another configuration (data.content: the training or test files changed" in err
+
+
 def test_a_class_with_one_image_is_said_in_one_line_before_anything_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The search split needs two images of every class: one is refused in one line (it used to be a traceback of
@@ -306,3 +327,93 @@ def test_a_loss_file_with_non_finite_alpha_is_refused(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError, match=rf"alpha.{name} holds non-finite"):
         load_loss_tables(bad)
+
+
+# ------------------------------------------------------------------------------------------- settings a fit refuses
+@pytest.mark.parametrize(("setting", "message"), [
+    (["--trainer.callbacks.init_args.estimator", "{method: head}", "--model.optimizer.init_args.weight_decay", "0"],
+     "Estimator(method='head') needs weight decay on the classifier head 'network.head'"),
+    (["--trainer.callbacks.init_args.upper", "{holdout: 0.5}", "--data.init_args.upper_fraction", "0.01"],
+     "UpperData(holdout=0.5) holds nothing back: every class of the upper data has one sample"),
+])
+def test_a_setting_the_search_refuses_is_one_line_before_anything_is_written(
+        setting: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What the search's fit refuses at its setup or start (the head method with no weight decay on the head, a
+    holdout its upper split is too small for) is said in one line before anything is written: no folder, no
+    fingerprint to block the corrected rerun, and a `--restart all` with the bad setting removes nothing. (It used to
+    be a 53 to 59-line traceback raised inside the search's fit, after config.yaml and the stage's fingerprint.)"""
+    out = tmp_path / "run"
+    args = ["pipeline", "--config", DIGITS, *QUICK, "--baselines", "[]", "--output_dir", str(out)]
+
+    def refused(*extra: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main([*args, *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    err = refused(*setting)
+    assert f"The stage 'search' cannot train as configured: {message}" in err
+    assert not out.exists()
+    main([*args, *setting[:2]])  # corrected: the method or the holdout kept, its cause fixed
+    before = _mtimes(out)
+    assert "results.json" in before
+    assert message in refused(*setting, "--restart", "all")
+    assert _mtimes(out) == before
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def _no_space_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """The stage's `call`-th checkpoint write fails as on a full disk."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    original, calls = TorchCheckpointIO.save_checkpoint, []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        calls.append(path)
+        if len(calls) == call:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", save_checkpoint)
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_rerun_resumes_in_place(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A write that finds no room stops the run with one line that names the output folder and says to free space and
+    rerun (exit status 1, no traceback: it used to be 36 to 109 lines); the same command then resumes in place: the
+    interrupted stage continues from its last checkpoint."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as info:
+        _no_space_at(patch, 2)  # the second epoch's checkpoint
+        _run(out)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"lightning-autobalance: error: No space left on the disk of {out} (writing {out}/la/")
+    assert "free space there and rerun the same command" in err and "resumes where it stopped" in err
+    assert not (out / "la" / "result.json").exists()
+    _run(out)
+    assert json.loads((out / "la" / "result.json").read_text())["attempts"] == 2  # resumed, not started again
+
+
+def test_a_full_disk_keeps_its_traceback_under_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_AUTOBALANCE_DEBUG", "1")
+    _no_space_at(monkeypatch, 1)
+    with pytest.raises(PipelineDiskFull, match="free space there") as info:
+        _run(tmp_path / "run")
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+
+
+def test_no_space_is_found_through_the_exception_chain() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt")
+    try:
+        try:
+            raise full
+        except OSError as err:
+            raise RuntimeError("writing failed") from err
+    except RuntimeError as wrapped:
+        assert no_space(wrapped) is full
+    assert no_space(OSError(errno.EACCES, "Permission denied")) is None
+    assert no_space(ValueError("no")) is None

@@ -11,14 +11,17 @@ One config file serves every subcommand: ``fit``, ``validate`` and ``test`` acce
 with an ``AutoBalanceCallback`` needs a datamodule with ``search_split: true`` (or the callback's own upper data)
 and says so in one line before any training.
 
-A bad setting (an out-of-range value, an unknown objective, a missing data folder) is reported in one line, the
-library's own message, with exit status 2; set ``LIGHTNING_AUTOBALANCE_DEBUG=1`` for the full traceback.
+A bad setting (an out-of-range value, an unknown objective, a missing data folder, a setting a stage's fit would
+refuse) is reported in one line, the library's own message, with exit status 2; a full disk in one line naming the
+folder, with exit status 1 (the same command resumes the pipeline once there is room). Set
+``LIGHTNING_AUTOBALANCE_DEBUG=1`` for the full traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from lightning_autobalance.data.base import LongTailDataModule
 from lightning_autobalance.lightning.callback import AutoBalanceCallback
 from lightning_autobalance.lightning.classifier import ImbalancedClassifier
-from lightning_autobalance.runner.pipeline import AutoBalanceTrainer, PipelineSetupError
+from lightning_autobalance.runner.pipeline import AutoBalanceTrainer, PipelineDiskFull, PipelineSetupError, no_space
 
 __all__ = ["AutoBalanceCLI", "UsageError", "main"]
 
@@ -176,26 +179,88 @@ class UsageError(ValueError):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-autobalance`` console script."""
+    debug = bool(os.environ.get("LIGHTNING_AUTOBALANCE_DEBUG"))
     try:
         AutoBalanceCLI(args=args)
     except (UsageError, PipelineSetupError) as err:
+        if debug and err.__cause__ is not None:  # refused inside a fit (the preflight): where it was raised
+            raise
         print(f"lightning-autobalance: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except argparse.ArgumentError as err:  # the parser's: an unknown key, a value of the wrong type, a missing file
-        if os.environ.get("LIGHTNING_AUTOBALANCE_DEBUG"):
+        if debug:
             raise
         print(f"lightning-autobalance: error: {_parse_message(str(err))} (lightning-autobalance <subcommand> --help "
               "lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:  # a write that found no room, in the pipeline or in fit/test's own logs and checkpoints
+        full = err if isinstance(err, PipelineDiskFull) else no_space(err)
+        if full is None or debug:
+            raise
+        if isinstance(full, PipelineDiskFull):  # names the output folder and how the run resumes
+            message = str(full)
+        else:
+            where = full.filename2 or full.filename  # a copy's (shutil.move across disks) is its target
+            place = f" of {Path(os.fspath(where)).parent} (writing {where})" if where else ""
+            message = f"No space left on the disk{place}: free space there and run the command again."
+        print(f"lightning-autobalance: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+_KEY = re.compile(r'Parser key "([^"]+)":')
+_TYPE = re.compile(r"Expected an? <class '[^']+'>")
+_UNKNOWN = re.compile(r"Option '([^']+)' is not accepted")
+_CLASS = re.compile(r"class_path '([^']+)'")
+_NESTED = re.compile(r"NestedArg\(key='[^']*', val=(.*)\)")
 
 
 def _parse_message(message: str) -> str:
-    """jsonargparse's report on one line: its first line, the first type it tried and the value given."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    """jsonargparse's report on one line: the key (down to a class's own argument, ``data.init_args.batch_size``,
+    where the report nests it under the class_path it tried), the type expected and the value given.
+
+    Example:
+        >>> print(_parse_message('''Parser key "data":
+        ...   Errors:
+        ...     - Problem with given class_path 'lightning_autobalance.data.LongTailDigits':
+        ...         Parser key "batch_size":
+        ...           Expected a <class 'int'>. Got value: abc
+        ...     - Expected a <class 'NoneType'>
+        ...   Given value: NestedArg(key='batch_size', val='abc')'''))
+        Parser key "data.init_args.batch_size": Expected a <class 'int'>; Given value: abc
+    """
+    raw = [line for line in message.strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in raw]
     head = lines[0] if lines else "invalid arguments"
-    reason = next((line.lstrip("- ") for line in lines[1:] if line.startswith("- ")), "")
-    given = next((line for line in lines[1:] if line.startswith("Given value:")), "")
-    return " ".join(f"{head} {reason}{'; ' if reason and given else ''}{given}".split())
+    first = _KEY.match(head)
+    bullet = next((i for i, line in enumerate(lines) if line.startswith("- ")), None)
+    if first is None or bullet is None:  # unrecognized arguments, a missing file: jsonargparse's own line
+        return " ".join(" ".join(lines[:2]).split())
+    # the first error listed (up to the next one at its depth), down to the innermost key it names
+    depth = len(raw[bullet]) - len(raw[bullet].lstrip())
+    stop = next((i for i in range(bullet + 1, len(raw)) if raw[i].startswith(" " * depth + "- ")), len(raw))
+    block = lines[bullet:stop]
+    keys = [first.group(1)]
+    after = 0
+    for i, line in enumerate(block):
+        for inner in _KEY.findall(line):
+            keys.append(inner)
+            after = i
+    rest = block[after:]
+    unknown = next((m.group(1) for line in rest for m in [_UNKNOWN.search(line)] if m), None)
+    owner = _CLASS.search(block[0])
+    if unknown is not None:  # an argument the class does not take
+        where = owner.group(1) if owner else "the class given"
+        return f'Parser key "{".init_args.".join([*keys, unknown])}": {where} takes no argument {unknown!r}'
+    reason = next((m.group(0) for line in rest for m in [_TYPE.search(line)] if m), None) or block[0][2:].split(
+        ". Got value:")[0]
+    given = next((line.split("Given value:", 1)[1] for line in rest if "Given value:" in line), None) or next(
+        (line.split("Got value:", 1)[1] for line in rest if "Got value:" in line), None) or next(
+        (line.split("Given value:", 1)[1] for line in lines[stop:] if line.startswith("Given value:")), "")
+    given = given.split(". Got value:")[0].strip()
+    nested = _NESTED.fullmatch(given)
+    given = nested.group(1).strip("'") if nested else given
+    key = ".init_args.".join(keys)
+    return " ".join(f'Parser key "{key}": {reason.rstrip(":")}{f"; Given value: {given}" if given else ""}'.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

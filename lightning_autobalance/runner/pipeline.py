@@ -35,7 +35,9 @@ Checkpoints are read with ``weights_only=True`` (tensors and plain values only):
 folder never runs. An unreadable ``result.json``, ``last.ckpt`` or found loss file is named in a warning, moved
 aside (``*.corrupt``) and replaced by the fallback: the previous epoch's checkpoint (``previous.ckpt``), else a fresh
 start (a search's loss file is exported again from the search's checkpoint). Every argument is checked before
-anything is written. One run per ``output_dir`` at a time
+anything is written, and so is whatever a stage's fit would refuse at its start (a preflight fits each stage that is
+to search up to its first optimizer step, saving nothing). A write that finds the disk full stops the run with
+:class:`PipelineDiskFull`; the same command resumes it in place. One run per ``output_dir`` at a time
 (:class:`~lightning_autobalance.runner.output_lock.OutputLock`;
 a lock left by a killed run is taken over). A stage's ``fit_time_s`` is its total over interruptions (``attempts``
 counts them), up to its last checkpoint in each.
@@ -49,12 +51,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import importlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +80,7 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_autobalance.core.losses import load_loss_tables, preset_tables
@@ -93,7 +99,7 @@ from lightning_autobalance.runner.fingerprint import (
 )
 from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
 
-__all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineSetupError", "run_pipeline"]
+__all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineDiskFull", "PipelineSetupError", "no_space", "run_pipeline"]
 
 #: Baseline name -> model overrides (a fixed loss, no search).
 BASELINES: dict[str, dict[str, Any]] = {
@@ -113,6 +119,29 @@ BASELINES: dict[str, dict[str, Any]] = {
 _GROUP_BASELINES = ("group_balanced", "group_dro")
 #: Callbacks a stage replaces with its own: checkpoints go to the stage's folder, the config is saved once.
 _DROPPED_CALLBACKS = (SaveConfigCallback, ModelCheckpoint)
+
+
+#: the errors of a write that found no room: the disk is full, or the user's quota is spent
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space(err: BaseException) -> OSError | None:
+    """The ``OSError`` of a write that found no room (:data:`NO_SPACE`) in the chain of ``err`` (as Python prints it:
+    causes and contexts), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class PipelineDiskFull(OSError):
+    """A write of the pipeline found no room (a full disk, a spent quota): the run stopped where it was, and the same
+    command resumes it in place once there is space (every file is written whole or not at all). The CLI prints it in
+    one line."""
 
 
 class PipelineSetupError(ValueError):
@@ -336,20 +365,74 @@ def _counts(model: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
     return counts
 
 
-def _warm_up(model: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_kwargs: dict[str, Any]) -> None:
-    """One throw-away training step, so that one-off start-up costs (lazy imports) stay out of the stage timings.
+class _FirstStepTaken(Exception):
+    """Ends a preflight fit once its first optimizer step is taken (not an error)."""
 
-    Skipped for multi-process strategies, where stages must run in step on every process.
-    """
+
+class _StopAfterFirstStep(pl.Callback):
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step >= 1 or batch_idx >= 64:
+            raise _FirstStepTaken
+
+
+def _single_process(trainer_kwargs: dict[str, Any]) -> bool:
     strategy = trainer_kwargs.get("strategy", "auto")
     single = strategy in ("auto", "single_device") or isinstance(strategy, SingleDeviceStrategy)
-    if not single or trainer_kwargs.get("num_nodes", 1) != 1 or trainer_kwargs.get("devices", 1) not in (1, "1"):
-        return
-    keep = {k: trainer_kwargs[k] for k in ("accelerator", "precision") if k in trainer_kwargs}
-    with _quiet_lightning():  # an internal step the user did not ask for: none of Lightning's info lines
-        trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             devices=1, **keep)
-        trainer.fit(_clone(model, search=()), datamodule=_data(datamodule, search_split=False))
+    return single and trainer_kwargs.get("num_nodes", 1) == 1 and trainer_kwargs.get("devices", 1) in (1, "1")
+
+
+#: Trainer arguments a preflight fit sets itself: it logs, saves, shows and profiles nothing.
+_PREFLIGHT_KEYS = ("callbacks", "logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
+                   "default_root_dir", "profiler", "num_sanity_val_steps", "fast_dev_run")
+
+
+def _preflight(plan: list[_Stage], pending: set[str], model: Any, datamodule: Any, trainer_kwargs: dict[str, Any],
+               epochs_of: Callable[[_Stage], int | None]) -> None:
+    """Every stage that is to train is checked before anything is written: its model is built, and a searching stage
+    (else the first stage to train) fits as that stage would (its model, data, callbacks, trainer arguments and
+    epochs) up to its first optimizer step, logging and saving nothing. Whatever the fit refuses at its setup, its
+    start or its first step (the head method with no weight decay on the head, a ``holdout`` its upper data cannot
+    give, a head that cannot be told, a ``training_step`` that keeps its own criterion) is then a
+    :class:`PipelineSetupError` and the output folder stays as it was. The step also keeps one-off start-up costs
+    (lazy imports) out of the stage timings.
+
+    Only the models are built under a multi-process strategy (stages must run in step on every process there); a stage
+    that reads an earlier stage's output (the retraining on the found loss) is checked when it starts.
+    """
+    ready = [st for st in plan if st.name in pending and not st.after]
+    stepped = {st.name for st in ready if st.search} or {st.name for st in ready[:1]}
+    single = _single_process(trainer_kwargs)
+    for st in ready:
+        try:
+            with _quiet_lightning(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # what the stage warns of, it says when it trains
+                model_ = _clone(model, **st.model)
+                if st.name not in stepped or not single:
+                    continue
+                kwargs = {k: v for k, v in trainer_kwargs.items() if k not in _PREFLIGHT_KEYS}
+                callbacks = trainer_kwargs.get("callbacks") or []
+                callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+                kept = [copy.deepcopy(cb) for cb in callbacks if not isinstance(cb, (*_DROPPED_CALLBACKS, *_OBSERVERS))
+                        and (st.search or not isinstance(cb, AutoBalanceCallback))]
+                if st.search and not any(isinstance(cb, AutoBalanceCallback) for cb in kept):
+                    kept.append(AutoBalanceCallback())
+                epochs = epochs_of(st)
+                if epochs is not None:
+                    kwargs["max_epochs"] = epochs
+                trainer = pl.Trainer(**kwargs, callbacks=[*kept, _StopAfterFirstStep()], logger=False,
+                                     enable_checkpointing=False, enable_progress_bar=False,
+                                     enable_model_summary=False, num_sanity_val_steps=0)
+                with contextlib.suppress(_FirstStepTaken):
+                    trainer.fit(model_, datamodule=_data(datamodule, **st.data))
+        except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
+            raise PipelineSetupError(f"The stage '{st.name}' cannot train as configured: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (its type named where it is not a ValueError)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
 
 
 @contextlib.contextmanager
@@ -433,7 +516,9 @@ def run_pipeline(
     Raises:
         PipelineSetupError: before anything is written: a bad argument (epochs below 1, a negative seed, ...), a bad
             image or non-finite upper data, an output folder that cannot be used or holds another configuration's
-            stages (see ``restart``), an output folder in use by another run.
+            stages (see ``restart``), an output folder in use by another run, a setting a stage's fit refuses at
+            its start (the head method with no weight decay on the head, a ``holdout`` the upper data cannot give).
+        PipelineDiskFull: a write found no room (``ENOSPC``, ``EDQUOT``); the same call resumes the run in place.
     """
     search_epochs, retrain_epochs, seed = _check_arguments(search, baselines, search_epochs, retrain_epochs, resume,
                                                            plot, seed, one_phase, dict(trainer_kwargs or {}))
@@ -513,6 +598,7 @@ def run_pipeline(
     recompute = set(names) if "all" in restart else set(restart)
     recompute |= {st.name for st in plan if recompute & set(st.after)}  # and what is built on them
     lock = OutputLock(out) if rank_zero_only.rank == 0 else None
+    fresh = not out.exists()  # a run refused before it wrote anything leaves no folder behind
     try:
         if lock is not None:
             lock.acquire()
@@ -527,9 +613,23 @@ def run_pipeline(
     try:
         return _run_plan(plan, recompute, out, found, model, datamodule, kwargs, full, counts, seed, search_epochs,
                          retrain_epochs, resume, plot, fold_epoch, write_config)
+    except Exception as err:
+        full_disk = no_space(err)
+        if full_disk is None:
+            raise
+        where = full_disk.filename2 or full_disk.filename  # a copy's (shutil.move across disks) is its target
+        inside = where is not None and Path(os.fspath(where)).resolve().is_relative_to(out.resolve())
+        raise PipelineDiskFull(
+            f"No space left on the disk of {out if inside or where is None else Path(os.fspath(where)).parent}"
+            f"{f' (writing {where})' if where is not None else ''}: free space there and rerun the same command (or "
+            f"move {out} to a disk with room and give its new place as output_dir): the run resumes where it stopped, "
+            "finished stages kept and the interrupted one continued from its last readable checkpoint.") from err
     finally:
         if lock is not None:
             lock.release()
+            if fresh:
+                with contextlib.suppress(OSError):  # only where nothing was written (rmdir removes no file)
+                    out.rmdir()
 
 
 def _check_arguments(search: Any, baselines: Any, search_epochs: Any, retrain_epochs: Any, resume: Any, plot: Any,
@@ -650,7 +750,7 @@ def _work_in(stage_dir: Path) -> list[str]:
     return [p.name for p in found if p.is_file()]
 
 
-def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any]) -> None:
+def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any], quiet: bool = False) -> None:
     """Refuses a stage folder that holds work (a result, a checkpoint) of another configuration (compares
     ``fingerprint.json``) or work it cannot check: no fingerprint, or one that cannot be read. Fails closed where there
     is work; a folder with none (a fit that stopped before its first checkpoint, e.g. on a setting it refused) blocks
@@ -677,9 +777,14 @@ def _check_stage(st: _Stage, stage_dir: Path, fp: dict[str, Any]) -> None:
         old.pop("inputs", None)
     diff = changes(old, fp)
     if diff and not work:
+        if quiet:  # said once, when the stage starts
+            return
         rank_zero_info(f"[{st.name}] {stage_dir} holds no result or checkpoint of its earlier configuration: the stage "
                        "starts afresh.")
     elif diff:
+        # the data's digest says nothing by its value: say what it stands for
+        diff = ["data.content: the training or test files changed (added, removed or modified)"
+                if d.startswith("data.content:") else d for d in diff]
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise PipelineSetupError(f"{stage_dir} holds the stage '{st.name}' of another configuration ({shown}). "
                                  + _way_out(st.name))
@@ -713,22 +818,24 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
     def loss_file(st: _Stage) -> Path:
         return found if st.name == "search" else out / st.name / "found_loss.yaml"
 
-    # Before any training: clear what is restarted, refuse folders of another configuration.
+    # Before anything is written: refuse folders of another configuration (also without resume: such a folder is
+    # never overwritten unless it is restarted), check every stage that is to train, then clear what is restarted.
+    for st in plan:
+        if st.name not in recompute:
+            _check_stage(st, out / st.name, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st),
+                                                         False, out), quiet=True)
+    pending = {st.name for st in plan
+               if st.name in recompute or not resume or not (out / st.name / "result.json").is_file()}
+    _preflight(plan, pending, model, datamodule, kwargs, epochs_of)
     for st in plan:
         stage_dir = out / st.name
-        if st.name in recompute:
-            if rank_zero_only.rank == 0 and stage_dir.exists():
-                rank_zero_info(f"[{st.name}] restart: {stage_dir} is removed and the stage trains from scratch.")
-                shutil.rmtree(stage_dir)
-                if st.name == "search":
-                    found.unlink(missing_ok=True)
-            continue
-        # Also without resume: a folder of another configuration is never overwritten unless it is restarted.
-        _check_stage(st, stage_dir, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), False,
-                                                 out))
+        if st.name in recompute and rank_zero_only.rank == 0 and stage_dir.exists():
+            rank_zero_info(f"[{st.name}] restart: {stage_dir} is removed and the stage trains from scratch.")
+            shutil.rmtree(stage_dir)
+            if st.name == "search":
+                found.unlink(missing_ok=True)
     if write_config is not None and rank_zero_only.rank == 0:
         write_config(out / "config.yaml")
-    _warm_up(model, datamodule, kwargs)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"output_dir": str(out), "seed": seed, "model": type(model).__name__,
                                "datamodule": type(datamodule).__name__}
