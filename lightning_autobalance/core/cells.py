@@ -22,16 +22,8 @@ def cell_index(group: _Index, target: _Index, num_classes: int) -> _Index:
     """The flat index ``group * num_classes + target`` of the (group, class) cell, row-major over ``G x K``.
 
     Works element-wise on Python ints, NumPy integer arrays and integer tensors alike (it only multiplies and
-    adds), so it is as cheap as writing the expression out and reads nothing back from a device; it checks nothing
-    (the callers validate their labels and groups where they read them).
-
-    Args:
-        group: the group ``g`` of each sample, in ``0 .. G - 1``.
-        target: the class ``y`` of each sample, in ``0 .. K - 1``.
-        num_classes: ``K``.
-
-    Returns:
-        ``g * K + y``, of the inputs' kind.
+    adds, and returns the inputs' kind), so it is as cheap as writing the expression out and reads nothing back from a
+    device; it checks nothing (the callers validate their labels and groups where they read them).
 
     Example:
         >>> import torch
