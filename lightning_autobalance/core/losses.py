@@ -374,10 +374,7 @@ def save_loss_tables(path: str | Path, tables: LossTables, **info: Any) -> Path:
 
 
 def load_loss_tables(path: str | Path) -> tuple[LossTables, dict[str, Any]]:
-    """Reads a file written by :func:`save_loss_tables`.
-
-    Returns:
-        The tables (float32, ``(G, K)``) and the other entries of the file.
+    """Reads a file written by :func:`save_loss_tables`: its tables (float32, ``(G, K)``) and its other entries.
 
     Raises:
         FileNotFoundError: if the file does not exist.

@@ -776,23 +776,16 @@ class UpperObjective:
 
 
 def check_objective(objective: str | Objective, **kwargs: Any) -> None:
-    """Checks a named objective and its settings without any counts (e.g. when a callback is constructed).
-
-    Raises:
-        ValueError: for an unknown name, an argument the objective does not take, or a bad setting (``lam`` outside
-            ``[0, 1]``, a temperature ``<= 0``, ...).
-    """
+    """Checks a named objective and its settings without any counts (e.g. when a callback is constructed); raises
+    ``ValueError`` for an unknown name, an argument the objective does not take, or a bad setting."""
     UpperObjective(objective, **kwargs)
 
 
 def build_objective(objective: str | Objective, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
                     **kwargs: Any) -> Objective:
     """A callable objective: a named one (with its settings ``kwargs``) built from the upper data's counts, as
-    :meth:`UpperObjective.build` makes it but without the scalar check, or a callable as it is.
-
-    Raises:
-        ValueError: for an unknown name, bad settings, or units the objective needs that the counts lack.
-    """
+    :meth:`UpperObjective.build` makes it but without the scalar check, or a callable as it is; raises ``ValueError``
+    for an unknown name, bad settings, or units the objective needs that the counts lack."""
     if callable(objective) and not isinstance(objective, (str, type)):
         UpperObjective(objective, **kwargs)  # a callable takes no settings
         return objective

@@ -68,9 +68,6 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
         step_fraction: Fraction of classes in the minority for the step profile, in [0, 1].
         min_count: Smallest count a class may get, between 1 and ``n_max``.
 
-    Returns:
-        A list of ``num_classes`` integer counts.
-
     Raises:
         ValueError: An argument is out of range; the message names it and its range.
 
@@ -239,9 +236,6 @@ def head_medium_tail(class_counts: Sequence[int] | np.ndarray, many_threshold: i
         class_counts: Training count of each class.
         many_threshold: Head classes have strictly more samples than this.
         few_threshold: Tail classes have strictly fewer samples than this.
-
-    Returns:
-        A numpy array of ``len(class_counts)`` strings.
 
     Raises:
         ValueError: Bad thresholds or rule, or negative counts.

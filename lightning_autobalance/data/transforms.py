@@ -3,12 +3,6 @@
 Every transform here takes a ``uint8`` image tensor of shape ``(C, H, W)`` (as the in-memory
 and file datasets produce) and returns a normalised ``float32`` tensor. They are built from
 ``torchvision.transforms.v2`` and are picklable, so they work with dataloader workers.
-
-Example:
-    >>> import torch
-    >>> image = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    >>> cifar_transform(CIFAR10_MEAN, CIFAR10_STD, train=True)(image).shape
-    torch.Size([3, 32, 32])
 """
 
 from __future__ import annotations
