@@ -42,14 +42,6 @@ def coerce_value(cls: type[T], value: Any, what: str, known: Iterable[str],
                  other: tuple[str, Callable[[Any], T | None]] | None = None) -> T:
     """``cls`` from itself, ``None`` (its defaults), a mapping of its settings, or (``other``: a description and a
     converter returning ``None`` when it does not apply) another form; raises ``ValueError`` naming what was given.
-
-    Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Rate:
-        ...     lr: float = 0.1
-        >>> coerce_value(Rate, {"lr": 0.5}, "rate", ["lr"]), coerce_value(Rate, None, "rate", ["lr"])
-        (Rate(lr=0.5), Rate(lr=0.1))
     """
     if value is None:
         return cls()

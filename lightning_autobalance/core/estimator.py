@@ -98,11 +98,8 @@ product='difference', weight_decay=0.0, head=None, head_memory=2048, head_steps=
     @classmethod
     def coerce(cls, value: Any) -> Estimator:
         """An :class:`Estimator` from itself, ``None`` (the default), or a mapping of its fields (a YAML group, a
-        Hydra ``DictConfig``, a jsonargparse dict), validated alike.
-
-        Raises:
-            ValueError: for another type, a key that is not a field, or a bad setting.
-        """
+        Hydra ``DictConfig``, a jsonargparse dict), validated alike; ``ValueError`` for another type, a key that is not
+        a field, or a bad setting."""
         return coerce_value(cls, value, "estimator", (f.name for f in fields(cls)))
 
 

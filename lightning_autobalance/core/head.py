@@ -30,10 +30,8 @@ Everything is exact for the head: the only approximations are the frozen feature
 Cost: no backward pass through the network at all. A hyper step runs one forward pass (no gradient) on each
 training and upper batch to read their features, and the rest is arithmetic on ``(N, d)`` matrices.
 
-Nothing here knows about Lightning. :class:`HeadProblem` is the head's training problem on fixed features;
-:func:`solve_head` its Newton solver; :func:`head_hypergradient` the implicit hypergradient at the equilibrium;
-:class:`FeatureMemory` the buffer of recent features. Both users of the equilibrium build on these: the ``"head"``
-method (:func:`lightning_autobalance.core.solvers.head_solver`) and the held-back check
+Nothing here knows about Lightning. Both users of the equilibrium build on this module: the ``"head"`` method
+(:func:`lightning_autobalance.core.solvers.head_solver`) and the held-back check
 (:mod:`lightning_autobalance.lightning.check`).
 """
 
@@ -374,9 +372,6 @@ def head_hypergradient(features: Tensor, target: Tensor, group: Tensor | None, u
         dense_limit: the largest head (``K (d + 1)`` parameters) whose Hessian is formed densely.
         cg_iterations: conjugate-gradient iterations per solve beyond ``dense_limit``.
         reduce: averages a tensor over processes (every rank's buffers the same size); ``None`` for one process.
-
-    Returns:
-        A :class:`HeadResult`.
     """
     if not weight_decay > 0:
         raise ValueError(f"The 'head' method needs weight_decay > 0 (the model optimizer's weight decay, which makes "

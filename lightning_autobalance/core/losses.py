@@ -79,11 +79,7 @@ class LossTables(NamedTuple):
 
 
 def resolve_preset(name: str) -> str:
-    """Returns the canonical name of a preset given its name or an alias.
-
-    Raises:
-        ValueError: if ``name`` is not a known preset.
-    """
+    """The canonical name of a preset given its name or an alias; raises ``ValueError`` for an unknown one."""
     key = str(name).strip().lower()
     for canonical, aliases in PRESETS.items():
         if key == canonical or key in aliases:
@@ -163,10 +159,7 @@ def preset_tables(name: str, class_counts: Sequence[int] | Sequence[Sequence[int
         name: preset name or alias (see :data:`PRESETS`).
         class_counts: ``K`` per-class training counts or a ``G x K`` table.
         num_groups: number of group rows ``G`` (default: the rows of ``class_counts``, else 1).
-        tau: scale of the additive adjustment (``la``, ``vs``).
-        gamma: exponent of the multiplicative adjustment (``cdt``, ``vs``).
-        beta: class-balanced ``beta``.
-        dtype: dtype of the returned tables.
+        tau, gamma, beta: the presets' settings (table above).
 
     Example:
         >>> tables = preset_tables("la", [100, 10, 1])
@@ -306,9 +299,7 @@ class AdjustedCrossEntropy(nn.Module):
     parameters, so no optimizer picks them up.
 
     Args:
-        delta: multiplicative adjustment, ``(K,)`` or ``(G, K)``.
-        offset: additive adjustment, same shape.
-        weight: per-class weights, same shape.
+        delta, offset, weight: the tables of :func:`adjusted_cross_entropy`, of one shape ``(K,)`` or ``(G, K)``.
         reduction: see :func:`adjusted_cross_entropy`.
         validate: check the inputs on every call.
 
@@ -364,8 +355,7 @@ def save_loss_tables(path: str | Path, tables: LossTables, **info: Any) -> Path:
 
     Args:
         path: destination; the suffix picks the format.
-        tables: the ``(delta, offset, weight)`` tables.
-        **info: extra JSON-serialisable entries stored beside them (e.g. ``reduction``, ``preset``).
+        **info: extra JSON-serialisable entries stored beside the tables (e.g. ``reduction``, ``preset``).
     """
     path = Path(path)
     doc: dict[str, Any] = {"format": LOSS_FILE_FORMAT, "num_groups": tables.num_groups,
@@ -384,10 +374,7 @@ def save_loss_tables(path: str | Path, tables: LossTables, **info: Any) -> Path:
 
 
 def load_loss_tables(path: str | Path) -> tuple[LossTables, dict[str, Any]]:
-    """Reads a file written by :func:`save_loss_tables`.
-
-    Returns:
-        The tables (float32, ``(G, K)``) and the other entries of the file.
+    """Reads a file written by :func:`save_loss_tables`: its tables (float32, ``(G, K)``) and its other entries.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -552,9 +539,7 @@ def unit_mean_losses(losses: Tensor, index: Tensor, num_units: int,
     is the gradient of the means of the union. Nothing is read back to the host.
 
     Args:
-        losses: per-sample losses ``(N,)``.
-        index: unit of every sample ``(N,)`` in ``[0, num_units)``.
-        num_units: number of units.
+        losses, index: per-sample losses ``(N,)`` and the unit of every sample ``(N,)``, in ``[0, num_units)``.
         reducer: a :class:`~lightning_autobalance.core.reduce.Reducer`; ``None`` for this process only.
 
     Returns:
@@ -593,10 +578,8 @@ class GroupDROLoss(nn.Module):
     scaled so that DDP's average over processes is the gradient of ``sum_j q_j L_j`` on the union.
 
     Args:
-        num_classes: ``K``; ``None`` (with ``num_groups``) for a loss value that a model sizes (:meth:`for_model`).
-        num_groups: ``G``.
+        num_classes, num_groups: ``K`` and ``G``; both ``None`` for a loss value that a model sizes (:meth:`for_model`).
         step_size: ``eta_q`` of the exponentiated-gradient step on ``q`` (the paper uses 0.01).
-        over: ``"cell"``, ``"group"`` or ``"class"``.
         reducer: combines the per-unit statistics over processes during training
             (:class:`~lightning_autobalance.core.reduce.Reducer`; default: the ``torch.distributed`` group, if any).
 

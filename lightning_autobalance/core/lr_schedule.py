@@ -69,7 +69,6 @@ class WarmupDecayLR(LambdaLR):
     ``S`` and ``E`` are given by :meth:`fit_to_run`; before that the factor is 1.
 
     Args:
-        optimizer: the optimizer whose learning rate it sets.
         schedule: ``"cosine"``, ``"step"`` or ``"constant"`` after the warm-up.
         warmup_epochs: epochs of linear warm-up, >= 0 (may be fractional; 0: none).
         milestones: epochs at which ``"step"`` multiplies the learning rate by ``lr_decay`` (non-negative).
@@ -117,12 +116,9 @@ class WarmupDecayLR(LambdaLR):
         return factor.steps_per_epoch, factor.epochs
 
     def fit_to_run(self, steps_per_epoch: float, epochs: int) -> None:
-        """Sizes the schedule to a run of ``epochs`` epochs of ``steps_per_epoch`` optimizer steps (may be
-        fractional) and sets the learning rate of the current step accordingly.
-
-        Raises:
-            ValueError: ``steps_per_epoch`` is not a positive finite number, or ``epochs`` not a positive integer.
-        """
+        """Sizes the schedule to a run of ``epochs`` epochs (a positive integer) of ``steps_per_epoch`` optimizer steps
+        (a positive number, may be fractional) and sets the learning rate of the current step accordingly; raises
+        ``ValueError`` for other values."""
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int | float) \
                 or not 0 < steps_per_epoch < math.inf:
             raise ValueError(f"steps_per_epoch must be a positive finite number; got {steps_per_epoch!r}.")

@@ -58,10 +58,6 @@ def group_report(correct: Tensor, total: Tensor) -> dict[str, Any]:
 class GroupErrors(Metric):
     """Counts correct predictions per (group, label) cell; :meth:`compute` returns :func:`group_report`.
 
-    Args:
-        num_classes: ``K``.
-        num_groups: ``G``.
-
     Example:
         >>> metric = GroupErrors(num_classes=2, num_groups=2)
         >>> metric.update(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1]))

@@ -43,9 +43,6 @@ units are masked with ``torch.where``, not by indexing. ``validate=True`` (the d
 values of every batch (one host read) and warns when an equal-opportunity batch has no gap to measure;
 ``missing="raise"`` reads whether every unit is present.
 
-**As a value.** :class:`UpperObjective` (what :class:`~lightning_autobalance.AutoBalanceCallback` takes, knowing no
-objective by name) holds what to build and its settings, validated, and builds it from the upper data's counts.
-
 Plain PyTorch; nothing of Lightning.
 """
 
@@ -272,12 +269,8 @@ def worst_group_loss(logits: Tensor, target: Tensor, group: Tensor | None = None
     * ``mode="max"``: the maximum itself.
 
     Args:
-        logits: ``(N, K)``.
-        target: labels ``(N,)``.
         group: group of every sample ``(N,)`` in ``[0, num_groups)`` (needed unless ``over="class"``).
-        num_groups: the number of groups ``G``.
         over: ``"class"``, ``"group"`` or ``"cell"`` (a (label, group) pair, the groups of group DRO).
-        mode: ``"lse"``, ``"cvar"`` or ``"max"``.
         temperature: ``T > 0`` of ``"lse"``: small is close to the maximum, large to the mean.
         fraction: CVaR level in ``(0, 1]``.
         missing: a unit absent from the batch is left out (``"mask"``) or raises (``"raise"``, one host read).
@@ -536,11 +529,8 @@ class BlendedObjective:
         lam: the weight of the fairness objective, in ``[0, 1]``.
         accuracy: a name from :data:`OBJECTIVES` or a callable (default ``"balanced_ce"``).
         fairness: a name or a callable (default ``"deo"``).
-        accuracy_kwargs: settings of a named accuracy objective.
-        fairness_kwargs: settings of a named fairness objective.
-        num_groups: ``G``, handed to both named parts.
-        reducer: handed to both named parts (:class:`~lightning_autobalance.core.reduce.Reducer`).
-        validate: handed to both named parts.
+        accuracy_kwargs, fairness_kwargs: settings of a named accuracy or fairness objective.
+        num_groups, reducer, validate: handed to both named parts.
 
     Example:
         >>> objective = BlendedObjective([[20, 2], [2, 20]], lam=0.5, fairness="worst_group")
@@ -671,8 +661,9 @@ class UpperObjective:
         **settings: the settings of a named objective or class (e.g. ``temperature=0.1`` for ``"worst_class"``,
             ``lam=0.5, fairness="deo"`` for ``"blend"``), checked now by the class's own ``check_settings``.
 
-    :meth:`build` makes the objective from the counts, with the :class:`~lightning_autobalance.core.reduce.Reducer` of
-    the run. :meth:`coerce` also accepts a name or a mapping ``{"name": ..., **settings}`` (a YAML group or a Hydra
+    :class:`~lightning_autobalance.AutoBalanceCallback` takes one (it knows no objective by name); :meth:`build` makes
+    the objective from the counts, with the :class:`~lightning_autobalance.core.reduce.Reducer` of the run.
+    :meth:`coerce` also accepts a name or a mapping ``{"name": ..., **settings}`` (a YAML group or a Hydra
     ``DictConfig``).
 
     Example:
@@ -750,7 +741,6 @@ class UpperObjective:
         it returns a scalar tensor (the wrapper's ``objective`` is the objective itself).
 
         Args:
-            class_counts: the counts of the upper data.
             reducer: combines the per-unit statistics over processes (``None``: one process).
             validate: whether the built objective checks the label and group ranges of every batch (a host read
                 each call; the callback checks the upper data once instead and builds with ``False``).
@@ -786,23 +776,16 @@ class UpperObjective:
 
 
 def check_objective(objective: str | Objective, **kwargs: Any) -> None:
-    """Checks a named objective and its settings without any counts (e.g. when a callback is constructed).
-
-    Raises:
-        ValueError: for an unknown name, an argument the objective does not take, or a bad setting (``lam`` outside
-            ``[0, 1]``, a temperature ``<= 0``, ...).
-    """
+    """Checks a named objective and its settings without any counts (e.g. when a callback is constructed); raises
+    ``ValueError`` for an unknown name, an argument the objective does not take, or a bad setting."""
     UpperObjective(objective, **kwargs)
 
 
 def build_objective(objective: str | Objective, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
                     **kwargs: Any) -> Objective:
     """A callable objective: a named one (with its settings ``kwargs``) built from the upper data's counts, as
-    :meth:`UpperObjective.build` makes it but without the scalar check, or a callable as it is.
-
-    Raises:
-        ValueError: for an unknown name, bad settings, or units the objective needs that the counts lack.
-    """
+    :meth:`UpperObjective.build` makes it but without the scalar check, or a callable as it is; raises ``ValueError``
+    for an unknown name, bad settings, or units the objective needs that the counts lack."""
     if callable(objective) and not isinstance(objective, (str, type)):
         UpperObjective(objective, **kwargs)  # a callable takes no settings
         return objective

@@ -1,17 +1,9 @@
 """Parametrisations of the loss parameters ``alpha`` that AutoBalance searches.
 
 A parametrisation maps a few free tensors (``alpha``) to the ``(delta, offset, weight)`` tables of
-:mod:`lightning_autobalance.core.losses`. The shapes offered:
-
-* :class:`PerClass`: one free value per class (per class and group with ``num_groups > 1``);
-* :class:`FrequencyGroups`: classes sorted by count share one value per bin of ``group_size`` classes (any
-  size; the last bin may be smaller); for retraining the bin values are interpolated back to ``K`` classes;
-* :class:`DatasetDependent`: only three scalars, ``delta_y = (n_y/n_max)**gamma``, ``offset_y = tau log pi_y``,
-  ``weight_y ~ pi_y ** -omega``;
-* :class:`Hierarchical` (the default): those shared scalars *plus* one residual per class. The shared part moves
-  every class at once on the pooled signal of all of them; the residuals let a class depart from it where its
-  own upper data says so, and the search pulls them back towards zero in proportion to how little upper data a
-  class has (see :meth:`LossParametrization.free_value_counts`).
+:mod:`lightning_autobalance.core.losses`: one free value per class and group (:class:`PerClass`) or per bin of
+classes of similar frequency (:class:`FrequencyGroups`), three dataset-level scalars (:class:`DatasetDependent`), or
+those scalars plus a residual per class (:class:`Hierarchical`, the default); each class gives its formulas.
 
 The free tensors are *buffers*, not parameters: a model optimizer built from ``module.parameters()`` never
 sees them, yet they are saved in ``state_dict``. They are kept in float32 or wider even when the module is cast

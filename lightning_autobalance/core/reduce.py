@@ -103,9 +103,6 @@ class Reducer:
 class _TorchDistributed(Reducer):
     """:meth:`Reducer.torch_distributed`: ``torch.distributed.all_reduce`` over the default group, if any."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def world_size(self) -> int:
         dist = torch.distributed

@@ -1,12 +1,5 @@
-"""Long-tailed data: profiles, seeded selection and splits, and Lightning datamodules.
-
-Example:
-    >>> from lightning_autobalance.data import LongTailDigits, long_tail_counts
-    >>> sum(long_tail_counts(5000, 10, 100.0))
-    12406
-    >>> LongTailDigits(imbalance_ratio=10).num_classes
-    10
-"""
+"""Long-tailed data: profiles, seeded selection and splits (``profiles``, ``search_split``), and Lightning
+datamodules."""
 
 from lightning_autobalance.data.base import LongTailDataModule
 from lightning_autobalance.data.cifar import LongTailCIFAR10, LongTailCIFAR100

@@ -39,7 +39,6 @@ class LongTailDataModule(pl.LightningDataModule):
 
     Args:
         imbalance_ratio: ``rho = n_max / n_min`` of the profile, finite and >= 1.
-        profile: ``"exponential"`` or ``"step"``.
         upper_fraction: Fraction of each class held out as the upper part when ``search_split`` is True, in (0, 1).
         search_split: If True, the training dataloader serves only the lower part and :meth:`upper_dataloader` the
             held-out upper part; if False, training uses the whole long-tailed set.
@@ -201,7 +200,6 @@ class LongTailDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes."""
         return len(self.class_names)
 
     @property
@@ -287,22 +285,13 @@ class LongTailDataModule(pl.LightningDataModule):
                 dataset = self._build_dataset(self._require_upper(), augment=False)
             else:
                 dataset = self._build_test_dataset()
-            if self.device_resident:
-                dataset = self._device_dataset(dataset)
+            if self.device_resident:  # see ``device_resident``
+                if not isinstance(dataset, InMemoryImageDataset):
+                    raise ValueError(f"{type(self).__name__}: device_resident=True needs its images held in memory, "
+                                     f"but it built a {type(dataset).__name__}")
+                dataset = DeviceImageDataset.from_memory(dataset)
             self._datasets[key] = dataset
         return self._datasets[key]
-
-    def _device_dataset(self, dataset: Dataset[Any]) -> DeviceImageDataset:
-        """The device-resident form of a dataset built by a subclass (see ``device_resident``)."""
-        if not isinstance(dataset, InMemoryImageDataset):
-            raise ValueError(f"{type(self).__name__}: device_resident=True needs its images held in memory, but it "
-                             f"built a {type(dataset).__name__}")
-        return DeviceImageDataset.from_memory(dataset)
-
-    def _data_device(self) -> torch.device:
-        """The device of the trainer this datamodule is attached to (the CPU when none)."""
-        trainer = getattr(self, "trainer", None)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     @property
     def train_dataset(self) -> Dataset[Any]:
@@ -312,11 +301,7 @@ class LongTailDataModule(pl.LightningDataModule):
 
     @property
     def upper_dataset(self) -> Dataset[Any]:
-        """The held-out upper part (augmented when ``upper_augment``).
-
-        Raises:
-            RuntimeError: ``search_split`` is False.
-        """
+        """The held-out upper part (augmented when ``upper_augment``); ``RuntimeError`` without ``search_split``."""
         return self._cached_dataset("upper")
 
     @property
@@ -347,8 +332,9 @@ class LongTailDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ dataloaders
     def _loader(self, dataset: Dataset[Any], batch_size: int, shuffle: bool = False,
                 sampler: Sampler[int] | None = None, generator: torch.Generator | None = None) -> DataLoader[Any]:
-        if isinstance(dataset, DeviceImageDataset):
-            dataset.to(self._data_device())
+        if isinstance(dataset, DeviceImageDataset):  # to the attached trainer's device (the CPU without one)
+            trainer = getattr(self, "trainer", None)
+            dataset.to(trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
             return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
                               drop_last=False, collate_fn=keep_batch)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
@@ -371,20 +357,14 @@ class LongTailDataModule(pl.LightningDataModule):
 
         It does not shard: under several processes the consumer shards (the callback's
         :class:`~lightning_autobalance.lightning.batch_stream.BatchStream` gives every rank its own part of each pass,
-        the one sharding path of the package).
-
-        Raises:
-            RuntimeError: ``search_split`` is False.
+        the one sharding path of the package). ``RuntimeError`` without ``search_split``.
         """
         generator = torch.Generator().manual_seed(self.seed)
         return RandomSampler(self.upper_dataset, generator=generator)  # type: ignore[arg-type]
 
     def upper_dataloader(self) -> DataLoader[Any]:
-        """Shuffled batches of the held-out upper part (see :meth:`upper_sampler`).
-
-        Raises:
-            RuntimeError: ``search_split`` is False.
-        """
+        """Shuffled batches of the held-out upper part (see :meth:`upper_sampler`); ``RuntimeError`` without
+        ``search_split``."""
         sampler = self.upper_sampler()
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(self.upper_dataset, self.upper_batch_size or self.batch_size, sampler=sampler,

@@ -49,7 +49,6 @@ class ColoredDigits(LongTailDataModule):
     :attr:`group_counts` (``G x K`` counts of the training set in use), plus :attr:`upper_group_counts`.
 
     Args:
-        task: ``"digits"`` or ``"binary"``.
         num_groups: number of colour groups ``G`` (2 to 6).
         correlation: fraction of each class's training samples in its majority group, in ``[1/G, 1]``
             (``1/G``: no correlation).
@@ -185,17 +184,14 @@ class ColoredDigits(LongTailDataModule):
             groups[members] = assigned
         return groups
 
-    def _cell_names(self, class_names: list[str]) -> list[str]:
-        colours = ["red", "green", "blue", "yellow", "magenta", "cyan"]
-        return [f"class {name} in group {h} ({colours[h]})" for h in range(self._num_groups) for name in class_names]
-
     def _strata(self, targets: np.ndarray, kept: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
         """The kept samples' groups (assigned here, seeded) and their (class, group) cells, which the search split is
         made per; every cell must have a sample."""
         k = len(names)
         groups = self._assign_groups(targets, kept, k)
         cells = cell_index(groups[kept], targets[kept], k)
-        cell_names = self._cell_names(names)
+        colours = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+        cell_names = [f"class {name} in group {h} ({colours[h]})" for h in range(self._num_groups) for name in names]
         present = np.bincount(cells, minlength=self._num_groups * k)
         empty = [cell_names[j] for j in np.flatnonzero(present == 0)]
         if empty:

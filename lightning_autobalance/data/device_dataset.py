@@ -89,7 +89,6 @@ class DeviceImageDataset(Dataset[tuple[Tensor, int]]):
         return self
 
     def __len__(self) -> int:
-        """Number of samples."""
         return int(self.labels.shape[0])
 
     def __getitems__(self, indices: Sequence[int]) -> list[Tensor]:

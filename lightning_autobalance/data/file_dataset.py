@@ -67,14 +67,8 @@ def bad_images(paths: Sequence[str], threads: int | None = None) -> list[str]:
 
 
 def decode_image(path: str, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode an image file into an RGB ``uint8`` tensor of shape ``(3, H, W)``.
-
-    Args:
-        path: The image file.
-        size: Optional ``(height, width)``; images of another size are resized to it (bilinear).
-
-    Returns:
-        The decoded image.
+    """Decode an image file into an RGB ``uint8`` tensor of shape ``(3, H, W)``; with ``size`` (``(height, width)``)
+    an image of another size is resized to it (bilinear).
 
     Raises:
         RuntimeError: The file is missing or cannot be decoded; the message names it.
@@ -135,7 +129,6 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         self.size = size
 
     def __len__(self) -> int:
-        """Number of samples."""
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -17,7 +17,6 @@ from lightning_autobalance.data.memory_dataset import InMemoryImageDataset
 __all__ = ["LongTailImageFolder"]
 
 
-
 class LongTailImageFolder(LongTailDataModule):
     """Long-tailed training data read from image files.
 
@@ -34,8 +33,6 @@ class LongTailImageFolder(LongTailDataModule):
       skipped. A list file is looked up as given, then relative to ``root``. Labels run from 0 to the largest training
       label. Class names are the image's parent folder (when each class has one folder of its own), else the label. The
       ImageNet-LT lists are long-tailed already: set ``already_long_tailed=True``.
-
-    With ``already_long_tailed=True`` the training data's own counts are used as they are.
 
     Transforms: with ``image_size=None`` images are decoded at 32x32 (``cifar_size``; resized when they differ) and get
     CIFAR-style augmentation (``RandomCrop(32, padding=4)``, flip, CIFAR-10 mean/std); with an integer,
@@ -269,8 +266,8 @@ class LongTailImageFolder(LongTailDataModule):
     def _decode_size(self) -> tuple[int, int] | None:
         return (self.cifar_size, self.cifar_size) if self.image_size is None else None
 
-    def _decoded(self, paths: list[str]) -> torch.Tensor | list[torch.Tensor]:
-        images = [decode_image(path, self._decode_size) for path in paths]
+    def _stacked(self, images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Decoded images as one tensor when they share the CIFAR-style size, else as they are."""
         if self.image_size is None:
             side = self.cifar_size
             return torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
@@ -311,10 +308,7 @@ class LongTailImageFolder(LongTailDataModule):
         for i in indices.tolist():
             if i not in self._cache:
                 self._cache[i] = decode_image(self._train_paths[i], self._decode_size)
-        images: torch.Tensor | list[torch.Tensor] = [self._cache[i] for i in indices.tolist()]
-        if self.image_size is None:
-            side = self.cifar_size
-            images = torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
+        images = self._stacked([self._cache[i] for i in indices.tolist()])
         return InMemoryImageDataset(images, targets, self._transform(augment))
 
     def _build_test_dataset(self) -> Dataset[Any]:
@@ -322,5 +316,6 @@ class LongTailImageFolder(LongTailDataModule):
         paths, labels = self._test_split()
         self._verify(paths, "test")
         if self._in_memory:
-            return InMemoryImageDataset(self._decoded(paths), labels, self._transform(False))
+            images = self._stacked([decode_image(path, self._decode_size) for path in paths])
+            return InMemoryImageDataset(images, labels, self._transform(False))
         return ImageFileDataset(paths, labels, self._transform(False), self._decode_size)

@@ -65,12 +65,8 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
         num_classes: Number of classes ``C``, at least 1.
         imbalance_ratio: ``rho = n_max / n_min`` before the ``min_count`` floor; finite and
             at least 1 (1 gives a balanced set).
-        profile: ``"exponential"`` or ``"step"``.
         step_fraction: Fraction of classes in the minority for the step profile, in [0, 1].
         min_count: Smallest count a class may get, between 1 and ``n_max``.
-
-    Returns:
-        A list of ``num_classes`` integer counts.
 
     Raises:
         ValueError: An argument is out of range; the message names it and its range.
@@ -133,7 +129,6 @@ def select_long_tail(targets: Sequence[int] | np.ndarray, counts: Sequence[int],
     Args:
         targets: Class index of every sample of the full (balanced) set.
         counts: Number of samples to keep for each class; ``len(counts)`` is the number of classes.
-        seed: Seed of the generator.
         class_names: Optional class names, used in error messages.
 
     Returns:
@@ -185,7 +180,6 @@ def split_per_class(targets: Sequence[int] | np.ndarray, fraction: float = 0.2, 
     Args:
         targets: Class index of every sample.
         fraction: Fraction of each class that goes to the upper part, in (0, 1).
-        seed: Seed of the generator.
         class_names: Optional class names, used in error messages.
 
     Returns:
@@ -242,10 +236,6 @@ def head_medium_tail(class_counts: Sequence[int] | np.ndarray, many_threshold: i
         class_counts: Training count of each class.
         many_threshold: Head classes have strictly more samples than this.
         few_threshold: Tail classes have strictly fewer samples than this.
-        rule: ``"auto"``, ``"shots"`` or ``"thirds"``.
-
-    Returns:
-        A numpy array of ``len(class_counts)`` strings.
 
     Raises:
         ValueError: Bad thresholds or rule, or negative counts.

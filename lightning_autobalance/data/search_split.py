@@ -1,10 +1,6 @@
-"""``search_split``: what :class:`~lightning_autobalance.AutoBalanceCallback` needs from a user's own dataset.
-
-One call gives a seeded per-class lower/upper split (every class in both parts, the same imbalance profile in
-each) and the class counts of the lower part, which is what ``configure_autobalance(class_counts)`` takes. It reads
-the labels from wherever a dataset keeps them: a ``targets`` attribute (``torchvision`` datasets, ``ImageFolder``),
-a chain of ``Subset``\\ s, a ``ConcatDataset``, a ``TensorDataset`` (its second tensor), or by reading every
-sample once; a tensor or list of labels also works.
+"""``search_split``: what :class:`~lightning_autobalance.AutoBalanceCallback` needs from a user's own dataset, in one
+call: a seeded per-class lower/upper split and the class counts of the lower part, which is what
+``configure_autobalance(class_counts)`` takes; the labels are read by :func:`dataset_targets`.
 """
 
 from __future__ import annotations

@@ -59,7 +59,6 @@ class TintedImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
         self.transform = transform
 
     def __len__(self) -> int:
-        """Number of samples."""
         return int(self.targets.shape[0])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:

@@ -51,16 +51,17 @@ class _OptionalIntegrityMixin:
     files, through an unpickler that accepts arrays only (a crafted file in the data folder cannot run code).
     """
 
-    def __init__(self, *args: Any, check_integrity: bool = True, **kwargs: Any) -> None:
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
+                 check_integrity: bool = True) -> None:
         if check_integrity:
-            super().__init__(*args, **kwargs)
+            super().__init__(root, train=train, download=download)  # type: ignore[call-arg]
             return
         cls: Any = type(self)
         self.train_list = [[name, None] for name, _ in cls.train_list]
         self.test_list = [[name, None] for name, _ in cls.test_list]
         self.meta = {**cls.meta, "md5": None}
         with _arrays_only():
-            super().__init__(*args, **kwargs)
+            super().__init__(root, train=train, download=download)  # type: ignore[call-arg]
 
 
 class CIFAR10Reader(_OptionalIntegrityMixin, CIFAR10):
@@ -78,26 +79,13 @@ class CIFAR10Reader(_OptionalIntegrityMixin, CIFAR10):
         (10000, 32, 32, 3)
     """
 
-    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
-                 check_integrity: bool = True) -> None:
-        super().__init__(root, train=train, download=download, check_integrity=check_integrity)
-
 
 class CIFAR100Reader(_OptionalIntegrityMixin, CIFAR100):
-    """``torchvision.datasets.CIFAR100`` with an optional md5 check (fine labels).
-
-    Args:
-        root: Folder that holds ``cifar-100-python``.
-        train: Training (True) or test (False) set.
-        download: Let torchvision download the release if it is missing.
-        check_integrity: Check md5 sums (True) or only that the files exist (False).
+    """``torchvision.datasets.CIFAR100`` with an optional md5 check (fine labels); the arguments of
+    :class:`CIFAR10Reader`, ``root`` holding ``cifar-100-python``.
 
     Example:
         >>> reader = CIFAR100Reader("data", train=False, check_integrity=False)  # doctest: +SKIP
         >>> len(reader.classes)  # doctest: +SKIP
         100
     """
-
-    def __init__(self, root: str | Path, train: bool = True, download: bool = False,
-                 check_integrity: bool = True) -> None:
-        super().__init__(root, train=train, download=download, check_integrity=check_integrity)

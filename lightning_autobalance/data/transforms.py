@@ -3,12 +3,6 @@
 Every transform here takes a ``uint8`` image tensor of shape ``(C, H, W)`` (as the in-memory
 and file datasets produce) and returns a normalised ``float32`` tensor. They are built from
 ``torchvision.transforms.v2`` and are picklable, so they work with dataloader workers.
-
-Example:
-    >>> import torch
-    >>> image = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    >>> cifar_transform(CIFAR10_MEAN, CIFAR10_STD, train=True)(image).shape
-    torch.Size([3, 32, 32])
 """
 
 from __future__ import annotations
@@ -39,14 +33,9 @@ def cifar_transform(mean: Sequence[float], std: Sequence[float], train: bool, si
     ``Normalize(mean, std)``. Evaluation: scaling and ``Normalize`` only.
 
     Args:
-        mean: Per-channel mean of the [0, 1]-scaled images.
-        std: Per-channel standard deviation of the [0, 1]-scaled images.
-        train: Whether to add the random crop and flip.
+        mean, std: Per-channel mean and standard deviation of the [0, 1]-scaled images.
         size: Side of the square crop.
         padding: Zero padding added on each side before the crop.
-
-    Returns:
-        The composed transform.
 
     Example:
         >>> import torch
@@ -69,14 +58,7 @@ def imagenet_transform(image_size: int, train: bool, mean: Sequence[float] = IMA
     ``Resize(int(image_size * 256 / 224))`` then ``CenterCrop(image_size)``. Both end with
     scaling to [0, 1] and ``Normalize(mean, std)``.
 
-    Args:
-        image_size: Side of the square output.
-        train: Training (random) or evaluation (deterministic) pipeline.
-        mean: Per-channel mean of the [0, 1]-scaled images.
-        std: Per-channel standard deviation of the [0, 1]-scaled images.
-
-    Returns:
-        The composed transform.
+    ``image_size`` is the side of the square output; ``mean`` and ``std`` as in :func:`cifar_transform`.
 
     Example:
         >>> import torch
@@ -139,7 +121,6 @@ class BatchTransform:
                                  "RandomHorizontalFlip, ToDtype(torch.float32, scale=True) and Normalize")
 
     def __call__(self, images: Tensor) -> Tensor:
-        """Transform the batch ``images`` of shape ``(B, C, H, W)``."""
         x = images
         for kind, arg in self.steps:
             if kind == "crop":

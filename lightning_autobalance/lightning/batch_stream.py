@@ -99,8 +99,7 @@ class ShardSampler(Sampler[int]):
         else:
             order = list(range(self.length))
         total = self.shard_size * self.world_size
-        order += order[: total - len(order)] if total > len(order) else []
-        while len(order) < total:  # tiny datasets with more ranks than samples
+        while len(order) < total:  # padded as DistributedSampler pads (repeated for more ranks than samples)
             order += order[: total - len(order)]
         mine = order[self.rank:total:self.world_size]
         return mine if self.subset is None else [self.subset[i] for i in mine]
@@ -120,10 +119,8 @@ class BatchStream:
     they are, with a warning that resuming then cannot reproduce the same batches.
 
     Args:
-        dataloader: the source loader.
         seed: seeds the order of every pass.
-        rank: this process's rank.
-        world_size: number of processes.
+        rank, world_size: this process's rank and the number of processes.
         shuffle: shuffle within each pass.
         labels: the label of every sample drawn (of ``subset`` when given, else of the dataset): each pass is then
             class-balanced (:func:`class_balanced_order`; every class equally often, small classes repeated).

@@ -1,12 +1,5 @@
-"""``HyperOptimizer``: how the loss parameters are updated from their hypergradient, as one value.
-
-A :class:`HyperOptimizer` holds the settings (the optimizer, its learning rate and schedule, the shrinkage towards
-the start, gradient clipping), validated when it is built; :meth:`HyperOptimizer.build` makes the
-:class:`HyperUpdate` of one fit, which takes the steps. Everything acts on device tensors: a step reads nothing back
-to the host, and a non-finite hypergradient leaves the loss parameters as they were.
-
-Plain PyTorch; nothing of Lightning.
-"""
+"""``HyperOptimizer``: how the loss parameters are updated from their hypergradient, as one value, and the
+:class:`HyperUpdate` of one fit that takes the steps on the device. Plain PyTorch; nothing of Lightning."""
 
 from __future__ import annotations
 
@@ -36,7 +29,7 @@ def _cosine_factor(step: int, total: int) -> float:
 
 @dataclass(frozen=True)
 class HyperOptimizer:
-    """The hyper-optimizer's settings.
+    """The hyper-optimizer's settings, validated when it is built; :meth:`build` makes the update of one fit.
 
     Args:
         optimizer: a callable ``params -> torch.optim.Optimizer`` (from a LightningCLI YAML: ``class_path:
@@ -116,14 +109,10 @@ class HyperOptimizer:
 
 
 class HyperUpdate:
-    """One fit's hyper-optimizer: takes a step on the loss parameters from a hypergradient, on the device.
-
-    Args:
-        settings: the :class:`HyperOptimizer` it was built from.
-        optimizer: the optimizer over the free loss parameters.
-        scheduler: stepped after every step (or ``None``).
-        shrink_counts: per free value, the upper count that informs it.
-    """
+    """One fit's hyper-optimizer (:meth:`HyperOptimizer.build`): takes a step on the loss parameters from a
+    hypergradient, on the device, reading nothing back to the host; a non-finite hypergradient leaves them as they
+    were. It holds its settings, the optimizer over the free loss parameters, the scheduler stepped after every step
+    (or ``None``), and per free value the upper count that informs it."""
 
     def __init__(self, settings: HyperOptimizer, optimizer: Optimizer, scheduler: Any,
                  shrink_counts: dict[str, Tensor]) -> None:

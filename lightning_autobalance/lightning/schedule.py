@@ -1,12 +1,6 @@
-"""``Schedule``: when the search takes its hyper steps, as one value.
-
-A :class:`Schedule` holds the settings (an interval or a target number of hyper steps, a start, a stop, a warm-up),
-plans them against the run's length at the start of a fit (:meth:`Schedule.plan`), and answers
-:meth:`Schedule.should_step` for every optimizer step, in the manner of Lightning's
-``WeightAveraging.should_update``: override it in a subclass for a schedule of your own. The window of active steps
-is defined once (:meth:`Schedule.bounds`); both the plan and :meth:`Schedule.active` read it.
-
-Plain Python; nothing of Lightning (the callback hands in the run's length and epoch count).
+"""``Schedule``: when the search takes its hyper steps, as one value, answering :meth:`Schedule.should_step` for every
+optimizer step in the manner of Lightning's ``WeightAveraging.should_update``. Plain Python; nothing of Lightning (the
+callback hands in the run's length and epoch count).
 """
 
 from __future__ import annotations

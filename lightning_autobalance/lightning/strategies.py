@@ -7,8 +7,6 @@ __all__ = ["SHARDED_STRATEGIES"]
 
 
 def _sharded_strategies() -> tuple[type, ...]:
-    """Strategies the hypergradient cannot run under (the model sharded across processes, or XLA), from
-    ``pytorch_lightning`` and, when installed, the unified ``lightning`` package (separate classes)."""
     import importlib
 
     found: list[type] = []
@@ -25,5 +23,6 @@ def _sharded_strategies() -> tuple[type, ...]:
     return tuple(found)
 
 
-#: the strategy classes refused at setup, from ``pytorch_lightning`` and, when installed, ``lightning``
+#: the strategy classes refused at setup, from ``pytorch_lightning`` and, when installed, the unified ``lightning``
+#: package (separate classes)
 SHARDED_STRATEGIES = _sharded_strategies()

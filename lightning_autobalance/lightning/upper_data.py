@@ -1,8 +1,5 @@
-"""``UpperData``: where the search's held-out ("upper") batches come from, as one value; at the start of a fit
-:meth:`UpperData.build` makes the fit's :class:`UpperBatches` (the loader found, its
-:class:`~lightning_autobalance.lightning.batch_stream.BatchStream`, the upper counts, the part held back for the check).
-
-This is the callback's side of the data: it reads the Trainer (its datamodule, its validation loader, its
+"""``UpperData``: where the search's held-out ("upper") batches come from, as one value, and the :class:`UpperBatches`
+of one fit. This is the callback's side of the data: it reads the Trainer (its datamodule, its validation loader, its
 strategy's ``all_gather``).
 """
 
@@ -135,7 +132,6 @@ class UpperBatches:
         each loss parameter (``None`` each when unknown).
 
         Args:
-            trainer: the Trainer of the fit.
             pl_module: the :class:`~lightning_autobalance.AutoBalanceMixin` module.
             seed: seeds the order of upper batches.
             wants_cells: the objective is built from (group, class) counts when the batches carry groups.

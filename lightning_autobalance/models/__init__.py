@@ -56,9 +56,6 @@ def build_network(name: str, num_classes: int, **kwargs: object) -> nn.Module:
         **kwargs: Further constructor arguments (e.g. ``width`` for the CIFAR ResNets,
             ``hidden`` for ``digits_net``, ``weights`` for the torchvision networks).
 
-    Returns:
-        The network, with ``forward_features`` and ``head``.
-
     Raises:
         ValueError: If ``name`` is not known.
 

@@ -8,12 +8,8 @@ __all__ = ["ResNet32"]
 
 
 class ResNet32(ResNetCIFAR):
-    """ResNet-32 (five basic blocks a stage, 0.46 M parameters with 10 classes).
-
-    Args:
-        num_classes: Number of output logits.
-        in_channels: Channels of the input images.
-        width: Channels of the first stage (16 in the standard network).
+    """ResNet-32 (five basic blocks a stage, 0.46 M parameters with 10 classes): :class:`ResNetCIFAR` with
+    ``depth=32`` and its other arguments (``width=16`` is the standard network).
 
     Example:
         >>> import torch

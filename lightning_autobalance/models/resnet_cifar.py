@@ -80,14 +80,7 @@ class ResNetCIFAR(nn.Module):
                 nn.init.kaiming_normal_(module.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features before the linear head.
-
-        Args:
-            x: Images of shape (N, in_channels, H, W).
-
-        Returns:
-            Tensor of shape (N, num_features).
-        """
+        """Pooled features ``(N, num_features)`` of images ``(N, in_channels, H, W)``, before the linear head."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)

@@ -67,14 +67,8 @@ class DigitsNet(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Activations of the last hidden layer.
-
-        Args:
-            x: Inputs of shape (N, 1, 8, 8), (N, 64) or anything that flattens to (N, in_features).
-
-        Returns:
-            Tensor of shape (N, num_features).
-        """
+        """Activations ``(N, num_features)`` of the last hidden layer for inputs that flatten to ``(N, in_features)``
+        (``(N, 1, 8, 8)`` or ``(N, 64)``)."""
         return self.features(torch.flatten(x, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,23 +65,13 @@ class TorchvisionResNet(nn.Module):
         fc = backbone.fc
         assert isinstance(fc, nn.Linear)
         self.num_features = fc.in_features
-        if fc.out_features == num_classes:
-            head = fc
-        else:
-            head = nn.Linear(self.num_features, num_classes)
+        head = fc if fc.out_features == num_classes else nn.Linear(self.num_features, num_classes)
         backbone.fc = nn.Identity()
         self.backbone = backbone
         self.head = head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features before the linear head.
-
-        Args:
-            x: Images of shape (N, 3, H, W).
-
-        Returns:
-            Tensor of shape (N, num_features).
-        """
+        """Pooled features ``(N, num_features)`` of images ``(N, 3, H, W)``, before the linear head."""
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
