@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lightning_autobalance.core.augment import AugmentSettings, Draws, draw, initial_params, strengths
 from lightning_autobalance.core.coerce import coerce_value
 from lightning_autobalance.core.losses import as_count_table
-from lightning_autobalance.core.parametrization import frequency_bins
+from lightning_autobalance.core.parametrization import apply_keeping_precision, frequency_bins
 
 __all__ = ["AUGMENT_KINDS", "PREFIX", "STREAMS", "AugmentKind", "AugmentParameters", "coerce_settings", "stream_seed"]
 
@@ -43,7 +43,6 @@ AugmentKind = Literal["hierarchical", "class", "groups", "dataset"]
 AUGMENT_KINDS = ("hierarchical", "class", "groups", "dataset")
 #: the prefix of every free augmentation value's name
 PREFIX = "augment_"
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: the draw streams: the training steps' batches, and the extra training batches of the hyper steps
 STREAMS = ("train", "hyper")
 _MASK = (1 << 64) - 1
@@ -213,15 +212,7 @@ class AugmentParameters(nn.Module):
                 t.zero_()
 
     def _apply(self, fn: Any, recurse: bool = True) -> AugmentParameters:
-        # device moves apply; a cast to float16/bfloat16 does not: the search's arithmetic stays float32 or wider
-        for name, buf in list(self._buffers.items()):
-            if buf is None:
-                continue
-            out = fn(buf)
-            if buf.is_floating_point() and out.dtype in _LOW_PRECISION and buf.dtype not in _LOW_PRECISION:
-                out = buf.to(device=out.device)
-            self._buffers[name] = out
-        return self
+        return apply_keeping_precision(self, fn)
 
     # -- what a checkpoint carries beside the buffers ------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -44,6 +44,19 @@ def _check_search(search: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
+def apply_keeping_precision(module: nn.Module, fn: Any) -> Any:
+    """``nn.Module._apply`` for a module of buffers that a search updates: device moves apply as usual; a cast to
+    float16/bfloat16 does not, so that the search's arithmetic stays float32 or wider."""
+    for name, buf in list(module._buffers.items()):
+        if buf is None:
+            continue
+        out = fn(buf)
+        if buf.is_floating_point() and out.dtype in _LOW_PRECISION and buf.dtype not in _LOW_PRECISION:
+            out = buf.to(device=out.device)
+        module._buffers[name] = out
+    return module
+
+
 class LossParametrization(nn.Module):
     """Base class: holds the class counts, the preset start and the free tensors ``alpha``.
 
@@ -144,15 +157,7 @@ class LossParametrization(nn.Module):
         return LossTables(self.base_delta, self.base_offset, self.base_weight)
 
     def _apply(self, fn: Any, recurse: bool = True) -> LossParametrization:
-        # Device moves apply as usual; a cast to float16/bfloat16 does not: alpha arithmetic stays float32+.
-        for name, buf in list(self._buffers.items()):
-            if buf is None:
-                continue
-            out = fn(buf)
-            if buf.is_floating_point() and out.dtype in _LOW_PRECISION and buf.dtype not in _LOW_PRECISION:
-                out = buf.to(device=out.device)
-            self._buffers[name] = out
-        return self
+        return apply_keeping_precision(self, fn)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"kind": self.kind, "preset": self.preset, "search": list(self.search), "frozen": self.frozen,
