@@ -220,6 +220,20 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
+class GroupTeardown(Callback):
+    """Destroys the gloo process group at the end of the fit, in every process (the spawned ones included).
+
+    Leaving gloo to the interpreter's exit sometimes aborts a process ("terminate called without an active
+    exception", SIGABRT) after a fit that succeeded; with ``ddp_spawn`` the workers exit inside Lightning's launcher,
+    past the reach of ``main``. Listed last, so that every other callback's collectives have run.
+    """
+
+    def teardown(self, trainer, pl_module, stage):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def train_loader():
     x, y = blobs(COUNTS, seed=4)
     # an order that depends on the epoch only, so that resumed and uninterrupted runs see the same batches
@@ -270,12 +284,9 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, save_last=True))
     if args.stop_after:
         callbacks.append(StopAfter(args.stop_after))
+    callbacks.append(GroupTeardown())
     trainer = make_trainer(args, callbacks)
     trainer.fit(Net(weight_decay=1e-3 if args.method == "head" else 0.0), train_loader(), ckpt_path=args.resume)
-    if dist.is_available() and dist.is_initialized():
-        # an explicit teardown: leaving gloo to the interpreter's exit sometimes aborts the process (SIGABRT)
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
