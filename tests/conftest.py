@@ -24,6 +24,33 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture()
+def float64() -> Iterator[None]:
+    """Every tensor made without a dtype is float64 (gradient checks against references); the default is restored
+    afterwards. Use it as an argument, or ``pytest.fixture(autouse=True)`` a wrapper of it for a whole file."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Shuffles by (seed, epoch) only, so that the order of a resumed epoch is that of the uninterrupted run."""
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(torch.randperm(self.length, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class CrashAt(pl.Callback):
     """Raises in the middle of epoch ``epoch`` (an interruption after the checkpoint of the epoch before)."""
 

@@ -36,14 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = ("mix", "flip", "shift", "erase", "noise")
 
 
-@pytest.fixture()
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def images(n=12, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, 6, 6, generator=gen, dtype=torch.get_default_dtype())

@@ -28,7 +28,7 @@ from lightning_autobalance.core.hypergradient import Batch, FunctionalModel, Inp
 from lightning_autobalance.core.losses import LossTables, adjusted_cross_entropy
 from lightning_autobalance.core.parametrization import PerClass
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [pytest.mark.usefixtures("one_thread", "float64"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 IMAGE_OPS = dict(ops=("mix", "flip", "shift", "erase", "noise"), gated=("shift", "noise"), max_noise=0.3,
                  max_mix=0.8, straight_through=False)
@@ -36,12 +36,6 @@ VECTOR_OPS = dict(ops=("mix", "erase", "noise"), gated=("noise",), max_noise=0.4
                   straight_through=False)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def train_loss(f, t, g, tables):

@@ -9,24 +9,19 @@ import csv
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import EpochSeededSampler
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, ImbalancedClassifier
 from lightning_autobalance.core.augment import AugmentSettings
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
-    pytest.mark.filterwarnings("ignore:.*Checkpoint directory .* exists and is not empty.*"),
     pytest.mark.filterwarnings("ignore:.*validation_step.*"),
     pytest.mark.filterwarnings("ignore:.*Be aware that when using `ckpt_path`.*"),
-    pytest.mark.filterwarnings("ignore:.*`torch.jit.script` is deprecated.*:FutureWarning"),
 ]
 
 COUNTS = [40, 12, 4]
@@ -42,23 +37,6 @@ def images(counts, seed):
         r, col = [(1, 1), (1, 4), (4, 2)][c]
         x[i, 0, r:r + 3, col:col + 3] += 1.5
     return x, y
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles by (seed, epoch) only, so that the order of a resumed epoch is that of the uninterrupted run."""
-
-    def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-                    .tolist())
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def trainer(callbacks=(), **kwargs) -> pl.Trainer:

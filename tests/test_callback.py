@@ -20,22 +20,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import EpochSeededSampler
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin, BalancedCrossEntropy, Estimator, UpperData
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
-    pytest.mark.filterwarnings("ignore:.*Checkpoint directory .* exists and is not empty.*"),
-    pytest.mark.filterwarnings("ignore:.*`torch.jit.script` is deprecated.*:FutureWarning"),
 ]
 
 COUNTS = [300, 60, 12]  # long-tailed training set: head, middle, tail
@@ -232,23 +227,6 @@ def test_search_improves_balanced_error_over_cross_entropy(search):
 # ---------------------------------------------------------------------------------------------------------------
 # 3. resume from a checkpoint reproduces an uninterrupted fit exactly
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles by (seed, epoch) only, so the order of a resumed epoch is that of the uninterrupted run."""
-
-    def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return iter(torch.randperm(self.length, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def _resume_setup():

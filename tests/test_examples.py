@@ -26,10 +26,6 @@ MARK = re.compile(r"#\s*autobalance:\s*([+~]1)")
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
     pytest.mark.filterwarnings("ignore:.*using the validation dataloader as upper data.*"),
     pytest.mark.filterwarnings("ignore:.*upper data.*validation.*"),
 ]

@@ -26,11 +26,6 @@ from lightning_autobalance.runner.pipeline import run_pipeline
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
-    pytest.mark.filterwarnings("ignore:.*Checkpoint directory .* exists and is not empty.*"),
     pytest.mark.filterwarnings("ignore:.*is using the validation dataloader as upper data.*"),
 ]
 

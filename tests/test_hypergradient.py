@@ -27,16 +27,9 @@ from lightning_autobalance.core.hypergradient import (
 from lightning_autobalance.core.losses import adjusted_cross_entropy
 from lightning_autobalance.core.parametrization import Hierarchical, PerClass
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("float64"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Every tensor of these tests is float64; the global default is restored afterwards."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def train_loss(f, t, g, tables):

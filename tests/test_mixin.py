@@ -18,11 +18,7 @@ from lightning_autobalance.core.parametrization import DatasetDependent, Frequen
 from lightning_autobalance.lightning.mixin import AutoBalanceMixin, unpack_batch
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
     pytest.mark.filterwarnings("ignore:.*`training_step` returned.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
 ]
 
 COUNTS = [40, 16, 8]
