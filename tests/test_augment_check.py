@@ -170,3 +170,23 @@ def test_in_a_fit_the_decision_covers_the_searched_augmentation():
     assert all(torch.equal(now[k], start[k]) for k in start) != result.keep  # put back exactly, or kept as found
     assert model.autobalance_parameters().decision["augmentation"] in ("found augmentation kept",
                                                                        "start augmentation put back")
+
+
+def test_find_loss_sets_the_decided_augmentation_frozen_on_the_module(tmp_path):
+    from lightning_autobalance import find_loss
+
+    model = module()
+    train, _ = data(n=(60, 24, 10))
+    train = DataLoader(train.dataset, batch_size=16, shuffle=True)
+    found = find_loss(model, train, trainer_kwargs={"max_epochs": 2, "accelerator": "cpu", "logger": False,
+                                                    "enable_progress_bar": False, "enable_model_summary": False,
+                                                    "default_root_dir": tmp_path},
+                      callback_kwargs={"warmup_fraction": 0.0, "every_n_steps": 1, "hyper_lr": 0.5,
+                                       "fit_tolerance": None})
+    aug = model.autobalance_augment_parameters()
+    assert aug.frozen and model.loss_frozen and found.augmentation is not None
+    searched = found.search_model.autobalance_augment_parameters()  # "class": the strengths do not follow counts
+    for name, value in aug.strengths().items():
+        torch.testing.assert_close(found.augmentation[name].double(), value.double(), rtol=0, atol=0)
+        torch.testing.assert_close(value.double(), searched.strengths()[name].double(), rtol=1e-12, atol=1e-12)
+    assert found.decision["augmentation"] in ("found augmentation kept", "start augmentation put back")
