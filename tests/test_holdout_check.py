@@ -167,7 +167,8 @@ def test_the_check_runs_once_at_the_end_and_its_decision_matches_the_loss_left()
     if not result.keep:
         assert all(torch.equal(alpha[k], start[k]) for k in start)
     assert cb.state_dict()["check"]["result"] == {"start": result.start, "found": result.found, "samples": 15,
-                                                  "training_error": result.training_error, "fit_tolerance": 0.1}
+                                                  "training_error": result.training_error, "fit_tolerance": 0.1,
+                                                  "augmentation": False}
     assert all(torch.equal(cb.state_dict()["check"]["start_alpha"][k], start[k]) for k in start)
 
 

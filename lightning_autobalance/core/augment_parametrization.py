@@ -220,6 +220,80 @@ class AugmentParameters(nn.Module):
         return {"settings": asdict(self.settings), "kind": self.kind, "group_size": self.group_size,
                 "start": dict(self.start), "seed": self.seed}
 
+    def export_record(self) -> dict[str, Any]:
+        """What a loss file carries of these parameters, as plain values (the ``augmentation`` section of
+        :meth:`~lightning_autobalance.AutoBalanceMixin.export_loss`): :meth:`config` (settings, parametrisation,
+        group size, start, draw seed), the classes and groups, the table names, the free values (what
+        :meth:`from_record` reads back), the counts they were found on, and the strengths per cell (``G x K`` per
+        table, in their units: for a reader; they are not read back)."""
+        counts = self.class_counts
+        return {**self.config(), "num_classes": self.num_classes, "num_groups": self.num_groups,
+                "tables": list(self.settings.names),
+                "class_counts": (counts[0] if counts.shape[0] == 1 else counts).round().long().tolist(),
+                "alpha": {k: v.detach().double().cpu().tolist() for k, v in self.alpha().items()},
+                "strengths": {k: v.double().cpu().tolist() for k, v in self.strengths().items()}}
+
+    @classmethod
+    def from_record(cls, record: Any, class_counts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+                    where: str = "the augmentation") -> AugmentParameters:
+        """Parameters rebuilt from an :meth:`export_record` on ``class_counts`` (``K`` counts or a ``G x K``
+        table: those of the model now trained), the free values copied in. As for the loss, the searched
+        deviations are kept while what follows the counts (the slope's direction along ``log(n / n_max)``, the
+        frequency bins) is taken from ``class_counts``; with ``kind="class"`` the strengths are the recorded ones.
+
+        Args:
+            record: the mapping written by :meth:`export_record`.
+            class_counts: the counts to rebuild on.
+            where: names the record in error messages (e.g. ``"Loss file 'x.yaml': augmentation"``).
+
+        Raises:
+            ValueError: a record that does not fit: naming the field (``settings``, ``kind``, ``tables``,
+                ``num_classes``, ``num_groups``, ``alpha``) and what was expected.
+        """
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{where} must be a mapping (written by export_loss); got {type(record).__name__}.")
+        try:
+            settings = coerce_settings(record.get("settings"))
+        except ValueError as err:
+            raise ValueError(f"{where}.settings: {err}") from err
+        kind = record.get("kind", "hierarchical")
+        if kind not in AUGMENT_KINDS:
+            raise ValueError(f"{where}.kind is {kind!r}; expected one of {list(AUGMENT_KINDS)}.")
+        tables = record.get("tables")
+        if tables is not None and list(tables) != list(settings.names):
+            raise ValueError(f"{where}.tables lists {list(tables)}, but its settings make the tables "
+                             f"{list(settings.names)}.")
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        counts = counts.reshape(-1, counts.shape[-1])
+        for field_name, have in (("num_classes", counts.shape[1]), ("num_groups", counts.shape[0])):
+            saved = record.get(field_name)
+            if saved is not None and int(saved) != have:
+                raise ValueError(f"{where}.{field_name} is {saved}, but the model it is loaded into has {have} "
+                                 f"{field_name[4:]}; expected {field_name}: {have}.")
+        try:
+            params = cls(counts, settings, kind, int(record.get("group_size", 1)), start=record.get("start"),
+                         seed=int(record.get("seed", 0)))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        alpha, free = record.get("alpha"), params.alpha()
+        if not isinstance(alpha, Mapping) or set(alpha) != set(free):
+            got = sorted(alpha) if isinstance(alpha, Mapping) else alpha
+            raise ValueError(f"{where}.alpha holds {got}; expected the free values {sorted(free)} of a {kind!r} "
+                             f"parametrisation of the tables {list(settings.names)}.")
+        with torch.no_grad():
+            for name, value in alpha.items():
+                try:
+                    value = torch.as_tensor(value, dtype=torch.float64)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{where}.alpha.{name} is not numeric: {err}") from err
+                if tuple(value.shape) != tuple(free[name].shape):
+                    raise ValueError(f"{where}.alpha.{name} has shape {tuple(value.shape)}; expected "
+                                     f"{tuple(free[name].shape)} (groups, classes or bins).")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"{where}.alpha.{name} holds non-finite values; expected finite numbers.")
+                free[name].copy_(value.to(free[name].dtype))
+        return params
+
     def get_extra_state(self) -> dict[str, Any]:
         return {**self.config(), "frozen": self.frozen, "draw_counts": dict(self.draw_counts)}
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_autobalance.core.augment import AugmentSettings, Draws, augment, input_passes
-from lightning_autobalance.core.head import HeadProblem, augment_features
+from lightning_autobalance.core.head import HeadProblem, augment_features, head_input
 from lightning_autobalance.core.linear_solve import Tree, axpy, scale
 from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.core.problem import Batch, Problem, logits_product, mixed_term, reduce_tree, wide_dtype
@@ -142,20 +141,6 @@ def direction_term(problem: Problem, p: Tree) -> Tree:
     return out
 
 
-def _with_features(head: nn.Module, run: Callable[[], Any]) -> Tensor:
-    """The input of ``head`` while ``run()`` runs, with its graph (the head must run once)."""
-    seen: list[Tensor] = []
-    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise ValueError(f"The 'head' method expects the head layer to run once per forward pass; it ran {len(seen)} "
-                         "times. Give Estimator(head='<layer name>') for the layer that produces the logits.")
-    return seen[0].flatten(1)
-
-
 def head_input_term(problem: Problem, head: nn.Module, features: Tensor, target: Tensor, group: Tensor | None,
                     theta: Tensor, direction: Tensor, num_classes: int, bias: bool) -> Tree:
     """The ``"head"`` method's hypergradient in ``phi``: ``-d^2 L_head / d phi d theta . p`` at the head's equilibrium
@@ -188,7 +173,7 @@ def head_input_term(problem: Problem, head: nn.Module, features: Tensor, target:
         for batch, draws, c in zip(clean, aug.draws, torch.split(current, sizes)):
             with from_state(batch.rng_state, problem.fmodel.device):
                 x_aug = augment(batch.inputs, batch.target, batch.group, leaf, draws, aug.settings)
-                feats = _with_features(head, lambda x=x_aug: problem.fmodel(problem.params, x))
+                feats = head_input(head, lambda x=x_aug: problem.fmodel(problem.params, x))
             grads = torch.autograd.grad(feats, list(leaf.values()), c.to(feats.dtype), allow_unused=True)
             total = {k: total[k] if gr is None else total[k] + gr for k, gr in zip(leaf, grads)}
     return aug.chain(scale(-1.0, reduce_tree(total, problem.reduce)))

@@ -49,8 +49,8 @@ from lightning_autobalance.core.linear_solve import conjugate_gradient
 from lightning_autobalance.core.losses import LossTables
 
 __all__ = ["FeatureMemory", "HeadProblem", "HeadResult", "WatchedHead", "augment_features", "find_head",
-           "head_hypergradient", "head_parameters", "head_weight_decay", "optimizer_head_weight_decay", "solve_head",
-           "watch_head"]
+           "head_hypergradient", "head_input", "head_parameters", "head_weight_decay", "optimizer_head_weight_decay",
+           "solve_head", "watch_head"]
 
 TrainLoss = Callable[[Tensor, Tensor, "Tensor | None", LossTables], Tensor]
 Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -128,6 +128,25 @@ def watch_head(module: nn.Module, run: Callable[[], Any]) -> WatchedHead:
     why = ("no layer's output is the logits or has their shape" if not shaped else
            f"the logits are computed after the layers, and several give outputs of their shape {sorted(shaped)}")
     return WatchedHead(None, why=why)
+
+
+def head_input(head: nn.Module, run: Callable[[], Any], detach: bool = False) -> Tensor:
+    """The input of ``head`` while ``run()`` runs (one forward pass of the network), flattened to rows ``(N, d)``:
+    with its graph, or detached with ``detach``. What the ``"head"`` method reads its features with.
+
+    Raises:
+        ValueError: the head ran other than once during ``run()``.
+    """
+    seen: list[Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach() if detach else args[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(f"The 'head' method expects the head layer to run once per forward pass; it ran {len(seen)} "
+                         "times. Give Estimator(head='<layer name>') for the layer that produces the logits.")
+    return seen[0].flatten(1)
 
 
 def find_head(module: nn.Module, name: str | None = None) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_autobalance.core.augment_term import direction_term, head_input_term
-from lightning_autobalance.core.head import FeatureMemory, find_head, head_hypergradient, head_parameters
+from lightning_autobalance.core.head import FeatureMemory, find_head, head_hypergradient, head_input, head_parameters
 from lightning_autobalance.core.linear_solve import Tree, axpy, conjugate_gradient, neumann_series, scale
 from lightning_autobalance.core.problem import Problem, logits_product, mixed_term, reduce_tree
 from lightning_autobalance.core.random_state import from_state
@@ -84,17 +84,8 @@ def unroll(problem: Problem) -> Solution:
 
 def _features(problem: Problem, head: nn.Linear, batch: Any) -> Tensor:
     """The input of ``head`` on ``batch`` at the current weights (one forward pass, no gradient)."""
-    seen: list[Tensor] = []
-    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad(), from_state(batch.rng_state, problem.fmodel.device):
-            problem.fmodel(problem.params, batch.inputs)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise ValueError(f"The 'head' method expects the head layer to run once per forward pass; it ran {len(seen)} "
-                         "times. Give Estimator(head='<layer name>') for the layer that produces the logits.")
-    return seen[0].flatten(1)
+    with torch.no_grad(), from_state(batch.rng_state, problem.fmodel.device):
+        return head_input(head, lambda: problem.fmodel(problem.params, batch.inputs), detach=True)
 
 
 def head_solver(problem: Problem) -> Solution:

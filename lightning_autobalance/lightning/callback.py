@@ -400,7 +400,9 @@ class AutoBalanceCallback(Callback):
         if note:
             rank_zero_warn(f"AutoBalance: {note}")
         # before any training: an explicit holdout needs weight decay on the head; a resumed fit keeps its start
-        self._check.begin(pl_module, params.alpha(), groups, self._estimator.weight_decay, self._pending is not None)
+        searched_augment = augment_step.searched_augmentation(pl_module)  # judged and put back with the loss
+        self._check.begin(pl_module, params.alpha(), groups, self._estimator.weight_decay, self._pending is not None,
+                          augment_alpha=None if searched_augment is None else searched_augment.alpha())
         if self._check.start_alpha is not None and self._check.result is None and not params.frozen:
             params.decision = {"decision": "pending", "reason": "the held-back check has not ruled on this loss "
                                "yet: it runs once the search is over"}

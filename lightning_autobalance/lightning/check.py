@@ -26,6 +26,14 @@ the training data; both are scored with the upper objective on the held-back fea
 the loss here: the check is about the loss's effect where it acts most directly, at the cost of a forward pass over
 the training data and a few small solves.
 
+With a searched augmentation (``search=[..., "augment"]``) the verdict covers it too: the pair (start loss, start
+augmentation) is compared with (found loss, found augmentation). The head under each loss is trained on the features of
+the training rows augmented with that pair's strengths (fixed draws, the same for both, from a generator of the check's
+own seeded from the augmentation's seed: the training stream of draws is untouched), while the held-back upper rows
+stay clean; when the start wins, both the loss and the augmentation go back to their start. Here too only the head
+responds: the check asks which features-and-loss pair gives the better head, not which augmentation would train the
+better network.
+
 :func:`holdout_split` chooses the held-back part (stratified per class, or per (group, class) cell);
 :func:`compare_losses` scores the losses; :func:`read_features` reads a head's inputs from batches (these three know
 nothing of Lightning); :func:`check_found_loss` puts them together for an AutoBalance module; :class:`HeldBackCheck`
@@ -45,6 +53,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_autobalance.core.augment import augment, draw
+from lightning_autobalance.core.augment_parametrization import STREAMS, stream_seed
 from lightning_autobalance.core.cells import cell_index, count_table
 from lightning_autobalance.core.head import (
     HeadProblem,
@@ -59,9 +69,9 @@ from lightning_autobalance.core.losses import LossTables
 from lightning_autobalance.core.random_state import preserve_random_state
 from lightning_autobalance.data._checks import non_finite_sample
 
-__all__ = ["AUTO_HOLDOUT", "CHECK_WEIGHT_DECAY", "CONSISTENT_STARTS", "FIT_TOLERANCE", "CheckResult", "HeldBackCheck",
-           "check_found_loss", "compare_losses", "head_weight_decay", "holdout_split", "read_features",
-           "training_error"]
+__all__ = ["AUTO_HOLDOUT", "CHECK_STREAM", "CHECK_WEIGHT_DECAY", "CONSISTENT_STARTS", "FIT_TOLERANCE", "CheckResult",
+           "HeldBackCheck", "augment_variants", "check_found_loss", "compare_losses", "head_weight_decay",
+           "holdout_split", "read_feature_sets", "read_features", "training_error"]
 
 #: the share of the upper data held back for the check when ``UpperData(holdout=None)`` (the default)
 AUTO_HOLDOUT = 0.5
@@ -133,36 +143,56 @@ def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
                   forward: Callable[[Any], Any] | None = None, to_device: Callable[[Any], Any] | None = None,
                   max_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The inputs of ``head`` (flattened), labels and groups over ``batches``, with ``module`` in evaluation mode and
-    no gradient (its mode is restored after).
+    no gradient (its mode is restored after): :func:`read_feature_sets` of the inputs as they are."""
+    (features,), target, group = read_feature_sets(module, head, batches, unpack, None, forward, to_device, max_rows)
+    return features, target, group
+
+
+def read_feature_sets(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
+                      unpack: Callable[[Any], tuple[Any, Tensor, Tensor | None]],
+                      variants: Callable[[Any, Tensor, Tensor | None], Sequence[Any]] | None = None,
+                      forward: Callable[[Any], Any] | None = None, to_device: Callable[[Any], Any] | None = None,
+                      max_rows: int | None = None) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """The inputs of ``head`` (flattened) for one or more variants of every batch's inputs, with the labels and groups,
+    over ``batches``, with ``module`` in evaluation mode and no gradient (its mode is restored after).
 
     Args:
         module: the network (or the LightningModule).
         head: the linear layer whose inputs are read (run once per forward pass).
         batches: an iterable of batches (a DataLoader).
         unpack: ``batch -> (inputs, target, group or None)``.
+        variants: ``(inputs, target, group) -> [inputs, ...]``, the inputs each set of features is read from (e.g.
+            the batch augmented in two ways, with the same draws); ``None``: one set, the inputs as they are.
         forward: ``inputs -> logits`` (default: ``module(inputs)``).
         to_device: moves a batch where ``module`` is (default: leaves it).
         max_rows: stop once this many rows are read (``None``: read every batch).
+
+    Returns:
+        ``([features per variant], target, group or None)``.
     """
     seen: list[Tensor] = []
     handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().flatten(1)))
-    features, targets, groups = [], [], []
+    features: list[list[Tensor]] = []
+    targets, groups = [], []
     training = module.training
     module.eval()
     try:
         with torch.no_grad():
             for batch in batches:
                 inputs, target, group = unpack(to_device(batch) if to_device is not None else batch)
-                count = len(seen)
-                (forward or module)(inputs)
-                if len(seen) != count + 1:
-                    raise ValueError(f"The held-back check expects the head layer to run once per forward pass; it ran "
-                                     f"{len(seen) - count} times.")
-                features.append(seen[-1])
+                rows = []
+                for x in ([inputs] if variants is None else variants(inputs, target, group)):
+                    count = len(seen)
+                    (forward or module)(x)
+                    if len(seen) != count + 1:
+                        raise ValueError(f"The held-back check expects the head layer to run once per forward pass; "
+                                         f"it ran {len(seen) - count} times.")
+                    rows.append(seen[-1])
+                features.append(rows)
                 targets.append(torch.as_tensor(target).long().to(seen[-1].device))
                 if group is not None:
                     groups.append(torch.as_tensor(group).long().to(seen[-1].device))
-                if max_rows is not None and sum(f.shape[0] for f in features) >= max_rows:
+                if max_rows is not None and sum(f[0].shape[0] for f in features) >= max_rows:
                     break
     finally:
         handle.remove()
@@ -170,7 +200,8 @@ def read_features(module: nn.Module, head: nn.Linear, batches: Iterable[Any],
     if not features:
         raise ValueError("The held-back check read no batch.")
     group_all = torch.cat(groups) if groups and len(groups) == len(features) else None
-    return torch.cat(features), torch.cat(targets), group_all
+    sets = [torch.cat([rows[i] for rows in features]) for i in range(len(features[0]))]
+    return sets, torch.cat(targets), group_all
 
 
 def training_error(logits: Tensor, target: Tensor, group: Tensor | None, tables: LossTables) -> Tensor:
@@ -204,6 +235,9 @@ class CheckResult:
         training_error: the network's balanced error on the training rows the check read, its logits seen through the
             found loss (:func:`training_error`); ``None``: not measured.
         fit_tolerance: the training error above which the found loss is not kept; ``None``: no such rule.
+        augmentation: whether a searched augmentation was judged with the loss (``start`` and ``found`` are then the
+            figures of the pairs (start loss, start augmentation) and (found loss, found augmentation), and the
+            decision is about both).
     """
 
     start: float
@@ -211,6 +245,7 @@ class CheckResult:
     samples: int
     training_error: float | None = None
     fit_tolerance: float | None = None
+    augmentation: bool = False
 
     @property
     def fits(self) -> bool:
@@ -239,20 +274,28 @@ class CheckResult:
             return (f"the network does not fit its training data (training balanced error {self.training_error:.1%} "
                     f"> fit_tolerance {self.fit_tolerance:.1%}): there a consistent start is already the answer and "
                     "the search fits the upper data's noise")
+        if self.augmentation:
+            return f"the found loss and augmentation {'score' if self.keep else 'do not score'} lower"
         return "the found loss scores lower" if self.keep else "the found loss does not score lower"
 
     def record(self) -> dict[str, Any]:
         """The decision and its figures as plain values (what ``found_loss.yaml``, ``result.json``, the loss's state
-        and the log carry)."""
+        and the log carry); ``augmentation``: what became of a searched augmentation judged with the loss
+        (``"found augmentation kept"`` or ``"start augmentation put back"``; ``None``: none was searched)."""
+        augmentation = None if not self.augmentation else (
+            "found augmentation kept" if self.keep else "start augmentation put back")
         return {"decision": "found loss kept" if self.keep else "start put back", "reason": self.reason,
                 "objective_found": self.found, "objective_start": self.start, "held_back_samples": self.samples,
-                "training_error": self.training_error, "fit_tolerance": self.fit_tolerance}
+                "training_error": self.training_error, "fit_tolerance": self.fit_tolerance,
+                "augmentation": augmentation}
 
     def describe(self) -> str:
-        verdict = "the found loss is kept" if self.keep else "the loss goes back to its start"
+        both = " and augmentation" if self.augmentation else ""
+        verdict = (f"the found loss{both} {'are' if both else 'is'} kept" if self.keep
+                   else f"the loss{both} {'go' if both else 'goes'} back to {'their' if both else 'its'} start")
         fit = "" if self.training_error is None else f"; training balanced error {self.training_error:.1%}"
-        return (f"held-back check on {self.samples} upper samples: objective {self.found:.4f} with the found loss, "
-                f"{self.start:.4f} with the start loss{fit}: {verdict} ({self.reason})")
+        return (f"held-back check on {self.samples} upper samples: objective {self.found:.4f} with the found "
+                f"loss{both}, {self.start:.4f} with the start loss{both}{fit}: {verdict} ({self.reason})")
 
 
 def compare_losses(features: Tensor, target: Tensor, group: Tensor | None,
@@ -303,10 +346,18 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
                      train_batches: Iterable[Any], held_back_batches: Iterable[Any], objective: Objective,
                      weight_decay: float, head: str | None = None, to_device: Callable[[Any], Any] | None = None,
                      reduce: Callable[[Tensor], Tensor] | None = None, steps: int = 10,
-                     fit_tolerance: float | None = FIT_TOLERANCE) -> CheckResult:
+                     fit_tolerance: float | None = FIT_TOLERANCE, augmentation: Any = None,
+                     start_augment: dict[str, Tensor] | None = None, rank: int = 0) -> CheckResult:
     """The held-back check of an :class:`~lightning_autobalance.AutoBalanceMixin` module's current (found) loss
     against ``start_alpha``: :func:`read_features` on both data, :func:`training_error` of the module's own head on
     the training rows, then :func:`compare_losses`.
+
+    With ``augmentation`` (the module's searched
+    :class:`~lightning_autobalance.core.augment_parametrization.AugmentParameters`) and ``start_augment`` (its free
+    values at the start), the pairs (start loss, start augmentation) and (found loss, found augmentation) are compared:
+    every training batch is read twice, augmented with each pair's strengths under the same draws
+    (:func:`augment_variants`), and each loss's head is trained on its own pair's features; the held-back rows are read
+    clean, and the training error is that of the found pair.
 
     Args:
         module: the module (its ``autobalance_unpack``, ``autobalance_forward`` and ``autobalance_loss_from_tables``
@@ -322,27 +373,70 @@ def check_found_loss(module: nn.Module, params: Any, start_alpha: dict[str, Tens
         reduce: averages the figures over processes (each reads its own training shard); ``None``: one process.
         steps: Newton steps per loss.
         fit_tolerance: the training error above which the found loss is not kept (``None``: no such rule).
+        augmentation: the searched augmentation's parameters, judged with the loss (not changed here); ``None``: the
+            training rows are read as they come.
+        start_augment: the augmentation's free values at the start (with ``augmentation``).
+        rank: the process's rank, which seeds its draws (:func:`augment_variants`).
     """
     name = find_head(module, head)
     layer = dict(module.named_modules())[name]
     forward = module.autobalance_forward  # type: ignore[attr-defined]
     unpack = module.autobalance_unpack  # type: ignore[attr-defined]
-    train = read_features(module, layer, train_batches, unpack, forward, to_device, max_rows=TRAIN_ROWS)
+    judged = augmentation is not None and start_augment is not None
+    variants = augment_variants(augmentation, [start_augment, augmentation.alpha()], rank) if judged else None
+    sets, target, group = read_feature_sets(module, layer, train_batches, unpack, variants, forward, to_device,
+                                            max_rows=TRAIN_ROWS)
     held = read_features(module, layer, held_back_batches, unpack, forward, to_device)
     with torch.no_grad():
         start = params.tables({k: v.detach() for k, v in start_alpha.items()})
         found = params.tables({k: v.detach() for k, v in params.alpha().items()})
-    values = compare_losses(*train, *held, [start, found], module.autobalance_loss_from_tables,  # type: ignore
-                            objective, head_parameters(layer.weight, layer.bias), layer.weight.shape[0],
-                            layer.bias is not None, weight_decay, steps)
+    theta = head_parameters(layer.weight, layer.bias)
+
+    def heads(features: Tensor, losses: list[Any]) -> list[Tensor]:
+        return compare_losses(features, target, group, *held, losses,
+                              module.autobalance_loss_from_tables,  # type: ignore[attr-defined]
+                              objective, theta, layer.weight.shape[0], layer.bias is not None, weight_decay, steps)
+
+    # each pair's head on its own features; without an augmentation both heads on the same rows
+    values = [*heads(sets[0], [start]), *heads(sets[1], [found])] if judged else heads(sets[0], [start, found])
     with torch.no_grad():
-        logits = nn.functional.linear(train[0].to(layer.weight), layer.weight, layer.bias)
-        fit = training_error(logits.double(), train[1], train[2], found).to(values[0])
+        logits = nn.functional.linear(sets[-1].to(layer.weight), layer.weight, layer.bias)
+        fit = training_error(logits.double(), target, group, found).to(values[0])
     figures = torch.stack([*values, fit])
     if reduce is not None:
         figures = reduce(figures)
     start_value, found_value, fit_value = figures.tolist()
-    return CheckResult(start_value, found_value, int(held[1].numel()), fit_value, fit_tolerance)
+    return CheckResult(start_value, found_value, int(held[1].numel()), fit_value, fit_tolerance, judged)
+
+
+#: the index of the check's own stream of augmentation draws, beside the training and hyper streams
+CHECK_STREAM = len(STREAMS)
+
+
+def augment_variants(augmentation: Any, alphas: Sequence[dict[str, Tensor]],
+                     rank: int = 0) -> Callable[[Any, Tensor, Tensor | None], list[Tensor]]:
+    """For :func:`read_feature_sets`: every batch augmented once per free values of ``alphas`` (the start's, the
+    found ones), all with the same draws. The draws come from a generator of the check's own (on the inputs'
+    device), seeded with :func:`~lightning_autobalance.core.augment_parametrization.stream_seed` of the
+    augmentation's seed, a stream of the check's (:data:`CHECK_STREAM`) and ``rank``: the training and hyper
+    streams (and their saved counts) are untouched, and the same check draws the same."""
+    with torch.no_grad():
+        tables = [{k: v.detach() for k, v in augmentation.tables({n: a[n].detach() for n in a}).items()}
+                  for a in alphas]
+    seed = stream_seed(augmentation.seed, CHECK_STREAM, rank, 0)
+    state: dict[str, torch.Generator] = {}
+
+    def variants(inputs: Any, target: Tensor, group: Tensor | None) -> list[Tensor]:
+        x = torch.as_tensor(inputs)
+        gen = state.get("gen")
+        if gen is None:
+            gen = state["gen"] = torch.Generator(device=x.device).manual_seed(seed)
+        draws = draw(augmentation.settings, x.shape, gen)
+        y = torch.as_tensor(target).long().to(x.device)
+        g = None if group is None or augmentation.num_groups == 1 else torch.as_tensor(group).long().to(x.device)
+        return [augment(x, y, g, t, draws, augmentation.settings) for t in tables]
+
+    return variants
 
 
 class HeldBackCheck:
@@ -368,9 +462,12 @@ class HeldBackCheck:
         self._labels: Tensor | None = None
         self._groups: Tensor | None = None
         self.start_alpha: dict[str, Tensor] | None = None
+        #: the searched augmentation's free values at the start (``None``: no augmentation searched)
+        self.start_augment: dict[str, Tensor] | None = None
         self.weight_decay = 0.0
         self.result: CheckResult | None = None
         self._restored_start: dict[str, Tensor] | None = None
+        self._restored_augment: dict[str, Tensor] | None = None
 
     # at setup -------------------------------------------------------------------------------------------------
     def split(self, labels_groups: Callable[[], tuple[Tensor, Tensor | None]], checkable: str | None,
@@ -442,8 +539,10 @@ class HeldBackCheck:
 
     # at the start of the fit ------------------------------------------------------------------------------------
     def begin(self, module: nn.Module, alpha: dict[str, Tensor], param_groups: Iterable[dict[str, Any]],
-              weight_decay: float = 0.0, resumed: bool = False) -> None:
-        """Records the start (a resumed fit keeps the one it started from, and its result) and works out the head's
+              weight_decay: float = 0.0, resumed: bool = False,
+              augment_alpha: dict[str, Tensor] | None = None) -> None:
+        """Records the start, the loss's free values and, with ``augment_alpha``, those of the searched augmentation
+        (a resumed fit keeps the ones it started from, and its result) and works out the head's
         weight decay once for the fit: ``weight_decay`` when ``> 0`` (the estimator's), else that of the optimizer
         group holding the head's weight (:func:`head_weight_decay`), else, with the default share,
         :data:`CHECK_WEIGHT_DECAY` (said once). Nothing is recorded when nothing is held back.
@@ -453,13 +552,13 @@ class HeldBackCheck:
                 before any training time is spent.
         """
         if not resumed:
-            self.result, self._restored_start = None, None
+            self.result, self._restored_start, self._restored_augment = None, None, None
         if self.held_back is None:
-            self.start_alpha = None
+            self.start_alpha = self.start_augment = None
             return
-        restored = self._restored_start  # a resumed fit starts where the interrupted one started, not at its checkpoint
-        self.start_alpha = {k: (restored[k] if restored is not None and k in restored else v.detach()).clone().to(v)
-                            for k, v in alpha.items()}
+        # a resumed fit starts where the interrupted one started, not at its checkpoint
+        self.start_alpha = _start(alpha, self._restored_start)
+        self.start_augment = None if augment_alpha is None else _start(augment_alpha, self._restored_augment)
         if not weight_decay:
             weight_decay = optimizer_head_weight_decay(module, param_groups, self.head)[1] or 0.0
         if not weight_decay > 0 and self.share is None:
@@ -482,16 +581,26 @@ class HeldBackCheck:
     def run(self, module: nn.Module, params: Any, train_batches: Iterable[Any], held_back_batches: Iterable[Any],
             objective: Objective, to_device: Callable[[Any], Any] | None = None,
             reduce: Callable[[Tensor], Tensor] | None = None) -> CheckResult:
-        """:func:`check_found_loss`; when the found loss loses, the start is copied back into ``params.alpha()``."""
+        """:func:`check_found_loss`; when the found loss loses, the start is copied back into ``params.alpha()``.
+
+        With a searched augmentation recorded at :meth:`begin` (``start_augment``), the module's augmentation
+        (``autobalance_augment_parameters()``) is judged with the loss, and put back with it."""
         assert self.start_alpha is not None, "HeldBackCheck.run before begin"
         consistent = getattr(params, "preset", None) in CONSISTENT_STARTS
+        get = getattr(module, "autobalance_augment_parameters", None)
+        aug = get() if self.start_augment is not None and callable(get) else None
+        rank = getattr(module, "_autobalance_rank", lambda: 0)()
         result = check_found_loss(module, params, self.start_alpha, train_batches, held_back_batches, objective,
                                   self.weight_decay, self.head, to_device, reduce,
-                                  fit_tolerance=self.fit_tolerance if consistent else None)
+                                  fit_tolerance=self.fit_tolerance if consistent else None, augmentation=aug,
+                                  start_augment=self.start_augment if aug is not None else None, rank=rank)
         if not result.keep:
             with torch.no_grad():
                 for name, value in params.alpha().items():
                     value.copy_(self.start_alpha[name])
+                if aug is not None and self.start_augment is not None:
+                    for name, value in aug.alpha().items():
+                        value.copy_(self.start_augment[name])
         self.result = result
         params.decision = result.record()
         return result
@@ -515,12 +624,21 @@ class HeldBackCheck:
         return result
 
     def state_dict(self) -> dict[str, Any]:
+        def saved(values: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+            return None if values is None else {k: v.detach().cpu().clone() for k, v in values.items()}
+
         return {"result": None if self.result is None else vars(self.result).copy(),
-                "start_alpha": None if self.start_alpha is None else {k: v.detach().cpu().clone()
-                                                                      for k, v in self.start_alpha.items()}}
+                "start_alpha": saved(self.start_alpha), "start_augment": saved(self.start_augment)}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         result = state.get("result")
         self.result = None if result is None else CheckResult(**result)
         self._restored_start = state.get("start_alpha")
+        self._restored_augment = state.get("start_augment")
+
+
+def _start(values: dict[str, Tensor], restored: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """A copy of ``values``, or of the restored start where it has the name (a resumed fit)."""
+    return {k: (restored[k] if restored is not None and k in restored else v.detach()).clone().to(v)
+            for k, v in values.items()}

@@ -45,6 +45,9 @@ class FoundLoss:
         decision: the held-back check's decision and figures (``None``: no check ran).
         hyper_steps: the hyper steps of the search.
         search_model: the searched copy (trained on the lower split; for inspection, not for use).
+        augmentation: with a searched augmentation (``search=[..., "augment"]``), the strengths per (group, class)
+            cell by table (``G x K`` each, in their units) that the module now applies in its training steps,
+            frozen like the loss (the file holds it too); ``None``: the module has no augmentation.
     """
 
     path: Path
@@ -52,6 +55,7 @@ class FoundLoss:
     decision: dict[str, Any] | None
     hyper_steps: int
     search_model: pl.LightningModule
+    augmentation: dict[str, torch.Tensor] | None = None
 
 
 def _like(loader: DataLoader, dataset: Any, shuffle: bool) -> DataLoader:
@@ -93,7 +97,9 @@ def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = 
        :class:`~lightning_autobalance.AutoBalanceCallback` (``callback_kwargs``) tuning the loss on the upper part; the
        held-back check at its end keeps the found loss or puts its start back.
     3. The decided loss is written to ``path`` and loaded into ``model``, rebuilt on the whole training set's counts
-       and frozen: ``model``'s weights are not touched. Fit ``model`` with your own Trainer next.
+       and frozen: ``model``'s weights are not touched. Fit ``model`` with your own Trainer next. A searched
+       augmentation goes the same way (in the file, rebuilt and frozen on ``model``): your fit's
+       ``autobalance_augment`` applies the strengths found (the start's, where the held-back check put it back).
 
     Args:
         model: a LightningModule with :class:`~lightning_autobalance.AutoBalanceMixin`.
@@ -157,4 +163,6 @@ def find_loss(model: pl.LightningModule, train_dataloaders: DataLoader | None = 
     params = model.autobalance_parameters()
     with torch.no_grad():
         tables = LossTables(*(t.detach().cpu() for t in params.retraining_tables()))
-    return FoundLoss(target, tables, params.decision, callback.hyper_steps, searched)
+    aug = model.autobalance_augment_parameters()
+    strengths = None if aug is None else {k: v.detach().cpu() for k, v in aug.strengths().items()}
+    return FoundLoss(target, tables, params.decision, callback.hyper_steps, searched, strengths)

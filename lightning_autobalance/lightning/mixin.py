@@ -99,8 +99,14 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
     an 80% split and exported as absolute tables would carry that split's rounding of the tail counts, e.g. a tail
     class of 1 sample out of 2, into retraining on the whole set.) Other files give their tables as they are.
 
+    When the file also holds an ``augmentation`` section (the searched augmentation, written by ``export_loss`` from
+    a module that had one), it is rebuilt alike on the loss's counts
+    (:meth:`~lightning_autobalance.core.augment_parametrization.AugmentParameters.from_record`) and returned as
+    ``info["augment_parameters"]``, not frozen (the caller decides); ``None`` for files without one.
+
     Raises:
-        ValueError: if the file's number of classes differs from ``class_counts``.
+        ValueError: if the file's number of classes differs from ``class_counts``, or its augmentation does not fit
+            (its tables, classes or groups), naming the field and what was expected.
     """
     tables, info = load_loss_tables(path)
     k = torch.as_tensor(class_counts).shape[-1]
@@ -128,6 +134,9 @@ def loss_from_file(path: str | Path, class_counts: Any) -> tuple[PerClass, dict[
                        "from the module or checkpoint at the end of the search.")
     loss = PerClass.from_tables(LossTables(*(t.detach().float() for t in tables)), class_counts)
     loss.decision = dict(decision) if isinstance(decision, Mapping) else None
+    section = info.get("augmentation")
+    info["augment_parameters"] = None if section is None else AugmentParameters.from_record(
+        section, loss.class_counts, where=f"Loss file {str(path)!r}: augmentation")
     return loss, info
 
 
@@ -174,6 +183,9 @@ class MixinState:
     #: the searched augmentation: the settings given to ``configure_augment``, what ``autobalance_augment`` kept for
     #: the callback (asked with the logits), and its tables with the versions of the values they were computed from
     augment: dict[str, Any] | None = None
+    #: the augmentation a loss file held (``configure_autobalance(loss_file=...)`` or ``load_loss``): it wins over
+    #: ``configure_augment``'s settings and is built whether or not ``search`` names ``"augment"``
+    augment_loaded: AugmentParameters | None = None
     augmented: AugmentRecord | None = None
     augment_cache: tuple[Any, dict[str, Tensor]] | None = None
 
@@ -447,9 +459,11 @@ class AutoBalanceMixin:
     def _autobalance_build(self, class_counts: Any) -> LossParametrization:
         config = self._autobalance_settings()
         reduction = config["reduction"]
+        self._autobalance_state.augment_loaded = None
         if config["loss_file"] is not None:
             params, info = loss_from_file(config["loss_file"], class_counts)
             reduction = info.get("reduction", reduction)
+            self._autobalance_state.augment_loaded = info.get("augment_parameters")
         else:
             params = build_parametrization(config["parametrization"], class_counts, preset=config["preset"],
                                            search=_loss_search(config["search"]), num_groups=config["num_groups"],
@@ -800,10 +814,14 @@ class AutoBalanceMixin:
         return aug if isinstance(aug, AugmentParameters) else None
 
     def _autobalance_build_augment(self) -> AugmentParameters | None:
-        """Builds (or keeps, or drops) the augmentation's parameters to match the settings, once the loss is built."""
+        """Builds (or keeps, or drops) the augmentation's parameters to match the settings, once the loss is built;
+        an augmentation from the loss file (:attr:`MixinState.augment_loaded`) is set as it is instead."""
         loss = self._autobalance_built()
         config = self._autobalance_settings()
         existing = self._autobalance_augment_built()
+        loaded = self._autobalance_state.augment_loaded
+        if loss is not None and loaded is not None:
+            return self._autobalance_set_loaded_augment(loaded, bool(config["freeze"]), config["search"])
         if loss is None or AUGMENT not in _search_names(config["search"]):
             if existing is not None and loss is not None:
                 del self._modules["autobalance_augmentation"]  # type: ignore[attr-defined]
@@ -820,6 +838,22 @@ class AutoBalanceMixin:
         aug = AugmentParameters(loss.class_counts.detach().cpu(), settings, kind, group_size, start=start, seed=seed)
         aug.frozen = bool(config["freeze"])
         self.autobalance_augmentation = aug.to(loss.class_counts.device)
+        self._autobalance_state.augment_cache = None
+        return self.autobalance_augmentation
+
+    def _autobalance_set_loaded_augment(self, aug: AugmentParameters, freeze: bool,
+                                        search: Sequence[str] | str) -> AugmentParameters:
+        """Sets an augmentation read from a loss file: frozen with the loss, and whenever ``search`` does not name
+        ``"augment"`` (nothing asked to search it); ``configure_augment`` settings that differ are said once."""
+        if self._autobalance_augment_built() is aug:
+            return aug
+        given = (self._autobalance_state.augment or {}).get("settings")
+        if given is not None and coerce_settings(given) != aug.settings:
+            rank_zero_warn(f"AutoBalance: the loss file's augmentation ({aug.settings}) is used; the settings given to "
+                           f"configure_augment ({coerce_settings(given)}) are not.")
+        aug.frozen = bool(freeze) or AUGMENT not in _search_names(search)
+        device = next((t.device for t in self.parameters()), None)  # type: ignore[attr-defined]
+        self.autobalance_augmentation = aug if device is None else aug.to(device)
         self._autobalance_state.augment_cache = None
         return self.autobalance_augmentation
 
@@ -918,25 +952,38 @@ class AutoBalanceMixin:
         The file holds the tables to retrain with (frequency bins interpolated to classes) and also the parametrisation
         and its free values, so that retraining on other class counts (the whole training set instead of the search
         split) rebuilds the preset on those counts and adds the searched deviation to it (see :func:`loss_from_file`).
+
+        When the module has an augmentation (``search=[..., "augment"]``, or one loaded with a loss file), the file
+        also holds it, as an ``augmentation`` section
+        (:meth:`~lightning_autobalance.core.augment_parametrization.AugmentParameters.export_record`: settings,
+        parametrisation, draw seed, free values, and the strengths per cell for a reader), so that
+        ``configure_autobalance(loss_file=...)``, :meth:`load_loss` and :func:`~lightning_autobalance.find_loss`
+        retrain with the found strengths too.
         """
         params = self.autobalance_parameters()
         with torch.no_grad():
             tables = params.retraining_tables()
         counts = params.class_counts
         alpha = {k: v.detach().double().cpu().tolist() for k, v in params.alpha().items()}
+        aug = self.autobalance_augment_parameters()
+        extra = {} if aug is None else {"augmentation": aug.export_record()}
         return save_loss_tables(path, tables, reduction=self.autobalance_reduction, parametrization=params.kind,
                                 preset=params.preset, preset_kwargs=dict(params.preset_kwargs),
                                 search=list(params.search), group_size=getattr(params, "group_size", 1),
                                 class_counts=(counts[0] if counts.shape[0] == 1 else counts).round().long().tolist(),
-                                alpha=alpha, decision=params.decision)
+                                alpha=alpha, decision=params.decision, **extra)
 
     def load_loss(self, path: str | Path, freeze: bool = True) -> None:
         """Replaces the loss by one exported with :meth:`export_loss`, frozen by default.
 
-        The preset is rebuilt on this module's class counts (see :func:`loss_from_file`).
+        The preset is rebuilt on this module's class counts (see :func:`loss_from_file`). A file with an augmentation
+        replaces the module's (built whether or not ``search`` names ``"augment"``; frozen with the loss, and whenever
+        ``search`` does not name it), so that :meth:`autobalance_augment` applies the strengths found; a file without
+        one leaves the module's augmentation as it is.
 
         Raises:
-            ValueError: if the file's number of classes or groups differs from this module's.
+            ValueError: if the file's number of classes or groups differs from this module's, or its augmentation
+                does not fit (see :func:`loss_from_file`).
         """
         params = self.autobalance_parameters()
         new, info = loss_from_file(path, params.class_counts)
@@ -948,6 +995,10 @@ class AutoBalanceMixin:
         self.autobalance = new
         self.autobalance_reduction = info.get("reduction", self.autobalance_reduction)
         self._autobalance_state.cache = None
+        aug = info.get("augment_parameters")
+        if aug is not None:
+            self._autobalance_state.augment_loaded = aug
+            self._autobalance_set_loaded_augment(aug, freeze, self._autobalance_settings()["search"])
 
     def loss_module(self) -> AdjustedCrossEntropy:
         """The loss to retrain with as a plain ``torch.nn.Module`` (usable without Lightning).
