@@ -5,6 +5,7 @@ the level rule, the levels' tables, the callback in a fit (and resumed), and bot
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -81,7 +82,7 @@ def test_tables_a_parametrisation_cannot_hold_are_refused() -> None:
     ({"max_level": True}, "max_level"), ({"margin": 0.5}, "margin"), ({"margin": 0}, "margin"),
 ])
 def test_bad_settings_raise_naming_the_setting(kwargs: dict, named: str) -> None:
-    with pytest.raises(ValueError, match=f"^{named} .*{next(iter(kwargs.values()))!r}"):
+    with pytest.raises(ValueError, match=f"^{named} .*{re.escape(repr(next(iter(kwargs.values()))))}"):
         AugmentCurriculum(**kwargs)
 
 
@@ -150,6 +151,31 @@ def test_setup_refuses_a_module_without_a_frozen_augmentation() -> None:
     assert not unfrozen.autobalance_augmentation.frozen
     with pytest.raises(RuntimeError, match="no augmentation"):
         classifier([8, 4], search=("offset",)).freeze_augment()
+
+
+class OwnLoss(ImbalancedClassifier):
+    """Applies the augmentation but trains with a loss of its own (the mixin never sees the logits): it returns
+    them when ``give_logits``."""
+
+    give_logits = True
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(self.autobalance_augment(x, y))
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return {"loss": loss, "logits": logits.detach()} if self.give_logits else loss
+
+
+def test_the_logits_come_from_the_step_outputs_or_an_error_says_how() -> None:
+    x, y = images([20, 8], 0)
+    pl.seed_everything(0, verbose=False)
+    model = OwnLoss("digits_net", num_classes=2, class_counts=[20, 8], search=("augment",), freeze_loss=True)
+    curriculum = AugmentCurriculum(threshold=0.01)
+    trainer([curriculum], max_epochs=2).fit(model, loader(x, y))
+    assert curriculum.epochs == 2 and curriculum.levels[0] == 2  # the head class, predicted from the start
+    model.give_logits = False
+    with pytest.raises(RuntimeError, match=re.escape("'logits': logits.detach()")):
+        trainer([AugmentCurriculum()], max_epochs=1).fit(model, loader(x, y))
 
 
 # ====================================================================== la_uniform

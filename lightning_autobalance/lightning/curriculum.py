@@ -163,7 +163,13 @@ class AugmentCurriculum(pl.Callback):
         self.epochs += 1
         self._correct = self._total = None
         self._apply(self._augmentation(pl_module))
-        pl_module.log("curriculum/mean_level", float(self.levels.double().mean()), on_epoch=True, sync_dist=False)
+        # the same value on every process: sync_dist only spares DDP's warning
+        pl_module.log("curriculum/mean_level", float(self.levels.double().mean()), on_epoch=True, sync_dist=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._request and isinstance(pl_module, AutoBalanceMixin):
+            pl_module.autobalance_request_logits(False)  # a fit stopped within an epoch: the mixin keeps nothing
 
     # -- levels to strengths -------------------------------------------------------------------------------
     def _levels(self) -> Tensor:
