@@ -81,6 +81,8 @@ LABELS = {
     "inverse_frequency": "inverse frequency",
     "ldam_drw": "LDAM-DRW",
     "focal": "focal",
+    "la_uniform": "LA + uniform augmentation (start strengths)",
+    "la_cuda": "LA + CUDA (per-class augmentation curriculum)",
     SEARCH_MODEL: "AutoBalance search model (lower split, not retrained)",
 }
 GRID_LABELS = {

@@ -7,6 +7,8 @@ The public names:
   :class:`Schedule`, :class:`Estimator`, :class:`UpperObjective`, :class:`UpperData` and :class:`HyperOptimizer`;
 * :func:`find_loss`: the search on a copy of a module, the decided loss set on it frozen, before its own fit;
 * :class:`ImbalancedClassifier`: a ready LightningModule for long-tailed classification;
+* :class:`AugmentCurriculum`: a per-class curriculum of augmentation strength (after CUDA), a baseline beside the
+  searched augmentation;
 * :func:`run_pipeline` (``lightning_autobalance.runner.pipeline``): search, retrain, compare, from Python or the CLI;
 * :class:`AdjustedCrossEntropy`: the loss family as a plain ``torch.nn.Module``;
 * :func:`hypergradient`: the functional core, independent of Lightning.
@@ -49,6 +51,7 @@ from lightning_autobalance.core.parametrization import (
 from lightning_autobalance.core.reduce import Reducer
 from lightning_autobalance.lightning.callback import AutoBalanceCallback
 from lightning_autobalance.lightning.classifier import ImbalancedClassifier
+from lightning_autobalance.lightning.curriculum import AugmentCurriculum
 from lightning_autobalance.lightning.find_loss import FoundLoss, find_loss
 from lightning_autobalance.lightning.hyper_optimizer import HyperOptimizer
 from lightning_autobalance.lightning.mixin import AutoBalanceMixin
@@ -71,9 +74,9 @@ for _old, _new in _MOVED.items():
     globals().setdefault(_old, _module)  # as an imported submodule would be; the function hypergradient stays
 del _old, _new, _module
 
-__all__ = ["AdjustedCrossEntropy", "AutoBalanceCallback", "AutoBalanceMixin", "BalancedCrossEntropy", "Batch",
-           "BlendedObjective", "DatasetDependent", "EqualOpportunityGap", "Estimator", "FocalLoss", "FoundLoss",
-           "FrequencyGroups", "GroupDROLoss", "Hierarchical", "HyperOptimizer", "ImbalancedClassifier", "LDAMLoss",
-           "LossParametrization", "LossTables", "PerClass", "Reducer", "Schedule", "UpperData", "UpperObjective",
-           "WorstGroupLoss", "adjusted_cross_entropy", "build_parametrization", "find_loss", "hypergradient",
-           "preset_tables"]
+__all__ = ["AdjustedCrossEntropy", "AugmentCurriculum", "AutoBalanceCallback", "AutoBalanceMixin",
+           "BalancedCrossEntropy", "Batch", "BlendedObjective", "DatasetDependent", "EqualOpportunityGap", "Estimator",
+           "FocalLoss", "FoundLoss", "FrequencyGroups", "GroupDROLoss", "Hierarchical", "HyperOptimizer",
+           "ImbalancedClassifier", "LDAMLoss", "LossParametrization", "LossTables", "PerClass", "Reducer", "Schedule",
+           "UpperData", "UpperObjective", "WorstGroupLoss", "adjusted_cross_entropy", "build_parametrization",
+           "find_loss", "hypergradient", "preset_tables"]

@@ -941,6 +941,23 @@ class AutoBalanceMixin:
     def unfreeze_loss(self) -> None:
         self.autobalance_parameters().frozen = False
 
+    def freeze_augment(self, frozen: bool = True) -> None:
+        """Freezes the augmentation (``search=[..., "augment"]``; ``frozen=False`` unfreezes it): a search leaves its
+        strengths alone (to train with the start strengths, or under :class:`~lightning_autobalance.AugmentCurriculum`).
+
+        Raises:
+            RuntimeError: no augmentation is built (``configure_autobalance(search=...)`` does not name ``"augment"``).
+        """
+        aug = self.autobalance_augment_parameters()
+        if aug is None:
+            raise RuntimeError("freeze_augment / unfreeze_augment: this module has no augmentation; it is built when "
+                               "configure_autobalance(search=...) names 'augment'.")
+        aug.frozen = bool(frozen)
+
+    def unfreeze_augment(self) -> None:
+        """Lets a search change the augmentation again (see :meth:`freeze_augment`)."""
+        self.freeze_augment(False)
+
     @property
     def loss_frozen(self) -> bool:
         return self.autobalance_parameters().frozen

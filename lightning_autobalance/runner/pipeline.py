@@ -10,8 +10,10 @@ Stages (each in its own folder of ``output_dir``, each resumable from its last c
    for the first ``fold_in`` share of the epochs, then folds the upper part into training with the loss frozen
    (:class:`~lightning_autobalance.data.fold_in.FoldInSampler`), then tests: one training run instead of two;
 4. one stage per baseline (``ce``, ``la``, ``cdt``, ``vs``, ``class_balanced``, ``inverse_frequency``,
-   ``ldam_drw``, ``focal``; with groups also ``group_balanced`` and ``group_dro``): train on the whole training
-   set with that fixed loss, then test.
+   ``ldam_drw``, ``focal``; with groups also ``group_balanced`` and ``group_dro``; beside a searched augmentation
+   ``la_uniform`` and ``la_cuda``, the LA loss with the model's augmentation at its start strengths or under
+   :class:`~lightning_autobalance.AugmentCurriculum`): train on the whole training set with that fixed loss, then
+   test.
 
 With a datamodule that has groups (``group_counts``, e.g. :class:`~lightning_autobalance.data.ColoredDigits`) and a
 model that takes ``group_counts`` (:class:`~lightning_autobalance.ImbalancedClassifier`), every stage's model gets the
@@ -88,6 +90,7 @@ from lightning_autobalance.data._checks import counts_disagreement, non_finite_s
 from lightning_autobalance.data.fold_in import DEFAULT_FOLD_IN, fold_in_epoch
 from lightning_autobalance.lightning.callback import AutoBalanceCallback
 from lightning_autobalance.lightning.classifier import loss_config
+from lightning_autobalance.lightning.curriculum import AugmentCurriculum
 from lightning_autobalance.runner.fingerprint import (
     IGNORED_DATA_KEYS,
     IGNORED_TRAINER_KEYS,
@@ -99,7 +102,8 @@ from lightning_autobalance.runner.fingerprint import (
 )
 from lightning_autobalance.runner.output_lock import OutputFolderInUse, OutputLock
 
-__all__ = ["BASELINES", "AutoBalanceTrainer", "PipelineDiskFull", "PipelineSetupError", "no_space", "run_pipeline"]
+__all__ = ["BASELINES", "BASELINE_CALLBACKS", "AutoBalanceTrainer", "PipelineDiskFull", "PipelineSetupError",
+           "no_space", "run_pipeline"]
 
 #: Baseline name -> model overrides (a fixed loss, no search).
 BASELINES: dict[str, dict[str, Any]] = {
@@ -115,7 +119,14 @@ BASELINES: dict[str, dict[str, Any]] = {
     # per (class, group) cell weights N / (G K n_{g,y}); online group DRO over (label, group) cells.
     "group_balanced": {"loss": "autobalance", "preset": "group_balanced"},
     "group_dro": {"loss": "group_dro"},
+    # Beside the searched augmentation, with the LA loss fixed: the same ops (the model's `augmentation` settings,
+    # built frozen) at their start strengths for every class, never searched; and those ops under a per-class
+    # curriculum of strength after CUDA (the stage's AugmentCurriculum, BASELINE_CALLBACKS).
+    "la_uniform": {"loss": "autobalance", "preset": "la", "search": ("augment",), "freeze_loss": True},
+    "la_cuda": {"loss": "autobalance", "preset": "la", "search": ("augment",), "freeze_loss": True},
 }
+#: Baseline name -> the callbacks (classes, built with their defaults) its stage trains with beside the trainer's.
+BASELINE_CALLBACKS: dict[str, tuple[type[pl.Callback], ...]] = {"la_cuda": (AugmentCurriculum,)}
 _GROUP_BASELINES = ("group_balanced", "group_dro")
 #: Callbacks a stage replaces with its own: checkpoints go to the stage's folder, the config is saved once.
 _DROPPED_CALLBACKS = (SaveConfigCallback, ModelCheckpoint)
@@ -411,7 +422,7 @@ def _preflight(plan: list[_Stage], pending: set[str], model: Any, datamodule: An
                 if st.name not in stepped or not single:
                     continue
                 kwargs = {k: v for k, v in trainer_kwargs.items() if k not in _PREFLIGHT_KEYS}
-                callbacks = trainer_kwargs.get("callbacks") or []
+                callbacks = _stage_kwargs(trainer_kwargs, st).get("callbacks") or []
                 callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
                 kept = [copy.deepcopy(cb) for cb in callbacks if not isinstance(cb, (*_DROPPED_CALLBACKS, *_OBSERVERS))
                         and (st.search or not isinstance(cb, AutoBalanceCallback))]
@@ -588,8 +599,9 @@ def run_pipeline(
                            {"search_split": True, "fold_in_epoch": fold_epoch}, search=True, prepared=folded))
     for name in baselines:
         loss = {"loss": baseline_losses[name]} if name in baseline_losses else {}
-        plan.append(_Stage(name, {**counts, **BASELINES[name], **loss, "search": (), "loss_file": None,
-                                  "freeze_loss": False}, {"search_split": False}))
+        plan.append(_Stage(name, {**counts, "search": (), "loss_file": None, "freeze_loss": False, **BASELINES[name],
+                                  **loss}, {"search_split": False},
+                           callbacks=tuple(make() for make in BASELINE_CALLBACKS.get(name, ()))))
     names = [st.name for st in plan]
     unknown = [r for r in restart if r != "all" and r not in names]
     if unknown:
@@ -699,6 +711,17 @@ class _Stage:
     inputs: tuple[Path, ...] = ()  # files it reads (a found loss): their digests are part of its fingerprint
     after: tuple[str, ...] = ()  # stages whose output it uses
     prepared: Any = None  # its datamodule, when the plan already built it (for its counts)
+    callbacks: tuple[pl.Callback, ...] = ()  # its own, beside the trainer's (a baseline's: BASELINE_CALLBACKS)
+
+
+def _stage_kwargs(trainer_kwargs: dict[str, Any], st: _Stage) -> dict[str, Any]:
+    """The trainer arguments of a stage: the trainer's, with the stage's own callbacks (copies) after its callbacks
+    (so that they count in its fingerprint as any callback that changes training does)."""
+    if not st.callbacks:
+        return trainer_kwargs
+    given = trainer_kwargs.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+    return {**trainer_kwargs, "callbacks": [*given, *(copy.deepcopy(cb) for cb in st.callbacks)]}
 
 
 #: callbacks that watch or save training without changing it: not part of a stage's fingerprint
@@ -822,8 +845,8 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
     # never overwritten unless it is restarted), check every stage that is to train, then clear what is restarted.
     for st in plan:
         if st.name not in recompute:
-            _check_stage(st, out / st.name, _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st),
-                                                         False, out), quiet=True)
+            _check_stage(st, out / st.name, _fingerprint(st, model, datamodule, _stage_kwargs(kwargs, st), full, seed,
+                                                         epochs_of(st), False, out), quiet=True)
     pending = {st.name for st in plan
                if st.name in recompute or not resume or not (out / st.name / "result.json").is_file()}
     _preflight(plan, pending, model, datamodule, kwargs, epochs_of)
@@ -845,7 +868,7 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
 
     def stage(st: _Stage) -> dict[str, Any]:
         stage_dir = out / st.name
-        fp = _fingerprint(st, model, datamodule, kwargs, full, seed, epochs_of(st), True, out)
+        fp = _fingerprint(st, model, datamodule, _stage_kwargs(kwargs, st), full, seed, epochs_of(st), True, out)
         if st.name not in recompute:
             _check_stage(st, stage_dir, fp)
         if resume:
@@ -862,7 +885,7 @@ def _run_plan(plan: list[_Stage], recompute: set[str], out: Path, found: Path, m
         pl.seed_everything(seed, workers=True, verbose=False)
         model_ = _clone(model, **st.model)
         dm_ = st.prepared if st.prepared is not None else _data(datamodule, **st.data)
-        trainer = _stage_trainer(kwargs, stage_dir, epochs_of(st), search=st.search)
+        trainer = _stage_trainer(_stage_kwargs(kwargs, st), stage_dir, epochs_of(st), search=st.search)
         result = _fit_and_test(st.name, model_, dm_, trainer, stage_dir, resume, test=st.test)
         if st.search:
             loss_path = loss_file(st)
