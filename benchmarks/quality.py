@@ -259,9 +259,10 @@ def plain_trainer(trainer_kwargs: dict[str, Any], epochs: int, out: Path) -> Any
 
 
 def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, kwargs: dict[str, float],
-                   extra: Sequence[str]) -> dict[str, Any]:
+                   extra: Sequence[str], augment: bool = False) -> dict[str, Any]:
     """Trains one grid point on the search split (as the AutoBalance search does, with no callback) and scores it
-    on the upper split."""
+    on the upper split. ``augment``: the model's searched augmentation is applied at its start strengths, frozen (the
+    fixed-start twin of a search of the loss and the augmentation)."""
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -274,7 +275,8 @@ def run_grid_point(config: Path, seed: int, out: Path, name: str, preset: str, k
     pl.seed_everything(seed, workers=True, verbose=False)  # as every pipeline stage does
     split = _clone(dm_t, search_split=True, val_source="upper")
     model = _clone(model_t, class_counts=split.class_counts, num_classes=split.num_classes, loss="autobalance",
-                   preset=preset, preset_kwargs=dict(kwargs), search=(), loss_file=None, freeze_loss=False)
+                   preset=preset, preset_kwargs=dict(kwargs), search=("augment",) if augment else (), loss_file=None,
+                   freeze_loss=augment)
     trainer = plain_trainer(trainer_kwargs, epochs, out)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=split)
@@ -357,7 +359,8 @@ def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[st
     """Tests the model the search ended with (the search stage's ``last.ckpt``: trained on the lower split under
     the loss being learned) on the test set and on the upper split, in evaluation mode, as the pipeline tests a
     stage; and trains its reference, the same model on the same split for the same epochs with the starting loss
-    held fixed (no hyper step), scored on the upper split: whether the search improved its own held-out objective.
+    held fixed (a searched augmentation at its start strengths; no hyper step), scored on the upper split: whether
+    the search improved its own held-out objective.
     Written to ``<seed>/search/search_model.json``; ``None`` when the search has no checkpoint."""
     done = out / "search" / "search_model.json"
     if done.is_file():
@@ -372,7 +375,7 @@ def evaluate_search_model(config: Path, seed: int, out: Path, extra: Sequence[st
     model_t, dm_t, _, _ = _templates(config, seed, tuple(extra))
     hp = dict(model_t.hparams)
     start = run_grid_point(config, seed, out / "search" / "start_reference", "start", hp.get("preset", "la"),
-                           dict(hp.get("preset_kwargs") or {}), extra)
+                           dict(hp.get("preset_kwargs") or {}), extra, augment="augment" in (hp.get("search") or ()))
     split = _clone(dm_t, search_split=True, val_source="upper")
     split.setup("fit")
     model = _clone(model_t, **_counts(model_t, split), loss="autobalance")
