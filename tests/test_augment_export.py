@@ -158,3 +158,21 @@ def test_the_pipelines_retraining_classifier_applies_the_found_strengths(tmp_pat
     start = _clone(template, class_counts=COUNTS)  # what retraining applied before: the start strengths
     start.train()
     assert not torch.allclose(retrained.autobalance_augment(x, y), start.autobalance_augment(x, y))
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_autobalance_like_copies_the_augmentation_with_the_loss(freeze):
+    found = searched("class")
+    swa = Linear(COUNTS)  # a module built around another's network: the default loss, no augmentation
+    assert swa.autobalance_augment_parameters() is None
+    swa.autobalance_like(found, freeze=freeze)
+    aug = swa.autobalance_augment_parameters()
+    assert aug is not None and aug is not found.autobalance_augment_parameters() and aug.frozen == freeze
+    assert_same(strengths(swa), strengths(found))
+    with torch.no_grad():  # a copy: moving the source's values leaves it alone
+        found.autobalance_augment_parameters().alpha()["augment_noise"].add_(1.0)
+    assert not torch.equal(strengths(swa)["noise"], strengths(found)["noise"])
+
+    plain = Linear(COUNTS)  # a source without an augmentation takes away the copy's
+    swa.autobalance_like(plain)
+    assert swa.autobalance_augment_parameters() is None

@@ -413,7 +413,8 @@ class AutoBalanceMixin:
     def autobalance_like(self, other: AutoBalanceMixin, freeze: bool = False,
                          class_counts: Any = None) -> LossParametrization:
         """Takes the loss of ``other``, another module with the mixin: its parametrisation, the values found so
-        far, its counts and reduction (a copy: later changes to either do not reach the other).
+        far, its counts and reduction, and its augmentation when it has one (``search=[..., "augment"]`` or from a
+        loss file), all copies: later changes to either do not reach the other.
 
         The one line a module built around another's trained network needs, e.g. stochastic weight averaging::
 
@@ -422,7 +423,7 @@ class AutoBalanceMixin:
 
         Args:
             other: a module with the mixin whose loss is built (e.g. after its fit).
-            freeze: freeze the copy (the callback, if any, will not change it).
+            freeze: freeze the copies (the callback, if any, will not change them).
             class_counts: optional; must then have the shape of ``other``'s counts.
 
         Raises:
@@ -445,7 +446,24 @@ class AutoBalanceMixin:
         self._autobalance_set(params, other.autobalance_reduction)
         self._autobalance_state.config = {"like": True}
         self._autobalance_state.explicit = True
+        self._autobalance_like_augment(other, bool(freeze))
         return params
+
+    def _autobalance_like_augment(self, other: AutoBalanceMixin, freeze: bool) -> None:
+        """:meth:`autobalance_like`'s copy of ``other``'s augmentation (its strengths, settings and draw counts),
+        frozen with the loss; a module whose ``other`` has none is left without one."""
+        source = other._autobalance_augment_built()
+        if source is None:
+            if self._autobalance_augment_built() is not None:
+                del self._modules["autobalance_augmentation"]  # type: ignore[attr-defined]
+            self._autobalance_state.augment_loaded = None
+            return
+        aug = copy.deepcopy(source)
+        aug.frozen = freeze
+        device = next((t.device for t in self.parameters()), None)  # type: ignore[attr-defined]
+        self.autobalance_augmentation = aug if device is None else aug.to(device)
+        self._autobalance_state.augment_loaded = self.autobalance_augmentation
+        self._autobalance_state.augment_cache = None
 
     # -- building the loss ---------------------------------------------------------------------------------
     def _autobalance_built(self) -> LossParametrization | None:
