@@ -33,9 +33,9 @@ class Module(Base):  # type: ignore[misc, valid-type]
         return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=1e-3)
 
 
-def module(seed: int = 0) -> Module:
+def module(seed: int = 0, search=("offset", "augment")) -> Module:
     torch.manual_seed(seed)
-    model = Module(COUNTS, preset="la", search=("offset", "augment"))
+    model = Module(COUNTS, preset="la", search=search)
     model.configure_augment({"ops": "noise+erase"}, parametrization="class", seed=4)
     return model
 
@@ -155,13 +155,15 @@ def test_a_resumed_check_keeps_the_augmentations_start():
     assert fresh.start_augment is None and fresh.state_dict()["start_augment"] is None
 
 
-def test_in_a_fit_the_decision_covers_the_searched_augmentation():
-    model = module()
+# the second: the loss has no free value, the default holdout (which holds nothing back when nothing is searched)
+@pytest.mark.parametrize("search", [("offset", "augment"), ("augment",)])
+def test_in_a_fit_the_decision_covers_the_searched_augmentation(search):
+    model = module(search=search)
     train, upper = data()
     aug = model.autobalance_augment_parameters()
     start = {k: v.clone() for k, v in aug.alpha().items()}
-    cb = AutoBalanceCallback(upper=UpperData(dataloader=upper, holdout=0.5), warmup_fraction=0.0, every_n_steps=1,
-                             hyper_lr=0.5, fit_tolerance=None)
+    upper_data = UpperData(dataloader=upper) if search == ("augment",) else UpperData(dataloader=upper, holdout=0.5)
+    cb = AutoBalanceCallback(upper=upper_data, warmup_fraction=0.0, every_n_steps=1, hyper_lr=0.5, fit_tolerance=None)
     pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(model, train_dataloaders=train)
     result = cb.check_result

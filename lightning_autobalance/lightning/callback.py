@@ -321,7 +321,8 @@ class AutoBalanceCallback(Callback):
         objective = self.objective
         try:
             find_head(pl_module, self.estimator.head)
-            checkable = None if params.num_free() else "the loss has nothing to search"
+            searched = params.num_free() or augment_step.searched_augmentation(pl_module) is not None
+            checkable = None if searched else "the loss has nothing to search"
         except ValueError:
             checkable = "the module has no nn.Linear head"
         self._head = self.estimator.head
@@ -554,10 +555,11 @@ class AutoBalanceCallback(Callback):
 
     def should_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether the held-back check runs now (once a fit, when the search is over): upper data held back
-        (:class:`~lightning_autobalance.UpperData` ``holdout``), hyper steps made in this fit and the loss not frozen.
-        Override to decide otherwise."""
+        (:class:`~lightning_autobalance.UpperData` ``holdout``), hyper steps made in this fit and the loss (or a
+        searched augmentation) not frozen. Override to decide otherwise."""
+        frozen = pl_module.autobalance_parameters().frozen  # type: ignore[attr-defined]
         return self._check.ready(self._log.fit_attempted - self._log.fit_skipped > 0,
-                                 pl_module.autobalance_parameters().frozen)  # type: ignore[attr-defined]
+                                 frozen and augment_step.searched_augmentation(pl_module) is None)
 
     def _run_check(self, trainer: pl.Trainer, pl_module: Any, log: bool = False) -> None:
         """The held-back check (:mod:`lightning_autobalance.lightning.check`): keeps the found loss only when it beats
