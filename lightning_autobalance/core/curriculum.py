@@ -4,8 +4,9 @@ Every class ``k`` has a level ``L_k`` in ``0 .. max_level`` (0 at the start). At
 training accuracy on its augmented samples reached ``threshold`` goes up one level, any other down one (never below
 0 nor above ``max_level``); a class not seen in the epoch keeps its level (:func:`update_levels`). The strength of
 every op of :class:`~lightning_autobalance.core.augment.AugmentSettings` for class ``k`` is ``L_k / max_level``
-times the op's limit, a probability table (``flip``, ``p_<op>``) likewise ``L_k / max_level``
-(:func:`level_tables`, in the unconstrained values of :func:`~lightning_autobalance.core.augment.strengths`, the
+times the op's limit, a gate's probability (``p_<op>``) likewise ``L_k / max_level``, and the flip's probability
+``L_k / max_level`` times one half (:data:`FLIP_TOP`: a flip with probability 1/2 is the most varied; beyond it
+the images are mostly mirrored, and at 1 always, which for digits or text changes the class) (:func:`level_tables`, in the unconstrained values of :func:`~lightning_autobalance.core.augment.strengths`, the
 fraction kept ``margin`` away from 0 and 1 so that the logit is finite). :func:`free_values_for` writes such tables
 as the free values of an :class:`~lightning_autobalance.core.augment_parametrization.AugmentParameters`.
 
@@ -28,8 +29,10 @@ from torch import Tensor
 from lightning_autobalance.core.augment import AugmentSettings
 from lightning_autobalance.core.augment_parametrization import PREFIX, AugmentParameters
 
-__all__ = ["CURRICULUM_KINDS", "check_settings", "free_values_for", "level_fractions", "level_tables", "update_levels"]
+__all__ = ["CURRICULUM_KINDS", "FLIP_TOP", "check_settings", "free_values_for", "level_fractions", "level_tables", "update_levels"]
 
+#: the flip's probability at the top level: a flip with probability 1/2 varies the images most
+FLIP_TOP = 0.5
 #: the augmentation parametrisations whose free values can hold any per-class table (``"groups"`` only with bins of
 #: one class each; ``"dataset"`` never)
 CURRICULUM_KINDS = ("class", "hierarchical", "groups")
@@ -76,7 +79,8 @@ def level_fractions(levels: Tensor, max_level: int, margin: float) -> Tensor:
 def level_tables(levels: Tensor, settings: AugmentSettings, max_level: int, num_groups: int = 1,
                  margin: float = 1e-3) -> dict[str, Tensor]:
     """The ``(G, K)`` unconstrained tables (float64) whose strengths are ``fraction * limit`` for every table of
-    ``settings``, ``fraction`` from :func:`level_fractions`, the same in every group's row.
+    ``settings`` (``fraction * FLIP_TOP`` for the flip's probability), ``fraction`` from :func:`level_fractions`,
+    the same in every group's row.
 
     Example:
         >>> from lightning_autobalance.core.augment import strengths
@@ -85,8 +89,9 @@ def level_tables(levels: Tensor, settings: AugmentSettings, max_level: int, num_
         >>> [round(v, 4) for v in strengths(t, s)["shift"][0].tolist()]
         [0.0001, 0.0625, 0.1249]
     """
-    logit = torch.logit(level_fractions(levels, max_level, margin))
-    return {name: logit.expand(num_groups, -1).clone() for name in settings.names}
+    fraction = level_fractions(levels, max_level, margin)
+    return {name: torch.logit(fraction * (FLIP_TOP if name == "flip" else 1.0)).expand(num_groups, -1).clone()
+            for name in settings.names}
 
 
 def free_values_for(params: AugmentParameters, tables: Mapping[str, Tensor]) -> dict[str, Tensor]:

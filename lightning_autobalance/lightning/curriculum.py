@@ -39,7 +39,8 @@ class AugmentCurriculum(pl.Callback):
     Every class starts at level 0 (about no augmentation). At every training epoch's end a class whose accuracy on
     its augmented training samples of that epoch reached ``threshold`` goes up one level, any other down one (within
     ``0 .. max_level``; a class not seen keeps its level); every op of the augmentation then has, for that class,
-    ``level / max_level`` times its limit (a probability, ``level / max_level``), kept ``margin`` from 0 and 1.
+    ``level / max_level`` times its limit (a gate's probability ``level / max_level``, the flip's half that: at the
+    top level a flip with probability 1/2, not a mirror of every image), kept ``margin`` from 0 and 1.
 
     Our own implementation of CUDA's rule. It differs from the paper in one way: the accuracy is that of the
     training steps' own predictions on their augmented batches (before each step's update), not of extra augmented
