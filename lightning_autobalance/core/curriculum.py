@@ -6,8 +6,9 @@ training accuracy on its augmented samples reached ``threshold`` goes up one lev
 every op of :class:`~lightning_autobalance.core.augment.AugmentSettings` for class ``k`` is ``L_k / max_level``
 times the op's limit, a gate's probability (``p_<op>``) likewise ``L_k / max_level``, and the flip's probability
 ``L_k / max_level`` times one half (:data:`FLIP_TOP`: a flip with probability 1/2 is the most varied; beyond it
-the images are mostly mirrored, and at 1 always, which for digits or text changes the class) (:func:`level_tables`, in the unconstrained values of :func:`~lightning_autobalance.core.augment.strengths`, the
-fraction kept ``margin`` away from 0 and 1 so that the logit is finite). :func:`free_values_for` writes such tables
+the images are mostly mirrored, and at 1 always, which for digits or text changes the class). :func:`level_tables`
+gives them in the unconstrained values of :func:`~lightning_autobalance.core.augment.strengths`, the fraction kept
+``margin`` away from 0 and 1 so that the logit is finite; :func:`free_values_for` writes such tables
 as the free values of an :class:`~lightning_autobalance.core.augment_parametrization.AugmentParameters`.
 
 Our own reading of the method, not the authors' code; where it differs: the paper measures a class's accuracy on
@@ -29,7 +30,8 @@ from torch import Tensor
 from lightning_autobalance.core.augment import AugmentSettings
 from lightning_autobalance.core.augment_parametrization import PREFIX, AugmentParameters
 
-__all__ = ["CURRICULUM_KINDS", "FLIP_TOP", "check_settings", "free_values_for", "level_fractions", "level_tables", "update_levels"]
+__all__ = ["CURRICULUM_KINDS", "FLIP_TOP", "check_settings", "free_values_for", "level_fractions", "level_tables",
+           "update_levels"]
 
 #: the flip's probability at the top level: a flip with probability 1/2 varies the images most
 FLIP_TOP = 0.5
