@@ -79,8 +79,8 @@ def test_a_search_moves_the_per_class_strengths_and_resumes_to_the_same_values(t
     moved = model.autobalance_augmentation.strengths()
     assert sorted(moved) == ["flip", "noise", "p_noise", "shift"]
     for table, value in moved.items():  # every table, every class on its own
-        change = (value - start[table]).abs()
-        assert bool((change > 1e-3).all()), (table, value, start[table])
+        change = (value - start[table]).abs() / start[table]  # relative: the start is close to no augmentation
+        assert bool((change > 0.05).all()), (table, value, start[table])
         assert len(set(value.flatten().tolist())) == K, table
     assert model.autobalance_augmentation.draw_counts == {"train": 16, "hyper": 16}
     final = free_values(model)

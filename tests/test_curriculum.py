@@ -18,7 +18,7 @@ from test_pipeline import _digits_args
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autobalance import AugmentCurriculum, ImbalancedClassifier
-from lightning_autobalance.core.augment import OPS, AugmentSettings
+from lightning_autobalance.core.augment import OPS, START_FRACTION, AugmentSettings
 from lightning_autobalance.core.augment_parametrization import AugmentParameters
 from lightning_autobalance.core.curriculum import free_values_for, level_tables, update_levels
 from lightning_autobalance.runner.cli import main
@@ -206,7 +206,7 @@ def test_la_uniform_keeps_the_start_strengths_equal_for_every_class() -> None:
     for tables in watch.seen:
         for name, table in tables.items():
             strength = limits[name] * torch.sigmoid(table)
-            want = 0.05 if name == "shift" else limits[name] / 2  # the start: given, else half the limit
+            want = 0.05 if name == "shift" else limits[name] * START_FRACTION  # the start: given, else near none
             torch.testing.assert_close(strength, torch.full_like(strength, want), rtol=1e-6, atol=1e-7)
     assert all(torch.equal(t, watch.seen[0][n]) for tables in watch.seen for n, t in tables.items())
 

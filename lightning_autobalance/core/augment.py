@@ -43,9 +43,9 @@ from lightning_autobalance.core.problem import (
 )
 from lightning_autobalance.core.random_state import from_state
 
-__all__ = ["IMAGE_OPS", "OPS", "AugmentSettings", "Draws", "InputPasses", "augment", "draw", "erase", "gate",
-           "initial_params", "input_hypergradient", "input_mixed_term", "input_passes", "partners", "strengths",
-           "translate"]
+__all__ = ["IMAGE_OPS", "OPS", "START_FRACTION", "AugmentSettings", "Draws", "InputPasses", "augment", "draw",
+           "erase", "gate", "identity_start", "initial_params", "input_hypergradient", "input_mixed_term",
+           "input_passes", "partners", "strengths", "translate"]
 
 OPS = ("mix", "flip", "shift", "erase", "noise")  # in the order they are applied
 IMAGE_OPS = ("flip", "shift")
@@ -145,6 +145,22 @@ def initial_params(settings: AugmentSettings, num_classes: int, num_groups: int 
             raise ValueError(f"start[{name!r}] must lie strictly between 0 and {hi}; got {s}.")
         out[name] = torch.full((num_groups, num_classes), math.log(s / (hi - s)), dtype=dtype)
     return out
+
+
+#: the start of a module's searched augmentation, as a fraction of every table's limit (:func:`identity_start`)
+START_FRACTION = 0.05
+
+
+def identity_start(settings: AugmentSettings, fraction: float = START_FRACTION) -> dict[str, float]:
+    """Start strengths close to no augmentation: ``fraction`` of every table's limit (a flip or gate probability
+    ``fraction``). A module's searched augmentation starts there unless told otherwise, so that a search put back to
+    its start (or an augmentation never searched) leaves the training the module had without it.
+
+    Example:
+        >>> identity_start(AugmentSettings(ops=("flip", "shift")))
+        {'flip': 0.05, 'shift': 0.00625}
+    """
+    return {name: settings.limit(name) * fraction for name in settings.names}
 
 
 def strengths(params: Mapping[str, Tensor], settings: AugmentSettings) -> dict[str, Tensor]:

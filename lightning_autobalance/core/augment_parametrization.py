@@ -85,7 +85,8 @@ class AugmentParameters(nn.Module):
         kind: ``"hierarchical"``, ``"class"``, ``"groups"`` or ``"dataset"`` (see the module text).
         group_size: classes per bin for ``kind="groups"``.
         num_groups: rows ``G`` of the tables; default from ``class_counts``.
-        start: the start strengths by table name (default half of each limit), see
+        start: the start strengths by table name (default half of each limit; a module's searched augmentation
+            passes :func:`~lightning_autobalance.core.augment.identity_start` instead), see
             :func:`~lightning_autobalance.core.augment.initial_params`.
         seed: the seed of the draws a module makes with these parameters (kept here, saved with them).
 

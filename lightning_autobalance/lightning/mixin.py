@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_autobalance.core.augment import AugmentSettings, Draws, augment
+from lightning_autobalance.core.augment import AugmentSettings, Draws, augment, identity_start
 from lightning_autobalance.core.augment_parametrization import (
     AUGMENT_KINDS,
     AugmentKind,
@@ -799,7 +799,9 @@ class AutoBalanceMixin:
             parametrization: ``"hierarchical"``, ``"class"``, ``"groups"`` or ``"dataset"``
                 (:mod:`~lightning_autobalance.core.augment_parametrization`); default: the loss's.
             group_size: classes per bin for ``"groups"``; default: the loss's.
-            start: the start strengths by table name (default: half of each op's limit).
+            start: the start strengths by table name; a table not named starts close to no augmentation
+                (:func:`~lightning_autobalance.core.augment.identity_start`: 5% of its limit, a flip with
+                probability 0.05), so that a search put back to its start leaves the module's training as it was.
             seed: the seed of the draws (with the process's rank and a count of draws saved with the values).
 
         Returns:
@@ -848,7 +850,7 @@ class AutoBalanceMixin:
         settings = coerce_settings(given.get("settings"))
         kind = given.get("parametrization") or config["parametrization"]
         group_size = given.get("group_size") or config["group_size"]
-        start, seed = dict(given.get("start") or {}), int(given.get("seed", 0))
+        start, seed = {**identity_start(settings), **dict(given.get("start") or {})}, int(given.get("seed", 0))
         if existing is not None and existing.settings == settings and existing.kind == kind and \
                 existing.group_size == group_size and existing.start == start and existing.seed == seed and \
                 torch.equal(existing.class_counts, loss.class_counts.to(existing.class_counts)):
