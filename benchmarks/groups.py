@@ -39,6 +39,8 @@ LABELS = {
     "group_balanced": "group-balanced reweighting",
     "group_dro": "online group DRO",
     "la": "group logit adjustment (the search's start)",
+    "la_uniform": "group LA + uniform augmentation (start strengths)",
+    "la_cuda": "group LA + CUDA (per-class augmentation curriculum)",
 }
 METRICS = (("worst_group_error", "worst-group error %"), ("average_error", "average error %"),
            ("eo_gap", "EO gap %"))
@@ -61,6 +63,8 @@ def collect(seeds: list[int], out: Path) -> dict[str, dict[str, list[float]]]:
         for folder, suffix in ((f"seed{seed}", ""), (f"seed{seed}_worst_group", "_worst_group")):
             results = json.loads((out / folder / "results.json").read_text())
             for row in results["rows"]:
+                if suffix and row["method"] != "autobalance":
+                    continue  # the baselines of the second run are the first's again (same seed, same settings)
                 method = row["method"] + (suffix if row["method"] == "autobalance" else "")
                 entry = table.setdefault(method, {key: [] for key, _ in METRICS})
                 for key, _ in METRICS:
