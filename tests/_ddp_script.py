@@ -10,6 +10,8 @@ Modes:
   resume               fit to --epochs with checkpoints (--ckpt-dir), or resume from --resume to --epochs
   bad_batch            ranks with different upper batch sizes: must raise on every rank, not hang
   no_upper             one rank without upper data: must raise on every rank, not hang
+  curriculum           Trainer(strategy=ddp, devices=2) with AugmentCurriculum: its levels and strengths of every
+                       rank, and the per-class counts of an epoch summed over the ranks
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_autobalance import AutoBalanceCallback, AutoBalanceMixin
+from lightning_autobalance import AugmentCurriculum, AutoBalanceCallback, AutoBalanceMixin
 from lightning_autobalance.core.hypergradient import Batch, hypergradient
 from lightning_autobalance.core.losses import GroupDROLoss, adjusted_cross_entropy, unit_mean_losses
 from lightning_autobalance.core.objectives import UpperObjective, build_objective
@@ -195,6 +197,48 @@ class RankReport(Callback):
                            "global_step": trainer.global_step}, fh)
 
 
+class CurriculumNet(Net):
+    """LA fixed, a per-class noise augmentation driven by AugmentCurriculum (no search)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.configure_autobalance(COUNTS, preset="la", search=("augment",), freeze=True)
+        self.configure_augment({"ops": "noise"}, parametrization="class", seed=3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.autobalance_loss(self(self.autobalance_augment(x, y)), y)
+
+
+class CurriculumReport(Callback):
+    """Listed before the curriculum: the epoch's per-class counts summed over the ranks (before the curriculum
+    clears them); at the end, every rank's levels and strengths (rank 0 writes them)."""
+
+    def __init__(self, out: str, curriculum: AugmentCurriculum) -> None:
+        self.out, self.curriculum, self.totals = out, curriculum, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        total = self.curriculum._total
+        self.totals.append(trainer.strategy.reduce(total.double(), reduce_op="sum").round().long().tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        levels = trainer.strategy.all_gather(self.curriculum.levels.to(pl_module.device))
+        levels = levels.reshape(trainer.world_size, -1)
+        noise = pl_module.autobalance_augmentation.strengths()["noise"].reshape(-1)
+        every = trainer.strategy.all_gather(noise).reshape(trainer.world_size, -1)
+        if trainer.is_global_zero:
+            with open(self.out, "w") as fh:
+                json.dump({"levels": levels.tolist(), "noise": every.tolist(), "totals": self.totals,
+                           "world_size": trainer.world_size}, fh)
+
+
+def curriculum_fit(args) -> None:
+    pl.seed_everything(0, verbose=False)
+    curriculum = AugmentCurriculum(threshold=0.6, max_level=4)
+    trainer = make_trainer(args, [CurriculumReport(args.out, curriculum), curriculum, GroupTeardown()])
+    trainer.fit(CurriculumNet(), train_loader())
+
+
 class UpperPerRank(Dataset):
     """Upper data whose size depends on the rank (to make a rank without upper data)."""
 
@@ -274,6 +318,9 @@ def main() -> None:
     common = {"every_n_steps": 1, "start_step": 0, "train_batches": 2, "hyper_lr": 0.05, "objective": args.objective,
               "estimator": {"method": args.method, "head_steps": 3, "head_memory": 64},
               "fit_tolerance": None}  # these tiny fits never fit their data: the heads decide, the loss stays searched
+    if args.mode == "curriculum":
+        curriculum_fit(args)
+        return
     if args.mode == "bad_batch":
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         upper = DataLoader(TensorDataset(xu, yu), batch_size=6 if rank == 0 else 5)

@@ -86,3 +86,13 @@ def test_unequal_or_missing_upper_data_raises_on_every_rank_without_hanging(tmp_
     # Every process computes the same check and raises; Lightning may end the other process before it prints, so
     # one report is required. Not hanging is the point: the run ends well inside the timeout.
     assert any("RuntimeError" in line and message in line for line in log.splitlines()), log[-3000:]
+
+
+def test_the_augmentation_curriculum_counts_every_sample_once_and_agrees_on_every_rank(tmp_path):
+    report = run("curriculum", tmp_path / "curriculum.json", "--strategy", "ddp", "--epochs", "4")
+    assert report["world_size"] == 2
+    # every epoch, the counts summed over the two processes are the training set's, each sample once
+    assert report["totals"] == [[60, 24, 8]] * 4
+    rank0, rank1 = report["levels"]
+    assert rank0 == rank1 and max(rank0) > 0  # the same levels on both ranks, and some moved
+    assert report["noise"][0] == report["noise"][1]
