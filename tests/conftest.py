@@ -51,6 +51,38 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         return self.length
 
 
+def flat(tree) -> torch.Tensor:
+    """The values of a dict of tensors as one vector (in the dict's order)."""
+    return torch.cat([v.reshape(-1) for v in tree.values()])
+
+
+def unflatten(vec, like) -> dict:
+    """:func:`flat` undone: ``vec`` cut into tensors shaped as the values of ``like``."""
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = vec[i:i + v.numel()].view_as(v)
+        i += v.numel()
+    return out
+
+
+class ConvNet(nn.Module):
+    """A tiny image network with batch norm (inputs ``(N, 2, 6, 6)``, 3 classes), for gradient checks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3 * 36, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
+
+
+def small_images(n: int = 12, seed: int = 0):
+    """``n`` random ``(2, 6, 6)`` images in the default dtype, labels ``i % 3`` and groups ``(i // 3) % 2``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 6, 6, generator=gen, dtype=torch.get_default_dtype())
+    return x, torch.arange(n) % 3, (torch.arange(n) // 3) % 2
+
+
 class CrashAt(pl.Callback):
     """Raises in the middle of epoch ``epoch`` (an interruption after the checkpoint of the epoch before)."""
 

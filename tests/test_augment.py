@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import ConvNet
+from conftest import small_images as images
 from torch.func import functional_call
 
 from lightning_autobalance.core.augment import (
@@ -34,14 +35,6 @@ from lightning_autobalance.core.problem import Batch, FunctionalModel, Problem
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = ("mix", "flip", "shift", "erase", "noise")
-
-
-def images(n=12, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, 6, 6, generator=gen, dtype=torch.get_default_dtype())
-    y = torch.arange(n) % 3
-    g = (torch.arange(n) // 3) % 2
-    return x, y, g
 
 
 def random_params(settings, groups=2, classes=3, seed=1):
@@ -204,15 +197,6 @@ def test_augment_rejects_what_it_cannot_apply():
 # ---------------------------------------------------------------------------------------------------------
 # The hypergradient through the inputs (float64)
 # ---------------------------------------------------------------------------------------------------------
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3 * 36, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
 
 
 def call(net, params, x):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ConvNet, flat, unflatten
+from conftest import small_images as images
 from torch import nn
 from torch.func import functional_call
 
@@ -77,21 +79,6 @@ def assert_close(got, expected, rtol, atol=1e-9):
     for k in expected:
         assert expected[k].abs().max() > 1e-6, f"{k} does not matter here: the test would not see it"
         torch.testing.assert_close(got[k], expected[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3 * 36, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
-
-
-def images(n=12, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, 6, 6, generator=gen)
-    return x, torch.arange(n) % 3, (torch.arange(n) // 3) % 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,18 +158,6 @@ def test_the_augmentation_alone_is_searched_and_the_recorded_logits_are_used():
 # ---------------------------------------------------------------------------------------------------------
 # neumann and cg: the implicit hypergradient at a converged solution
 # ---------------------------------------------------------------------------------------------------------
-
-
-def flat(tree):
-    return torch.cat([v.reshape(-1) for v in tree.values()])
-
-
-def unflatten(vec, like):
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = vec[i:i + v.numel()].view_as(v)
-        i += v.numel()
-    return out
 
 
 @pytest.fixture()

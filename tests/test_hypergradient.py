@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import flat, unflatten
 from torch import nn
 from torch.func import functional_call
 
@@ -60,18 +61,6 @@ class TanhNet(nn.Module):
 
     def forward(self, x):
         return self.l2(torch.tanh(self.l1(x)))
-
-
-def flat(tree):
-    return torch.cat([v.reshape(-1) for v in tree.values()])
-
-
-def unflatten(vec, like):
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = vec[i:i + v.numel()].view_as(v)
-        i += v.numel()
-    return out
 
 
 def loss_at(model, params, x, y, tables, mu=0.0):
